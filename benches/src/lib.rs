@@ -1,0 +1,1 @@
+//! Shared helpers for fairgate benches (inputs, policies). Benches live in `benches/`.

@@ -1,0 +1,247 @@
+//! The compiled policy: immutable, resolved to indices, shaped for the hot path.
+//!
+//! Stage two of three. A [`CompiledPolicy`] is built once per (re)load by [`compile`], then
+//! shared behind `ArcSwap` by [`crate::PolicyStore`]. Nothing here knows HTTP: the engine
+//! describes a request through [`RequestView`].
+//!
+//! Invariants (established by validation, relied on by the engine):
+//! - every bandwidth has `burst ≥ 1`, `t_ns ≥ 1`, `c_ns = burst · t_ns` without overflow;
+//! - plan, rule and operation names are unique; every name reference resolved to an index;
+//! - every regex compiled within the size limits.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::model::{self, Estimator, LimitKey, Mode, Policy, Priority, Responses, State};
+use crate::units::Rate;
+
+/// Index of a rule in [`CompiledPolicy::rules`].
+pub type RuleId = usize;
+/// Index of a plan in [`CompiledPolicy::plans`].
+pub type PlanId = usize;
+/// Index of an operation in [`CompiledPolicy::operations`].
+pub type OperationId = usize;
+
+/// A SHA-256 of the policy's canonical form (model serialised as JSON), so equal policies
+/// written differently hash the same.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PolicyHash(pub [u8; 32]);
+
+impl PolicyHash {
+    /// Lower-case hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        use std::fmt::Write;
+        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+}
+
+impl std::fmt::Debug for PolicyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PolicyHash({})", &self.to_hex()[..12])
+    }
+}
+
+impl std::fmt::Display for PolicyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// The facts about one request that rules and operations match on.
+///
+/// Built by the adapter (tower layer, gateway) per request, borrowing from the request; no
+/// allocation needed.
+pub struct RequestView<'a> {
+    /// Client IP after trusted-proxy resolution (not aggregated).
+    pub ip: IpAddr,
+    /// Method, upper case as on the wire.
+    pub method: &'a str,
+    /// Host without port, lower case; empty when unknown.
+    pub host: &'a str,
+    /// URI path without the query.
+    pub path: &'a str,
+    /// The `User-Agent` header, empty when absent.
+    pub user_agent: &'a str,
+    /// The operation name the adapter already resolved (e.g. a gateway route), if any.
+    pub operation: Option<&'a str>,
+    /// Header lookup.
+    pub headers: &'a dyn HeaderSource,
+}
+
+/// Case-insensitive header lookup, implemented by the adapters over `http::HeaderMap`.
+pub trait HeaderSource {
+    /// The first value of header `name` (given in lower case), if present and valid UTF-8.
+    fn header(&self, name: &str) -> Option<&str>;
+}
+
+impl HeaderSource for () {
+    fn header(&self, _: &str) -> Option<&str> {
+        None
+    }
+}
+
+/// The whole compiled policy.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    /// Generation number assigned by the [`crate::PolicyStore`] when published (0 before).
+    pub version: u64,
+    /// Content hash of the canonical policy.
+    pub hash: PolicyHash,
+    /// The model it was compiled from (for the admin API and reload diffs).
+    pub source: Arc<Policy>,
+    /// Identification settings.
+    pub identify: CompiledIdentify,
+    /// Rules in evaluation order.
+    pub rules: Arc<[CompiledRule]>,
+    /// Fast matcher over all rule conditions.
+    pub rule_set: crate::matcher::RuleSet,
+    /// Plans; `plan_index` maps names to indices.
+    pub plans: Arc<[CompiledPlan]>,
+    /// Plan name → index.
+    pub plan_index: HashMap<Arc<str>, PlanId>,
+    /// The default plan, if any.
+    pub default_plan: Option<PlanId>,
+    /// Operations in match order.
+    pub operations: Arc<[CompiledOperation]>,
+    /// Fast matcher over operation conditions.
+    pub operation_set: crate::matcher::RuleSet,
+    /// Per-client overrides (inline `clients` merged with the overrides file; the file wins).
+    pub clients: HashMap<Arc<str>, ClientQuota>,
+    /// Borrowing threshold (utilisation fraction) when burst sharing is on.
+    pub burst_sharing: Option<f64>,
+    /// Global shedding, if configured.
+    pub shedding: Option<model::Shedding>,
+    /// Response settings.
+    pub responses: Responses,
+    /// State settings.
+    pub state: State,
+}
+
+/// Compiled identification settings.
+#[derive(Debug, Clone)]
+pub struct CompiledIdentify {
+    /// Trusted proxy networks.
+    pub trusted_proxies: crate::matcher::IpSet,
+    /// IPv4 aggregation prefix.
+    pub ipv4_prefix: u8,
+    /// IPv6 aggregation prefix.
+    pub ipv6_prefix: u8,
+    /// Extractors in order. Header names are lower case.
+    pub client_key: Arc<[model::KeyExtractor]>,
+    /// Keys longer than this are hashed.
+    pub max_key_length: usize,
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct CompiledRule {
+    /// Unique name.
+    pub name: Arc<str>,
+    /// Enforce or shadow.
+    pub mode: Mode,
+    /// The action.
+    pub action: CompiledAction,
+}
+
+/// A compiled rule action.
+#[derive(Debug, Clone)]
+pub enum CompiledAction {
+    /// Reject with this status.
+    Deny {
+        /// Status code.
+        status: u16,
+    },
+    /// Admit, bypassing quotas.
+    Allow,
+    /// Rule-scoped limit.
+    Limit {
+        /// The bucket parameters; `id` is `rule:<name>`.
+        bandwidth: CompiledBandwidth,
+        /// What it is counted per.
+        key: LimitKey,
+        /// Exact buckets or a sketch.
+        estimator: Estimator,
+    },
+    /// Tag the request.
+    Tag {
+        /// Priority class to set.
+        priority: Option<Priority>,
+        /// Plan to use.
+        plan: Option<PlanId>,
+    },
+}
+
+/// A bandwidth in GCRA terms (see PRODUCT.md "Semantics in numbers").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledBandwidth {
+    /// Stable identity of this bucket across reloads: `plan:<plan>/<index or name>`,
+    /// `client:<key>/<index or name>` or `rule:<name>`. State is carried across a reload by id.
+    pub id: Arc<str>,
+    /// Name for `RateLimit-Policy` and metrics.
+    pub name: Arc<str>,
+    /// The rate as written.
+    pub rate: Rate,
+    /// Burst in cost units, ≥ 1.
+    pub burst: u64,
+    /// Emission interval `T = period / count`, in ns, ≥ 1.
+    pub t_ns: u64,
+    /// Capacity `C = burst · T`, in ns.
+    pub c_ns: u64,
+}
+
+impl CompiledBandwidth {
+    /// Builds the GCRA parameters. `None` when they overflow or round to zero
+    /// (validation reports those cases; compile never sees them).
+    pub fn new(id: Arc<str>, name: Arc<str>, rate: Rate, burst: u64) -> Option<Self> {
+        let t_ns = rate.period_ns() / rate.count();
+        if t_ns == 0 || burst == 0 {
+            return None;
+        }
+        let c_ns = burst.checked_mul(t_ns)?;
+        Some(CompiledBandwidth {
+            id,
+            name,
+            rate,
+            burst,
+            t_ns,
+            c_ns,
+        })
+    }
+}
+
+/// A compiled plan.
+#[derive(Debug, Clone)]
+pub struct CompiledPlan {
+    /// Plan name.
+    pub name: Arc<str>,
+    /// All must admit.
+    pub bandwidths: Arc<[CompiledBandwidth]>,
+    /// Max in flight per client.
+    pub concurrency: Option<u32>,
+}
+
+/// A compiled operation.
+#[derive(Debug, Clone)]
+pub struct CompiledOperation {
+    /// Name.
+    pub name: Arc<str>,
+    /// Up-front cost.
+    pub cost: u64,
+    /// Post-hoc cost.
+    pub post_hoc: Option<model::PostHoc>,
+}
+
+/// What an override resolves to.
+#[derive(Debug, Clone)]
+pub struct ClientQuota {
+    /// The plan the client is on (its own bandwidths/concurrency below replace the plan's).
+    pub plan: Option<PlanId>,
+    /// Own bandwidths (ids `client:<key>/…`), replacing the plan's when `Some`.
+    pub bandwidths: Option<Arc<[CompiledBandwidth]>>,
+    /// Own concurrency, replacing the plan's when `Some`.
+    pub concurrency: Option<u32>,
+}

@@ -1,0 +1,649 @@
+//! The policy as the user writes it: the serde model of the YAML file.
+//!
+//! This is stage one of three (model → [`crate::compiled`] → runtime state in
+//! `fairgate-middleware`). Values here are already parsed into typed units (rates, durations,
+//! sizes, CIDRs), but nothing is resolved yet: plan names are strings, rules are a list.
+//! Decoding from YAML (with exact positions for every error) lives in [`crate::decode`];
+//! these types only derive `Serialize` (so a policy can be printed back, e.g. by the admin
+//! API, and round-trip) and `JsonSchema` (for `fairgate schema`).
+//!
+//! Field names here are the YAML keys. Keep them, the decoder, `docs/policy.md` and
+//! `examples/policy.yaml` in step: a test validates every YAML block of the docs.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+pub use crate::units::{ByteSize, Cidr, HumanDuration, Rate};
+
+/// The whole policy file.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Format version. Only `1` exists.
+    pub version: u32,
+    /// How a request is attributed to a client.
+    #[serde(default)]
+    pub identify: Identify,
+    /// Reactive (WAF-style) rules, evaluated in order.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Quota plans by name. A client is on exactly one plan.
+    #[serde(default)]
+    pub plans: BTreeMap<String, Plan>,
+    /// The plan of a client that no override or `tag` rule puts elsewhere.
+    /// `None` means clients without a plan have no per-client quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_plan: Option<String>,
+    /// Named operations with their cost; the first match wins, unmatched requests cost 1.
+    #[serde(default)]
+    pub operations: Vec<Operation>,
+    /// Per-client overrides keyed by client key (API key, or the IP for keyless clients).
+    #[serde(default)]
+    pub clients: BTreeMap<String, ClientOverride>,
+    /// A YAML file holding more client overrides in the same shape as `clients`
+    /// (written by the admin API). Relative to the policy file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides_file: Option<String>,
+    /// Letting clients over their quota borrow capacity others leave unused.
+    #[serde(default)]
+    pub burst_sharing: BurstSharing,
+    /// Global load shedding. Absent: no global limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shedding: Option<Shedding>,
+    /// Status codes and headers of responses.
+    #[serde(default)]
+    pub responses: Responses,
+    /// Where and how much per-key state is kept.
+    #[serde(default)]
+    pub state: State,
+}
+
+// === identify ===
+
+/// Client identification.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Identify {
+    /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed. Empty: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    /// IPv6 clients are aggregated to this prefix length (default 64).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
+    /// IPv4 clients are aggregated to this prefix length (default 32).
+    #[serde(default = "default_ipv4_prefix")]
+    pub ipv4_prefix: u8,
+    /// Client key extractors, tried in order; the first that yields a non-empty value wins.
+    /// When none does, the client key is the (aggregated) IP.
+    #[serde(default)]
+    pub client_key: Vec<KeyExtractor>,
+    /// Keys longer than this many bytes are replaced by a hash of themselves (still counted).
+    #[serde(default = "default_max_key_length")]
+    pub max_key_length: u32,
+}
+
+impl Default for Identify {
+    fn default() -> Self {
+        Identify {
+            trusted_proxies: Vec::new(),
+            ipv6_prefix: default_ipv6_prefix(),
+            ipv4_prefix: default_ipv4_prefix(),
+            client_key: Vec::new(),
+            max_key_length: default_max_key_length(),
+        }
+    }
+}
+
+/// Default IPv6 aggregation prefix.
+pub fn default_ipv6_prefix() -> u8 {
+    64
+}
+/// Default IPv4 aggregation prefix.
+pub fn default_ipv4_prefix() -> u8 {
+    32
+}
+/// Default maximum key length before hashing.
+pub fn default_max_key_length() -> u32 {
+    256
+}
+
+/// Where a client key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KeyExtractor {
+    /// The value of a request header, e.g. `x-api-key`.
+    Header(String),
+    /// The value of a query-string parameter.
+    Query(String),
+    /// The token of an `Authorization: Bearer <token>` header (YAML: `- bearer`).
+    Bearer,
+}
+
+// === rules ===
+
+/// One reactive rule.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique rule name; used in metrics, logs and to carry a `limit` rule's state across reloads.
+    pub name: String,
+    /// `enforce` (default) or `shadow` (evaluate and log, never act).
+    #[serde(default)]
+    pub mode: Mode,
+    /// When the rule applies. Absent: every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Condition>,
+    /// What the rule does when it applies.
+    pub action: Action,
+}
+
+/// Whether a rule acts or only reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The rule acts.
+    #[default]
+    Enforce,
+    /// The rule is evaluated, counted and logged, but never acts.
+    Shadow,
+}
+
+/// A condition over the request. All present fields must hold (an implicit `all`).
+/// At least one field must be present.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    /// The client IP (after trusted-proxy resolution) is in one of these CIDRs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Vec<Cidr>>,
+    /// The `User-Agent` header matches (a missing header is the empty string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<StringMatch>,
+    /// The URI path (without query) matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<StringMatch>,
+    /// The method is one of these (upper case, e.g. `POST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Vec<String>>,
+    /// The host (`Host` header or URI authority, without port) matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<StringMatch>,
+    /// Every listed header condition holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Vec<HeaderMatch>>,
+    /// The route/operation name the request was resolved to is one of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Vec<String>>,
+    /// At least one sub-condition holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any: Option<Vec<Condition>>,
+    /// Every sub-condition holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all: Option<Vec<Condition>>,
+    /// The sub-condition does not hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not: Option<Box<Condition>>,
+}
+
+/// A string matcher: exactly one of the pattern kinds, each with one or more patterns
+/// (any of them matching is a match).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatch {
+    /// How the patterns match.
+    pub kind: MatchKind,
+    /// The patterns; any one matching is a match. Never empty.
+    pub patterns: Vec<String>,
+    /// Compare ASCII case-insensitively (default false).
+    #[serde(default)]
+    pub ignore_case: bool,
+}
+
+/// The kinds of string pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchKind {
+    /// The whole value equals the pattern.
+    Exact,
+    /// The value starts with the pattern.
+    Prefix,
+    /// The value ends with the pattern.
+    Suffix,
+    /// The value contains the pattern.
+    Contains,
+    /// Shell-style glob over the whole value (`*` any run, `?` one char, `[a-z]`).
+    Glob,
+    /// A `regex` crate expression (linear time; no look-around or backreferences),
+    /// unanchored unless it anchors itself.
+    Regex,
+}
+
+/// A condition on one request header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// `Some(true)`: the header must be present; `Some(false)`: it must be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+    /// The header's value must match (a missing header never matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<StringMatch>,
+}
+
+/// What a rule does.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Reject the request (status from `responses.deny` unless given).
+    Deny(DenyAction),
+    /// Admit the request, bypassing quotas and later rules (not shedding).
+    Allow,
+    /// A rule-scoped rate limit; requests over it are rejected like a quota.
+    Limit(LimitAction),
+    /// Set the request's priority class and/or plan, then go on to the next rule.
+    Tag(TagAction),
+}
+
+/// Parameters of `deny`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DenyAction {
+    /// Status code to answer with (default `responses.deny.status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+/// Parameters of `limit`.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitAction {
+    /// The rate, e.g. `5/min`.
+    pub rate: Rate,
+    /// Burst in requests (default: the rate's count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    /// What the limit is counted per (default `ip`).
+    #[serde(default)]
+    pub key: LimitKey,
+    /// `exact` per-key buckets (default) or a fixed-memory `sketch` estimator
+    /// for huge key spaces (approximate: may over-count, never under-counts).
+    #[serde(default)]
+    pub estimator: Estimator,
+}
+
+/// What a rule-scoped limit is counted per.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKey {
+    /// The client IP (aggregated to its prefix).
+    #[default]
+    Ip,
+    /// The client key.
+    Client,
+    /// The value of this header (a missing header counts under the empty value).
+    Header(String),
+    /// One bucket for all requests the rule matches.
+    Global,
+}
+
+/// How a rule-scoped limit stores its counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// One exact bucket per key, subject to `state.max_keys`.
+    #[default]
+    Exact,
+    /// A count-min sketch of fixed size (pingora-limits).
+    Sketch,
+}
+
+/// Parameters of `tag`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TagAction {
+    /// Priority class for shedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+    /// Plan to apply to this request (overrides the client's default plan, not an override).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+}
+
+/// Priority classes, highest first. Lower classes are shed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Shed only when nothing else is left to shed.
+    Critical,
+    /// The default class.
+    #[default]
+    Normal,
+    /// Requests admitted over quota through burst sharing (set by the engine, not by rules).
+    Borrowed,
+    /// Shed first.
+    Sheddable,
+}
+
+// === quotas ===
+
+/// A quota plan.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Bandwidths; a request is admitted only if every one admits it (and then charges all).
+    #[serde(default)]
+    pub bandwidths: Vec<Bandwidth>,
+    /// Maximum requests in flight per client. Absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+}
+
+/// One bandwidth: `rate` with a `burst`. YAML also accepts the short string form
+/// `"10/s burst 20"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Bandwidth {
+    /// Sustained rate.
+    pub rate: Rate,
+    /// Burst capacity in cost units (default: the rate's count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    /// Name used in `RateLimit-Policy` and metrics (default: derived from plan and index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A named operation with its cost.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Operation {
+    /// Operation name (a gateway route may name it directly).
+    pub name: String,
+    /// Which requests are this operation (absent: only requests the gateway routes to it by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Condition>,
+    /// Cost charged up front, in quota units (default 1).
+    #[serde(default = "default_cost")]
+    pub cost: u64,
+    /// Cost charged after the response, as debt repaid before the next admit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_hoc: Option<PostHoc>,
+}
+
+/// Default operation cost.
+pub fn default_cost() -> u64 {
+    1
+}
+
+/// Post-hoc cost: one unit per `bytes` of response body, or per `duration` of latency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PostHoc {
+    /// One unit per this many response-body bytes (rounded down).
+    Bytes(ByteSize),
+    /// One unit per this much request latency (rounded down).
+    Duration(HumanDuration),
+}
+
+/// A per-client override: a different plan, or own bandwidths/concurrency.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientOverride {
+    /// Put the client on this plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// Replace the plan's bandwidths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidths: Option<Vec<Bandwidth>>,
+    /// Replace the plan's concurrency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+}
+
+/// Burst sharing settings.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BurstSharing {
+    /// Off by default.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Borrowing is allowed while global utilisation (in flight / shedding limit) is below this
+    /// fraction (default 0.7). Without a shedding limit nobody borrows.
+    #[serde(default = "default_borrow_below")]
+    pub below_utilization: f64,
+}
+
+impl Default for BurstSharing {
+    fn default() -> Self {
+        BurstSharing {
+            enabled: false,
+            below_utilization: default_borrow_below(),
+        }
+    }
+}
+
+/// Default burst-sharing utilisation threshold.
+pub fn default_borrow_below() -> f64 {
+    0.7
+}
+
+// === shedding ===
+
+/// Global load shedding.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Shedding {
+    /// The in-flight limit.
+    pub limit: ShedLimit,
+    /// Fraction of the limit each class may fill before it is shed.
+    #[serde(default)]
+    pub thresholds: ClassThresholds,
+    /// Delay rejections to about the recent success latency. Absent: reject at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reject_delay: Option<RejectDelay>,
+}
+
+/// A static or adaptive in-flight limit.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ShedLimit {
+    /// A fixed number of requests in flight.
+    Static(u32),
+    /// A limit that follows latency.
+    Adaptive(AdaptiveLimit),
+}
+
+/// An adaptive concurrency limit.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveLimit {
+    /// `gradient` (default) or `aimd`.
+    #[serde(default)]
+    pub algorithm: AdaptiveAlgorithm,
+    /// Lower bound of the limit.
+    pub min: u32,
+    /// Upper bound of the limit.
+    pub max: u32,
+    /// Starting limit (default `min`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial: Option<u32>,
+    /// Latency above which `aimd` backs off (required for `aimd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_latency: Option<HumanDuration>,
+}
+
+/// Adaptive limit algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AdaptiveAlgorithm {
+    /// Netflix-style gradient: limit × (min RTT / recent RTT) + queue allowance.
+    #[default]
+    Gradient,
+    /// Additive increase, multiplicative decrease on latency over `target_latency`.
+    Aimd,
+}
+
+/// Per-class fill thresholds, as fractions of the in-flight limit, in (0, 1].
+/// Must not increase from `critical` down to `sheddable`.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClassThresholds {
+    /// Default 1.0.
+    #[serde(default = "one")]
+    pub critical: f64,
+    /// Default 0.9.
+    #[serde(default = "point_nine")]
+    pub normal: f64,
+    /// Default 0.7.
+    #[serde(default = "point_seven")]
+    pub borrowed: f64,
+    /// Default 0.5.
+    #[serde(default = "half")]
+    pub sheddable: f64,
+}
+
+impl Default for ClassThresholds {
+    fn default() -> Self {
+        ClassThresholds {
+            critical: one(),
+            normal: point_nine(),
+            borrowed: point_seven(),
+            sheddable: half(),
+        }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn point_nine() -> f64 {
+    0.9
+}
+fn point_seven() -> f64 {
+    0.7
+}
+fn half() -> f64 {
+    0.5
+}
+
+/// Delaying rejections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RejectDelay {
+    /// Upper bound of a delay.
+    pub max: HumanDuration,
+    /// At most this many delayed rejections wait at once; beyond, reject at once (default 1024).
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: u32,
+}
+
+/// Default cap on waiting delayed rejections.
+pub fn default_max_waiting() -> u32 {
+    1024
+}
+
+// === responses ===
+
+/// Response settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Responses {
+    /// Status for quota and `limit` rejections (default 429).
+    #[serde(default = "default_quota_status")]
+    pub quota_status: u16,
+    /// Status for shedding (default 503).
+    #[serde(default = "default_shed_status")]
+    pub shed_status: u16,
+    /// Status for `deny` (default 403).
+    #[serde(default = "default_deny_status")]
+    pub deny_status: u16,
+    /// When to send `RateLimit` / `RateLimit-Policy` headers (default `on_reject`).
+    #[serde(default)]
+    pub ratelimit_headers: HeaderMode,
+    /// `Retry-After` for shed responses (default 1s).
+    #[serde(default = "default_shed_retry_after")]
+    pub shed_retry_after: HumanDuration,
+}
+
+impl Default for Responses {
+    fn default() -> Self {
+        Responses {
+            quota_status: default_quota_status(),
+            shed_status: default_shed_status(),
+            deny_status: default_deny_status(),
+            ratelimit_headers: HeaderMode::default(),
+            shed_retry_after: default_shed_retry_after(),
+        }
+    }
+}
+
+/// Default quota status.
+pub fn default_quota_status() -> u16 {
+    429
+}
+/// Default shed status.
+pub fn default_shed_status() -> u16 {
+    503
+}
+/// Default deny status.
+pub fn default_deny_status() -> u16 {
+    403
+}
+/// Default shed `Retry-After`.
+pub fn default_shed_retry_after() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+
+/// When RateLimit headers are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderMode {
+    /// Never.
+    Never,
+    /// On quota rejections only.
+    #[default]
+    OnReject,
+    /// On every response that passed a quota.
+    Always,
+}
+
+// === state ===
+
+/// Per-key state settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// `local` (default); `redis` arrives with the fleet-wide quota work.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Upper bound on tracked keys (default 100000).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            backend: Backend::Local,
+            max_keys: default_max_keys(),
+        }
+    }
+}
+
+/// Default key cap.
+pub fn default_max_keys() -> u64 {
+    100_000
+}
+
+/// State backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// In-process state.
+    #[default]
+    Local,
+}
