@@ -1,0 +1,449 @@
+//! The admin API: an axum router on its own listener (loopback by default), never on the
+//! data port.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/health` | 200 while serving, 503 while draining (no token needed) |
+//! | GET | `/status` | gateway version, policy version and hash, last reload, uptime |
+//! | GET | `/policy` | the active policy as JSON |
+//! | POST | `/reload` | reload the policy now |
+//! | GET | `/metrics` | Prometheus text |
+//! | GET | `/clients/top?n=20` | clients using the largest share of a quota |
+//! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight |
+//! | PUT | `/clients/{key}/override` | set a client's override (persisted, applied live) |
+//!
+//! With a token configured, every endpoint but `/health` needs `Authorization: Bearer
+//! <token>` (compared in constant time); otherwise 401. Mutating endpoints accept only
+//! POST/PUT (405 otherwise). At most 16 admin requests run at once; more get 503, so a
+//! flood of admin calls cannot starve the data plane.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, UNIX_EPOCH};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use fairgate_middleware::{ClientUsage, Engine};
+use fairgate_policies::model::ClientOverride;
+use fairgate_policies::yaml::{self, Node, NodeKind, ScalarStyle};
+use fairgate_policies::PolicyErrors;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::decision_log::rfc3339;
+use crate::metrics::{EngineSnapshot, Metrics};
+use crate::reload::Reloader;
+
+const MAX_CONCURRENT: usize = 16;
+const MAX_TOP: usize = 1000;
+
+/// What the admin handlers share.
+#[derive(Debug)]
+pub struct AdminState {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Policy reloads.
+    pub reloader: Arc<Reloader>,
+    /// Bearer token, if required.
+    pub token: Option<String>,
+    /// Set once shutdown began.
+    pub draining: Arc<AtomicBool>,
+    /// Process start.
+    pub started: Instant,
+    /// Serialises override writes.
+    pub override_lock: Mutex<()>,
+    limit: Semaphore,
+}
+
+impl AdminState {
+    /// Shared admin state.
+    pub fn new(
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        reloader: Arc<Reloader>,
+        token: Option<String>,
+        draining: Arc<AtomicBool>,
+    ) -> Arc<AdminState> {
+        Arc::new(AdminState {
+            engine,
+            metrics,
+            reloader,
+            token,
+            draining,
+            started: Instant::now(),
+            override_lock: Mutex::new(()),
+            limit: Semaphore::new(MAX_CONCURRENT),
+        })
+    }
+}
+
+/// The admin router.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/policy", get(policy))
+        .route("/reload", post(reload))
+        .route("/metrics", get(metrics))
+        .route("/clients/top", get(top_clients))
+        .route("/clients/{key}", get(client))
+        .route("/clients/{key}/override", put(set_override))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Caps concurrency and checks the bearer token.
+async fn guard(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = state.limit.try_acquire() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many concurrent admin requests",
+        );
+    };
+    if req.uri().path() != "/health" {
+        if let Some(token) = &state.token {
+            if !authorized(req.headers(), token) {
+                let mut res = problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return res;
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let Some(given) = value
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.as_bytes().strip_prefix(b"bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(given, token.as_bytes())
+}
+
+/// Compares in time that depends only on the lengths, not on where the bytes differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+fn problem(status: StatusCode, detail: &str) -> Response {
+    let body = json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut res = (status, Json(body)).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
+fn errors_problem(status: StatusCode, detail: &str, errors: &PolicyErrors) -> Response {
+    let body = json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    });
+    let mut res = (status, Json(body)).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
+async fn health(State(state): State<Arc<AdminState>>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    let last = state.reloader.last();
+    let policy = state.engine.store().load_full();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "draining": state.draining.load(Ordering::Relaxed),
+        "policy": {
+            "version": policy.version,
+            "hash": policy.hash.to_hex(),
+            "loaded_at": rfc3339(last.status.loaded_at),
+        },
+        "last_reload": {
+            "result": if last.at.is_none() { "none" } else if last.ok { "ok" } else { "error" },
+            "at": last.at.map(rfc3339),
+            "errors": last.errors,
+            "succeeded": last.status.succeeded,
+            "failed": last.status.failed,
+        },
+        "in_flight": state.engine.in_flight(),
+        "shed_limit": state.engine.shed_limit(),
+        "tracked_keys": state.engine.tracked_keys(),
+    }))
+}
+
+async fn policy(State(state): State<Arc<AdminState>>) -> Response {
+    let p = state.engine.store().load_full();
+    match serde_json::to_value(&*p.source) {
+        Ok(v) => Json(v).into_response(),
+        Err(_) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot serialise the policy",
+        ),
+    }
+}
+
+async fn reload(State(state): State<Arc<AdminState>>) -> Response {
+    match state.reloader.reload_async().await {
+        Ok(r) => Json(json!({
+            "result": "ok",
+            "unchanged": r.unchanged,
+            "version": r.version,
+            "previous_version": r.previous_version,
+            "hash": r.hash.to_hex(),
+            "rules_added": r.rules_added,
+            "rules_removed": r.rules_removed,
+            "rules_modified": r.rules_modified,
+            "plans_added": r.plans_added,
+            "plans_removed": r.plans_removed,
+            "plans_modified": r.plans_modified,
+        }))
+        .into_response(),
+        Err(e) => errors_problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the policy is invalid; the previous policy stays active",
+            &e,
+        ),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    let e = &state.engine;
+    state.metrics.refresh(EngineSnapshot {
+        in_flight: e.in_flight(),
+        shed_limit: e.shed_limit().unwrap_or(0),
+        tracked_keys: e.tracked_keys(),
+        evictions: e.evictions(),
+    });
+    let mut res = state.metrics.encode().into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}
+
+#[derive(Deserialize)]
+struct TopQuery {
+    n: Option<usize>,
+}
+
+fn usage_json(u: &ClientUsage) -> Value {
+    json!({
+        "key": u.key,
+        "plan": u.plan.as_deref(),
+        "usage": u.usage(),
+        "in_flight": u.in_flight,
+        "concurrency_limit": u.concurrency_limit,
+        "bandwidths": u.bandwidths.iter().map(|b| json!({
+            "id": &*b.id,
+            "name": &*b.limit.policy,
+            "quota": b.limit.quota,
+            "window_seconds": b.limit.window_secs,
+            "remaining": b.limit.remaining,
+            "reset_seconds": b.limit.reset_secs,
+            "fill_fraction": b.fill_fraction,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn top_clients(State(state): State<Arc<AdminState>>, Query(q): Query<TopQuery>) -> Response {
+    let n = q.n.unwrap_or(20).min(MAX_TOP);
+    let engine = state.engine.clone();
+    let top = tokio::task::spawn_blocking(move || engine.top_clients(n)).await;
+    match top {
+        Ok(top) => Json(json!({ "clients": top.iter().map(usage_json).collect::<Vec<_>>() }))
+            .into_response(),
+        Err(_) => problem(StatusCode::INTERNAL_SERVER_ERROR, "listing clients failed"),
+    }
+}
+
+async fn client(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -> Response {
+    match state.engine.client_usage(&key) {
+        Some(u) => Json(usage_json(&u)).into_response(),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "no quota and no state for this client",
+        ),
+    }
+}
+
+async fn set_override(
+    State(state): State<Arc<AdminState>>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(overrides_path) = state.engine.store().overrides_path() else {
+        return problem(
+            StatusCode::CONFLICT,
+            "the policy has no `overrides_file` (and must be loaded from a file) to persist overrides in",
+        );
+    };
+    let policy = state.engine.store().load_full();
+    let parsed = match parse_override(&key, &body, &policy.source) {
+        Ok(o) => o,
+        Err(e) => return errors_problem(StatusCode::BAD_REQUEST, "invalid override", &e),
+    };
+    let _serial = state.override_lock.lock().await;
+    let reloader = state.reloader.clone();
+    let key2 = key.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        persist_override(&overrides_path, &key2, parsed)?;
+        reloader.reload()
+    })
+    .await;
+    match written {
+        Ok(Ok(_)) => {
+            let usage = state.engine.client_usage(&key);
+            Json(json!({
+                "result": "ok",
+                "key": key,
+                "usage": usage.as_ref().map(usage_json),
+            }))
+            .into_response()
+        }
+        Ok(Err(e)) => errors_problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the override could not be applied; the previous policy stays active",
+            &e,
+        ),
+        Err(_) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the override task failed",
+        ),
+    }
+}
+
+/// Decodes one client's override from a JSON or YAML body, checked against `policy`.
+fn parse_override(
+    key: &str,
+    body: &[u8],
+    policy: &fairgate_policies::Policy,
+) -> Result<ClientOverride, PolicyErrors> {
+    const FILE: &str = "request body";
+    let text = fairgate_policies::decode::source_from_bytes(body, FILE, &yaml::Limits::default())?;
+    let node = yaml::parse(text, FILE, &yaml::Limits::default())?;
+    if !matches!(node.kind, NodeKind::Map(_)) {
+        return Err(PolicyErrors::unlocated(
+            FILE,
+            "expected a mapping like `{plan: pro}` or `{bandwidths: [...], concurrency: 10}`",
+        ));
+    }
+    let mark = node.mark;
+    let root = Node {
+        kind: NodeKind::Map(vec![(
+            Node {
+                kind: NodeKind::Scalar(key.to_owned(), ScalarStyle::DoubleQuoted),
+                mark,
+            },
+            node,
+        )]),
+        mark,
+    };
+    let mut map = fairgate_policies::decode::decode_overrides(&root, FILE, Some(policy))?;
+    map.remove(key)
+        .ok_or_else(|| PolicyErrors::unlocated(FILE, "the override is empty"))
+}
+
+/// Writes `key`'s override into the overrides file (atomically: temp file + rename).
+/// The file is JSON, which is also YAML.
+fn persist_override(path: &PathBuf, key: &str, o: ClientOverride) -> Result<(), PolicyErrors> {
+    let name = path.display().to_string();
+    let mut all: BTreeMap<String, ClientOverride> = match std::fs::read_to_string(path) {
+        Ok(text) => fairgate_policies::decode::parse_overrides(&text, &name)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => {
+            return Err(PolicyErrors::unlocated(
+                &name,
+                format!("cannot read the file: {e}"),
+            ))
+        }
+    };
+    all.insert(key.to_owned(), o);
+    let mut text = serde_json::to_string_pretty(&all)
+        .map_err(|e| PolicyErrors::unlocated(&name, format!("cannot serialise overrides: {e}")))?;
+    text.push('\n');
+    let stamp = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = path.with_extension(format!("tmp.{}.{stamp}", std::process::id()));
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            PolicyErrors::unlocated(&name, format!("cannot write the file: {e}"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_bytes() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn bearer_tokens_are_checked() {
+        let mut h = HeaderMap::new();
+        assert!(!authorized(&h, "t0k"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer t0k"),
+        );
+        assert!(authorized(&h, "t0k"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer t0K"),
+        );
+        assert!(!authorized(&h, "t0k"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic t0k"));
+        assert!(!authorized(&h, "t0k"));
+    }
+}

@@ -1,0 +1,224 @@
+//! The gateway's side of admission: tagging requests for the engine (peer address, operation),
+//! and the engine [`Observer`] that feeds metrics and the decision log.
+//!
+//! The engine calls the observer inline, on the thread that runs `AdmissionLayer::call`;
+//! [`RoutingLayer`](crate::routing::RoutingLayer) runs on that same thread just before, and
+//! leaves the route name in a thread-local for the observer to pick up, so decision-log
+//! lines carry the route without the engine knowing about routes. A sampled admit's line is
+//! parked in a second thread-local ([`take_pending`]); the proxy, called by the admission
+//! layer on the same thread right after the decision, takes it and writes it when the
+//! response ends, with the status and latency. [`with_route`] clears it afterwards, so
+//! nothing leaks into the next request on the thread.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use fairgate_middleware::{
+    CompletionEvent, DecisionEvent, DecisionKind, Observer, Operation, PeerAddr,
+};
+use http::Request;
+
+use crate::decision_log::{rfc3339, DecisionLog, DecisionRecord};
+use crate::metrics::{DecisionLabels, Metrics};
+
+/// Inserts the engine's [`PeerAddr`] extension.
+pub fn tag_peer<B>(req: &mut Request<B>, peer: SocketAddr) {
+    req.extensions_mut().insert(PeerAddr(peer));
+}
+
+/// Inserts the engine's [`Operation`] extension (a route's operation name).
+pub fn tag_operation<B>(req: &mut Request<B>, op: &Arc<str>) {
+    req.extensions_mut().insert(Operation(op.clone()));
+}
+
+thread_local! {
+    static CURRENT_ROUTE: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
+    static PENDING: RefCell<Option<PendingAdmit>> = const { RefCell::new(None) };
+}
+
+/// A sampled admit whose decision-log line waits for the response (status, latency).
+#[derive(Debug)]
+pub struct PendingAdmit {
+    record: DecisionRecord,
+    log: DecisionLog,
+    started: Instant,
+}
+
+impl PendingAdmit {
+    /// Writes the line now, with the response status (`None`: unknown).
+    pub fn finish(mut self, status: Option<u16>) {
+        self.record.status = status;
+        self.record.latency_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
+        self.log.log(self.record);
+    }
+}
+
+/// Makes `route` the current route of this thread while `f` runs (see the module docs).
+/// A sampled admit nobody took (the request never reached the proxy) is logged here.
+pub fn with_route<T>(route: &Arc<str>, f: impl FnOnce() -> T) -> T {
+    CURRENT_ROUTE.with(|c| *c.borrow_mut() = Some(route.clone()));
+    let out = f();
+    CURRENT_ROUTE.with(|c| *c.borrow_mut() = None);
+    if let Some(p) = take_pending() {
+        p.finish(None);
+    }
+    out
+}
+
+/// Takes the sampled admit of the request being called on this thread, if any (the proxy
+/// calls this in `call`, right after admission decided on the same thread).
+pub fn take_pending() -> Option<PendingAdmit> {
+    PENDING.with(|p| p.borrow_mut().take())
+}
+
+fn current_route() -> Option<String> {
+    CURRENT_ROUTE.with(|c| c.borrow().as_deref().map(str::to_owned))
+}
+
+/// Interns label values so counting a decision allocates nothing once a name was seen.
+#[derive(Debug, Default)]
+struct Interner {
+    map: ArcSwap<HashMap<Box<str>, Arc<str>>>,
+}
+
+impl Interner {
+    fn get(&self, s: &str) -> Arc<str> {
+        if let Some(v) = self.map.load().get(s) {
+            return v.clone();
+        }
+        let v: Arc<str> = Arc::from(s);
+        // Names are bounded (rules, plans, stages), so this copy-on-write map stays small.
+        self.map.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.entry(Box::from(s)).or_insert_with(|| v.clone());
+            m
+        });
+        v
+    }
+}
+
+/// The engine observer: metrics for every decision, decision-log lines for rejections and
+/// sampled admits.
+#[derive(Debug)]
+pub struct GatewayObserver {
+    metrics: Arc<Metrics>,
+    log: DecisionLog,
+    names: Interner,
+}
+
+impl GatewayObserver {
+    /// An observer writing to `metrics` and `log`.
+    pub fn new(metrics: Arc<Metrics>, log: DecisionLog) -> GatewayObserver {
+        GatewayObserver {
+            metrics,
+            log,
+            names: Interner::default(),
+        }
+    }
+
+    fn record(&self, e: &DecisionEvent<'_>) -> DecisionRecord {
+        DecisionRecord {
+            time: rfc3339(SystemTime::now()),
+            kind: "decision",
+            client: e.client_key.to_owned(),
+            route: current_route(),
+            operation: e.operation.map(str::to_owned),
+            stage: e.stage.map(|s| s.as_str()),
+            rule: e.rule.map(str::to_owned),
+            plan: e.plan.map(str::to_owned),
+            limit: e
+                .limit
+                .map(|l| l.policy.to_string())
+                .or_else(|| e.bandwidth.map(str::to_owned)),
+            cost: e.cost,
+            decision: e.kind.as_str(),
+            retry_after: e.retry_after.map(|d| d.as_secs()),
+            status: (e.status != 0).then_some(e.status),
+            latency_ms: None,
+        }
+    }
+}
+
+impl Observer for GatewayObserver {
+    fn on_decision(&self, e: &DecisionEvent<'_>) {
+        let labels = DecisionLabels {
+            stage: self.names.get(e.stage.map_or("none", |s| s.as_str())),
+            decision: self.names.get(e.kind.as_str()),
+            rule: self.names.get(e.rule.unwrap_or("")),
+            plan: self.names.get(e.plan.unwrap_or("")),
+        };
+        self.metrics.decision(&labels);
+        match e.kind {
+            DecisionKind::Reject => {
+                if e.stage == Some(fairgate_middleware::Stage::Shed) {
+                    self.metrics
+                        .shed(&self.names.get(priority_name(e.priority)));
+                }
+                self.log.log(self.record(e));
+            }
+            DecisionKind::ShadowReject => {
+                self.log.log(self.record(e));
+            }
+            DecisionKind::Admit | DecisionKind::Borrowed => {
+                if let Some(l) = e.limit {
+                    // Under 20% of the quota left after this admit.
+                    if l.quota > 0 && l.remaining.saturating_mul(5) < l.quota {
+                        self.metrics.near_limit();
+                    }
+                }
+                if self.log.sample_admit() {
+                    let record = self.record(e);
+                    if record.route.is_some() {
+                        // In the gateway stack: finish the line when the response ends.
+                        PENDING.with(|p| {
+                            *p.borrow_mut() = Some(PendingAdmit {
+                                record,
+                                log: self.log.clone(),
+                                started: Instant::now(),
+                            })
+                        });
+                    } else {
+                        self.log.log(record);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_complete(&self, _e: &CompletionEvent<'_>) {}
+}
+
+fn priority_name(p: fairgate_middleware::Priority) -> &'static str {
+    use fairgate_middleware::Priority;
+    match p {
+        Priority::Critical => "critical",
+        Priority::Normal => "normal",
+        Priority::Borrowed => "borrowed",
+        Priority::Sheddable => "sheddable",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interner_returns_the_same_arc() {
+        let i = Interner::default();
+        let a = i.get("free");
+        let b = i.get("free");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*i.get("pro"), "pro");
+    }
+
+    #[test]
+    fn current_route_is_scoped() {
+        let r: Arc<str> = Arc::from("api");
+        assert_eq!(with_route(&r, current_route).as_deref(), Some("api"));
+        assert_eq!(current_route(), None);
+    }
+}

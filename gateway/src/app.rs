@@ -1,0 +1,352 @@
+//! Wiring: from a decoded config to a running gateway — policy store and engine, upstream
+//! pools, the data-plane tower stack, listeners, the admin API, reload triggers and
+//! graceful shutdown.
+//!
+//! The data-plane stack, outermost first (tower-http layers where they exist):
+//!
+//! 1. `SetSensitiveRequestHeaders` (`Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key`
+//!    are never logged),
+//! 2. `SetRequestId` (`X-Request-Id`, kept when the client sent one) and `PropagateRequestId`,
+//! 3. `Trace` (one span per request, at `debug`),
+//! 4. [`RoutingLayer`] (404 / 405 here, before admission; tags route and operation),
+//! 5. `RequestBodyLimit` (413 over `limits.max_body`),
+//! 6. `AdmissionLayer` (the engine: 403 / 429 / 503),
+//! 7. [`Proxy`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fairgate_middleware::{AdmissionLayer, Engine};
+use fairgate_policies::{PolicyErrors, PolicyStore};
+use http::header::{self, HeaderName};
+use http::Request;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::ServiceBuilder;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::admin::{self, AdminState};
+use crate::admission::GatewayObserver;
+use crate::config::{LoadedConfig, PolicySource, TargetSpec};
+use crate::decision_log::DecisionLog;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::reload::Reloader;
+use crate::routing::{Route, RouteTable, RoutingLayer};
+use crate::server;
+use crate::upstream::Pool;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The policy is invalid.
+    #[error("{0}")]
+    Policy(PolicyErrors),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The admin token file could not be read.
+    #[error("cannot read the admin token file {path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The admin token file is empty.
+    #[error("the admin token file {0} is empty")]
+    EmptyToken(String),
+    /// Something else failed (echo upstream, decision log file).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A started gateway.
+#[derive(Debug)]
+pub struct Running {
+    /// Bound data-plane addresses.
+    pub data_addrs: Vec<SocketAddr>,
+    /// Bound admin address.
+    pub admin_addr: Option<SocketAddr>,
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Reloads.
+    pub reloader: Arc<Reloader>,
+    stop: watch::Sender<bool>,
+    servers: JoinSet<()>,
+    draining: Arc<AtomicBool>,
+    grace: Duration,
+    _watcher: Option<fairgate_policies::watch::WatchHandle>,
+}
+
+/// Makes `X-Request-Id` values: a random per-process prefix and a counter, 24 hex digits.
+#[derive(Clone, Debug)]
+struct RequestIds {
+    prefix: u32,
+    next: Arc<AtomicU64>,
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:08x}{n:016x}", self.prefix);
+        http::HeaderValue::from_str(&id).ok().map(RequestId::new)
+    }
+}
+
+/// Starts everything `loaded` describes; returns once every listener is bound.
+pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
+    let LoadedConfig {
+        config,
+        inline_policy,
+    } = loaded;
+    let metrics = Arc::new(Metrics::new());
+    let log = DecisionLog::start(&config.log)?;
+
+    // Policy and engine.
+    let store = match (&config.policy, inline_policy) {
+        (PolicySource::File(path), _) => {
+            PolicyStore::from_file(path).map_err(StartError::Policy)?
+        }
+        (PolicySource::Inline { .. }, Some(p)) => {
+            PolicyStore::from_policy(p).map_err(StartError::Policy)?
+        }
+        (PolicySource::Inline { config_file }, None) => {
+            return Err(StartError::Policy(PolicyErrors::unlocated(
+                config_file.display().to_string(),
+                "policy: no inline policy was decoded",
+            )))
+        }
+    };
+    let engine = Engine::new(store.clone());
+    engine.set_observer(Arc::new(GatewayObserver::new(metrics.clone(), log)));
+    let reloader = Reloader::new(store.clone(), config.policy.clone(), metrics.clone());
+    let watcher = match &config.policy {
+        PolicySource::File(_) => {
+            match fairgate_policies::watch::watch(
+                store.clone(),
+                fairgate_policies::watch::DEFAULT_DEBOUNCE,
+            ) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the policy file; reload with SIGHUP or POST /reload");
+                    None
+                }
+            }
+        }
+        PolicySource::Inline { .. } => None,
+    };
+    {
+        let reloader = reloader.clone();
+        server::on_sighup(move || {
+            let reloader = reloader.clone();
+            async move {
+                tracing::info!("SIGHUP: reloading the policy");
+                let _ = reloader.reload_async().await;
+            }
+        });
+    }
+    {
+        // Drop state that carries no information every few seconds.
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let e = engine.clone();
+                let _ = tokio::task::spawn_blocking(move || e.prune()).await;
+            }
+        });
+    }
+
+    // Upstreams.
+    let needs_echo = config
+        .upstreams
+        .values()
+        .any(|u| u.targets.contains(&TargetSpec::Echo));
+    let echo_addr = if needs_echo {
+        Some(crate::echo::start().await?)
+    } else {
+        None
+    };
+    let mut pools = Vec::new();
+    let mut by_name = std::collections::HashMap::new();
+    for (name, u) in &config.upstreams {
+        let addrs = u
+            .targets
+            .iter()
+            .filter_map(|t| match t {
+                TargetSpec::Addr(a) => Some(*a),
+                TargetSpec::Echo => echo_addr,
+            })
+            .collect();
+        let pool = Arc::new(Pool::new(name, u, addrs));
+        if u.health_check.is_some() {
+            tokio::spawn(pool.clone().run_health_checks());
+        }
+        by_name.insert(name.clone(), pool.clone());
+        pools.push(pool);
+    }
+    let routes = config
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let pool = by_name.get(&r.upstream)?.clone();
+            Some(Route::new(
+                &r.name,
+                r.host.as_deref(),
+                &r.path_prefix,
+                r.methods.clone(),
+                pool,
+                r.operation.as_deref(),
+                r.timeout,
+            ))
+        })
+        .collect();
+    let table = Arc::new(RouteTable::new(routes));
+
+    // The data-plane stack.
+    let stack = ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::PROXY_AUTHORIZATION,
+            header::COOKIE,
+            HeaderName::from_static("x-api-key"),
+        ]))
+        .layer(SetRequestIdLayer::x_request_id(RequestIds {
+            prefix: fastrand::u32(..),
+            next: Arc::new(AtomicU64::new(1)),
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http())
+        .layer(RoutingLayer::new(table))
+        .layer(RequestBodyLimitLayer::new(
+            usize::try_from(config.limits.max_body).unwrap_or(usize::MAX),
+        ))
+        .layer(AdmissionLayer::new(engine.clone()))
+        .service(Proxy::new(&pools, &metrics));
+
+    // Listeners: bind everything before serving anything.
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        let l = server::bind(*addr).map_err(|source| StartError::Bind {
+            addr: *addr,
+            source,
+        })?;
+        listeners.push(l);
+    }
+    let data_addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let draining = Arc::new(AtomicBool::new(false));
+    let admin_addr = match &config.admin {
+        None => None,
+        Some(a) => {
+            let token = match (&a.token, &a.token_file) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(path)) => {
+                    let t =
+                        std::fs::read_to_string(path).map_err(|source| StartError::TokenFile {
+                            path: path.display().to_string(),
+                            source,
+                        })?;
+                    let t = t.trim().to_owned();
+                    if t.is_empty() {
+                        return Err(StartError::EmptyToken(path.display().to_string()));
+                    }
+                    Some(t)
+                }
+                (None, None) => None,
+            };
+            let listener = server::bind(a.listen).map_err(|source| StartError::Bind {
+                addr: a.listen,
+                source,
+            })?;
+            let addr = listener.local_addr()?;
+            let state = AdminState::new(
+                engine.clone(),
+                metrics.clone(),
+                reloader.clone(),
+                token,
+                draining.clone(),
+            );
+            let router = admin::router(state);
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!(error = %e, "admin server failed");
+                }
+            });
+            Some(addr)
+        }
+    };
+
+    let builder = Arc::new(server::http_builder(&config.limits));
+    let (stop, stop_rx) = watch::channel(false);
+    let mut servers = JoinSet::new();
+    for listener in listeners {
+        servers.spawn(server::serve(
+            listener,
+            stack.clone(),
+            builder.clone(),
+            "http",
+            stop_rx.clone(),
+        ));
+    }
+    Ok(Running {
+        data_addrs,
+        admin_addr,
+        engine,
+        reloader,
+        stop,
+        servers,
+        draining,
+        grace: config.shutdown_grace,
+        _watcher: watcher,
+    })
+}
+
+impl Running {
+    /// The machine-readable startup line: `fairgate listening data=ADDR[,ADDR] admin=ADDR|none`.
+    pub fn listening_line(&self) -> String {
+        let data: Vec<String> = self.data_addrs.iter().map(ToString::to_string).collect();
+        let admin = self
+            .admin_addr
+            .map_or_else(|| "none".to_owned(), |a| a.to_string());
+        format!("fairgate listening data={} admin={admin}", data.join(","))
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, and returns.
+    /// `/health` answers 503 from the moment this is called.
+    pub async fn shutdown(mut self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(true);
+        let grace = self.grace;
+        let drained = tokio::time::timeout(grace, async {
+            while self.servers.join_next().await.is_some() {}
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("drained; exiting"),
+            Err(_) => {
+                tracing::warn!(
+                    grace_s = grace.as_secs_f64(),
+                    "grace period over; closing the remaining connections"
+                );
+                self.servers.abort_all();
+            }
+        }
+    }
+}

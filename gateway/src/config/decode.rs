@@ -1,0 +1,610 @@
+//! Decoding `gateway.yaml` with the policy crate's decode framework, so a gateway config
+//! reports every error at once as `file:line:column: path: message`, exactly like a policy.
+//! An inline `policy:` map is decoded by the policy decoder at its place in the same file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path as FsPath;
+use std::time::Duration;
+
+use fairgate_policies::decode::{
+    choice, expected, from_str, one_or_many, scalar, uint, variant, Ctx, Decode, MapReader, Path,
+};
+use fairgate_policies::model::{ByteSize, HumanDuration};
+use fairgate_policies::yaml::{self, Limits as YamlLimits, Node};
+use fairgate_policies::{Policy, PolicyErrors};
+use http::header::HeaderName;
+use http::Method;
+
+use super::model::{
+    AdminConfig, Balance, DecisionTarget, GatewayConfig, HashKey, HealthCheck, Limits, LogConfig,
+    LogFormat, PolicySource, RouteConfig, TargetSpec, UpstreamConfig,
+};
+
+/// A decoded gateway config, with its inline policy (if it has one) already decoded.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    /// The config.
+    pub config: GatewayConfig,
+    /// The inline policy, when `policy:` is a map.
+    pub inline_policy: Option<Policy>,
+}
+
+/// Reads and decodes a gateway config file.
+pub fn load(path: &FsPath) -> Result<LoadedConfig, PolicyErrors> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path)
+        .map_err(|e| PolicyErrors::unlocated(&file, format!("cannot read the file: {e}")))?;
+    let source =
+        fairgate_policies::decode::source_from_bytes(&bytes, &file, &YamlLimits::default())?;
+    parse(source, &file, path)
+}
+
+/// Decodes gateway config `source`; `path` is where it lives (relative paths in it are
+/// resolved against its directory) and `file` the name used in errors.
+pub fn parse(source: &str, file: &str, path: &FsPath) -> Result<LoadedConfig, PolicyErrors> {
+    let root = yaml::parse(source, file, &YamlLimits::default())?;
+    let mut ctx = Ctx::new(file);
+    let base = path.parent().map(FsPath::to_path_buf).unwrap_or_default();
+    let mut inline_errors = None;
+    let decoded = config(&mut ctx, &root, &base, path, &mut inline_errors);
+    let mut result = ctx.finish(decoded);
+    if let Some(errors) = inline_errors {
+        result = match result {
+            Ok(_) => Err(errors),
+            Err(mut e) => {
+                e.0.extend(errors.0);
+                e.sort();
+                Err(e)
+            }
+        };
+    }
+    result
+}
+
+/// The inline policy section of a gateway config file, decoded (used by reloads of an
+/// inline policy: only the `policy` section is taken from the re-read file).
+pub fn inline_policy(source: &str, file: &str) -> Result<Policy, PolicyErrors> {
+    let root = yaml::parse(source, file, &YamlLimits::default())?;
+    let mut ctx = Ctx::new(file);
+    let mut m = MapReader::new(&mut ctx, &root, &Path::Root);
+    let node = m.as_mut().and_then(|m| m.entry("policy")).map(|e| e.value);
+    match node {
+        Some(n) if matches!(n.kind, yaml::NodeKind::Map(_)) => {
+            fairgate_policies::decode::decode_policy(n, file)
+        }
+        _ => Err(PolicyErrors::unlocated(
+            file,
+            "policy: the file no longer has an inline policy map",
+        )),
+    }
+}
+
+fn config(
+    ctx: &mut Ctx,
+    root: &Node,
+    base: &FsPath,
+    path: &FsPath,
+    inline_errors: &mut Option<PolicyErrors>,
+) -> Option<LoadedConfig> {
+    let mut m = MapReader::new(ctx, root, &Path::Root)?;
+    let listen = m.required_with(ctx, "listen", |c, n, p| one_or_many(c, n, p, socket_addr));
+    let admin = m.optional_with(ctx, "admin", |c, n, p| admin(c, n, p, base));
+    let workers = m.optional_with(ctx, "workers", |c, n, p| {
+        let w = uint(c, n, p, 1024)?;
+        if w == 0 {
+            c.error(n, p, "must be at least 1");
+            return None;
+        }
+        Some(w as usize)
+    });
+    let shutdown_grace = m
+        .optional_with(ctx, "shutdown_grace", duration)
+        .unwrap_or(Duration::from_secs(10));
+    let upstreams_entry = m.entry("upstreams");
+    // Every upstream name written, even of pools that fail to decode, for route checks.
+    let upstream_names: Option<Vec<String>> = upstreams_entry.and_then(|e| match &e.value.kind {
+        yaml::NodeKind::Map(pairs) => Some(
+            pairs
+                .iter()
+                .filter_map(|(k, _)| k.as_str().map(str::to_owned))
+                .collect(),
+        ),
+        _ => None,
+    });
+    let upstreams: Option<BTreeMap<String, UpstreamConfig>> = match upstreams_entry {
+        Some(e) => {
+            let p = Path::Root;
+            let p = p.key("upstreams");
+            upstream_map(ctx, e.value, &p)
+        }
+        None => {
+            ctx.error(root, &Path::Root, "missing field `upstreams`");
+            None
+        }
+    };
+    let routes_entry = m.entry("routes");
+    let routes: Option<Vec<RouteConfig>> = match routes_entry {
+        Some(e) => {
+            let p = Path::Root;
+            let p = p.key("routes");
+            routes(ctx, e.value, &p, upstream_names.as_deref())
+        }
+        None => {
+            ctx.error(root, &Path::Root, "missing field `routes`");
+            None
+        }
+    };
+    let limits = m.optional_with(ctx, "limits", limits).unwrap_or_default();
+    let mut inline_policy = None;
+    let policy = match m.entry("policy") {
+        None => None,
+        Some(e) if e.value.is_null() => None,
+        Some(e) => match &e.value.kind {
+            yaml::NodeKind::Map(_) => {
+                match fairgate_policies::decode::decode_policy(e.value, ctx.file()) {
+                    Ok(p) => inline_policy = Some(p),
+                    Err(errs) => *inline_errors = Some(errs),
+                }
+                Some(PolicySource::Inline {
+                    config_file: path.to_path_buf(),
+                })
+            }
+            _ => {
+                let p = Path::Root;
+                let p = p.key("policy");
+                let file = scalar(
+                    ctx,
+                    e.value,
+                    &p,
+                    "a policy file path or an inline policy map",
+                )?;
+                Some(PolicySource::File(base.join(file)))
+            }
+        },
+    };
+    let log = m
+        .optional_with(ctx, "log", |c, n, p| log(c, n, p, base))
+        .unwrap_or_default();
+    m.finish(ctx);
+
+    let listen = listen?;
+    if listen.is_empty() {
+        ctx.error(
+            root,
+            &Path::Root.key("listen"),
+            "at least one listen address is required",
+        );
+        return None;
+    }
+    let policy = match policy {
+        Some(p) => p,
+        None => {
+            // No policy: an empty one (admit everything), still reloadable by nobody.
+            inline_policy =
+                Some(fairgate_policies::decode::parse_policy("version: 1\n", ctx.file()).ok()?);
+            PolicySource::Inline {
+                config_file: path.to_path_buf(),
+            }
+        }
+    };
+    Some(LoadedConfig {
+        config: GatewayConfig {
+            listen,
+            admin: admin.flatten(),
+            workers,
+            shutdown_grace,
+            routes: routes?,
+            upstreams: upstreams?,
+            limits,
+            policy,
+            log,
+        },
+        inline_policy,
+    })
+}
+
+fn socket_addr(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<SocketAddr> {
+    let text = scalar(ctx, node, path, "an address like `127.0.0.1:8080`")?;
+    match text.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            ctx.error(
+                node,
+                path,
+                format!("`{text}` is not an address like `127.0.0.1:8080` or `[::1]:8080`"),
+            );
+            None
+        }
+    }
+}
+
+fn duration(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Duration> {
+    let d = HumanDuration::decode(ctx, node, path)?;
+    Some(d.0)
+}
+
+fn positive_duration(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Duration> {
+    let d = duration(ctx, node, path)?;
+    if d.is_zero() {
+        ctx.error(node, path, "must be greater than zero");
+        return None;
+    }
+    Some(d)
+}
+
+fn admin(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+    base: &FsPath,
+) -> Option<Option<AdminConfig>> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let listen = m
+        .optional_with(ctx, "listen", socket_addr)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
+    let token: Option<String> = m.optional(ctx, "token");
+    let token_file: Option<String> = m.optional(ctx, "token_file");
+    let allow_remote: bool = m.optional(ctx, "allow_remote").unwrap_or(false);
+    let listen_node = m.entry("listen").map(|e| e.value).unwrap_or(node);
+    let token_node = m.entry("token_file").map(|e| e.value);
+    m.finish(ctx);
+    if token.is_some() && token_file.is_some() {
+        ctx.error(
+            token_node.unwrap_or(node),
+            &path.key("token_file"),
+            "give `token` or `token_file`, not both",
+        );
+    }
+    if token.as_deref() == Some("") {
+        ctx.error(node, &path.key("token"), "must not be empty");
+    }
+    let has_token = token.is_some() || token_file.is_some();
+    if !listen.ip().is_loopback() {
+        if !allow_remote {
+            ctx.error(
+                listen_node,
+                &path.key("listen"),
+                format!("`{listen}` is not a loopback address; set `allow_remote: true` and a token to expose the admin API"),
+            );
+        } else if !has_token {
+            ctx.error(
+                listen_node,
+                &path.key("listen"),
+                "a non-loopback admin listener requires `token` or `token_file`",
+            );
+        }
+    }
+    Some(Some(AdminConfig {
+        listen,
+        token,
+        token_file: token_file.map(|f| base.join(f)),
+        allow_remote,
+    }))
+}
+
+fn method(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Method> {
+    let text = scalar(ctx, node, path, "an HTTP method")?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_uppercase()) {
+        ctx.error(
+            node,
+            path,
+            format!("`{text}` is not an upper-case HTTP method like `GET`"),
+        );
+        return None;
+    }
+    Method::from_bytes(text.as_bytes()).ok()
+}
+
+fn routes(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+    upstreams: Option<&[String]>,
+) -> Option<Vec<RouteConfig>> {
+    let yaml::NodeKind::Seq(items) = &node.kind else {
+        expected(ctx, node, path, "a list of routes");
+        return None;
+    };
+    if items.is_empty() {
+        ctx.error(node, path, "at least one route is required");
+        return None;
+    }
+    let mut out = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let p = path.index(i);
+        match route(ctx, item, &p, i, upstreams) {
+            Some(r) => out.push(r),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn route(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+    index: usize,
+    upstreams: Option<&[String]>,
+) -> Option<RouteConfig> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let name: Option<String> = m.optional(ctx, "name");
+    let host: Option<String> = m.optional(ctx, "host");
+    let path_prefix = m.optional_with(ctx, "path_prefix", |c, n, p| {
+        let s = scalar(c, n, p, "a path prefix")?;
+        if !s.starts_with('/') {
+            c.error(n, p, format!("`{s}` must start with `/`"));
+            return None;
+        }
+        Some(s.to_owned())
+    });
+    let methods = m.optional_with(ctx, "methods", |c, n, p| one_or_many(c, n, p, method));
+    let upstream: Option<String> = m.required(ctx, "upstream");
+    let upstream_node = m.entry("upstream").map(|e| e.value);
+    let operation: Option<String> = m.optional(ctx, "operation");
+    let timeout = m.optional_with(ctx, "timeout", positive_duration);
+    m.finish(ctx);
+    let upstream = upstream?;
+    if let (Some(ups), Some(n)) = (upstreams, upstream_node) {
+        if !ups.contains(&upstream) {
+            let known: Vec<&str> = ups.iter().map(String::as_str).collect();
+            let hint =
+                match fairgate_policies::decode::did_you_mean(&upstream, known.iter().copied()) {
+                    Some(s) => format!(" (did you mean `{s}`?)"),
+                    None => String::new(),
+                };
+            ctx.error(
+                n,
+                &path.key("upstream"),
+                format!("no upstream named `{upstream}`{hint}"),
+            );
+            return None;
+        }
+    }
+    Some(RouteConfig {
+        name: name.unwrap_or_else(|| format!("route{index}")),
+        host,
+        path_prefix: path_prefix.unwrap_or_else(|| "/".to_owned()),
+        methods,
+        upstream,
+        operation,
+        timeout,
+    })
+}
+
+fn upstream_map(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+) -> Option<BTreeMap<String, UpstreamConfig>> {
+    let entries = fairgate_policies::decode::map_entries(ctx, node, path)?;
+    if entries.is_empty() {
+        ctx.error(node, path, "at least one upstream is required");
+        return None;
+    }
+    let mut out = BTreeMap::new();
+    let mut ok = true;
+    for e in entries {
+        let p = path.key(e.key);
+        match upstream(ctx, e.value, &p) {
+            Some(u) => {
+                out.insert(e.key.to_owned(), u);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn target(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<TargetSpec> {
+    let text = scalar(
+        ctx,
+        node,
+        path,
+        "a target like `127.0.0.1:8081` or `builtin:echo`",
+    )?;
+    if text == "builtin:echo" {
+        return Some(TargetSpec::Echo);
+    }
+    match text.parse::<SocketAddr>() {
+        Ok(a) => Some(TargetSpec::Addr(a)),
+        Err(_) => {
+            ctx.error(
+                node,
+                path,
+                format!("`{text}` is not a target like `127.0.0.1:8081` or `builtin:echo`"),
+            );
+            None
+        }
+    }
+}
+
+fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfig> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let targets = m.required_with(ctx, "targets", |c, n, p| one_or_many(c, n, p, target));
+    let targets_node = m.entry("targets").map(|e| e.value);
+    let balance = m
+        .optional_with(ctx, "balance", |c, n, p| {
+            choice(
+                c,
+                n,
+                p,
+                &[
+                    ("p2c_ewma", Balance::P2cEwma),
+                    ("round_robin", Balance::RoundRobin),
+                    ("consistent_hash", Balance::ConsistentHash),
+                ],
+            )
+        })
+        .unwrap_or_default();
+    let hash_key = m
+        .optional_with(ctx, "hash_key", hash_key)
+        .unwrap_or_default();
+    let health_check = m.optional_with(ctx, "health_check", health_check);
+    let connect_timeout = m
+        .optional_with(ctx, "connect_timeout", positive_duration)
+        .unwrap_or(Duration::from_secs(1));
+    let request_timeout = m
+        .optional_with(ctx, "request_timeout", positive_duration)
+        .unwrap_or(Duration::from_secs(30));
+    m.finish(ctx);
+    let targets = targets?;
+    if targets.is_empty() {
+        ctx.error(
+            targets_node.unwrap_or(node),
+            &path.key("targets"),
+            "at least one target is required",
+        );
+        return None;
+    }
+    Some(UpstreamConfig {
+        targets,
+        balance,
+        hash_key,
+        health_check,
+        connect_timeout,
+        request_timeout,
+    })
+}
+
+fn hash_key(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<HashKey> {
+    let v = variant(ctx, node, path, "`client` or `{header: NAME}`")?;
+    match (v.name, v.value) {
+        ("client", None) => Some(HashKey::Client),
+        ("header", Some(value)) => {
+            let p = path.key("header");
+            let name = scalar(ctx, value, &p, "a header name")?;
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => Some(HashKey::Header(h)),
+                Err(_) => {
+                    ctx.error(value, &p, format!("`{name}` is not a valid header name"));
+                    None
+                }
+            }
+        }
+        _ => {
+            fairgate_policies::decode::unknown_variant(ctx, &v, path, &["client", "header"]);
+            None
+        }
+    }
+}
+
+fn health_check(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<HealthCheck> {
+    let d = HealthCheck::default();
+    let mut m = MapReader::new(ctx, node, path)?;
+    let interval = m.optional_with(ctx, "interval", positive_duration);
+    let check_path = m.optional_with(ctx, "path", |c, n, p| {
+        let s = scalar(c, n, p, "a path")?;
+        if !s.starts_with('/') || http::uri::PathAndQuery::try_from(s).is_err() {
+            c.error(n, p, format!("`{s}` is not a path starting with `/`"));
+            return None;
+        }
+        Some(s.to_owned())
+    });
+    let timeout = m.optional_with(ctx, "timeout", positive_duration);
+    let unhealthy_after = m.optional_with(ctx, "unhealthy_after", count);
+    let healthy_after = m.optional_with(ctx, "healthy_after", count);
+    m.finish(ctx);
+    Some(HealthCheck {
+        interval: interval.unwrap_or(d.interval),
+        path: check_path.unwrap_or(d.path),
+        timeout: timeout.unwrap_or(d.timeout),
+        unhealthy_after: unhealthy_after.unwrap_or(d.unhealthy_after),
+        healthy_after: healthy_after.unwrap_or(d.healthy_after),
+    })
+}
+
+fn count(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<u32> {
+    let n = uint(ctx, node, path, 1_000_000)?;
+    if n == 0 {
+        ctx.error(node, path, "must be at least 1");
+        return None;
+    }
+    Some(n as u32)
+}
+
+fn limits(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Limits> {
+    let d = Limits::default();
+    let mut m = MapReader::new(ctx, node, path)?;
+    let max_header_bytes = m.optional_with(ctx, "max_header_bytes", |c, n, p| {
+        let b = ByteSize::decode(c, n, p)?.0;
+        if !(8192..=16 << 20).contains(&b) {
+            c.error(n, p, "must be between 8KiB and 16MiB");
+            return None;
+        }
+        Some(b as usize)
+    });
+    let max_headers = m.optional_with(ctx, "max_headers", |c, n, p| {
+        let v = uint(c, n, p, 10_000)?;
+        if v == 0 {
+            c.error(n, p, "must be at least 1");
+            return None;
+        }
+        Some(v as usize)
+    });
+    let max_body = m.optional_with(ctx, "max_body", |c, n, p| {
+        ByteSize::decode(c, n, p).map(|b| b.0)
+    });
+    let header_read_timeout = m.optional_with(ctx, "header_read_timeout", positive_duration);
+    m.finish(ctx);
+    Some(Limits {
+        max_header_bytes: max_header_bytes.unwrap_or(d.max_header_bytes),
+        max_headers: max_headers.unwrap_or(d.max_headers),
+        max_body: max_body.unwrap_or(d.max_body),
+        header_read_timeout: header_read_timeout.unwrap_or(d.header_read_timeout),
+    })
+}
+
+fn log(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<LogConfig> {
+    let d = LogConfig::default();
+    let mut m = MapReader::new(ctx, node, path)?;
+    let decisions = m.optional_with(ctx, "decisions", |c, n, p| {
+        let s = scalar(c, n, p, "`stdout`, `off` or a file path")?;
+        Some(match s {
+            "stdout" | "-" => DecisionTarget::Stdout,
+            "off" => DecisionTarget::Off,
+            "" => {
+                c.error(n, p, "must not be empty");
+                return None;
+            }
+            file => DecisionTarget::File(base.join(file)),
+        })
+    });
+    let sample_admits = m.optional_with(ctx, "sample_admits", |c, n, p| {
+        let v = f64::decode(c, n, p)?;
+        if !(0.0..=1.0).contains(&v) {
+            c.error(n, p, format!("`{v}` must be between 0 and 1"));
+            return None;
+        }
+        Some(v)
+    });
+    let max_rejections_per_rule = m.optional_with(ctx, "max_rejections_per_rule", |c, n, p| {
+        uint(c, n, p, 1_000_000).map(|v| v as u32)
+    });
+    let format = m.optional_with(ctx, "format", |c, n, p| {
+        choice(
+            c,
+            n,
+            p,
+            &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
+        )
+    });
+    let level = m.optional_with(ctx, "level", |c, n, p| {
+        let s = scalar(c, n, p, "a log filter like `info`")?;
+        from_str::<tracing_subscriber::EnvFilter>(c, n, p, "a log filter like `info`")
+            .map(|_| s.to_owned())
+    });
+    m.finish(ctx);
+    Some(LogConfig {
+        decisions: decisions.unwrap_or(d.decisions),
+        sample_admits: sample_admits.unwrap_or(d.sample_admits),
+        max_rejections_per_rule: max_rejections_per_rule.unwrap_or(d.max_rejections_per_rule),
+        format: format.unwrap_or(d.format),
+        level: level.unwrap_or(d.level),
+    })
+}
+
+#[cfg(test)]
+mod tests;

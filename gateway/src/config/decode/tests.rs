@@ -1,0 +1,208 @@
+use std::path::Path as FsPath;
+
+use super::*;
+
+fn parse_ok(src: &str) -> LoadedConfig {
+    match parse(src, "gw.yaml", FsPath::new("/etc/fairgate/gw.yaml")) {
+        Ok(c) => c,
+        Err(e) => panic!("unexpected errors:\n{e}"),
+    }
+}
+
+fn parse_err(src: &str) -> String {
+    parse(src, "gw.yaml", FsPath::new("/etc/fairgate/gw.yaml"))
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+const FULL: &str = "\
+listen: [127.0.0.1:8080, '[::1]:8080']
+admin:
+  listen: 127.0.0.1:9090
+  token_file: admin.token
+workers: 2
+shutdown_grace: 5s
+routes:
+  - name: export
+    host: api.example.com
+    path_prefix: /v1/export
+    methods: [POST]
+    upstream: api
+    operation: export
+    timeout: 2s
+  - upstream: demo
+upstreams:
+  api:
+    targets: [127.0.0.1:8081, 127.0.0.1:8082]
+    balance: consistent_hash
+    hash_key: {header: x-user}
+    health_check: {interval: 2s, path: /healthz, unhealthy_after: 2}
+    connect_timeout: 250ms
+    request_timeout: 3s
+  demo:
+    targets: builtin:echo
+limits:
+  max_header_bytes: 32KiB
+  max_headers: 50
+  max_body: 1MiB
+  header_read_timeout: 5s
+policy: policy.yaml
+log:
+  decisions: decisions.jsonl
+  sample_admits: 0.5
+  max_rejections_per_rule: 3
+  format: json
+  level: debug
+";
+
+#[test]
+fn decodes_every_field() {
+    let c = parse_ok(FULL).config;
+    assert_eq!(c.listen.len(), 2);
+    let admin = c.admin.unwrap();
+    assert_eq!(admin.listen.port(), 9090);
+    assert_eq!(
+        admin.token_file.unwrap(),
+        FsPath::new("/etc/fairgate/admin.token")
+    );
+    assert_eq!(c.workers, Some(2));
+    assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(c.routes.len(), 2);
+    let r = &c.routes[0];
+    assert_eq!(r.name, "export");
+    assert_eq!(r.host.as_deref(), Some("api.example.com"));
+    assert_eq!(r.methods.as_deref(), Some(&[Method::POST][..]));
+    assert_eq!(r.operation.as_deref(), Some("export"));
+    assert_eq!(r.timeout, Some(Duration::from_secs(2)));
+    assert_eq!(c.routes[1].name, "route1");
+    assert_eq!(c.routes[1].path_prefix, "/");
+    let api = &c.upstreams["api"];
+    assert_eq!(api.balance, Balance::ConsistentHash);
+    assert_eq!(
+        api.hash_key,
+        HashKey::Header(HeaderName::from_static("x-user"))
+    );
+    let hc = api.health_check.as_ref().unwrap();
+    assert_eq!(
+        (hc.path.as_str(), hc.unhealthy_after, hc.healthy_after),
+        ("/healthz", 2, 1)
+    );
+    assert_eq!(api.connect_timeout, Duration::from_millis(250));
+    assert_eq!(c.upstreams["demo"].targets, vec![TargetSpec::Echo]);
+    assert_eq!(c.limits.max_header_bytes, 32 * 1024);
+    assert_eq!(c.limits.max_body, 1024 * 1024);
+    match &c.policy {
+        PolicySource::File(p) => assert_eq!(p, FsPath::new("/etc/fairgate/policy.yaml")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        c.log.decisions,
+        DecisionTarget::File("/etc/fairgate/decisions.jsonl".into())
+    );
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.log.max_rejections_per_rule, 3);
+}
+
+#[test]
+fn minimal_config_gets_defaults_and_an_empty_policy() {
+    let loaded = parse_ok(
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\n",
+    );
+    let c = loaded.config;
+    assert!(c.admin.is_none());
+    assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+    assert_eq!(c.limits.max_headers, 100);
+    assert_eq!(c.log.decisions, DecisionTarget::Stdout);
+    assert_eq!(c.upstreams["u"].balance, Balance::P2cEwma);
+    assert!(loaded.inline_policy.is_some());
+}
+
+#[test]
+fn inline_policy_is_decoded_in_place() {
+    let loaded = parse_ok(
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\npolicy:\n  version: 1\n  plans:\n    free: {bandwidths: ['10/s burst 20']}\n  default_plan: free\n",
+    );
+    let p = loaded.inline_policy.unwrap();
+    assert_eq!(p.default_plan.as_deref(), Some("free"));
+    assert!(matches!(loaded.config.policy, PolicySource::Inline { .. }));
+}
+
+#[test]
+fn every_error_is_reported_with_its_position() {
+    let errors = parse_err(
+        "\
+listen: 127.0.0.1
+workerz: 2
+routes:
+  - upstream: apii
+    path_prefix: v1
+upstreams:
+  api:
+    targets: [nohost, builtin:echo]
+    balance: random
+limits: {max_header_bytes: 1KiB}
+log: {sample_admits: 2}
+",
+    );
+    let lines: Vec<&str> = errors.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "gw.yaml:1:9: listen: `127.0.0.1` is not an address like `127.0.0.1:8080` or `[::1]:8080`",
+            "gw.yaml:2:1: workerz: unknown field `workerz` (did you mean `workers`?)",
+            "gw.yaml:4:15: routes[0].upstream: no upstream named `apii` (did you mean `api`?)",
+            "gw.yaml:5:18: routes[0].path_prefix: `v1` must start with `/`",
+            "gw.yaml:8:15: upstreams.api.targets[0]: `nohost` is not a target like `127.0.0.1:8081` or `builtin:echo`",
+            "gw.yaml:9:14: upstreams.api.balance: unknown value `random` (expected one of `p2c_ewma`, `round_robin`, `consistent_hash`)",
+            "gw.yaml:10:28: limits.max_header_bytes: must be between 8KiB and 16MiB",
+            "gw.yaml:11:22: log.sample_admits: `2` must be between 0 and 1",
+        ],
+        "{errors}"
+    );
+}
+
+#[test]
+fn inline_policy_errors_point_into_the_gateway_file() {
+    let errors = parse_err(
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\npolicy:\n  version: 1\n  default_plan: nope\n",
+    );
+    assert!(
+        errors.starts_with("gw.yaml:6:17: policy.default_plan") || errors.contains("gw.yaml:6:"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn remote_admin_needs_opt_in_and_a_token() {
+    let base =
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\n";
+    let e = parse_err(&format!("{base}admin: {{listen: 192.0.2.1:9090}}\n"));
+    assert!(
+        e.contains("admin.listen: `192.0.2.1:9090` is not a loopback address"),
+        "{e}"
+    );
+    let e = parse_err(&format!(
+        "{base}admin: {{listen: 192.0.2.1:9090, allow_remote: true}}\n"
+    ));
+    assert!(e.contains("requires `token` or `token_file`"), "{e}");
+    parse_ok(&format!(
+        "{base}admin: {{listen: 192.0.2.1:9090, allow_remote: true, token: s3cret}}\n"
+    ));
+    let e = parse_err(&format!("{base}admin: {{token: a, token_file: b}}\n"));
+    assert!(e.contains("give `token` or `token_file`, not both"), "{e}");
+}
+
+#[test]
+fn missing_sections_are_reported() {
+    let e = parse_err("listen: 127.0.0.1:0\n");
+    assert!(e.contains("missing field `upstreams`"), "{e}");
+    assert!(e.contains("missing field `routes`"), "{e}");
+}
+
+#[test]
+fn syntax_errors_do_not_panic() {
+    let e = parse_err("listen: [127.0.0.1:0\n");
+    assert!(e.starts_with("gw.yaml:"), "{e}");
+    let e = parse_err("- just\n- a list\n");
+    assert!(e.contains("expected a mapping"), "{e}");
+}

@@ -1,0 +1,227 @@
+//! The gateway config as the user writes it (`gateway.yaml`), after decoding.
+//!
+//! Every field is the YAML key of the same name; defaults are stated on each field and are
+//! what [`Default`] (or the decoder, for absent keys) gives. `docs/gateway.md` documents the
+//! same keys with a worked example; keep the two in step.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::Method;
+
+/// The whole gateway config file.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Data-plane listen addresses (`listen: 127.0.0.1:8080` or a list). Port 0 picks a free port.
+    pub listen: Vec<SocketAddr>,
+    /// The admin API. Absent: no admin listener.
+    pub admin: Option<AdminConfig>,
+    /// Tokio worker threads (default: number of cores).
+    pub workers: Option<usize>,
+    /// How long in-flight requests may run after SIGTERM/SIGINT (default 10s).
+    pub shutdown_grace: Duration,
+    /// Routes, first match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Upstream pools by name.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Where the admission policy comes from.
+    pub policy: PolicySource,
+    /// Logging and the decision log.
+    pub log: LogConfig,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Listen address (default `127.0.0.1:9090`). Non-loopback needs `allow_remote` and a token.
+    pub listen: SocketAddr,
+    /// Bearer token required on every admin endpoint except `/health`.
+    pub token: Option<String>,
+    /// Read the token from this file instead (trailing whitespace trimmed).
+    pub token_file: Option<PathBuf>,
+    /// Permit a non-loopback `listen` (default false; a token is then mandatory).
+    pub allow_remote: bool,
+}
+
+/// One route.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Name used in logs (default `route<index>`).
+    pub name: String,
+    /// Host to match (exact, or `*.example.com`), case-insensitive, port ignored. Absent: any.
+    pub host: Option<String>,
+    /// Path prefix to match (default `/`).
+    pub path_prefix: String,
+    /// Methods to match. Absent: any.
+    pub methods: Option<Vec<Method>>,
+    /// The upstream pool to send to.
+    pub upstream: String,
+    /// The operation name handed to the admission engine (quota cost, rules).
+    pub operation: Option<String>,
+    /// Time to the upstream's response head; overrides the pool's `request_timeout`.
+    pub timeout: Option<Duration>,
+}
+
+/// One upstream pool.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Targets: `ip:port` or `builtin:echo`.
+    pub targets: Vec<TargetSpec>,
+    /// How a target is picked per request (default `p2c_ewma`).
+    pub balance: Balance,
+    /// Key of `consistent_hash` (default `client`).
+    pub hash_key: HashKey,
+    /// Active health checks. Absent: every target is always considered healthy.
+    pub health_check: Option<HealthCheck>,
+    /// TCP connect timeout (default 1s).
+    pub connect_timeout: Duration,
+    /// Time to the response head (default 30s); a route's `timeout` overrides it.
+    pub request_timeout: Duration,
+}
+
+/// An upstream target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetSpec {
+    /// A plain-HTTP target.
+    Addr(SocketAddr),
+    /// The in-process demo upstream (see [`crate::echo`]).
+    Echo,
+}
+
+/// Target selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Power of two choices over in-flight × peak-EWMA latency.
+    #[default]
+    P2cEwma,
+    /// Strict rotation.
+    RoundRobin,
+    /// Ketama consistent hashing (pingora-ketama) of `hash_key`.
+    ConsistentHash,
+}
+
+/// What `consistent_hash` hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HashKey {
+    /// The client's IP address (the TCP peer).
+    #[default]
+    Client,
+    /// The value of this request header (missing: the empty string).
+    Header(HeaderName),
+}
+
+/// Active health checks.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// Time between checks (default 5s).
+    pub interval: Duration,
+    /// Path to `GET` (default `/health`); 2xx and 3xx are healthy.
+    pub path: String,
+    /// Timeout of one check (default 1s).
+    pub timeout: Duration,
+    /// Consecutive failures before a target is taken out (default 3).
+    pub unhealthy_after: u32,
+    /// Consecutive successes before it is put back (default 1).
+    pub healthy_after: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: Duration::from_secs(5),
+            path: "/health".to_owned(),
+            timeout: Duration::from_secs(1),
+            unhealthy_after: 3,
+            healthy_after: 1,
+        }
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request head in bytes (default 64KiB, at least 8KiB); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most request headers (default 100); more gets 431.
+    pub max_headers: usize,
+    /// Largest request body (default 10MiB); larger gets 413.
+    pub max_body: u64,
+    /// Time allowed to receive a request head (default 10s); then the connection closes.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body: 10 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the policy is.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    /// A policy file (relative paths are relative to the gateway config file).
+    File(PathBuf),
+    /// A policy written inline under `policy:`; reloads re-read the gateway config file
+    /// and take its `policy` section.
+    Inline {
+        /// The gateway config file it is in.
+        config_file: PathBuf,
+    },
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Where decision-log lines go (default `stdout`).
+    pub decisions: DecisionTarget,
+    /// Fraction of admitted requests logged, in [0, 1] (default 0.01).
+    pub sample_admits: f64,
+    /// Rejection lines per rule per second before they are summarised (default 10).
+    pub max_rejections_per_rule: u32,
+    /// Process log format on stderr (default `pretty`).
+    pub format: LogFormat,
+    /// Process log filter, `tracing` env-filter syntax (default `info`; `RUST_LOG` wins).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            decisions: DecisionTarget::Stdout,
+            sample_admits: 0.01,
+            max_rejections_per_rule: 10,
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Where the decision log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecisionTarget {
+    /// Standard output.
+    Stdout,
+    /// Appended to this file.
+    File(PathBuf),
+    /// Not written.
+    Off,
+}
+
+/// Process log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}

@@ -1,0 +1,38 @@
+//! fairgate's reverse-proxy gateway: the `fairgate` binary.
+//!
+//! A request runs through one tower stack — tower-http layers (request id, trace, body
+//! limit, sensitive headers), routing, `fairgate_middleware::AdmissionLayer`, then the
+//! [`proxy`] service — served by hyper 1 over HTTP/1.1 and h2c on one port. The engine is
+//! the same one an axum app embeds, so the edge and the embedded forms share one code path.
+//!
+//! Modules: [`config`] (the `gateway.yaml` model and decoder), [`app`] (wiring), [`server`]
+//! (listeners, limits, graceful shutdown), [`routing`], [`proxy`], [`upstream`] (pools,
+//! balancing, health checks), [`echo`] (the built-in demo upstream), [`admission`] (request
+//! tags and the engine observer), [`admin`] (the admin API), [`metrics`], [`decision_log`],
+//! [`reload`], [`logging`], [`cli`].
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let loaded = fairgate_gateway::config::load(std::path::Path::new("gateway.yaml"))?;
+//! let running = fairgate_gateway::app::start(loaded).await?;
+//! println!("{}", running.listening_line());
+//! running.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod admission;
+pub mod app;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod decision_log;
+pub mod echo;
+pub mod logging;
+pub mod metrics;
+pub mod problem;
+pub mod proxy;
+pub mod reload;
+pub mod routing;
+pub mod server;
+pub mod upstream;

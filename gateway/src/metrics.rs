@@ -1,0 +1,393 @@
+//! Prometheus metrics (prometheus-client), served as text on the admin port at `/metrics`.
+//!
+//! Label values are bounded by design: stages, decisions, priorities and reload results are
+//! fixed sets; rule, plan and upstream names come from the config and the policy. No label
+//! ever carries a client key, IP or path. Gauges that mirror engine state (in flight, shed
+//! limit, tracked keys, evictions) are refreshed when `/metrics` is scraped
+//! ([`Metrics::refresh`]), so the request path never touches them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of `fairgate_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Pipeline stage that decided (`rules`, `quota`, `shed`, `admit`…).
+    pub stage: Arc<str>,
+    /// `admit`, `reject`, `shadow_reject`…
+    pub decision: Arc<str>,
+    /// Rule name, empty when no rule decided.
+    pub rule: Arc<str>,
+    /// Plan name, empty when none applied.
+    pub plan: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabels {
+    priority: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    upstream: Arc<str>,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+/// What kind of upstream failure happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect failed or timed out (502).
+    Connect,
+    /// No response head within the timeout (504).
+    Timeout,
+    /// The connection broke or the response was malformed (502).
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    fn label(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// Pre-resolved metric handles of one upstream pool (no label lookup per request).
+#[derive(Clone, Debug)]
+pub struct UpstreamMetrics {
+    duration: Histogram,
+    connect: Counter,
+    timeout: Counter,
+    protocol: Counter,
+}
+
+impl UpstreamMetrics {
+    /// Records the time to the response head.
+    pub fn observe(&self, latency: Duration) {
+        self.duration.observe(latency.as_secs_f64());
+    }
+
+    /// Counts one failure.
+    pub fn error(&self, kind: UpstreamErrorKind) {
+        match kind {
+            UpstreamErrorKind::Connect => self.connect.inc(),
+            UpstreamErrorKind::Timeout => self.timeout.inc(),
+            UpstreamErrorKind::Protocol => self.protocol.inc(),
+        };
+    }
+}
+
+/// Engine state mirrored into gauges at scrape time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineSnapshot {
+    /// Requests in flight (global).
+    pub in_flight: u64,
+    /// Current shedding limit; 0 when there is none.
+    pub shed_limit: u64,
+    /// Tracked per-key states.
+    pub tracked_keys: u64,
+    /// Total evictions since start.
+    pub evictions: u64,
+}
+
+/// All gateway metrics and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<DecisionLabels, Counter>,
+    shed: Family<PriorityLabels, Counter>,
+    in_flight: Gauge,
+    shed_limit: Gauge,
+    utilization: Gauge<f64, AtomicU64>,
+    upstream_duration: Family<UpstreamLabels, Histogram>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+    last_reload_success: Gauge,
+    policy_version: Gauge,
+    tracked_keys: Gauge,
+    evictions: Counter,
+    evictions_seen: AtomicU64,
+    near_limit: Counter,
+    decision_log_dropped: Counter,
+}
+
+fn duration_histogram() -> Histogram {
+    // 0.5 ms … ~33 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("fairgate");
+        let requests = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Admission decisions by stage, decision, rule and plan",
+            requests.clone(),
+        );
+        let shed = Family::<PriorityLabels, Counter>::default();
+        registry.register("shed", "Requests shed by priority class", shed.clone());
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight",
+            "Requests in flight (admitted, not finished)",
+            in_flight.clone(),
+        );
+        let shed_limit = Gauge::default();
+        registry.register(
+            "shed_limit",
+            "Current global in-flight limit (0: none)",
+            shed_limit.clone(),
+        );
+        let utilization = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "utilization",
+            "In flight divided by the shedding limit",
+            utilization.clone(),
+        );
+        let upstream_duration = Family::<UpstreamLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time to the upstream response head",
+            upstream_duration.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by pool and kind (connect, timeout, protocol)",
+            upstream_errors.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads by result",
+            reloads.clone(),
+        );
+        let last_reload_success = Gauge::default();
+        registry.register(
+            "policy_last_reload_success",
+            "1 when the last policy reload succeeded, 0 when it failed",
+            last_reload_success.clone(),
+        );
+        let policy_version = Gauge::default();
+        registry.register(
+            "policy_version",
+            "Version of the active policy",
+            policy_version.clone(),
+        );
+        let tracked_keys = Gauge::default();
+        registry.register(
+            "tracked_keys",
+            "Per-key states held by the engine",
+            tracked_keys.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "evictions",
+            "Per-key states evicted to stay under max_keys",
+            evictions.clone(),
+        );
+        let near_limit = Counter::default();
+        registry.register(
+            "near_limit",
+            "Admits that left a client under 20% of a quota",
+            near_limit.clone(),
+        );
+        let decision_log_dropped = Counter::default();
+        registry.register(
+            "decision_log_dropped",
+            "Decision-log lines dropped because the writer fell behind",
+            decision_log_dropped.clone(),
+        );
+        last_reload_success.set(1);
+        // Make the reload series visible before the first reload.
+        let _ = reloads.get_or_create_owned(&ReloadLabels { result: "ok" });
+        let _ = reloads.get_or_create_owned(&ReloadLabels { result: "error" });
+        Metrics {
+            registry,
+            requests,
+            shed,
+            in_flight,
+            shed_limit,
+            utilization,
+            upstream_duration,
+            upstream_errors,
+            reloads,
+            last_reload_success,
+            policy_version,
+            tracked_keys,
+            evictions,
+            evictions_seen: AtomicU64::new(0),
+            near_limit,
+            decision_log_dropped,
+        }
+    }
+
+    /// Handles for one upstream pool (creates its series).
+    pub fn upstream(&self, name: &Arc<str>) -> UpstreamMetrics {
+        let err = |kind: UpstreamErrorKind| {
+            self.upstream_errors
+                .get_or_create_owned(&UpstreamErrorLabels {
+                    upstream: name.clone(),
+                    kind: kind.label(),
+                })
+        };
+        UpstreamMetrics {
+            duration: self.upstream_duration.get_or_create_owned(&UpstreamLabels {
+                upstream: name.clone(),
+            }),
+            connect: err(UpstreamErrorKind::Connect),
+            timeout: err(UpstreamErrorKind::Timeout),
+            protocol: err(UpstreamErrorKind::Protocol),
+        }
+    }
+
+    /// Counts one admission decision.
+    pub fn decision(&self, labels: &DecisionLabels) {
+        self.requests.get_or_create(labels).inc();
+    }
+
+    /// Counts one shed request.
+    pub fn shed(&self, priority: &Arc<str>) {
+        self.shed
+            .get_or_create(&PriorityLabels {
+                priority: priority.clone(),
+            })
+            .inc();
+    }
+
+    /// Counts an admit that left the client under 20% of a quota.
+    pub fn near_limit(&self) {
+        self.near_limit.inc();
+    }
+
+    /// Counts a dropped decision-log line.
+    pub fn decision_log_dropped(&self, n: u64) {
+        self.decision_log_dropped.inc_by(n);
+    }
+
+    /// Records a policy reload.
+    pub fn reload(&self, ok: bool, version: u64) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        self.last_reload_success.set(i64::from(ok));
+        if ok {
+            self.set_policy_version(version);
+        }
+    }
+
+    /// Sets the active policy version.
+    pub fn set_policy_version(&self, version: u64) {
+        self.policy_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// Mirrors engine state into the gauges (called at scrape time).
+    pub fn refresh(&self, s: EngineSnapshot) {
+        self.in_flight
+            .set(i64::try_from(s.in_flight).unwrap_or(i64::MAX));
+        self.shed_limit
+            .set(i64::try_from(s.shed_limit).unwrap_or(i64::MAX));
+        let utilization = if s.shed_limit == 0 {
+            0.0
+        } else {
+            s.in_flight as f64 / s.shed_limit as f64
+        };
+        self.utilization.set(utilization);
+        self.tracked_keys
+            .set(i64::try_from(s.tracked_keys).unwrap_or(i64::MAX));
+        let seen = self.evictions_seen.swap(s.evictions, Ordering::Relaxed);
+        if s.evictions > seen {
+            self.evictions.inc_by(s.evictions - seen);
+        }
+    }
+
+    /// Encodes everything in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_every_family_with_bounded_labels() {
+        let m = Metrics::new();
+        let up = m.upstream(&Arc::from("api"));
+        up.observe(Duration::from_millis(3));
+        up.error(UpstreamErrorKind::Timeout);
+        m.decision(&DecisionLabels {
+            stage: "quota".into(),
+            decision: "reject".into(),
+            rule: "".into(),
+            plan: "free".into(),
+        });
+        m.shed(&Arc::from("sheddable"));
+        m.reload(false, 0);
+        m.refresh(EngineSnapshot {
+            in_flight: 5,
+            shed_limit: 10,
+            tracked_keys: 3,
+            evictions: 7,
+        });
+        m.refresh(EngineSnapshot {
+            in_flight: 5,
+            shed_limit: 10,
+            tracked_keys: 3,
+            evictions: 9,
+        });
+        let text = m.encode();
+        for needle in [
+            r#"fairgate_requests_total{stage="quota",decision="reject",rule="",plan="free"} 1"#,
+            r#"fairgate_shed_total{priority="sheddable"} 1"#,
+            "fairgate_in_flight 5",
+            "fairgate_shed_limit 10",
+            "fairgate_utilization 0.5",
+            r#"fairgate_upstream_duration_seconds_count{upstream="api"} 1"#,
+            r#"fairgate_upstream_errors_total{upstream="api",kind="timeout"} 1"#,
+            r#"fairgate_policy_reloads_total{result="error"} 1"#,
+            "fairgate_policy_last_reload_success 0",
+            "fairgate_tracked_keys 3",
+            "fairgate_evictions_total 9",
+            "fairgate_near_limit_total 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

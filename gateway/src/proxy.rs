@@ -1,0 +1,519 @@
+//! The proxy service: the innermost service of the data-plane stack.
+//!
+//! It forwards a routed request to a target of its route's pool and streams both bodies.
+//! Headers are rewritten the way a reverse proxy must:
+//!
+//! - hop-by-hop headers are removed both ways (`Connection` and every header it names,
+//!   `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`) — except that an
+//!   HTTP/1.1 upgrade request keeps `Connection: upgrade` + `Upgrade`, and a `101` answer to it
+//!   keeps them on the way back;
+//! - `X-Forwarded-For` gets the TCP peer appended, `X-Forwarded-Proto` is set to the scheme
+//!   the client used, `Via: 1.1 fairgate` is appended (request and response);
+//! - `X-Request-Id` is set by the tower-http layer in front and forwarded like any header.
+//!
+//! Failures answer `application/problem+json`: connect failure or broken upstream → 502,
+//! no response head within the route timeout → 504. A connect failure is retried once on
+//! another target of the pool when there is one; the request body is reclaimed for that
+//! (it cannot have been sent, since no connection existed).
+//!
+//! Upgrades (websocket): the upstream's `101` is passed back and only then both connections
+//! are upgraded and spliced together; any other answer is an ordinary response, so no raw
+//! tunnel exists without a `101`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower::Service;
+
+use crate::admission::PendingAdmit;
+use crate::body::{self, BoxError, Guarded, ProxyBody};
+use crate::metrics::{Metrics, UpstreamErrorKind, UpstreamMetrics};
+use crate::problem;
+use crate::routing::{ConnInfo, RouteMatch};
+use crate::upstream::Pool;
+
+static VIA: HeaderValue = HeaderValue::from_static("1.1 fairgate");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// The proxy service. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    upstreams: Arc<[(Arc<Pool>, UpstreamMetrics)]>,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// A proxy over `pools`, recording into `metrics`.
+    pub fn new(pools: &[Arc<Pool>], metrics: &Metrics) -> Proxy {
+        Proxy {
+            upstreams: pools
+                .iter()
+                .map(|p| (p.clone(), metrics.upstream(p.name())))
+                .collect(),
+        }
+    }
+
+    fn metrics_of(&self, pool: &Arc<Pool>) -> Option<&UpstreamMetrics> {
+        self.upstreams
+            .iter()
+            .find(|(p, _)| Arc::ptr_eq(p, pool))
+            .map(|(_, m)| m)
+    }
+
+    async fn forward<B>(self, req: Request<B>, pending: Option<PendingAdmit>) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (res, in_flight) = self.forward_inner(req).await;
+        match (pending, in_flight) {
+            (Some(p), Some(in_flight)) => {
+                let status = res.status().as_u16();
+                res.map(|b| body::boxed(Guarded::new(b, (in_flight, LogOnEnd(Some((p, status)))))))
+            }
+            (Some(p), None) => {
+                p.finish(Some(res.status().as_u16()));
+                res
+            }
+            (None, Some(in_flight)) => res.map(|b| body::boxed(Guarded::new(b, in_flight))),
+            (None, None) => res,
+        }
+    }
+
+    /// Forwards; returns the response and, when an upstream answered, its in-flight guard
+    /// (to be held until the response body ends).
+    async fn forward_inner<B>(
+        self,
+        mut req: Request<B>,
+    ) -> (Response<ProxyBody>, Option<crate::upstream::InFlight>)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let Some(RouteMatch(route)) = req.extensions_mut().remove::<RouteMatch>() else {
+            return (
+                problem::response(StatusCode::NOT_FOUND, "no route matches this request"),
+                None,
+            );
+        };
+        let pool = &route.pool;
+        let metrics = self.metrics_of(pool).cloned();
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+
+        let hash_key = hash_key(pool, &req, conn);
+        let (mut parts, body) = req.into_parts();
+        prepare_request_headers(&mut parts, conn, client_upgrade.is_some());
+
+        let deadline = Instant::now() + route.timeout;
+        let retryable = pool.targets().len() > 1;
+        let mut body = Some(body::boxed(body));
+        let mut exclude = None;
+        loop {
+            let Some(mut in_flight) = pool.pick(hash_key.as_bytes(), exclude.as_ref()) else {
+                return (
+                    problem::response(StatusCode::BAD_GATEWAY, "no upstream target available"),
+                    None,
+                );
+            };
+            let uri = in_flight.target().uri(parts.uri.path_and_query());
+            let (send_body, reclaim) = match body.take() {
+                Some(b) if retryable && exclude.is_none() => {
+                    let (tx, rx) = oneshot::channel();
+                    (body::boxed(Reclaim::new(b, tx)), Some(rx))
+                }
+                Some(b) => (b, None),
+                None => (body::empty(), None),
+            };
+            let mut up = Request::new(send_body);
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = if reclaim.is_some() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+
+            let sent = tokio::time::timeout_at(deadline, pool.client().request(up)).await;
+            match sent {
+                Ok(Ok(res)) => {
+                    let latency = in_flight.head_received();
+                    if let Some(m) = &metrics {
+                        m.observe(latency);
+                    }
+                    return finish_response(res, in_flight, client_upgrade, metrics.as_ref());
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    if let Some(m) = &metrics {
+                        m.error(UpstreamErrorKind::Connect);
+                    }
+                    tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream connect failed");
+                    if let Some(b) = reclaim.and_then(|mut rx| rx.try_recv().ok()) {
+                        body = Some(b);
+                        exclude = Some(in_flight.target().clone());
+                        continue;
+                    }
+                    return (
+                        problem::response(StatusCode::BAD_GATEWAY, "upstream connection failed"),
+                        None,
+                    );
+                }
+                Ok(Err(e)) => {
+                    if let Some(m) = &metrics {
+                        m.error(UpstreamErrorKind::Protocol);
+                    }
+                    tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream request failed");
+                    return (
+                        problem::response(StatusCode::BAD_GATEWAY, "upstream request failed"),
+                        None,
+                    );
+                }
+                Err(_elapsed) => {
+                    if let Some(m) = &metrics {
+                        m.error(UpstreamErrorKind::Timeout);
+                    }
+                    tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), route = %route.name, "upstream timed out");
+                    return (
+                        problem::response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream did not answer in time",
+                        ),
+                        None,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Proxy
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    // The proxy awaits the pool, the upstream and a timer; a boxed async block keeps it
+    // readable. The admission rejections in front of it allocate nothing.
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let this = self.clone();
+        // Admission decided on this thread just now; a sampled admit's log line waits for
+        // the response.
+        let pending = crate::admission::take_pending();
+        Box::pin(async move { Ok(this.forward(req, pending).await) })
+    }
+}
+
+fn hash_key<B>(pool: &Pool, req: &Request<B>, conn: Option<ConnInfo>) -> String {
+    if let Some(h) = pool.hash_header() {
+        return req
+            .headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+    }
+    if pool.targets().len() < 2 {
+        return String::new();
+    }
+    conn.map(|c| c.peer.ip().to_string()).unwrap_or_default()
+}
+
+fn finish_response(
+    mut res: Response<hyper::body::Incoming>,
+    in_flight: crate::upstream::InFlight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    metrics: Option<&UpstreamMetrics>,
+) -> (Response<ProxyBody>, Option<crate::upstream::InFlight>) {
+    let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if upgraded {
+        let Some(client_upgrade) = client_upgrade else {
+            if let Some(m) = metrics {
+                m.error(UpstreamErrorKind::Protocol);
+            }
+            return (
+                problem::response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream switched protocols unasked",
+                ),
+                None,
+            );
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut res);
+        tokio::spawn(async move {
+            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        });
+    }
+    strip_hop_by_hop(res.headers_mut(), upgraded);
+    res.headers_mut().append(header::VIA, VIA.clone());
+    (res.map(body::boxed), Some(in_flight))
+}
+
+/// Writes a sampled admit's decision-log line when the response body ends (or the client
+/// goes away).
+struct LogOnEnd(Option<(PendingAdmit, u16)>);
+
+impl Drop for LogOnEnd {
+    fn drop(&mut self) {
+        if let Some((p, status)) = self.0.take() {
+            p.finish(Some(status));
+        }
+    }
+}
+
+/// True for an HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` and `Connection: upgrade` stay.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(HeaderName::from_static("proxy-connection"));
+    headers.remove(header::TE);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn prepare_request_headers(
+    parts: &mut http::request::Parts,
+    conn: Option<ConnInfo>,
+    upgrade: bool,
+) {
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade);
+    // HTTP/2 clients send `:authority`, not `Host`; HTTP/1 upstreams need `Host`.
+    if !headers.contains_key(header::HOST) {
+        if let Some(auth) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    if let Some(conn) = conn {
+        append_forwarded_for(headers, conn.peer.ip());
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(conn.scheme),
+        );
+    }
+    headers.append(header::VIA, VIA.clone());
+}
+
+/// Appends `ip` to `X-Forwarded-For`, merging several header lines into one list.
+fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    let mut list = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR).iter() {
+        if let Ok(s) = v.to_str() {
+            let s = s.trim();
+            if !s.is_empty() {
+                list.push_str(s);
+                list.push_str(", ");
+            }
+        }
+    }
+    use std::fmt::Write;
+    let _ = write!(list, "{ip}");
+    if let Ok(v) = HeaderValue::from_str(&list) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// A request body that hands itself back through `tx` if it is dropped before ever being
+/// polled — which is what happens when the upstream connection could not be made.
+struct Reclaim {
+    body: Option<ProxyBody>,
+    polled: bool,
+    tx: Option<oneshot::Sender<ProxyBody>>,
+}
+
+impl Reclaim {
+    fn new(body: ProxyBody, tx: oneshot::Sender<ProxyBody>) -> Reclaim {
+        Reclaim {
+            body: Some(body),
+            polled: false,
+            tx: Some(tx),
+        }
+    }
+}
+
+impl Body for Reclaim {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.polled = true;
+        match self.body.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        if !self.polled {
+            if let (Some(tx), Some(body)) = (self.tx.take(), self.body.take()) {
+                let _ = tx.send(body);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("basic x"),
+        );
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn upgrade_headers_survive_an_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer_to_one_list() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("198.51.100.2, 192.0.2.3"),
+        );
+        append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap());
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            h["x-forwarded-for"],
+            "192.0.2.1, 198.51.100.2, 192.0.2.3, 127.0.0.1"
+        );
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "::1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[tokio::test]
+    async fn an_unpolled_body_is_handed_back() {
+        let (tx, mut rx) = oneshot::channel();
+        let b = Reclaim::new(
+            body::boxed(http_body_util::Full::new(Bytes::from("abc"))),
+            tx,
+        );
+        drop(b);
+        let back = rx.try_recv().expect("body returned");
+        assert_eq!(back.collect().await.unwrap().to_bytes(), "abc");
+
+        let (tx, mut rx) = oneshot::channel();
+        let mut b = Reclaim::new(
+            body::boxed(http_body_util::Full::new(Bytes::from("abc"))),
+            tx,
+        );
+        let _ = b.frame().await;
+        drop(b);
+        assert!(rx.try_recv().is_err(), "a polled body is never replayed");
+    }
+}

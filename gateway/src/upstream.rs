@@ -1,0 +1,463 @@
+//! Upstream pools: targets, load balancing, connection pooling and active health checks.
+//!
+//! Each pool owns one pooled hyper-util client (keep-alive connections per target) and picks
+//! a target per request:
+//!
+//! - `p2c_ewma` (default): power of two choices over `(in_flight + 1) × peak-EWMA latency`.
+//!   We keep our own small p2c instead of `tower::balance::p2c`: that one wants a `Discover`
+//!   stream of ready services, whereas here the hyper client already pools connections per
+//!   target and we need the chosen target's address for the retry-on-connect-failure and the
+//!   health checks. Per-target state is three atomics, so picking takes no lock.
+//! - `round_robin`: an atomic counter.
+//! - `consistent_hash`: a ketama ring (`pingora-ketama`) over the targets, keyed by the client
+//!   IP or a header; unhealthy targets are skipped by walking the ring.
+//!
+//! Targets that fail `unhealthy_after` consecutive health checks are skipped. When no target
+//! is healthy, all are used again (a panic threshold, as Envoy does): a broken health check
+//! must not take the whole pool down.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, Scheme};
+use http::{Request, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{self, ProxyBody};
+use crate::config::{Balance, HashKey, HealthCheck, UpstreamConfig};
+
+/// Weight of a new latency sample in the EWMA (peaks are taken at once).
+const EWMA_ALPHA: f64 = 0.3;
+/// Latency assumed for a target before its first response.
+const INITIAL_EWMA_NS: u64 = 1_000_000;
+
+/// One upstream target and its live statistics.
+#[derive(Debug)]
+pub struct Target {
+    addr: SocketAddr,
+    authority: Authority,
+    in_flight: AtomicU64,
+    ewma_ns: AtomicU64,
+    healthy: AtomicBool,
+    failures: AtomicU32,
+    successes: AtomicU32,
+}
+
+// === impl Target ===
+
+impl Target {
+    fn new(addr: SocketAddr) -> Target {
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .expect("a socket address is a valid authority");
+        Target {
+            addr,
+            authority,
+            in_flight: AtomicU64::new(0),
+            ewma_ns: AtomicU64::new(INITIAL_EWMA_NS),
+            healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            successes: AtomicU32::new(0),
+        }
+    }
+
+    /// The target's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether the last health checks passed.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Requests currently sent to this target.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn cost(&self) -> f64 {
+        let ewma = self.ewma_ns.load(Ordering::Relaxed) as f64;
+        ewma * (self.in_flight.load(Ordering::Relaxed) + 1) as f64
+    }
+
+    /// Feeds one response latency into the peak EWMA.
+    fn observe(&self, latency: Duration) {
+        let sample = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let old = self.ewma_ns.load(Ordering::Relaxed);
+        // Peak-sensitive: a slower sample replaces the average at once, faster ones decay in.
+        let new = if sample > old {
+            sample
+        } else {
+            (old as f64 * (1.0 - EWMA_ALPHA) + sample as f64 * EWMA_ALPHA) as u64
+        };
+        self.ewma_ns.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// Builds the URI of `path_and_query` on this target.
+    pub fn uri(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(parts).expect("scheme, authority and path make a valid uri")
+    }
+}
+
+/// Counts a request against a target until dropped, then feeds its latency to the EWMA.
+#[derive(Debug)]
+pub struct InFlight {
+    target: Arc<Target>,
+    started: Instant,
+    head_latency: Option<Duration>,
+}
+
+impl InFlight {
+    fn new(target: Arc<Target>) -> InFlight {
+        target.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            target,
+            started: Instant::now(),
+            head_latency: None,
+        }
+    }
+
+    /// Records that the response head arrived now (the latency fed to the EWMA).
+    pub fn head_received(&mut self) -> Duration {
+        let latency = self.started.elapsed();
+        self.head_latency = Some(latency);
+        latency
+    }
+
+    /// The target this request went to.
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.target.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(latency) = self.head_latency {
+            self.target.observe(latency);
+        }
+    }
+}
+
+/// An upstream pool.
+pub struct Pool {
+    name: Arc<str>,
+    targets: Box<[Arc<Target>]>,
+    balance: Balance,
+    hash_key: HashKey,
+    ring: Option<pingora_ketama::Continuum>,
+    next: AtomicUsize,
+    client: Client<HttpConnector, ProxyBody>,
+    request_timeout: Duration,
+    health_check: Option<HealthCheck>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("targets", &self.targets)
+            .field("balance", &self.balance)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Pool ===
+
+impl Pool {
+    /// Builds a pool over resolved target addresses (`builtin:echo` already replaced by the
+    /// echo server's address).
+    pub fn new(name: &str, config: &UpstreamConfig, addrs: Vec<SocketAddr>) -> Pool {
+        let targets: Box<[Arc<Target>]> = addrs.iter().map(|a| Arc::new(Target::new(*a))).collect();
+        let ring = (config.balance == Balance::ConsistentHash).then(|| {
+            let buckets: Vec<_> = addrs
+                .iter()
+                .map(|a| pingora_ketama::Bucket::new(*a, 1))
+                .collect();
+            pingora_ketama::Continuum::new(&buckets)
+        });
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Pool {
+            name: Arc::from(name),
+            targets,
+            balance: config.balance,
+            hash_key: config.hash_key.clone(),
+            ring,
+            next: AtomicUsize::new(0),
+            client,
+            request_timeout: config.request_timeout,
+            health_check: config.health_check.clone(),
+        }
+    }
+
+    /// The pool's name (a bounded metric label).
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The targets.
+    pub fn targets(&self) -> &[Arc<Target>] {
+        &self.targets
+    }
+
+    /// The default time to the response head.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// The pooled client.
+    pub fn client(&self) -> &Client<HttpConnector, ProxyBody> {
+        &self.client
+    }
+
+    /// The header `consistent_hash` uses, if any.
+    pub fn hash_header(&self) -> Option<&http::HeaderName> {
+        match (&self.balance, &self.hash_key) {
+            (Balance::ConsistentHash, HashKey::Header(h)) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Picks a target for a request, skipping `exclude` (the target a retry is moving away
+    /// from). `hash` is the consistent-hash key (ignored by the other strategies).
+    pub fn pick(&self, hash: &[u8], exclude: Option<&Arc<Target>>) -> Option<InFlight> {
+        let excluded = |t: &Arc<Target>| exclude.is_some_and(|e| Arc::ptr_eq(e, t));
+        let any_healthy = self.targets.iter().any(|t| t.is_healthy() && !excluded(t));
+        // Panic threshold: with no healthy target left, consider them all.
+        let usable = |t: &Arc<Target>| !excluded(t) && (!any_healthy || t.is_healthy());
+        let n = self.targets.len();
+        let chosen = match self.balance {
+            Balance::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.targets[(start + i) % n])
+                    .find(|t| usable(t))
+            }
+            Balance::ConsistentHash => {
+                let ring = self
+                    .ring
+                    .as_ref()
+                    .expect("consistent_hash pools have a ring");
+                ring.node_iter(hash)
+                    .take(n * 8)
+                    .filter_map(|addr| self.targets.iter().find(|t| t.addr == *addr))
+                    .find(|t| usable(t))
+                    .or_else(|| self.targets.iter().find(|t| usable(t)))
+            }
+            Balance::P2cEwma => {
+                let candidates = self.targets.iter().filter(|t| usable(t)).count();
+                match candidates {
+                    0 => None,
+                    1 => self.targets.iter().find(|t| usable(t)),
+                    c => {
+                        let a = fastrand::usize(..c);
+                        let mut b = fastrand::usize(..c - 1);
+                        if b >= a {
+                            b += 1;
+                        }
+                        let mut usable_targets = self.targets.iter().filter(|t| usable(t));
+                        let (first, second) = if a < b { (a, b) } else { (b, a) };
+                        let x = usable_targets.nth(first);
+                        let y = usable_targets.nth(second - first - 1);
+                        match (x, y) {
+                            (Some(x), Some(y)) => Some(if x.cost() <= y.cost() { x } else { y }),
+                            (x, y) => x.or(y),
+                        }
+                    }
+                }
+            }
+        };
+        chosen.map(|t| InFlight::new(t.clone()))
+    }
+
+    /// Runs active health checks forever (spawned when the pool has `health_check`).
+    pub async fn run_health_checks(self: Arc<Self>) {
+        let Some(check) = self.health_check.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(check.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for target in self.targets.iter() {
+                let ok = self.probe(target, &check).await;
+                self.record_probe(target, ok, &check);
+            }
+        }
+    }
+
+    async fn probe(&self, target: &Target, check: &HealthCheck) -> bool {
+        let pq = http::uri::PathAndQuery::try_from(check.path.as_str()).ok();
+        let req = Request::get(target.uri(pq.as_ref()))
+            .header(http::header::USER_AGENT, "fairgate-health-check")
+            .body(body::empty());
+        let Ok(req) = req else {
+            return false;
+        };
+        match tokio::time::timeout(check.timeout, self.client.request(req)).await {
+            Ok(Ok(res)) => {
+                let s = res.status();
+                s.is_success() || s.is_redirection()
+            }
+            _ => false,
+        }
+    }
+
+    fn record_probe(&self, target: &Target, ok: bool, check: &HealthCheck) {
+        if ok {
+            target.failures.store(0, Ordering::Relaxed);
+            let s = target.successes.fetch_add(1, Ordering::Relaxed) + 1;
+            if !target.is_healthy() && s >= check.healthy_after {
+                target.healthy.store(true, Ordering::Relaxed);
+                tracing::info!(upstream = %self.name, target = %target.addr, "upstream target healthy again");
+            }
+        } else {
+            target.successes.store(0, Ordering::Relaxed);
+            let f = target.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if target.is_healthy() && f >= check.unhealthy_after {
+                target.healthy.store(false, Ordering::Relaxed);
+                tracing::warn!(upstream = %self.name, target = %target.addr, failures = f, "upstream target unhealthy");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(balance: Balance) -> UpstreamConfig {
+        UpstreamConfig {
+            targets: Vec::new(),
+            balance,
+            hash_key: HashKey::Client,
+            health_check: None,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn addrs(n: u16) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 10_000 + i)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn round_robin_rotates_and_skips_unhealthy() {
+        let pool = Pool::new("p", &config(Balance::RoundRobin), addrs(3));
+        let picks: Vec<u16> = (0..6)
+            .map(|_| pool.pick(b"", None).unwrap().target().addr().port())
+            .collect();
+        assert_eq!(picks, [10_000, 10_001, 10_002, 10_000, 10_001, 10_002]);
+        pool.targets[1].healthy.store(false, Ordering::Relaxed);
+        let picks: Vec<u16> = (0..4)
+            .map(|_| pool.pick(b"", None).unwrap().target().addr().port())
+            .collect();
+        assert!(!picks.contains(&10_001));
+    }
+
+    #[tokio::test]
+    async fn no_healthy_target_falls_back_to_all() {
+        let pool = Pool::new("p", &config(Balance::P2cEwma), addrs(2));
+        for t in pool.targets.iter() {
+            t.healthy.store(false, Ordering::Relaxed);
+        }
+        assert!(pool.pick(b"", None).is_some());
+    }
+
+    #[tokio::test]
+    async fn exclude_moves_a_retry_elsewhere() {
+        for balance in [
+            Balance::P2cEwma,
+            Balance::RoundRobin,
+            Balance::ConsistentHash,
+        ] {
+            let pool = Pool::new("p", &config(balance), addrs(2));
+            let first = pool.pick(b"k", None).unwrap();
+            let second = pool.pick(b"k", Some(first.target())).unwrap();
+            assert_ne!(first.target().addr(), second.target().addr(), "{balance:?}");
+            // A one-target pool has nowhere else to go.
+            let single = Pool::new("s", &config(balance), addrs(1));
+            let only = single.pick(b"k", None).unwrap();
+            assert!(single.pick(b"k", Some(only.target())).is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn p2c_prefers_the_less_loaded_target() {
+        let pool = Pool::new("p", &config(Balance::P2cEwma), addrs(2));
+        // Hold many requests on the first target: with two targets p2c always compares both.
+        let held: Vec<_> = (0..50)
+            .map(|_| InFlight::new(pool.targets[0].clone()))
+            .collect();
+        for _ in 0..20 {
+            assert_eq!(pool.pick(b"", None).unwrap().target().addr().port(), 10_001);
+        }
+        drop(held);
+        assert_eq!(pool.targets[0].in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn consistent_hash_is_stable_per_key() {
+        let pool = Pool::new("p", &config(Balance::ConsistentHash), addrs(4));
+        for key in ["alice", "bob", "carol"] {
+            let a = pool.pick(key.as_bytes(), None).unwrap().target().addr();
+            for _ in 0..10 {
+                assert_eq!(pool.pick(key.as_bytes(), None).unwrap().target().addr(), a);
+            }
+        }
+    }
+
+    #[test]
+    fn ewma_takes_peaks_and_decays() {
+        let t = Target::new(addrs(1)[0]);
+        t.observe(Duration::from_millis(100));
+        assert_eq!(t.ewma_ns.load(Ordering::Relaxed), 100_000_000);
+        t.observe(Duration::from_millis(10));
+        let after = t.ewma_ns.load(Ordering::Relaxed);
+        assert!(after < 100_000_000 && after > 10_000_000);
+    }
+
+    #[tokio::test]
+    async fn health_checks_flip_after_thresholds() {
+        let mut c = config(Balance::RoundRobin);
+        c.health_check = Some(HealthCheck {
+            unhealthy_after: 2,
+            healthy_after: 2,
+            ..HealthCheck::default()
+        });
+        let pool = Pool::new("p", &c, addrs(1));
+        let check = c.health_check.unwrap();
+        let t = &pool.targets[0];
+        pool.record_probe(t, false, &check);
+        assert!(t.is_healthy());
+        pool.record_probe(t, false, &check);
+        assert!(!t.is_healthy());
+        pool.record_probe(t, true, &check);
+        assert!(!t.is_healthy());
+        pool.record_probe(t, true, &check);
+        assert!(t.is_healthy());
+    }
+}

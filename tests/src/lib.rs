@@ -1,0 +1,750 @@
+//! Harness for fairgate's end-to-end tests: they run the real `fairgate` binary.
+//!
+//! - [`Gateway`] starts the binary on a temp config with ephemeral ports, learns the bound
+//!   ports from its `fairgate listening data=… admin=…` stderr line, keeps its output, and
+//!   kills it by PID on drop;
+//! - [`Upstream`] is an in-process HTTP server (tokio + hyper on `127.0.0.1:0`) that records
+//!   what it received (count, headers, bodies, connections, in-flight maximum), with a
+//!   controllable delay and status;
+//! - [`Client`] is a hyper-util client, optionally bound to a source address in `127.0.0.0/8`
+//!   (so a test can be "another client") or speaking h2c with prior knowledge;
+//! - [`eventually`] polls a condition with a deadline: tests never sleep to synchronise.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// Boxed body used by the harness.
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// How long any harness wait may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+// === binary ===
+
+/// The `fairgate` binary built next to this test executable (`target/<profile>/fairgate`).
+///
+/// # Panics
+///
+/// When it is not built: run `cargo build -p fairgate-gateway` first (`cargo test
+/// --workspace` builds it before running tests).
+pub fn fairgate_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> → target/debug/fairgate
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = dir.join(format!("fairgate{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p fairgate-gateway` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `fairgate` with `args` to completion: (exit code, stdout, stderr).
+pub fn run_fairgate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(fairgate_bin())
+        .args(args)
+        .output()
+        .expect("run fairgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// === Gateway ===
+
+/// A running `fairgate` process.
+pub struct Gateway {
+    child: Option<Child>,
+    /// The first data-plane address.
+    pub data: SocketAddr,
+    /// The admin address, when configured.
+    pub admin: Option<SocketAddr>,
+    dir: Arc<tempfile::TempDir>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    /// A fresh temp directory for a gateway's files.
+    pub fn tempdir() -> Arc<tempfile::TempDir> {
+        Arc::new(tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// Writes `gateway.yaml` (and nothing else) into a new temp dir and starts the gateway.
+    pub fn start(config: &str) -> Gateway {
+        Self::start_in(Self::tempdir(), config)
+    }
+
+    /// Writes `gateway.yaml` into `dir` (other files, such as a policy, may already be there)
+    /// and starts the gateway. Waits for its listening line.
+    ///
+    /// # Panics
+    ///
+    /// When the process exits or prints no listening line within [`DEADLINE`].
+    pub fn start_in(dir: Arc<tempfile::TempDir>, config: &str) -> Gateway {
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, config).expect("write gateway.yaml");
+        let mut child = Command::new(fairgate_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fairgate");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        pump(child.stdout.take().expect("stdout"), stdout.clone());
+        pump(child.stderr.take().expect("stderr"), stderr.clone());
+        let started = Instant::now();
+        let line = loop {
+            if let Some(l) = stderr
+                .lock()
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("fairgate listening "))
+            {
+                break l.to_owned();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "fairgate exited with {status} before listening:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "fairgate printed no listening line:\n{}",
+                stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let (data, admin) = parse_listening(&line);
+        Gateway {
+            child: Some(child),
+            data,
+            admin,
+            dir,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The temp directory holding `gateway.yaml`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A handle on the temp directory (to start another gateway on the same files).
+    pub fn dir_handle(&self) -> Arc<tempfile::TempDir> {
+        self.dir.clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// `http://DATA{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.data)
+    }
+
+    /// `http://ADMIN{path}`.
+    ///
+    /// # Panics
+    ///
+    /// When the gateway has no admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin.expect("admin listener"))
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, `INT`) with the `kill` command.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Everything the process wrote to stdout so far (the decision log by default).
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn pump<R: std::io::Read + Send + 'static>(r: R, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(r);
+        let mut line = String::new();
+        while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            into.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+}
+
+fn parse_listening(line: &str) -> (SocketAddr, Option<SocketAddr>) {
+    let mut data = None;
+    let mut admin = None;
+    for part in line.split_whitespace() {
+        if let Some(d) = part.strip_prefix("data=") {
+            data = d.split(',').next().and_then(|a| a.parse().ok());
+        }
+        if let Some(a) = part.strip_prefix("admin=") {
+            admin = a.parse().ok();
+        }
+    }
+    (data.expect("data address in the listening line"), admin)
+}
+
+// === waiting ===
+
+/// Polls `check` every 10 ms until it returns true or `timeout` passes; returns whether it
+/// became true.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// === Upstream ===
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Method.
+    pub method: Method,
+    /// Path and query.
+    pub uri: String,
+    /// HTTP version.
+    pub version: Version,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// The gateway-side address of the connection it came on.
+    pub peer: SocketAddr,
+}
+
+/// What a test upstream shares with the test.
+#[derive(Debug, Default)]
+pub struct UpstreamState {
+    requests: Mutex<Vec<Recorded>>,
+    /// Delay before answering, in ms (also settable per request with `?delay_ms=N`).
+    pub delay_ms: AtomicU64,
+    /// Status to answer (0: 200).
+    pub status: AtomicU16,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    connections: AtomicUsize,
+}
+
+/// An in-process HTTP/1.1 + h2c upstream on `127.0.0.1:0`.
+///
+/// Paths: `/echo-body` streams the request body back; `/bytes/N` answers N bytes (chunked);
+/// `/ws` accepts an `Upgrade: websocket` with 101 and echoes bytes; anything else answers
+/// `ok` (status from [`UpstreamState::status`], after [`UpstreamState::delay_ms`]).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its recorder and controls.
+    pub state: Arc<UpstreamState>,
+}
+
+impl Upstream {
+    /// Starts an upstream on the current tokio runtime.
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(UpstreamState::default());
+        let st = state.clone();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    continue;
+                };
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                let st = st.clone();
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), peer, req));
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, state }
+    }
+
+    /// Requests received so far (complete, bodies included).
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Number of requests received so far.
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The most requests it was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests it is answering now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+struct InFlight(Arc<UpstreamState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn handle(
+    st: Arc<UpstreamState>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _guard = InFlight(st.clone());
+    let uri = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let path = req.uri().path().to_owned();
+
+    if path == "/ws" {
+        let upgrade = hyper::upgrade::on(&mut req);
+        record(&st, &req, Bytes::new(), peer, &uri);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let res = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(empty())
+            .expect("response");
+        return Ok(res);
+    }
+
+    if path == "/echo-body" {
+        // Stream the body back as it arrives (both directions stay streaming).
+        let (parts, body) = req.into_parts();
+        let head = Request::from_parts(parts, ());
+        let st2 = st.clone();
+        let uri2 = uri.clone();
+        let collected = Arc::new(Mutex::new(Vec::new()));
+        let c2 = collected.clone();
+        let mapped = body
+            .map_frame(move |f| {
+                if let Some(d) = f.data_ref() {
+                    c2.lock().unwrap().extend_from_slice(d);
+                }
+                f
+            })
+            .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) });
+        let recorder = RecordOnDrop {
+            st: st2,
+            head: Some(head),
+            peer,
+            uri: uri2,
+            body: collected,
+        };
+        let body = Recording {
+            inner: mapped.boxed(),
+            _rec: recorder,
+        };
+        return Ok(Response::new(body.boxed()));
+    }
+
+    let query_delay = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay_ms=")))
+        .and_then(|v| v.parse::<u64>().ok());
+    let (parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let head = Request::from_parts(parts, ());
+    record(&st, &head, bytes, peer, &uri);
+    let delay = query_delay.unwrap_or_else(|| st.delay_ms.load(Ordering::SeqCst));
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        // Unknown length: chunked on HTTP/1.1.
+        let chunks: Vec<Result<http_body::Frame<Bytes>, Infallible>> = (0..n)
+            .step_by(8192)
+            .map(|start| {
+                Ok(http_body::Frame::data(Bytes::from(vec![
+                    b'z';
+                    (n - start)
+                        .min(8192)
+                ])))
+            })
+            .collect();
+        let stream = futures_stream(chunks);
+        return Ok(Response::new(stream));
+    }
+    let status = match st.status.load(Ordering::SeqCst) {
+        0 => StatusCode::OK,
+        s => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+    };
+    let res = Response::builder()
+        .status(status)
+        .header("connection", "x-upstream-hop")
+        .header("x-upstream-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("x-upstream", "yes")
+        .body(full("ok"))
+        .expect("response");
+    Ok(res)
+}
+
+fn record<B>(st: &UpstreamState, req: &Request<B>, body: Bytes, peer: SocketAddr, uri: &str) {
+    st.requests.lock().unwrap().push(Recorded {
+        method: req.method().clone(),
+        uri: uri.to_owned(),
+        version: req.version(),
+        headers: req.headers().clone(),
+        body,
+        peer,
+    });
+}
+
+struct RecordOnDrop {
+    st: Arc<UpstreamState>,
+    head: Option<Request<()>>,
+    peer: SocketAddr,
+    uri: String,
+    body: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Drop for RecordOnDrop {
+    fn drop(&mut self) {
+        if let Some(head) = self.head.take() {
+            let body = Bytes::from(std::mem::take(&mut *self.body.lock().unwrap()));
+            record(&self.st, &head, body, self.peer, &self.uri);
+        }
+    }
+}
+
+struct Recording {
+    inner: TestBody,
+    _rec: RecordOnDrop,
+}
+
+impl http_body::Body for Recording {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+fn futures_stream(frames: Vec<Result<http_body::Frame<Bytes>, Infallible>>) -> TestBody {
+    struct Frames(std::collections::VecDeque<Result<http_body::Frame<Bytes>, Infallible>>);
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Ready(self.0.pop_front())
+        }
+    }
+    Frames(frames.into())
+        .map_err(|never| -> Box<dyn std::error::Error + Send + Sync> { match never {} })
+        .boxed()
+}
+
+/// A full body.
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into())
+        .map_err(|never| -> Box<dyn std::error::Error + Send + Sync> { match never {} })
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> TestBody {
+    Empty::new()
+        .map_err(|never| -> Box<dyn std::error::Error + Send + Sync> { match never {} })
+        .boxed()
+}
+
+/// A body of `chunks`, sent without a length (chunked on HTTP/1.1).
+pub fn chunked(chunks: Vec<Bytes>) -> TestBody {
+    futures_stream(
+        chunks
+            .into_iter()
+            .map(|c| Ok(http_body::Frame::data(c)))
+            .collect(),
+    )
+}
+
+// === Client ===
+
+/// A collected response.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+    /// Version.
+    pub version: Version,
+}
+
+impl Reply {
+    /// A header as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The body as JSON.
+    ///
+    /// # Panics
+    ///
+    /// When it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// An HTTP client (keep-alive pooled).
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: hyper_util::client::legacy::Client<HttpConnector, TestBody>,
+}
+
+impl Client {
+    /// A client connecting from 127.0.0.1.
+    pub fn new() -> Client {
+        Self::build(None, false)
+    }
+
+    /// A client whose connections come from `source` (any address in 127.0.0.0/8).
+    pub fn from_ip(source: &str) -> Client {
+        Self::build(Some(source.parse().expect("source ip")), false)
+    }
+
+    /// An h2c (HTTP/2 prior knowledge) client.
+    pub fn h2c() -> Client {
+        Self::build(None, true)
+    }
+
+    fn build(source: Option<IpAddr>, h2: bool) -> Client {
+        let mut conn = HttpConnector::new();
+        conn.set_local_address(source);
+        conn.set_nodelay(true);
+        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(h2)
+            .build(conn);
+        Client { inner }
+    }
+
+    /// Sends `req` and collects the response.
+    ///
+    /// # Panics
+    ///
+    /// When the request fails at the transport level.
+    pub async fn send(&self, req: Request<TestBody>) -> Reply {
+        self.try_send(req).await.expect("request failed")
+    }
+
+    /// Sends `req` and collects the response, or the transport error.
+    pub async fn try_send(&self, req: Request<TestBody>) -> Result<Reply, String> {
+        let res = self
+            .inner
+            .request(req)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = res.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            version: parts.version,
+        })
+    }
+
+    /// `GET url`.
+    pub async fn get(&self, url: &str) -> Reply {
+        self.send(Request::get(url).body(empty()).expect("request"))
+            .await
+    }
+
+    /// `GET url` with headers.
+    pub async fn get_with(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut b = Request::get(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.send(b.body(empty()).expect("request")).await
+    }
+
+    /// A request with a method, headers and a body.
+    pub async fn request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: TestBody,
+    ) -> Reply {
+        let mut b = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.send(b.body(body).expect("request")).await
+    }
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Client::new()
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads until the server closes it or `timeout`
+/// passes; returns what was read.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(timeout, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A metric's value from Prometheus text (`name{labels}` exactly as printed), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
