@@ -73,7 +73,7 @@ impl PolicyErrors {
 
     /// Sorts by position so output follows the file.
     pub fn sort(&mut self) {
-        self.0.sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+        self.0.sort_by_key(|e| (e.line, e.column));
     }
 }
 

@@ -15,6 +15,7 @@ pub mod error;
 pub mod matcher;
 pub mod model;
 pub mod store;
+pub mod summary;
 pub mod units;
 pub mod watch;
 pub mod yaml;

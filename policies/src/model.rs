@@ -10,18 +10,34 @@
 //! Field names here are the YAML keys. Keep them, the decoder, `docs/policy.md` and
 //! `examples/policy.yaml` in step: a test validates every YAML block of the docs.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
-use schemars::JsonSchema;
-use serde::Serialize;
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
 
 pub use crate::units::{ByteSize, Cidr, HumanDuration, Rate};
+
+/// The JSON Schema of the policy file (what `fairgate schema` prints), for editors that
+/// validate YAML against a schema (e.g. the YAML language server's
+/// `# yaml-language-server: $schema=…` comment).
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = schemars::schema_for!(Policy);
+    schema.insert(
+        "title".to_owned(),
+        serde_json::Value::String("fairgate policy".to_owned()),
+    );
+    schema.to_value()
+}
 
 /// The whole policy file.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Format version. Only `1` exists.
+    #[schemars(range(min = 1, max = 1))]
     pub version: u32,
     /// How a request is attributed to a client.
     #[serde(default)]
@@ -68,19 +84,24 @@ pub struct Policy {
 pub struct Identify {
     /// Peers whose `X-Forwarded-For` / `Forwarded` headers are believed. Empty: none.
     #[serde(default)]
+    #[schemars(with = "OneOrMany<Cidr>")]
     pub trusted_proxies: Vec<Cidr>,
     /// IPv6 clients are aggregated to this prefix length (default 64).
     #[serde(default = "default_ipv6_prefix")]
+    #[schemars(range(min = 1, max = 128))]
     pub ipv6_prefix: u8,
     /// IPv4 clients are aggregated to this prefix length (default 32).
     #[serde(default = "default_ipv4_prefix")]
+    #[schemars(range(min = 1, max = 32))]
     pub ipv4_prefix: u8,
     /// Client key extractors, tried in order; the first that yields a non-empty value wins.
     /// When none does, the client key is the (aggregated) IP.
     #[serde(default)]
+    #[schemars(with = "OneOrMany<KeyExtractor>")]
     pub client_key: Vec<KeyExtractor>,
     /// Keys longer than this many bytes are replaced by a hash of themselves (still counted).
     #[serde(default = "default_max_key_length")]
+    #[schemars(range(min = 1))]
     pub max_key_length: u32,
 }
 
@@ -157,6 +178,7 @@ pub enum Mode {
 pub struct Condition {
     /// The client IP (after trusted-proxy resolution) is in one of these CIDRs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<OneOrMany<Cidr>>")]
     pub ip: Option<Vec<Cidr>>,
     /// The `User-Agent` header matches (a missing header is the empty string).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,15 +188,18 @@ pub struct Condition {
     pub path: Option<StringMatch>,
     /// The method is one of these (upper case, e.g. `POST`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<OneOrMany<String>>")]
     pub method: Option<Vec<String>>,
     /// The host (`Host` header or URI authority, without port) matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<StringMatch>,
     /// Every listed header condition holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<OneOrMany<HeaderMatch>>")]
     pub headers: Option<Vec<HeaderMatch>>,
     /// The route/operation name the request was resolved to is one of these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<OneOrMany<String>>")]
     pub operation: Option<Vec<String>>,
     /// At least one sub-condition holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,20 +214,70 @@ pub struct Condition {
 
 /// A string matcher: exactly one of the pattern kinds, each with one or more patterns
 /// (any of them matching is a match).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+///
+/// YAML: a plain string is one exact pattern (`path: /login`); otherwise a mapping with one
+/// kind key and an optional `ignore_case` (`host: {suffix: .example.com, ignore_case: true}`,
+/// `user_agent: {regex: ["(?i)badbot", sqlmap]}`). Serialises to the mapping form.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StringMatch {
     /// How the patterns match.
     pub kind: MatchKind,
     /// The patterns; any one matching is a match. Never empty.
     pub patterns: Vec<String>,
     /// Compare ASCII case-insensitively (default false).
-    #[serde(default)]
     pub ignore_case: bool,
 }
 
+impl Serialize for StringMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(1 + usize::from(self.ignore_case)))?;
+        m.serialize_entry(self.kind.as_str(), &self.patterns)?;
+        if self.ignore_case {
+            m.serialize_entry("ignore_case", &true)?;
+        }
+        m.end()
+    }
+}
+
+impl JsonSchema for StringMatch {
+    fn schema_name() -> Cow<'static, str> {
+        "StringMatch".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let patterns = generator.subschema_for::<OneOrMany<String>>();
+        let kinds = MatchKind::ALL.map(|k| k.as_str());
+        let mut properties = serde_json::Map::new();
+        for k in kinds {
+            properties.insert(k.to_owned(), patterns.clone().to_value());
+        }
+        properties.insert(
+            "ignore_case".to_owned(),
+            json_schema!({"type": "boolean", "default": false}).to_value(),
+        );
+        let one_kind: Vec<serde_json::Value> = kinds
+            .iter()
+            .map(|k| serde_json::json!({"required": [k]}))
+            .collect();
+        json_schema!({
+            "description": "a plain string (exact match) or a mapping with exactly one of \
+                `exact`, `prefix`, `suffix`, `contains`, `glob`, `regex` (one pattern or a \
+                list; any matching is a match) and optional `ignore_case`",
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "object",
+                    "properties": properties,
+                    "additionalProperties": false,
+                    "oneOf": one_kind,
+                }
+            ]
+        })
+    }
+}
+
 /// The kinds of string pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MatchKind {
     /// The whole value equals the pattern.
@@ -220,6 +295,30 @@ pub enum MatchKind {
     Regex,
 }
 
+impl MatchKind {
+    /// Every kind, in the order the docs list them.
+    pub const ALL: [MatchKind; 6] = [
+        MatchKind::Exact,
+        MatchKind::Prefix,
+        MatchKind::Suffix,
+        MatchKind::Contains,
+        MatchKind::Glob,
+        MatchKind::Regex,
+    ];
+
+    /// The YAML key of this kind (`exact`, `prefix`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatchKind::Exact => "exact",
+            MatchKind::Prefix => "prefix",
+            MatchKind::Suffix => "suffix",
+            MatchKind::Contains => "contains",
+            MatchKind::Glob => "glob",
+            MatchKind::Regex => "regex",
+        }
+    }
+}
+
 /// A condition on one request header.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -235,7 +334,10 @@ pub struct HeaderMatch {
 }
 
 /// What a rule does.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+///
+/// YAML: `deny`, `{deny: {status: 451}}`, `allow`, `{limit: {rate: 5/min, …}}`,
+/// `{tag: {priority: critical, plan: pro}}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
     /// Reject the request (status from `responses.deny` unless given).
@@ -248,12 +350,69 @@ pub enum Action {
     Tag(TagAction),
 }
 
+impl JsonSchema for Action {
+    fn schema_name() -> Cow<'static, str> {
+        "Action".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let deny = generator.subschema_for::<DenyAction>();
+        let limit = generator.subschema_for::<LimitAction>();
+        let tag = generator.subschema_for::<TagAction>();
+        json_schema!({
+            "description": "`deny`, `{deny: {status: 451}}`, `allow`, `{limit: {rate: 5/min}}` \
+                or `{tag: {priority: critical, plan: pro}}`",
+            "oneOf": [
+                {"type": "string", "enum": ["deny", "allow"]},
+                tagged("deny", json_schema!({"anyOf": [deny, {"type": "null"}]})),
+                tagged("allow", json_schema!({"anyOf": [
+                    {"type": "null"},
+                    {"type": "object", "maxProperties": 0}
+                ]})),
+                tagged("limit", limit),
+                tagged("tag", tag),
+            ]
+        })
+    }
+}
+
+/// `{name: <schema>}` with no other key.
+fn tagged(name: &str, inner: Schema) -> Schema {
+    json_schema!({
+        "type": "object",
+        "properties": {name: inner},
+        "required": [name],
+        "additionalProperties": false
+    })
+}
+
+/// Schema of a field that takes one value or a list of them.
+struct OneOrMany<T>(PhantomData<T>);
+
+impl<T: JsonSchema> JsonSchema for OneOrMany<T> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        format!("OneOrMany_{}", T::schema_name()).into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let one = generator.subschema_for::<T>();
+        json_schema!({
+            "anyOf": [one, {"type": "array", "items": one}]
+        })
+    }
+}
+
 /// Parameters of `deny`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DenyAction {
-    /// Status code to answer with (default `responses.deny.status`).
+    /// Status code to answer with (default `responses.deny_status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 400, max = 599))]
     pub status: Option<u16>,
 }
 
@@ -265,6 +424,7 @@ pub struct LimitAction {
     pub rate: Rate,
     /// Burst in requests (default: the rate's count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub burst: Option<u64>,
     /// What the limit is counted per (default `ip`).
     #[serde(default)]
@@ -314,7 +474,9 @@ pub struct TagAction {
 }
 
 /// Priority classes, highest first. Lower classes are shed first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Shed only when nothing else is left to shed.
@@ -336,15 +498,17 @@ pub enum Priority {
 pub struct Plan {
     /// Bandwidths; a request is admitted only if every one admits it (and then charges all).
     #[serde(default)]
+    #[schemars(with = "OneOrMany<Bandwidth>")]
     pub bandwidths: Vec<Bandwidth>,
     /// Maximum requests in flight per client. Absent: unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub concurrency: Option<u32>,
 }
 
 /// One bandwidth: `rate` with a `burst`. YAML also accepts the short string form
 /// `"10/s burst 20"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bandwidth {
     /// Sustained rate.
@@ -355,6 +519,36 @@ pub struct Bandwidth {
     /// Name used in `RateLimit-Policy` and metrics (default: derived from plan and index).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+impl JsonSchema for Bandwidth {
+    fn schema_name() -> Cow<'static, str> {
+        "Bandwidth".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let rate = generator.subschema_for::<Rate>();
+        json_schema!({
+            "description": "a rate with a burst: `10/s burst 20`, `100000/day`, or \
+                `{rate: 1/s, burst: 5, name: slow}`; the burst defaults to the rate's count",
+            "anyOf": [
+                {
+                    "type": "string",
+                    "pattern": r"^\s*[0-9]+\s*/\s*[0-9]*\s*[a-z]+\s*(burst\s*[0-9]+\s*)?$"
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "rate": rate,
+                        "burst": {"type": "integer", "minimum": 1},
+                        "name": {"type": "string", "minLength": 1}
+                    },
+                    "required": ["rate"],
+                    "additionalProperties": false
+                }
+            ]
+        })
+    }
 }
 
 /// A named operation with its cost.
@@ -398,9 +592,11 @@ pub struct ClientOverride {
     pub plan: Option<String>,
     /// Replace the plan's bandwidths.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<OneOrMany<Bandwidth>>")]
     pub bandwidths: Option<Vec<Bandwidth>>,
     /// Replace the plan's concurrency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub concurrency: Option<u32>,
 }
 
@@ -414,6 +610,7 @@ pub struct BurstSharing {
     /// Borrowing is allowed while global utilisation (in flight / shedding limit) is below this
     /// fraction (default 0.7). Without a shedding limit nobody borrows.
     #[serde(default = "default_borrow_below")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub below_utilization: f64,
 }
 
@@ -447,14 +644,34 @@ pub struct Shedding {
     pub reject_delay: Option<RejectDelay>,
 }
 
-/// A static or adaptive in-flight limit.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+/// A static or adaptive in-flight limit. YAML: `512`, `{static: 512}` or
+/// `{adaptive: {min: 8, max: 1024}}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum ShedLimit {
     /// A fixed number of requests in flight.
     Static(u32),
     /// A limit that follows latency.
     Adaptive(AdaptiveLimit),
+}
+
+impl JsonSchema for ShedLimit {
+    fn schema_name() -> Cow<'static, str> {
+        "ShedLimit".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let adaptive = generator.subschema_for::<AdaptiveLimit>();
+        let count = || json_schema!({"type": "integer", "minimum": 1, "maximum": u32::MAX});
+        json_schema!({
+            "description": "requests in flight: `512`, `{static: 512}` or `{adaptive: {…}}`",
+            "oneOf": [
+                count(),
+                tagged("static", count()),
+                tagged("adaptive", adaptive),
+            ]
+        })
+    }
 }
 
 /// An adaptive concurrency limit.
@@ -465,6 +682,7 @@ pub struct AdaptiveLimit {
     #[serde(default)]
     pub algorithm: AdaptiveAlgorithm,
     /// Lower bound of the limit.
+    #[schemars(range(min = 1))]
     pub min: u32,
     /// Upper bound of the limit.
     pub max: u32,
@@ -494,15 +712,19 @@ pub enum AdaptiveAlgorithm {
 pub struct ClassThresholds {
     /// Default 1.0.
     #[serde(default = "one")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub critical: f64,
     /// Default 0.9.
     #[serde(default = "point_nine")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub normal: f64,
     /// Default 0.7.
     #[serde(default = "point_seven")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub borrowed: f64,
     /// Default 0.5.
     #[serde(default = "half")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub sheddable: f64,
 }
 
@@ -538,6 +760,7 @@ pub struct RejectDelay {
     pub max: HumanDuration,
     /// At most this many delayed rejections wait at once; beyond, reject at once (default 1024).
     #[serde(default = "default_max_waiting")]
+    #[schemars(range(min = 1))]
     pub max_waiting: u32,
 }
 
@@ -554,12 +777,15 @@ pub fn default_max_waiting() -> u32 {
 pub struct Responses {
     /// Status for quota and `limit` rejections (default 429).
     #[serde(default = "default_quota_status")]
+    #[schemars(range(min = 400, max = 599))]
     pub quota_status: u16,
     /// Status for shedding (default 503).
     #[serde(default = "default_shed_status")]
+    #[schemars(range(min = 400, max = 599))]
     pub shed_status: u16,
     /// Status for `deny` (default 403).
     #[serde(default = "default_deny_status")]
+    #[schemars(range(min = 400, max = 599))]
     pub deny_status: u16,
     /// When to send `RateLimit` / `RateLimit-Policy` headers (default `on_reject`).
     #[serde(default)]
@@ -622,6 +848,7 @@ pub struct State {
     pub backend: Backend,
     /// Upper bound on tracked keys (default 100000).
     #[serde(default = "default_max_keys")]
+    #[schemars(range(min = 1))]
     pub max_keys: u64,
 }
 

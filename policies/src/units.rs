@@ -73,7 +73,9 @@ impl FromStr for Rate {
             parse_duration(&format!("1{per}"))?
         };
         if period.is_zero() {
-            return Err(UnitError(Cow::Borrowed("rate period must be greater than zero")));
+            return Err(UnitError(Cow::Borrowed(
+                "rate period must be greater than zero",
+            )));
         }
         Rate::new(count, period).ok_or(UnitError(Cow::Borrowed("rate period is too long")))
     }
@@ -302,9 +304,7 @@ impl FromStr for Cidr {
             net
         } else {
             let ip: IpAddr = s.parse().map_err(|_| {
-                UnitError(Cow::Owned(format!(
-                    "`{s}` is not an IP address or CIDR"
-                )))
+                UnitError(Cow::Owned(format!("`{s}` is not an IP address or CIDR")))
             })?;
             ipnet::IpNet::from(ip)
         };
@@ -373,7 +373,16 @@ mod tests {
 
     #[test]
     fn bad_rates_are_errors() {
-        for bad in ["0/s", "-1/s", "1/0s", "abc", "10", "10/fortnight", "1e30/s", "NaN/s"] {
+        for bad in [
+            "0/s",
+            "-1/s",
+            "1/0s",
+            "abc",
+            "10",
+            "10/fortnight",
+            "1e30/s",
+            "NaN/s",
+        ] {
             assert!(bad.parse::<Rate>().is_err(), "{bad} should not parse");
         }
     }
