@@ -1,6 +1,6 @@
 //! The compiled policy: immutable, resolved to indices, shaped for the hot path.
 //!
-//! Stage two of three. A [`CompiledPolicy`] is built once per (re)load by [`compile`], then
+//! Stage two of three. A [`CompiledPolicy`] is built once per (re)load by [`crate::compile`], then
 //! shared behind `ArcSwap` by [`crate::PolicyStore`]. Nothing here knows HTTP: the engine
 //! describes a request through [`RequestView`].
 //!
@@ -107,7 +107,12 @@ pub struct CompiledPolicy {
     pub default_plan: Option<PlanId>,
     /// Operations in match order.
     pub operations: Arc<[CompiledOperation]>,
-    /// Fast matcher over operation conditions.
+    /// Operation name → index (the first operation of that name), for adapters that
+    /// resolve the operation by name (a gateway route naming it).
+    pub operation_index: HashMap<Arc<str>, OperationId>,
+    /// Fast matcher over operation conditions, one per operation in order. An operation
+    /// without `when` is compiled as `operation: [<its name>]`, so it matches exactly the
+    /// requests routed to it by name; the first match is the request's operation.
     pub operation_set: crate::matcher::RuleSet,
     /// Per-client overrides (inline `clients` merged with the overrides file; the file wins).
     pub clients: HashMap<Arc<str>, ClientQuota>,
@@ -119,6 +124,27 @@ pub struct CompiledPolicy {
     pub responses: Responses,
     /// State settings.
     pub state: State,
+}
+
+impl CompiledPolicy {
+    /// Every bandwidth of the policy: plans', client overrides' and `limit` rules'.
+    pub fn bandwidths(&self) -> impl Iterator<Item = &CompiledBandwidth> + '_ {
+        let plans = self.plans.iter().flat_map(|p| p.bandwidths.iter());
+        let clients = self
+            .clients
+            .values()
+            .flat_map(|c| c.bandwidths.iter().flat_map(|b| b.iter()));
+        let rules = self.rules.iter().filter_map(|r| match &r.action {
+            CompiledAction::Limit { bandwidth, .. } => Some(bandwidth),
+            _ => None,
+        });
+        plans.chain(clients).chain(rules)
+    }
+
+    /// The plan with this name.
+    pub fn plan(&self, name: &str) -> Option<&CompiledPlan> {
+        self.plan_index.get(name).map(|&i| &self.plans[i])
+    }
 }
 
 /// Compiled identification settings.
@@ -181,7 +207,8 @@ pub struct CompiledBandwidth {
     /// Stable identity of this bucket across reloads: `plan:<plan>/<index or name>`,
     /// `client:<key>/<index or name>` or `rule:<name>`. State is carried across a reload by id.
     pub id: Arc<str>,
-    /// Name for `RateLimit-Policy` and metrics.
+    /// Name for `RateLimit-Policy` and metrics: the `name` written in the policy, else
+    /// `<plan>-<index>` (plans), `client-<index>` (overrides) or the rule name (`limit`).
     pub name: Arc<str>,
     /// The rate as written.
     pub rate: Rate,
