@@ -486,13 +486,18 @@ pub(crate) fn check_regex(pattern: &str, ignore_case: bool) -> Result<(), String
     }
 }
 
-/// Checks one glob (`*` any run, `?` one character, `[a-z]`, `{a,b}`), whole-value.
+/// Checks one glob (`*` any run, `?` one character, `[a-z]`, `{a,b}`), whole-value, with the
+/// same translation the matcher compiles ([`crate::matcher::glob_to_regex`]), so a glob that
+/// validates is exactly a glob that compiles.
 pub(crate) fn check_glob(pattern: &str) -> Result<(), String> {
-    globset::GlobBuilder::new(pattern)
-        .literal_separator(false)
-        .build()
-        .map(|_| ())
-        .map_err(|e| format!("invalid glob `{}`: {}", yaml::shorten(pattern), e.kind()))
+    let re = crate::matcher::glob_to_regex(pattern, false)
+        .map_err(|e| format!("invalid glob `{}`: {e}", yaml::shorten(pattern)))?;
+    check_regex(&re, false).map_err(|_| {
+        format!(
+            "glob `{}` is too large once compiled",
+            yaml::shorten(pattern)
+        )
+    })
 }
 
 /// Checks that `burst` units at `rate` fit the bucket arithmetic (`C = burst · T` in u64 ns).
