@@ -1,0 +1,39 @@
+//! The tower adapter: [`AdmissionLayer`] wraps a service in [`Admission`], which asks the
+//! engine in `call` and either runs the inner service or answers with a rejection.
+//!
+//! ```no_run
+//! # async fn app() -> Result<(), Box<dyn std::error::Error>> {
+//! use axum::{routing::get, Router};
+//! use fairgate_middleware::AdmissionLayer;
+//!
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(AdmissionLayer::from_policy_file("policy.yaml")?);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(
+//!     listener,
+//!     app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+//! )
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The peer address comes from a [`PeerAddr`] request extension (the gateway sets it) or
+//! axum's `ConnectInfo<SocketAddr>` (feature `axum`, on by default). A request with neither
+//! is attributed to the unspecified address `0.0.0.0` (all such requests share one bucket,
+//! so a misconfigured app is limited as one client rather than not at all) and a warning is
+//! logged once. The operation name comes from an [`Operation`] extension, if present.
+
+mod body;
+mod future;
+mod headers;
+mod layer;
+mod response;
+mod service;
+
+pub use body::{AdmissionBody, PendingCompletion};
+pub use future::ResponseFuture;
+pub use headers::HttpHeaders;
+pub use layer::AdmissionLayer;
+pub use response::{admitted_headers, rejection_response, RATELIMIT, RATELIMIT_POLICY};
+pub use service::{Admission, Operation, PeerAddr};

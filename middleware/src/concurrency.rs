@@ -1,0 +1,159 @@
+//! Concurrency: the [`Ticket`] an admitted request holds, and what its end releases.
+//!
+//! A ticket owns up to two permits: the client's in-flight counter (an entry of the state
+//! store's concurrency scope, when the client's plan has a concurrency quota) and one unit
+//! of the global in-flight count used by shedding. Dropping the ticket, whether the response
+//! finished, failed, or the future was dropped because the client went away, releases both
+//! exactly once: `Drop` runs once, and `complete` consumes the ticket.
+//!
+//! The per-client counter is not tied to a policy generation: a reload that changes or
+//! keeps the limit sees the same live count (a lowered limit admits nothing new until the
+//! count is under it), and a ticket from an older policy releases the very counter it took.
+
+use std::fmt;
+use std::sync::Arc;
+
+use fairgate_policies::compiled::CompiledBandwidth;
+use fairgate_policies::model::Priority;
+
+use crate::decision::{CompletionEvent, Outcome};
+use crate::engine::Shared;
+use crate::gcra::Params;
+use crate::identify::ClientKey;
+use crate::state::Entry;
+
+/// How post-hoc cost is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PostHocUnit {
+    /// One unit per this many response bytes.
+    Bytes(u64),
+    /// One unit per this many nanoseconds of latency.
+    Nanos(u64),
+}
+
+/// What to charge after the response.
+#[derive(Debug, Clone)]
+pub(crate) struct PostHocCharge {
+    pub(crate) unit: PostHocUnit,
+    pub(crate) bandwidths: Arc<[CompiledBandwidth]>,
+}
+
+/// RAII guard of an admitted request. See the module docs.
+pub struct Ticket {
+    shared: Arc<Shared>,
+    client: ClientKey,
+    permit: Option<Arc<Entry>>,
+    priority: Priority,
+    borrowed: bool,
+    post_hoc: Option<PostHocCharge>,
+}
+
+// === impl Ticket ===
+
+impl Ticket {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        client: ClientKey,
+        permit: Option<Arc<Entry>>,
+        priority: Priority,
+        borrowed: bool,
+        post_hoc: Option<PostHocCharge>,
+    ) -> Self {
+        Ticket {
+            shared,
+            client,
+            permit,
+            priority,
+            borrowed,
+            post_hoc,
+        }
+    }
+
+    /// The client key the request was counted under.
+    pub fn client_key(&self) -> &str {
+        self.client.as_str()
+    }
+
+    /// True when admitted over quota through burst sharing.
+    pub fn borrowed(&self) -> bool {
+        self.borrowed
+    }
+
+    /// The priority class the request was admitted in.
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// Ends the request: charges post-hoc cost (`floor(bytes / unit)` or
+    /// `floor(latency / unit)` units as debt on every bandwidth of the plan), feeds the
+    /// adaptive limiter and the reject-delay latency, tells the observer, then releases the
+    /// permits.
+    pub fn complete(self, outcome: Outcome) {
+        let units = match &self.post_hoc {
+            Some(ph) => {
+                let units = match ph.unit {
+                    PostHocUnit::Bytes(b) => outcome.response_bytes / b.max(1),
+                    PostHocUnit::Nanos(n) => {
+                        u64::try_from(outcome.latency.as_nanos() / u128::from(n.max(1)))
+                            .unwrap_or(u64::MAX)
+                    }
+                };
+                if units > 0 {
+                    self.charge(ph, units);
+                }
+                units
+            }
+            None => 0,
+        };
+        self.shared
+            .shed
+            .on_complete(outcome.latency, outcome.status);
+        if let Some(obs) = &*self.shared.observer.load() {
+            obs.on_complete(&CompletionEvent {
+                client_key: self.client.as_str(),
+                status: outcome.status,
+                latency: outcome.latency,
+                response_bytes: outcome.response_bytes,
+                post_hoc_cost: units,
+                borrowed: self.borrowed,
+            });
+        }
+        // Drop releases the permits.
+    }
+
+    fn charge(&self, ph: &PostHocCharge, units: u64) {
+        let now = self.shared.clock.now();
+        for bw in ph.bandwidths.iter() {
+            let p = Params {
+                t: bw.t_ns,
+                c: bw.c_ns,
+            };
+            // A full table cannot take new debt; the client is then at worst as it was.
+            let _ = self
+                .shared
+                .state
+                .with_entry(&bw.id, self.client.as_str(), now, bw.c_ns, |e| {
+                    e.charge_debt(now, p, units)
+                });
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            permit.release();
+        }
+        self.shared.shed.exit();
+    }
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket")
+            .field("client_key", &self.client)
+            .field("priority", &self.priority)
+            .field("borrowed", &self.borrowed)
+            .finish_non_exhaustive()
+    }
+}

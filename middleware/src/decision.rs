@@ -1,0 +1,238 @@
+//! What the engine answers: [`Decision`], with an [`Admitted`] request's [`Ticket`] or a
+//! [`Rejection`] carrying everything a response needs, and the [`Observer`] events.
+//!
+//! A rejection is a decision, not an error: it says which stage rejected, which rule,
+//! plan and bandwidth, the status to answer with, when to retry and the RateLimit numbers.
+//! Turning it into HTTP is the adapter's job (`crate::layer::response`).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use fairgate_policies::model::Priority;
+
+pub use crate::concurrency::Ticket;
+pub use crate::identify::ClientKey;
+
+/// The engine's answer for one request.
+#[derive(Debug)]
+pub enum Decision {
+    /// Go on; hold the ticket until the response is done.
+    Admit(Admitted),
+    /// Answer with this rejection.
+    Reject(Rejection),
+}
+
+impl Decision {
+    /// True for [`Decision::Admit`].
+    pub fn is_admit(&self) -> bool {
+        matches!(self, Decision::Admit(_))
+    }
+
+    /// The rejection, if any.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            Decision::Reject(r) => Some(r),
+            Decision::Admit(_) => None,
+        }
+    }
+}
+
+/// An admitted request.
+#[derive(Debug)]
+pub struct Admitted {
+    /// RAII guard: dropping it releases the concurrency permits; `complete` also charges
+    /// post-hoc cost and feeds the adaptive limiter.
+    pub ticket: Ticket,
+    /// The most constraining bandwidth's numbers, when `ratelimit_headers: always`.
+    pub ratelimit: Option<RateLimitInfo>,
+}
+
+/// The stage that rejected a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// A reactive rule (`deny`, or a rule-scoped `limit`).
+    Rule,
+    /// A plan bandwidth.
+    Quota,
+    /// The per-client concurrency quota.
+    Concurrency,
+    /// Global load shedding (also: the state table is full of in-flight keys).
+    Shed,
+}
+
+impl Stage {
+    /// Lower-case name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Stage::Rule => "rule",
+            Stage::Quota => "quota",
+            Stage::Concurrency => "concurrency",
+            Stage::Shed => "shed",
+        }
+    }
+}
+
+/// Why a request was rejected, with what the response needs.
+#[derive(Debug)]
+pub struct Rejection {
+    /// Status to answer with (from the policy).
+    pub status: u16,
+    /// The stage that rejected.
+    pub stage: Stage,
+    /// The rule, for rule rejections.
+    pub rule: Option<Arc<str>>,
+    /// The client's plan, for quota and concurrency rejections.
+    pub plan: Option<Arc<str>>,
+    /// The bandwidth name (`RateLimit-Policy` name) that was exceeded.
+    pub bandwidth: Option<Arc<str>>,
+    /// The client key.
+    pub client_key: ClientKey,
+    /// When to retry: whole seconds, never zero. `None` for `deny`.
+    pub retry_after: Option<Duration>,
+    /// RateLimit numbers of the exceeded bandwidth (unless headers are `never`).
+    pub ratelimit: Option<RateLimitInfo>,
+    /// Reject-delay hint: wait this long before answering (shed rejections only).
+    pub delay: Option<Duration>,
+    /// Held while a delayed rejection waits; drop it when the response is sent.
+    pub delay_guard: Option<DelayGuard>,
+    /// Shadow rules that would have rejected this request.
+    pub shadow_hits: u32,
+}
+
+/// The IETF RateLimit numbers of one bandwidth.
+///
+/// GCRA reading: the quota `q` is the burst (what a full bucket holds) and the window `w`
+/// the time to refill it, `C` in whole seconds (so `"10/s burst 10"` is `q=10;w=1`);
+/// `r` is `floor((C − (max(TAT, now) − now)) / T)` and `t` the seconds until the bucket is
+/// full again (rounded up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitInfo {
+    /// Policy name (the bandwidth name).
+    pub policy: Arc<str>,
+    /// Quota units.
+    pub quota: u64,
+    /// Window in seconds.
+    pub window_secs: u64,
+    /// Units left.
+    pub remaining: u64,
+    /// Seconds until full.
+    pub reset_secs: u64,
+}
+
+/// How a request completed, for [`Ticket::complete`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Response status.
+    pub status: u16,
+    /// Response body bytes sent.
+    pub response_bytes: u64,
+    /// Time from decision to end of response.
+    pub latency: Duration,
+}
+
+/// Keeps a delayed rejection counted as waiting; dropping it stops counting.
+pub struct DelayGuard {
+    waiting: Arc<AtomicU64>,
+}
+
+impl DelayGuard {
+    pub(crate) fn new(waiting: Arc<AtomicU64>) -> Self {
+        DelayGuard { waiting }
+    }
+}
+
+impl Drop for DelayGuard {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl fmt::Debug for DelayGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DelayGuard").finish_non_exhaustive()
+    }
+}
+
+// === observer ===
+
+/// What happened to a request, as seen by an [`Observer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecisionKind {
+    /// Admitted within quota.
+    Admit,
+    /// Admitted over quota through burst sharing.
+    Borrowed,
+    /// Rejected.
+    Reject,
+    /// A shadow rule would have rejected it (the request itself goes on).
+    ShadowReject,
+}
+
+impl DecisionKind {
+    /// Lower-case name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DecisionKind::Admit => "admit",
+            DecisionKind::Borrowed => "borrowed",
+            DecisionKind::Reject => "reject",
+            DecisionKind::ShadowReject => "shadow_reject",
+        }
+    }
+}
+
+/// One decision (or one shadow rule's would-be rejection).
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionEvent<'a> {
+    /// The client key.
+    pub client_key: &'a str,
+    /// The resolved operation, if any.
+    pub operation: Option<&'a str>,
+    /// What happened.
+    pub kind: DecisionKind,
+    /// The rejecting stage (for rejections and shadow rejections).
+    pub stage: Option<Stage>,
+    /// The rule involved.
+    pub rule: Option<&'a str>,
+    /// The client's plan.
+    pub plan: Option<&'a str>,
+    /// The bandwidth involved.
+    pub bandwidth: Option<&'a str>,
+    /// The request's cost in quota units.
+    pub cost: u64,
+    /// Priority class used for shedding.
+    pub priority: Priority,
+    /// `Retry-After` sent.
+    pub retry_after: Option<Duration>,
+    /// Status answered (0 when admitted: the upstream decides).
+    pub status: u16,
+    /// The limit involved, if a bandwidth.
+    pub limit: Option<&'a RateLimitInfo>,
+}
+
+/// One completed request.
+#[derive(Debug, Clone, Copy)]
+pub struct CompletionEvent<'a> {
+    /// The client key.
+    pub client_key: &'a str,
+    /// Response status.
+    pub status: u16,
+    /// Latency.
+    pub latency: Duration,
+    /// Response body bytes.
+    pub response_bytes: u64,
+    /// Post-hoc units charged on every bandwidth of the plan.
+    pub post_hoc_cost: u64,
+    /// Whether the request was admitted by burst sharing.
+    pub borrowed: bool,
+}
+
+/// Receives decisions and completions (metrics, decision log). Called inline: keep it
+/// cheap and non-blocking.
+pub trait Observer: Send + Sync {
+    /// A decision was made (also once per shadow rule that would have rejected).
+    fn on_decision(&self, event: &DecisionEvent<'_>);
+    /// A ticket completed.
+    fn on_complete(&self, event: &CompletionEvent<'_>);
+}

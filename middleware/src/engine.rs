@@ -1,0 +1,797 @@
+//! The admission pipeline: identify → rules → per-client quota → shedding → admit.
+//!
+//! [`Engine::decide`] runs the stages in order over one snapshot of the compiled policy
+//! (one `ArcSwap` load per decision; nothing is held across an `.await`, there is none).
+//! Each stage that consumes something records it; when a later stage rejects, everything
+//! recorded is given back (GCRA refund `TAT ← max(TAT − c·T, now)`, sketch counts
+//! decremented, permits released), so a rejected request consumes nothing anywhere.
+//!
+//! Burst sharing: a request over a plan bandwidth, while burst sharing is on and global
+//! utilisation (`in_flight / shed limit`) is under `below_utilization`, is admitted as
+//! *borrowed*: priority class `borrowed` (the first shed after `sheddable`), marked on its
+//! ticket, and it does **not** consume the client's bucket (the capacity it uses is the
+//! service's spare, not the client's quota; charging it as debt would punish the client
+//! later for capacity nobody else wanted). The concurrency quota is never borrowed.
+//!
+//! A state table full of keys with requests in flight rejects new keys at the shed stage
+//! (status `shed_status`): never "admit untracked".
+//!
+//! Per policy generation the engine prepares a small cache (operation names, sketches,
+//! shedding settings, the set of live bucket ids for pruning); it is rebuilt off the
+//! common path the first time a decision sees a new generation.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ahash::RandomState;
+use arc_swap::{ArcSwap, ArcSwapOption, Guard};
+use fairgate_policies::compiled::{CompiledPolicy, RequestView};
+use fairgate_policies::model::{HeaderMode, PostHoc, Priority};
+use fairgate_policies::PolicyStore;
+
+use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
+use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket};
+use crate::decision::{
+    Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection, Stage,
+};
+use crate::gcra;
+use crate::identify::{self, AsSource, ClientKey, HeaderValues};
+use crate::quota::{self, Charges, Consumed};
+use crate::rules::{self, RuleKeys, RuleReject, ShadowHit, Sketch};
+use crate::shed::{ShedConfig, Shedder};
+use crate::state::{LiveScopes, Store, CONCURRENCY_SCOPE};
+
+/// The facts about one request the engine decides on; borrowed from the request.
+pub struct RequestFacts<'a> {
+    /// The TCP peer.
+    pub peer: IpAddr,
+    /// Method, upper case.
+    pub method: &'a str,
+    /// Host without port, lower case; empty when unknown.
+    pub host: &'a str,
+    /// Path without the query.
+    pub path: &'a str,
+    /// The raw query string, if any.
+    pub query: Option<&'a str>,
+    /// An operation the adapter already resolved (e.g. a gateway route).
+    pub operation: Option<&'a str>,
+    /// Header lookup.
+    pub headers: &'a dyn HeaderValues,
+}
+
+/// One client's usage against its quota, for the admin API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientUsage {
+    /// The client key.
+    pub key: String,
+    /// The plan (override or default plan; `tag` rules are per request and not shown).
+    pub plan: Option<Arc<str>>,
+    /// One entry per bandwidth of the quota.
+    pub bandwidths: Vec<BandwidthUsage>,
+    /// Requests in flight (tracked when the quota has a concurrency limit).
+    pub in_flight: u64,
+    /// The concurrency limit.
+    pub concurrency_limit: Option<u32>,
+}
+
+impl ClientUsage {
+    /// The highest used fraction over the bandwidths (0 = idle, 1 = empty bucket).
+    pub fn usage(&self) -> f64 {
+        self.bandwidths
+            .iter()
+            .map(|b| 1.0 - b.fill_fraction)
+            .fold(0.0, f64::max)
+    }
+}
+
+/// Usage of one bandwidth.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BandwidthUsage {
+    /// Bucket id.
+    pub id: Arc<str>,
+    /// RateLimit numbers now.
+    pub limit: RateLimitInfo,
+    /// Fill fraction `f` (1 = full bucket, nothing used).
+    pub fill_fraction: f64,
+}
+
+/// The admission engine. Cheap to share (`Arc<Engine>`); every clone of a layer built from
+/// it shares its state.
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+/// What tickets need after the decision.
+///
+/// Aligned to 128 bytes so that the `Arc`'s reference counts, written by every ticket,
+/// sit on their own cache lines instead of the read-mostly fields every decision loads.
+#[repr(align(128))]
+pub(crate) struct Shared {
+    pub(crate) store: PolicyStore,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) state: Store,
+    pub(crate) shed: Shedder,
+    pub(crate) observer: ArcSwapOption<Arc<dyn Observer>>,
+    prepared: ArcSwap<Prepared>,
+    rebuild: Mutex<()>,
+    hasher: RandomState,
+    concurrency_scope: Arc<str>,
+    shadow_rejects: AtomicU64,
+    kept: Mutex<Vec<Box<dyn Send + Sync>>>,
+}
+
+/// Per-generation cache.
+struct Prepared {
+    policy: Arc<CompiledPolicy>,
+    ops_by_name: HashMap<Arc<str>, usize, RandomState>,
+    sketches: Box<[Option<Arc<Sketch>>]>,
+    shed: Option<ShedConfig>,
+    borrow_below: Option<f64>,
+}
+
+// === impl Engine ===
+
+impl Engine {
+    /// An engine over `store` with the production clock.
+    pub fn new(store: PolicyStore) -> Arc<Engine> {
+        Self::with_clock(store, Arc::new(MonotonicClock::new()))
+    }
+
+    /// An engine with an injected clock (tests, simulations).
+    pub fn with_clock(store: PolicyStore, clock: Arc<dyn Clock>) -> Arc<Engine> {
+        let policy = store.load_full();
+        let state = Store::new(policy.state.max_keys);
+        let shed = Shedder::default();
+        let prepared = Prepared::build(policy, None, &state, &shed);
+        Arc::new(Engine {
+            shared: Arc::new(Shared {
+                store,
+                clock,
+                state,
+                shed,
+                observer: ArcSwapOption::empty(),
+                prepared: ArcSwap::from_pointee(prepared),
+                rebuild: Mutex::new(()),
+                hasher: RandomState::new(),
+                concurrency_scope: Arc::from(CONCURRENCY_SCOPE),
+                shadow_rejects: AtomicU64::new(0),
+                kept: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The policy store this engine reads.
+    pub fn store(&self) -> &PolicyStore {
+        &self.shared.store
+    }
+
+    /// Sets (replaces) the observer of decisions and completions.
+    pub fn set_observer(&self, obs: Arc<dyn Observer>) {
+        self.shared.observer.store(Some(Arc::new(obs)));
+    }
+
+    /// Keeps `handle` (e.g. a policy file watcher) alive as long as the engine.
+    pub fn keep_alive(&self, handle: Box<dyn Send + Sync>) {
+        self.shared
+            .kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+    }
+
+    /// Requests in flight (admitted, not yet finished).
+    pub fn in_flight(&self) -> u64 {
+        self.shared.shed.in_flight()
+    }
+
+    /// The current global in-flight limit, if shedding is configured.
+    pub fn shed_limit(&self) -> Option<u64> {
+        self.shared.shed.limit()
+    }
+
+    /// Keys tracked by the state store (≤ `state.max_keys`).
+    pub fn tracked_keys(&self) -> u64 {
+        self.shared.state.len()
+    }
+
+    /// Times a shadow rule would have rejected a request.
+    pub fn shadow_rejects(&self) -> u64 {
+        self.shared.shadow_rejects.load(Ordering::Relaxed)
+    }
+
+    /// Entries evicted from the state table while not full (their debt is remembered).
+    pub fn evictions(&self) -> u64 {
+        self.shared.state.evictions()
+    }
+
+    /// Drops state that carries no information (full buckets, nothing in flight) and state
+    /// of bucket ids the policy no longer has. Bounded by `max_keys`; call it from a
+    /// background task every few seconds (it also runs, per shard, whenever a shard fills).
+    pub fn prune(&self) -> u64 {
+        let _ = self.prepared();
+        self.shared.state.prune(self.shared.clock.now())
+    }
+
+    /// Runs [`Engine::prune`] every `every` on the current tokio runtime until the engine
+    /// is dropped (the task holds only a weak reference).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn` does).
+    pub fn spawn_pruner(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(engine) => {
+                        engine.prune();
+                    }
+                    None => return,
+                }
+            }
+        })
+    }
+
+    /// The clock the engine reads.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    /// The current policy snapshot, preparing a new generation if the store moved on.
+    fn prepared(&self) -> Guard<Arc<Prepared>> {
+        let sh = &*self.shared;
+        let prep = sh.prepared.load();
+        let cur = sh.store.load();
+        if Arc::ptr_eq(&prep.policy, &cur) {
+            return prep;
+        }
+        drop(prep);
+        let _lock = sh.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let prep = sh.prepared.load();
+        if Arc::ptr_eq(&prep.policy, &cur) {
+            return prep;
+        }
+        let next = Prepared::build(Arc::clone(&cur), Some(&prep), &sh.state, &sh.shed);
+        drop(prep);
+        sh.prepared.store(Arc::new(next));
+        sh.prepared.load()
+    }
+
+    /// Decides on one request. Never blocks, never panics on input.
+    pub fn decide(&self, req: &RequestFacts<'_>) -> Decision {
+        let sh = &*self.shared;
+        let now = sh.clock.now();
+        let prep = self.prepared();
+        let pol: &CompiledPolicy = &prep.policy;
+
+        // 1. Identify.
+        let id = &pol.identify;
+        let ip = identify::client_ip(req.peer, req.headers, &|ip| id.trusted_proxies.contains(ip));
+        let ip_key = identify::LazyIpKey::new(ip, id.ipv4_prefix, id.ipv6_prefix);
+        let raw_key = identify::extract(&id.client_key, req.headers, req.query);
+        let client_key = match raw_key {
+            Some(v) => identify::bounded_key(v, id.max_key_length, &sh.hasher),
+            None => ip_key.get().clone(),
+        };
+        // The request's own text when it is the key: no UTF-8 re-validation of the copy.
+        let ck: &str = match raw_key {
+            Some(v) if v.len() <= id.max_key_length => v,
+            _ => client_key.as_str(),
+        };
+        let source = AsSource(req.headers);
+        let mut view = RequestView {
+            ip,
+            method: req.method,
+            host: req.host,
+            path: req.path,
+            user_agent: req.headers.header("user-agent").unwrap_or(""),
+            operation: req.operation,
+            headers: &source,
+        };
+        let op_id = match req.operation {
+            Some(name) => prep.ops_by_name.get(name).copied(),
+            None if pol.operations.is_empty() => None,
+            None => pol.operation_set.first_match(&view, 0),
+        };
+        let op = op_id.and_then(|i| pol.operations.get(i));
+        if let Some(op) = op {
+            view.operation = Some(&op.name);
+        }
+        let cost = op.map_or(1, |o| o.cost);
+        let op_name = view.operation;
+        let observer = sh.observer.load();
+        let observer: Option<&Arc<dyn Observer>> = observer.as_deref();
+
+        let mut d = Deciding {
+            sh,
+            now,
+            client_key: &client_key,
+            op_name,
+            cost,
+            observer,
+            headers: pol.responses.ratelimit_headers,
+        };
+        let mut charges = Charges::default();
+
+        // 2. Rules.
+        let keys = RuleKeys {
+            ip_key: &ip_key,
+            client_key: ck,
+            headers: req.headers,
+        };
+        let mut on_shadow = |hit: ShadowHit<'_>| {
+            sh.shadow_rejects.fetch_add(1, Ordering::Relaxed);
+            if let Some(obs) = observer {
+                let info = hit
+                    .bandwidth
+                    .map(|(bw, tat)| quota::ratelimit_info(bw, tat, now));
+                obs.on_decision(&DecisionEvent {
+                    client_key: ck,
+                    operation: op_name,
+                    kind: DecisionKind::ShadowReject,
+                    stage: Some(Stage::Rule),
+                    rule: Some(&hit.rule.name),
+                    plan: None,
+                    bandwidth: hit.bandwidth.map(|(bw, _)| &*bw.name),
+                    cost,
+                    priority: Priority::Normal,
+                    retry_after: None,
+                    status: 0,
+                    limit: info.as_ref(),
+                });
+            }
+        };
+        let rules_out = match rules::evaluate(
+            pol,
+            &prep.sketches,
+            &view,
+            &keys,
+            &sh.state,
+            now,
+            &mut charges,
+            &mut on_shadow,
+        ) {
+            Ok(o) => o,
+            Err(r) => {
+                charges.rollback_from(0, &sh.state, now);
+                return d.reject_rule(pol, &prep, r);
+            }
+        };
+        let shadow_hits = rules_out.shadow_hits;
+        let mut priority = rules_out.priority.unwrap_or(Priority::Normal);
+
+        // 3. Per-client quota.
+        let q = quota::resolve(pol, ck, rules_out.plan);
+        let plan_name = q.plan.map(|p| &p.name);
+        let mut borrowed = false;
+        let mut ratelimit = None;
+        let mut permit = None;
+        if !rules_out.allowed {
+            if let Some(bws) = q.bandwidths {
+                match quota::consume(&sh.state, bws, ck, cost, now, &mut charges) {
+                    Err(_) => {
+                        charges.rollback_from(0, &sh.state, now);
+                        return d.reject_full(pol, plan_name, shadow_hits);
+                    }
+                    Ok(Consumed::Admitted { tightest }) => {
+                        if d.headers == HeaderMode::Always {
+                            ratelimit =
+                                tightest.map(|(bw, tat)| quota::ratelimit_info(bw, tat, now));
+                        }
+                    }
+                    Ok(Consumed::Rejected {
+                        bandwidth,
+                        wait,
+                        tat,
+                    }) => {
+                        let can_borrow = prep
+                            .borrow_below
+                            .is_some_and(|below| sh.shed.below_utilization(below));
+                        if can_borrow {
+                            borrowed = true;
+                            priority = Priority::Borrowed;
+                        } else {
+                            charges.rollback_from(0, &sh.state, now);
+                            let info = (d.headers != HeaderMode::Never)
+                                .then(|| quota::ratelimit_info(bandwidth, tat, now));
+                            return d.reject(Rejection {
+                                status: pol.responses.quota_status,
+                                stage: Stage::Quota,
+                                rule: None,
+                                plan: plan_name.cloned(),
+                                bandwidth: Some(Arc::clone(&bandwidth.name)),
+                                client_key: client_key.clone(),
+                                retry_after: Some(gcra::retry_after(wait)),
+                                ratelimit: info,
+                                delay: None,
+                                delay_guard: None,
+                                shadow_hits,
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(limit) = q.concurrency {
+                let got = sh.state.with_entry(&sh.concurrency_scope, ck, now, 0, |e| {
+                    e.try_acquire(u64::from(limit)).then(|| Arc::clone(e))
+                });
+                match got {
+                    Ok(Some(p)) => permit = Some(p),
+                    Ok(None) => {
+                        charges.rollback_from(0, &sh.state, now);
+                        return d.reject(Rejection {
+                            status: pol.responses.quota_status,
+                            stage: Stage::Concurrency,
+                            rule: None,
+                            plan: plan_name.cloned(),
+                            bandwidth: None,
+                            client_key: client_key.clone(),
+                            retry_after: Some(Duration::from_secs(1)),
+                            ratelimit: None,
+                            delay: None,
+                            delay_guard: None,
+                            shadow_hits,
+                        });
+                    }
+                    Err(_) => {
+                        charges.rollback_from(0, &sh.state, now);
+                        return d.reject_full(pol, plan_name, shadow_hits);
+                    }
+                }
+            }
+        }
+
+        // 4. Global shedding.
+        if !sh.shed.try_enter(priority, prep.shed.as_ref()) {
+            charges.rollback_from(0, &sh.state, now);
+            if let Some(p) = permit.take() {
+                p.release();
+            }
+            let (delay, delay_guard) = match sh.shed.reject_delay(prep.shed.as_ref()) {
+                Some((d, g)) => (Some(d), Some(g)),
+                None => (None, None),
+            };
+            return d.reject(Rejection {
+                status: pol.responses.shed_status,
+                stage: Stage::Shed,
+                rule: None,
+                plan: plan_name.cloned(),
+                bandwidth: None,
+                client_key: client_key.clone(),
+                retry_after: Some(shed_retry_after(pol)),
+                ratelimit: None,
+                delay,
+                delay_guard,
+                shadow_hits,
+            });
+        }
+
+        // 5. Admit.
+        let post_hoc = match (op.and_then(|o| o.post_hoc.as_ref()), q.bandwidths) {
+            (Some(ph), Some(bws)) if !rules_out.allowed => Some(PostHocCharge {
+                unit: match ph {
+                    PostHoc::Bytes(b) => PostHocUnit::Bytes(b.0.max(1)),
+                    PostHoc::Duration(dur) => PostHocUnit::Nanos(duration_to_nanos(dur.0).max(1)),
+                },
+                bandwidths: Arc::clone(bws),
+            }),
+            _ => None,
+        };
+        if let Some(obs) = observer {
+            obs.on_decision(&DecisionEvent {
+                client_key: ck,
+                operation: op_name,
+                kind: if borrowed {
+                    DecisionKind::Borrowed
+                } else {
+                    DecisionKind::Admit
+                },
+                stage: None,
+                rule: None,
+                plan: plan_name.map(|p| &**p),
+                bandwidth: ratelimit.as_ref().map(|r: &RateLimitInfo| &*r.policy),
+                cost,
+                priority,
+                retry_after: None,
+                status: 0,
+                limit: ratelimit.as_ref(),
+            });
+        }
+        let ticket = Ticket::new(
+            Arc::clone(&self.shared),
+            client_key,
+            permit,
+            priority,
+            borrowed,
+            post_hoc,
+        );
+        Decision::Admit(Admitted { ticket, ratelimit })
+    }
+
+    /// One client's usage against its quota (override or default plan). `None` when the
+    /// client has no quota and no tracked state.
+    pub fn client_usage(&self, key: &str) -> Option<ClientUsage> {
+        let prep = self.prepared();
+        let now = self.shared.clock.now();
+        self.usage_of(&prep.policy, key, now)
+    }
+
+    fn usage_of(&self, pol: &CompiledPolicy, key: &str, now: Nanos) -> Option<ClientUsage> {
+        let sh = &*self.shared;
+        let q = quota::resolve(pol, key, None);
+        let in_flight = sh
+            .state
+            .with_existing(CONCURRENCY_SCOPE, key, |e| e.in_flight())
+            .unwrap_or(0);
+        let bandwidths: Vec<BandwidthUsage> = q
+            .bandwidths
+            .map(|bws| {
+                bws.iter()
+                    .map(|bw| {
+                        let tat = sh
+                            .state
+                            .with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns))
+                            .unwrap_or(0);
+                        BandwidthUsage {
+                            id: Arc::clone(&bw.id),
+                            limit: quota::ratelimit_info(bw, tat, now),
+                            fill_fraction: gcra::fill_fraction(tat, now, quota::params(bw)),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if q.plan.is_none() && q.bandwidths.is_none() && q.concurrency.is_none() && in_flight == 0 {
+            return None;
+        }
+        Some(ClientUsage {
+            key: key.to_owned(),
+            plan: q.plan.map(|p| Arc::clone(&p.name)),
+            bandwidths,
+            in_flight,
+            concurrency_limit: q.concurrency,
+        })
+    }
+
+    /// The `n` clients using the largest fraction of a quota bucket right now. One pass
+    /// over the tracked keys (≤ `max_keys`), keeping the top `n`.
+    pub fn top_clients(&self, n: usize) -> Vec<ClientUsage> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let prep = self.prepared();
+        let now = self.shared.clock.now();
+        // (used fraction, key) of quota buckets (plan and client scopes).
+        let mut best: Vec<(f64, String)> = Vec::with_capacity(n + 1);
+        self.shared.state.for_each(|e| {
+            let scope = e.scope();
+            if !(scope.starts_with("plan:") || scope.starts_with("client:")) {
+                return;
+            }
+            let cap = e.capacity().max(1);
+            let used = e.tat().saturating_sub(now).min(cap) as f64 / cap as f64;
+            if used <= 0.0 {
+                return;
+            }
+            if let Some(slot) = best.iter_mut().find(|(_, k)| k == e.key()) {
+                slot.0 = slot.0.max(used);
+                return;
+            }
+            if best.len() < n || best.last().is_some_and(|(u, _)| used > *u) {
+                best.push((used, e.key().to_owned()));
+                best.sort_by(|a, b| b.0.total_cmp(&a.0));
+                best.truncate(n);
+            }
+        });
+        best.into_iter()
+            .filter_map(|(_, k)| self.usage_of(&prep.policy, &k, now))
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("in_flight", &self.in_flight())
+            .field("tracked_keys", &self.tracked_keys())
+            .finish_non_exhaustive()
+    }
+}
+
+fn shed_retry_after(pol: &CompiledPolicy) -> Duration {
+    Duration::from_secs(
+        pol.responses
+            .shed_retry_after
+            .0
+            .as_nanos()
+            .div_ceil(1_000_000_000)
+            .max(1) as u64,
+    )
+}
+
+/// Per-decision context for building rejections and events.
+struct Deciding<'d> {
+    sh: &'d Shared,
+    now: Nanos,
+    client_key: &'d ClientKey,
+    op_name: Option<&'d str>,
+    cost: u64,
+    observer: Option<&'d Arc<dyn Observer>>,
+    headers: HeaderMode,
+}
+
+impl Deciding<'_> {
+    fn reject(&mut self, r: Rejection) -> Decision {
+        if let Some(obs) = self.observer {
+            obs.on_decision(&DecisionEvent {
+                client_key: self.client_key.as_str(),
+                operation: self.op_name,
+                kind: DecisionKind::Reject,
+                stage: Some(r.stage),
+                rule: r.rule.as_deref(),
+                plan: r.plan.as_deref(),
+                bandwidth: r.bandwidth.as_deref(),
+                cost: self.cost,
+                priority: Priority::Normal,
+                retry_after: r.retry_after,
+                status: r.status,
+                limit: r.ratelimit.as_ref(),
+            });
+        }
+        Decision::Reject(r)
+    }
+
+    fn reject_full(
+        &mut self,
+        pol: &CompiledPolicy,
+        plan: Option<&Arc<str>>,
+        shadow_hits: u32,
+    ) -> Decision {
+        tracing::warn!(
+            tracked = self.sh.state.len(),
+            "state table full of in-flight keys; rejecting a new key"
+        );
+        self.reject(Rejection {
+            status: pol.responses.shed_status,
+            stage: Stage::Shed,
+            rule: None,
+            plan: plan.cloned(),
+            bandwidth: None,
+            client_key: self.client_key.clone(),
+            retry_after: Some(shed_retry_after(pol)),
+            ratelimit: None,
+            delay: None,
+            delay_guard: None,
+            shadow_hits,
+        })
+    }
+
+    fn reject_rule(
+        &mut self,
+        pol: &CompiledPolicy,
+        _prep: &Prepared,
+        r: RuleReject<'_>,
+    ) -> Decision {
+        match r {
+            RuleReject::Deny { rule, status } => self.reject(Rejection {
+                status,
+                stage: Stage::Rule,
+                rule: Some(Arc::clone(&rule.name)),
+                plan: None,
+                bandwidth: None,
+                client_key: self.client_key.clone(),
+                retry_after: None,
+                ratelimit: None,
+                delay: None,
+                delay_guard: None,
+                shadow_hits: 0,
+            }),
+            RuleReject::Limit {
+                rule,
+                bandwidth,
+                wait,
+                tat,
+            } => {
+                let info = (self.headers != HeaderMode::Never)
+                    .then(|| quota::ratelimit_info(bandwidth, tat.unwrap_or(self.now), self.now));
+                self.reject(Rejection {
+                    status: pol.responses.quota_status,
+                    stage: Stage::Rule,
+                    rule: Some(Arc::clone(&rule.name)),
+                    plan: None,
+                    bandwidth: Some(Arc::clone(&bandwidth.name)),
+                    client_key: self.client_key.clone(),
+                    retry_after: Some(gcra::retry_after(wait)),
+                    ratelimit: info,
+                    delay: None,
+                    delay_guard: None,
+                    shadow_hits: 0,
+                })
+            }
+            RuleReject::Full => self.reject_full(pol, None, 0),
+        }
+    }
+}
+
+// === impl Prepared ===
+
+impl Prepared {
+    fn build(
+        policy: Arc<CompiledPolicy>,
+        old: Option<&Prepared>,
+        state: &Store,
+        shed: &Shedder,
+    ) -> Prepared {
+        let mut ops_by_name = HashMap::with_hasher(RandomState::new());
+        for (i, op) in policy.operations.iter().enumerate() {
+            ops_by_name.entry(Arc::clone(&op.name)).or_insert(i);
+        }
+        let sketches = policy
+            .rules
+            .iter()
+            .map(|rule| match &rule.action {
+                fairgate_policies::compiled::CompiledAction::Limit {
+                    bandwidth,
+                    estimator: fairgate_policies::model::Estimator::Sketch,
+                    ..
+                } => Some(reuse_sketch(old, &rule.name, bandwidth)),
+                _ => None,
+            })
+            .collect();
+        let mut scopes: Vec<Arc<str>> = Vec::new();
+        for rule in policy.rules.iter() {
+            if let fairgate_policies::compiled::CompiledAction::Limit { bandwidth, .. } =
+                &rule.action
+            {
+                scopes.push(Arc::clone(&bandwidth.id));
+            }
+        }
+        for plan in policy.plans.iter() {
+            scopes.extend(plan.bandwidths.iter().map(|b| Arc::clone(&b.id)));
+        }
+        for cq in policy.clients.values() {
+            if let Some(bws) = &cq.bandwidths {
+                scopes.extend(bws.iter().map(|b| Arc::clone(&b.id)));
+            }
+        }
+        state.set_live_scopes(LiveScopes::new(scopes));
+        state.set_max_keys(policy.state.max_keys);
+        let shed_cfg = policy.shedding.as_ref().map(ShedConfig::from_model);
+        if old.is_none_or(|o| o.shed != shed_cfg) {
+            shed.configure(shed_cfg.as_ref());
+        }
+        let borrow_below = policy.burst_sharing.filter(|_| shed_cfg.is_some());
+        Prepared {
+            policy,
+            ops_by_name,
+            sketches,
+            shed: shed_cfg,
+            borrow_below,
+        }
+    }
+}
+
+/// A rule's sketch carries over a reload when the rule keeps its name and parameters.
+fn reuse_sketch(
+    old: Option<&Prepared>,
+    name: &str,
+    bw: &fairgate_policies::compiled::CompiledBandwidth,
+) -> Arc<Sketch> {
+    old.and_then(|o| {
+        o.policy
+            .rules
+            .iter()
+            .position(|r| &*r.name == name)
+            .and_then(|i| o.sketches.get(i))
+            .and_then(Option::as_ref)
+            .filter(|s| s.built_for == (bw.t_ns, bw.c_ns))
+            .cloned()
+    })
+    .unwrap_or_else(|| Arc::new(Sketch::new(bw)))
+}

@@ -1,0 +1,208 @@
+//! Per-client quotas: which plan applies, the all-or-nothing check of its bandwidths, and
+//! the record of what a decision consumed so that a later rejection can give it back.
+//!
+//! Plan resolution: a per-client override (`clients`, the overrides file) wins, then a
+//! `tag` rule's plan, then `default_plan`. An override's own bandwidths and concurrency
+//! replace the plan's. A client with no plan has no per-client quota.
+//!
+//! The bandwidths are consumed one by one (a CAS each); when one rejects, the ones already
+//! consumed are refunded (`TAT ← max(TAT − c·T, now)`), which restores them exactly when no
+//! other request of the same key raced in between, so a rejected request consumes nothing.
+
+use std::sync::Arc;
+
+use fairgate_policies::compiled::{
+    ClientQuota, CompiledBandwidth, CompiledPlan, CompiledPolicy, PlanId,
+};
+
+use crate::clock::Nanos;
+use crate::decision::RateLimitInfo;
+use crate::gcra::{self, Params, Verdict};
+use crate::rules::Sketch;
+use crate::state::{Full, Store};
+
+/// The quota that applies to one request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Quota<'p> {
+    pub(crate) plan: Option<&'p CompiledPlan>,
+    pub(crate) bandwidths: Option<&'p Arc<[CompiledBandwidth]>>,
+    pub(crate) concurrency: Option<u32>,
+}
+
+/// Resolves the quota of `client_key` (override, then tagged plan, then default plan).
+pub(crate) fn resolve<'p>(
+    pol: &'p CompiledPolicy,
+    client_key: &str,
+    tagged: Option<PlanId>,
+) -> Quota<'p> {
+    let over: Option<&ClientQuota> = if pol.clients.is_empty() {
+        None
+    } else {
+        pol.clients.get(client_key)
+    };
+    let plan_id = over.and_then(|o| o.plan).or(tagged).or(pol.default_plan);
+    let plan = plan_id.and_then(|i| pol.plans.get(i));
+    Quota {
+        plan,
+        bandwidths: over
+            .and_then(|o| o.bandwidths.as_ref())
+            .or(plan.map(|p| &p.bandwidths)),
+        concurrency: over
+            .and_then(|o| o.concurrency)
+            .or(plan.and_then(|p| p.concurrency)),
+    }
+}
+
+/// GCRA parameters of a compiled bandwidth.
+pub(crate) fn params(bw: &CompiledBandwidth) -> Params {
+    Params {
+        t: bw.t_ns,
+        c: bw.c_ns,
+    }
+}
+
+/// The RateLimit numbers of `bw` for a bucket at `tat`.
+pub(crate) fn ratelimit_info(bw: &CompiledBandwidth, tat: Nanos, now: Nanos) -> RateLimitInfo {
+    let p = params(bw);
+    RateLimitInfo {
+        policy: Arc::clone(&bw.name),
+        quota: bw.burst,
+        window_secs: p.c.div_ceil(1_000_000_000).max(1),
+        remaining: gcra::remaining(tat, now, p),
+        reset_secs: gcra::until_full(tat, now).div_ceil(1_000_000_000),
+    }
+}
+
+// === charges ===
+
+/// One consumption to give back on rollback.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Charge<'x> {
+    /// A GCRA bucket: refund `amount` ns.
+    Bucket {
+        scope: &'x Arc<str>,
+        key: &'x str,
+        amount: Nanos,
+    },
+    /// A sketch count.
+    Sketch {
+        sketch: &'x Sketch,
+        key: &'x str,
+        cost: u64,
+    },
+}
+
+/// What a decision consumed so far; inline for the common case, so recording allocates
+/// nothing unless more than [`INLINE_CHARGES`] buckets are involved.
+#[derive(Debug, Default)]
+pub(crate) struct Charges<'x> {
+    inline: [Option<Charge<'x>>; INLINE_CHARGES],
+    n: usize,
+    spill: Vec<Charge<'x>>,
+}
+
+/// Charges recorded without allocating.
+pub(crate) const INLINE_CHARGES: usize = 8;
+
+impl<'x> Charges<'x> {
+    pub(crate) fn push(&mut self, c: Charge<'x>) {
+        if self.n < INLINE_CHARGES {
+            self.inline[self.n] = Some(c);
+            self.n += 1;
+        } else {
+            self.spill.push(c);
+        }
+    }
+
+    /// Number of charges recorded.
+    pub(crate) fn len(&self) -> usize {
+        self.n + self.spill.len()
+    }
+
+    /// Gives back every charge from index `from` on, newest first, and forgets them.
+    pub(crate) fn rollback_from(&mut self, from: usize, store: &Store, now: Nanos) {
+        while self.len() > from {
+            let c = if let Some(c) = self.spill.pop() {
+                c
+            } else {
+                self.n -= 1;
+                match self.inline[self.n].take() {
+                    Some(c) => c,
+                    None => continue,
+                }
+            };
+            match c {
+                Charge::Bucket { scope, key, amount } => {
+                    store.with_existing(scope, key, |e| e.refund(now, amount));
+                }
+                Charge::Sketch { sketch, key, cost } => sketch.uncount(now, key, cost),
+            }
+        }
+    }
+}
+
+/// The outcome of consuming a plan's bandwidths.
+#[derive(Debug)]
+pub(crate) enum Consumed<'p> {
+    /// All admitted; `tightest` is the most constraining bandwidth (fewest remaining)
+    /// with its TAT after the charge.
+    Admitted {
+        tightest: Option<(&'p CompiledBandwidth, Nanos)>,
+    },
+    /// `bandwidth` rejected (the earlier ones were rolled back).
+    Rejected {
+        bandwidth: &'p CompiledBandwidth,
+        wait: Nanos,
+        tat: Nanos,
+    },
+}
+
+/// Checks and consumes `cost` on every bandwidth for `key`, all or nothing.
+pub(crate) fn consume<'x>(
+    store: &Store,
+    bandwidths: &'x [CompiledBandwidth],
+    key: &'x str,
+    cost: u64,
+    now: Nanos,
+    charges: &mut Charges<'x>,
+) -> Result<Consumed<'x>, Full> {
+    let start = charges.len();
+    let mut tightest: Option<(&CompiledBandwidth, Nanos, u64)> = None;
+    for bw in bandwidths {
+        let p = params(bw);
+        let result = store.with_entry(&bw.id, key, now, bw.c_ns, |e| e.consume(now, p, cost));
+        let verdict = match result {
+            Ok(v) => v,
+            Err(full) => {
+                charges.rollback_from(start, store, now);
+                return Err(full);
+            }
+        };
+        match verdict {
+            Verdict::Admit { tat } => {
+                charges.push(Charge::Bucket {
+                    scope: &bw.id,
+                    key,
+                    amount: cost.saturating_mul(p.t),
+                });
+                let left = gcra::remaining(tat, now, p);
+                if tightest.is_none_or(|(_, _, l)| left < l) {
+                    tightest = Some((bw, tat, left));
+                }
+            }
+            Verdict::Reject { wait } => {
+                charges.rollback_from(start, store, now);
+                // The bucket as it stands, for the RateLimit numbers.
+                let tat = store.with_existing(&bw.id, key, |e| e.tat()).unwrap_or(now);
+                return Ok(Consumed::Rejected {
+                    bandwidth: bw,
+                    wait,
+                    tat,
+                });
+            }
+        }
+    }
+    Ok(Consumed::Admitted {
+        tightest: tightest.map(|(bw, tat, _)| (bw, tat)),
+    })
+}

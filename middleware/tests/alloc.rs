@@ -1,0 +1,121 @@
+//! A steady-state admit decision allocates nothing; and the state store's bytes per key.
+//! Its own test binary: the counting allocator is global.
+
+#![allow(unsafe_code)] // a GlobalAlloc wrapper is unsafe by definition; it only counts.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use common::*;
+use fairgate_middleware::{Decision, HttpHeaders, RequestFacts};
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+static LIVE: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+            BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        }
+        LIVE.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const FULL_PIPELINE: &str = "version: 1
+identify:
+  trusted_proxies: [10.0.0.0/8]
+  client_key: [{header: x-api-key}]
+rules:
+  - name: bad-net
+    when: {ip: [203.0.113.0/24]}
+    action: deny
+  - name: bad-ua
+    when: {user_agent: {contains: [sqlmap, nikto]}}
+    action: deny
+  - name: admin
+    when: {path: {prefix: /admin}}
+    action: deny
+  - name: login
+    when: {path: /login}
+    action: {limit: {rate: 5/min}}
+plans:
+  free:
+    bandwidths: ['1000000/s burst 1000000', '100000000/day burst 100000000']
+    concurrency: 100
+default_plan: free
+shedding:
+  limit: {static: 1000}
+";
+
+#[test]
+fn steady_state_admit_allocates_nothing_and_entries_are_small() {
+    let (e, clock, _) = engine(FULL_PIPELINE);
+    let mut map = http::HeaderMap::new();
+    map.insert("x-api-key", "key-0123456789".parse().unwrap());
+    map.insert("user-agent", "curl/8.0".parse().unwrap());
+    map.insert("x-forwarded-for", "192.0.2.44".parse().unwrap());
+    let headers = HttpHeaders(&map);
+    let facts = RequestFacts {
+        peer: "10.1.2.3".parse().unwrap(),
+        method: "GET",
+        host: "api.example",
+        path: "/v1/items",
+        query: None,
+        operation: None,
+        headers: &headers,
+    };
+    // Warm up: the key's entries are created, per-thread scratch space allocated.
+    for _ in 0..10 {
+        assert!(e.decide(&facts).is_admit());
+    }
+    ALLOCS.store(0, Ordering::SeqCst);
+    BYTES.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+    for _ in 0..1000 {
+        clock.advance_ns(1_000);
+        match e.decide(&facts) {
+            Decision::Admit(a) => drop(a),
+            Decision::Reject(r) => panic!("{r:?}"),
+        }
+    }
+    COUNTING.store(false, Ordering::SeqCst);
+    assert_eq!(
+        (ALLOCS.load(Ordering::SeqCst), BYTES.load(Ordering::SeqCst)),
+        (0, 0),
+        "admit path allocations"
+    );
+
+    // Bytes per tracked key: 20,000 new clients, 3 entries each (2 bandwidths +
+    // the concurrency counter).
+    let before_keys = e.tracked_keys();
+    let before = LIVE.load(Ordering::SeqCst);
+    let mut map = http::HeaderMap::new();
+    for i in 0..20_000u32 {
+        map.insert("x-api-key", format!("key-{i:016}").parse().unwrap());
+        let headers = HttpHeaders(&map);
+        let facts = RequestFacts {
+            headers: &headers,
+            ..facts
+        };
+        assert!(e.decide(&facts).is_admit());
+    }
+    let keys = e.tracked_keys() - before_keys;
+    let per_entry = (LIVE.load(Ordering::SeqCst) - before) as f64 / keys as f64;
+    eprintln!("state store: {per_entry:.0} bytes per entry over {keys} entries");
+    assert!(per_entry < 256.0, "{per_entry} bytes per entry");
+}
