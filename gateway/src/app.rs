@@ -12,6 +12,10 @@
 //! 5. `RequestBodyLimit` (413 over `limits.max_body`),
 //! 6. `AdmissionLayer` (the engine: 403 / 429 / 503),
 //! 7. [`Proxy`].
+//!
+//! The listeners are served on the caller's runtime (`runtime: multi_thread`) or on per-core
+//! threads started here (`runtime: thread_per_core`, see [`crate::runtime`]); everything else
+//! runs on the caller's runtime.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,13 +38,15 @@ use tower_http::trace::TraceLayer;
 
 use crate::admin::{self, AdminState};
 use crate::admission::GatewayObserver;
-use crate::config::{LoadedConfig, PolicySource, TargetSpec};
+use crate::config::{LoadedConfig, PolicySource, RuntimeModel, TargetSpec};
 use crate::decision_log::DecisionLog;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
 use crate::routing::{Route, RouteTable, RoutingLayer};
+use crate::runtime::{self, ListenSpec, Workers};
 use crate::server;
+use crate::tls::{Tls, TlsError};
 use crate::upstream::Pool;
 
 /// Why the gateway could not start.
@@ -68,6 +74,17 @@ pub enum StartError {
     /// The admin token file is empty.
     #[error("the admin token file {0} is empty")]
     EmptyToken(String),
+    /// A listener's TLS certificate or key cannot be used.
+    #[error("cannot use the tls certificate of listener {addr}: {source}")]
+    Tls {
+        /// The listener's configured address.
+        addr: SocketAddr,
+        /// Why.
+        source: TlsError,
+    },
+    /// The `thread_per_core` threads could not be started (runtime, socket or thread).
+    #[error("cannot start the per-core threads: {0}")]
+    PerCore(#[source] std::io::Error),
     /// Something else failed (echo upstream, decision log file).
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -85,10 +102,19 @@ pub struct Running {
     /// Reloads.
     pub reloader: Arc<Reloader>,
     stop: watch::Sender<bool>,
-    servers: JoinSet<()>,
+    servers: Servers,
     draining: Arc<AtomicBool>,
     grace: Duration,
     _watcher: Option<fairgate_policies::watch::WatchHandle>,
+}
+
+/// Where the data-plane listeners are served.
+#[derive(Debug)]
+enum Servers {
+    /// Tasks on the caller's runtime (`multi_thread`).
+    Tasks(JoinSet<()>),
+    /// Per-core threads (`thread_per_core`).
+    PerCore(Workers),
 }
 
 /// Makes `X-Request-Id` values: a random per-process prefix and a counter, 24 hex digits.
@@ -181,6 +207,10 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
     } else {
         None
     };
+    let per_core = match config.runtime {
+        RuntimeModel::MultiThread => 0,
+        RuntimeModel::ThreadPerCore => config.workers.unwrap_or_else(runtime::default_workers),
+    };
     let mut pools = Vec::new();
     let mut by_name = std::collections::HashMap::new();
     for (name, u) in &config.upstreams {
@@ -192,7 +222,7 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
                 TargetSpec::Echo => echo_addr,
             })
             .collect();
-        let pool = Arc::new(Pool::new(name, u, addrs));
+        let pool = Arc::new(Pool::new(name, u, addrs).with_per_core_clients(per_core));
         if u.health_check.is_some() {
             tokio::spawn(pool.clone().run_health_checks());
         }
@@ -238,19 +268,33 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
         .layer(AdmissionLayer::new(engine.clone()))
         .service(Proxy::new(&pools, &metrics));
 
-    // Listeners: bind everything before serving anything.
+    // Listeners: load certificates and bind everything before serving anything. These
+    // sockets resolve port 0; under thread_per_core they are the first thread's, and the
+    // other threads bind the resolved addresses.
     let mut listeners = Vec::new();
-    for addr in &config.listen {
-        let l = server::bind(*addr).map_err(|source| StartError::Bind {
-            addr: *addr,
+    let mut specs = Vec::new();
+    for l in &config.listen {
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => Some(
+                Tls::from_pem_files(&t.cert, &t.key, config.limits.handshake_timeout).map_err(
+                    |source| StartError::Tls {
+                        addr: l.address,
+                        source,
+                    },
+                )?,
+            ),
+        };
+        let bind_error = |source| StartError::Bind {
+            addr: l.address,
             source,
-        })?;
-        listeners.push(l);
+        };
+        let socket = server::bind_std(l.address).map_err(bind_error)?;
+        let addr = socket.local_addr().map_err(bind_error)?;
+        listeners.push(socket);
+        specs.push(ListenSpec { addr, tls });
     }
-    let data_addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
+    let data_addrs: Vec<SocketAddr> = specs.iter().map(|s| s.addr).collect();
     let draining = Arc::new(AtomicBool::new(false));
     let admin_addr = match &config.admin {
         None => None,
@@ -295,16 +339,31 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
 
     let builder = Arc::new(server::http_builder(&config.limits));
     let (stop, stop_rx) = watch::channel(false);
-    let mut servers = JoinSet::new();
-    for listener in listeners {
-        servers.spawn(server::serve(
-            listener,
-            stack.clone(),
-            builder.clone(),
-            "http",
-            stop_rx.clone(),
-        ));
-    }
+    let servers = match config.runtime {
+        RuntimeModel::MultiThread => {
+            let mut servers = JoinSet::new();
+            for (socket, spec) in listeners.into_iter().zip(specs) {
+                let listener = tokio::net::TcpListener::from_std(socket)?;
+                servers.spawn(server::serve(
+                    listener,
+                    stack.clone(),
+                    builder.clone(),
+                    spec.tls,
+                    stop_rx.clone(),
+                ));
+            }
+            Servers::Tasks(servers)
+        }
+        RuntimeModel::ThreadPerCore => {
+            let workers = Workers::start(per_core, &specs, listeners, stack, builder, &stop_rx)
+                .map_err(StartError::PerCore)?;
+            tracing::info!(
+                threads = workers.len(),
+                "thread_per_core: serving on per-core threads"
+            );
+            Servers::PerCore(workers)
+        }
+    };
     Ok(Running {
         data_addrs,
         admin_addr,
@@ -330,23 +389,31 @@ impl Running {
 
     /// Stops accepting, lets in-flight requests finish within the grace period, and returns.
     /// `/health` answers 503 from the moment this is called.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         self.draining.store(true, Ordering::SeqCst);
         let _ = self.stop.send(true);
         let grace = self.grace;
-        let drained = tokio::time::timeout(grace, async {
-            while self.servers.join_next().await.is_some() {}
-        })
-        .await;
-        match drained {
-            Ok(()) => tracing::info!("drained; exiting"),
-            Err(_) => {
-                tracing::warn!(
-                    grace_s = grace.as_secs_f64(),
-                    "grace period over; closing the remaining connections"
-                );
-                self.servers.abort_all();
+        let drained = match self.servers {
+            Servers::Tasks(mut servers) => {
+                let drained = tokio::time::timeout(grace, async {
+                    while servers.join_next().await.is_some() {}
+                })
+                .await
+                .is_ok();
+                if !drained {
+                    servers.abort_all();
+                }
+                drained
             }
+            Servers::PerCore(workers) => workers.drain(grace).await,
+        };
+        if drained {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!(
+                grace_s = grace.as_secs_f64(),
+                "grace period over; closing the remaining connections"
+            );
         }
     }
 }

@@ -139,7 +139,8 @@ pub fn check(file: &Path, gateway: bool) -> ExitCode {
     }
 }
 
-/// `fairgate run`: loads the config, builds the runtime, serves until SIGTERM/SIGINT.
+/// `fairgate run`: loads the config, builds the runtime (a multi-thread one, or under
+/// `thread_per_core` a current-thread control runtime), serves until SIGTERM/SIGINT.
 pub fn run(path: &Path) -> ExitCode {
     let loaded = match config::load(path) {
         Ok(l) => l,
@@ -149,12 +150,22 @@ pub fn run(path: &Path) -> ExitCode {
         }
     };
     crate::logging::init(loaded.config.log.format, &loaded.config.log.level);
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all().thread_name("fairgate-worker");
-    if let Some(n) = loaded.config.workers {
-        rt.worker_threads(n);
-    }
-    let rt = match rt.build() {
+    let rt = match loaded.config.runtime {
+        config::RuntimeModel::MultiThread => {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            rt.enable_all().thread_name("fairgate-worker");
+            if let Some(n) = loaded.config.workers {
+                rt.worker_threads(n);
+            }
+            rt.build()
+        }
+        // The control runtime (admin, reloads, health checks, builtin:echo) on this thread;
+        // `app::start` starts the per-core threads that serve the listeners.
+        config::RuntimeModel::ThreadPerCore => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -2,14 +2,16 @@
 //!
 //! A request runs through one tower stack — tower-http layers (request id, trace, body
 //! limit, sensitive headers), routing, `fairgate_middleware::AdmissionLayer`, then the
-//! [`proxy`] service — served by hyper 1 over HTTP/1.1 and h2c on one port. The engine is
+//! [`proxy`] service — served by hyper 1 over HTTP/1.1 and h2c on one port, or HTTP/1.1 and
+//! HTTP/2 (ALPN) over TLS when a listener has a certificate. The engine is
 //! the same one an axum app embeds, so the edge and the embedded forms share one code path.
 //!
 //! Modules: [`config`] (the `gateway.yaml` model and decoder), [`app`] (wiring), [`server`]
 //! (listeners, limits, graceful shutdown), [`routing`], [`proxy`], [`upstream`] (pools,
 //! balancing, health checks), [`echo`] (the built-in demo upstream), [`admission`] (request
 //! tags and the engine observer), [`admin`] (the admin API), [`metrics`], [`decision_log`],
-//! [`reload`], [`logging`], [`cli`].
+//! [`reload`], [`logging`], [`cli`], [`tls`] (TLS termination with rustls and ALPN `h2`),
+//! [`runtime`] (`multi_thread` or `thread_per_core`).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,5 +36,7 @@ pub mod problem;
 pub mod proxy;
 pub mod reload;
 pub mod routing;
+pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod upstream;

@@ -1,8 +1,11 @@
 //! Listeners and connections: binding with `SO_REUSEPORT`, serving HTTP/1.1 and h2c on one
-//! port (hyper-util `auto`), request-head limits, and graceful shutdown.
+//! port (hyper-util `auto`), HTTP/1.1 and HTTP/2 over TLS (see [`crate::tls`]), request-head
+//! limits, and graceful shutdown.
 //!
 //! `SO_REUSEPORT` lets a new gateway process bind the same port while the old one drains:
-//! start the new one, then SIGTERM the old one (see `docs/gateway.md`).
+//! start the new one, then SIGTERM the old one (see `docs/gateway.md`). It also lets the
+//! `thread_per_core` runtime give every worker thread its own socket on the same address
+//! (see [`crate::runtime`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,16 +30,24 @@ use tower::Service;
 use crate::body::BoxError;
 use crate::config::Limits;
 use crate::routing::ConnInfo;
+use crate::tls::Tls;
 
-/// Binds a listening socket with `SO_REUSEADDR` and `SO_REUSEPORT`.
+/// Binds a listening socket with `SO_REUSEADDR` and `SO_REUSEPORT` (must be called inside a
+/// tokio runtime, which the listener is registered with).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr)?)
+}
+
+/// [`bind`] without a runtime: a non-blocking std listener, to be handed to a runtime later
+/// with `TcpListener::from_std`.
+pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// The HTTP/1.1 + HTTP/2 connection builder with the configured request-head limits.
@@ -58,13 +69,17 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts connections on `listener` and serves each with a clone of `service` until `stop`
-/// turns true; then stops accepting (closing the listener), asks every connection to finish
-/// its in-flight requests and returns when they have.
+/// turns true (or its sender is dropped); then stops accepting (closing the listener), asks
+/// every connection to finish its in-flight requests and returns when they have.
+///
+/// With `tls`, each connection first completes a TLS handshake (bounded by its timeout, and
+/// abandoned when `stop` turns true) on its own task, so a slow handshake never delays the
+/// accept loop; its requests carry the scheme `https`.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    scheme: &'static str,
+    tls: Option<Tls>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -76,6 +91,7 @@ pub async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let graceful = GracefulShutdown::new();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     loop {
         let accepted = tokio::select! {
             biased;
@@ -96,12 +112,40 @@ pub async fn serve<S, B>(
             inner: service.clone(),
             info: ConnInfo { peer, scheme },
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let watched = graceful.watch(conn);
+        let Some(tls) = &tls else {
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            let watched = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = watched.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        let tls = tls.clone();
+        let builder = builder.clone();
+        let mut stop = stop.clone();
+        // Taken now, so that a shutdown starting during the handshake still reaches the
+        // connection (hyper-util's `Watcher` sees the shutdown signal sent after it was made).
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = watched.await {
+            let stream = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return,
+                handshake = tls.accept(stream) => match handshake {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "tls handshake failed");
+                        return;
+                    }
+                },
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

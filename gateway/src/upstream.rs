@@ -1,7 +1,9 @@
 //! Upstream pools: targets, load balancing, connection pooling and active health checks.
 //!
-//! Each pool owns one pooled hyper-util client (keep-alive connections per target) and picks
-//! a target per request:
+//! Each pool owns one pooled hyper-util client (keep-alive connections per target) — plus one
+//! per per-core thread under the `thread_per_core` runtime, so that a thread only reuses
+//! connections its own runtime drives (see [`crate::runtime`]) — and picks a target per
+//! request:
 //!
 //! - `p2c_ewma` (default): power of two choices over `(in_flight + 1) × peak-EWMA latency`.
 //!   We keep our own small p2c instead of `tower::balance::p2c`: that one wants a `Discover`
@@ -159,7 +161,11 @@ pub struct Pool {
     hash_key: HashKey,
     ring: Option<pingora_ketama::Continuum>,
     next: AtomicUsize,
+    /// Used by every thread except per-core threads (and by health checks).
     client: Client<HttpConnector, ProxyBody>,
+    /// One per per-core thread: `per_core[i]` on thread `i`.
+    per_core: Box<[Client<HttpConnector, ProxyBody>]>,
+    connect_timeout: Duration,
     request_timeout: Duration,
     health_check: Option<HealthCheck>,
 }
@@ -188,16 +194,7 @@ impl Pool {
                 .collect();
             pingora_ketama::Continuum::new(&buckets)
         });
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let client = new_client(config.connect_timeout);
         Pool {
             name: Arc::from(name),
             targets,
@@ -206,6 +203,8 @@ impl Pool {
             ring,
             next: AtomicUsize::new(0),
             client,
+            per_core: Box::new([]),
+            connect_timeout: config.connect_timeout,
             request_timeout: config.request_timeout,
             health_check: config.health_check.clone(),
         }
@@ -226,9 +225,22 @@ impl Pool {
         self.request_timeout
     }
 
-    /// The pooled client.
+    /// Gives the pool one more client for each of `threads` per-core threads
+    /// (`thread_per_core`); see the module docs.
+    pub fn with_per_core_clients(mut self, threads: usize) -> Pool {
+        self.per_core = (0..threads)
+            .map(|_| new_client(self.connect_timeout))
+            .collect();
+        self
+    }
+
+    /// The pooled client of the calling thread: its own on a per-core thread, the shared one
+    /// elsewhere.
     pub fn client(&self) -> &Client<HttpConnector, ProxyBody> {
-        &self.client
+        crate::runtime::client_slot()
+            .checked_sub(1)
+            .and_then(|i| self.per_core.get(i))
+            .unwrap_or(&self.client)
     }
 
     /// The header `consistent_hash` uses, if any.
@@ -315,7 +327,7 @@ impl Pool {
         let Ok(req) = req else {
             return false;
         };
-        match tokio::time::timeout(check.timeout, self.client.request(req)).await {
+        match tokio::time::timeout(check.timeout, self.client().request(req)).await {
             Ok(Ok(res)) => {
                 let s = res.status();
                 s.is_success() || s.is_redirection()
@@ -341,6 +353,20 @@ impl Pool {
             }
         }
     }
+}
+
+/// A pooled keep-alive client; its connection tasks run on the runtime that opens them.
+fn new_client(connect_timeout: Duration) -> Client<HttpConnector, ProxyBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .build(connector)
 }
 
 #[cfg(test)]
@@ -428,6 +454,28 @@ mod tests {
                 assert_eq!(pool.pick(key.as_bytes(), None).unwrap().target().addr(), a);
             }
         }
+    }
+
+    #[test]
+    fn per_core_threads_use_their_own_client() {
+        let pool = Pool::new("p", &config(Balance::RoundRobin), addrs(1)).with_per_core_clients(2);
+        std::thread::spawn(move || {
+            let is = |a: &Client<HttpConnector, ProxyBody>,
+                      b: &Client<HttpConnector, ProxyBody>| {
+                std::ptr::eq(a, b)
+            };
+            // Slot 0: not a per-core thread (multi_thread workers, the control runtime).
+            assert!(is(pool.client(), &pool.client));
+            crate::runtime::set_client_slot(1);
+            assert!(is(pool.client(), &pool.per_core[0]));
+            crate::runtime::set_client_slot(2);
+            assert!(is(pool.client(), &pool.per_core[1]));
+            // A slot the pool has no client for falls back to the shared one.
+            crate::runtime::set_client_slot(3);
+            assert!(is(pool.client(), &pool.client));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

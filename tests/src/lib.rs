@@ -79,6 +79,8 @@ pub struct Gateway {
     child: Option<Child>,
     /// The first data-plane address.
     pub data: SocketAddr,
+    /// Every data-plane address, in config order.
+    pub data_addrs: Vec<SocketAddr>,
     /// The admin address, when configured.
     pub admin: Option<SocketAddr>,
     dir: Arc<tempfile::TempDir>,
@@ -143,10 +145,11 @@ impl Gateway {
             );
             std::thread::sleep(Duration::from_millis(5));
         };
-        let (data, admin) = parse_listening(&line);
+        let (data_addrs, admin) = parse_listening(&line);
         Gateway {
             child: Some(child),
-            data,
+            data: data_addrs[0],
+            data_addrs,
             admin,
             dir,
             stdout,
@@ -216,6 +219,19 @@ impl Gateway {
         }
     }
 
+    /// The names of the process's threads (Linux: `/proc/PID/task/*/comm`; empty elsewhere).
+    pub fn thread_names(&self) -> Vec<String> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim_end().to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
@@ -244,18 +260,25 @@ fn pump<R: std::io::Read + Send + 'static>(r: R, into: Arc<Mutex<String>>) {
     });
 }
 
-fn parse_listening(line: &str) -> (SocketAddr, Option<SocketAddr>) {
-    let mut data = None;
+fn parse_listening(line: &str) -> (Vec<SocketAddr>, Option<SocketAddr>) {
+    let mut data = Vec::new();
     let mut admin = None;
     for part in line.split_whitespace() {
         if let Some(d) = part.strip_prefix("data=") {
-            data = d.split(',').next().and_then(|a| a.parse().ok());
+            data = d
+                .split(',')
+                .map(|a| a.parse().expect("a data address in the listening line"))
+                .collect();
         }
         if let Some(a) = part.strip_prefix("admin=") {
             admin = a.parse().ok();
         }
     }
-    (data.expect("data address in the listening line"), admin)
+    assert!(
+        !data.is_empty(),
+        "no data address in the listening line: {line}"
+    );
+    (data, admin)
 }
 
 // === waiting ===
@@ -739,6 +762,47 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> 
     let mut out = Vec::new();
     let _ = tokio::time::timeout(timeout, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// How many TCP sockets on this machine listen on `addr` (Linux: `/proc/net/tcp` and
+/// `/proc/net/tcp6`; 0 elsewhere). With `SO_REUSEPORT` several sockets can share one address.
+pub fn listening_sockets(addr: SocketAddr) -> usize {
+    let (file, local) = match addr {
+        SocketAddr::V4(a) => (
+            "/proc/net/tcp",
+            // The kernel prints the address as a native-endian u32; on little-endian hosts
+            // 127.0.0.1 reads 0100007F.
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            ),
+        ),
+        SocketAddr::V6(a) => {
+            let hex: String = a
+                .ip()
+                .octets()
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+                .collect();
+            ("/proc/net/tcp6", format!("{hex}:{:04X}", a.port()))
+        }
+    };
+    let Ok(table) = std::fs::read_to_string(file) else {
+        return 0;
+    };
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let mut cols = l.split_whitespace().skip(1);
+            let (Some(l_addr), _, Some(state)) = (cols.next(), cols.next(), cols.next()) else {
+                return false;
+            };
+            l_addr == local && state == LISTEN
+        })
+        .count()
 }
 
 /// A metric's value from Prometheus text (`name{labels}` exactly as printed), if present.

@@ -3,13 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use fairgate_tests::{empty, eventually, run_fairgate, Client, Gateway, Upstream};
+use fairgate_tests::{
+    empty, eventually, listening_sockets, run_fairgate, Client, Gateway, Upstream,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_0() {
     let up = Upstream::start().await;
     let mut gw = Gateway::start(&format!(
-        "listen: 127.0.0.1:0\nadmin: {{listen: 127.0.0.1:0}}\nshutdown_grace: 5s\nroutes: [{{upstream: u}}]\nupstreams: {{u: {{targets: ['{}']}}}}\nlog: {{decisions: off}}\n",
+        "listen: 127.0.0.1:0\nruntime: multi_thread\nadmin: {{listen: 127.0.0.1:0}}\nshutdown_grace: 5s\nroutes: [{{upstream: u}}]\nupstreams: {{u: {{targets: ['{}']}}}}\nlog: {{decisions: off}}\n",
         up.addr
     ));
     let c = Client::new();
@@ -39,6 +41,114 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
         .wait_exit(Duration::from_secs(5))
         .expect("exited within the grace period");
     assert!(status.success(), "{status:?}\n{}", gw.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_serves_on_per_core_sockets_and_drains_on_sigterm() {
+    let up = Upstream::start().await;
+    let mut gw = Gateway::start(&format!(
+        "listen: 127.0.0.1:0\nruntime: thread_per_core\nworkers: 2\nadmin: {{listen: 127.0.0.1:0}}\nshutdown_grace: 5s\nroutes: [{{upstream: u}}]\nupstreams: {{u: {{targets: ['{}']}}}}\nlog: {{decisions: off}}\n",
+        up.addr
+    ));
+    // Two per-core threads, each with its own SO_REUSEPORT socket on the one data address
+    // (port 0 was resolved once, not once per thread).
+    // (A thread names itself once it runs, so poll.)
+    let cores = || {
+        gw.thread_names()
+            .into_iter()
+            .filter(|n| n.starts_with("fairgate-core-"))
+            .collect::<Vec<String>>()
+    };
+    let named = eventually(Duration::from_secs(5), || async {
+        cores() == ["fairgate-core-0", "fairgate-core-1"]
+    })
+    .await;
+    assert!(named, "{:?}", gw.thread_names());
+    assert_eq!(listening_sockets(gw.data), 2);
+
+    // It serves, over many connections (spread by the kernel over both sockets).
+    for i in 0..16 {
+        let r = Client::new().get(&gw.url(&format!("/n/{i}"))).await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(up.count(), 16);
+
+    // Slow requests in flight on six connections, then SIGTERM: all of them finish.
+    let slow: Vec<_> = (0..6)
+        .map(|_| {
+            let url = gw.url("/slow?delay_ms=1000");
+            tokio::spawn(async move { Client::new().get(&url).await })
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || async { up.in_flight() == 6 }).await);
+    gw.signal("TERM");
+    let c = Client::new();
+    let health = gw.admin_url("/health");
+    let draining = eventually(Duration::from_secs(2), || {
+        let c = c.clone();
+        let health = health.clone();
+        async move {
+            let req = http::Request::get(&health).body(empty()).unwrap();
+            matches!(c.try_send(req).await, Ok(r) if r.status == 503)
+        }
+    })
+    .await;
+    assert!(draining, "/health did not report draining");
+    // The data sockets are closed while the in-flight requests still run.
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            listening_sockets(gw.data) == 0
+        })
+        .await,
+        "per-core listeners still open"
+    );
+    for s in slow {
+        assert_eq!(
+            s.await.unwrap().status,
+            200,
+            "an in-flight request must complete"
+        );
+    }
+    let status = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("exited within the grace period");
+    assert!(status.success(), "{status:?}\n{}", gw.stderr());
+}
+
+/// A request still running when `shutdown_grace` ends is cut off, and the process still
+/// exits 0, promptly.
+async fn grace_period_cuts_off_what_is_left(runtime: &str) {
+    let up = Upstream::start().await;
+    let mut gw = Gateway::start(&format!(
+        "listen: 127.0.0.1:0\nruntime: {runtime}\nworkers: 2\nshutdown_grace: 300ms\nroutes: [{{upstream: u}}]\nupstreams: {{u: {{targets: ['{}']}}}}\nlog: {{decisions: off}}\n",
+        up.addr
+    ));
+    let url = gw.url("/stuck?delay_ms=60000");
+    let stuck = tokio::spawn(async move {
+        let req = http::Request::get(&url).body(empty()).unwrap();
+        Client::new().try_send(req).await
+    });
+    assert!(eventually(Duration::from_secs(5), || async { up.in_flight() == 1 }).await);
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(5))
+        .expect("exited soon after the grace period");
+    assert!(status.success(), "{status:?}\n{}", gw.stderr());
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the stuck request must be cut off"
+    );
+    assert!(gw.stderr().contains("grace period over"), "{}", gw.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_period_cuts_off_what_is_left_multi_thread() {
+    grace_period_cuts_off_what_is_left("multi_thread").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_period_cuts_off_what_is_left_thread_per_core() {
+    grace_period_cuts_off_what_is_left("thread_per_core").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

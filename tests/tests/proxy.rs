@@ -137,13 +137,20 @@ async fn hop_by_hop_headers_are_removed_and_forwarded_for_appended() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_reuses_connections_and_h2c_works() {
     let up = Upstream::start().await;
-    let gw = Gateway::start(&config(&up, ""));
+    // Two per-core threads (the default runtime), each with its own upstream pool.
+    let gw = Gateway::start(&config(&up, "workers: 2\n"));
     let c = Client::new();
     for _ in 0..20 {
         assert_eq!(c.get(&gw.url("/k")).await.status, 200);
     }
-    // One client connection in, one pooled upstream connection out.
-    assert_eq!(up.connections(), 1, "upstream connections were not reused");
+    // Sequential requests: at most one pooled upstream connection per gateway thread (the
+    // test client may open a second connection while its first is on the way back to its
+    // pool, and the kernel may give it to the other thread).
+    assert!(
+        (1..=2).contains(&up.connections()),
+        "upstream connections were not reused: {}",
+        up.connections()
+    );
 
     let h2 = Client::h2c();
     for _ in 0..5 {

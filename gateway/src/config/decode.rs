@@ -16,9 +16,12 @@ use fairgate_policies::{Policy, PolicyErrors};
 use http::header::HeaderName;
 use http::Method;
 
+use crate::tls::TlsError;
+
 use super::model::{
-    AdminConfig, Balance, DecisionTarget, GatewayConfig, HashKey, HealthCheck, Limits, LogConfig,
-    LogFormat, PolicySource, RouteConfig, TargetSpec, UpstreamConfig,
+    AdminConfig, Balance, DecisionTarget, GatewayConfig, HashKey, HealthCheck, Limits,
+    ListenerConfig, LogConfig, LogFormat, PolicySource, RouteConfig, RuntimeModel, TargetSpec,
+    TlsConfig, UpstreamConfig,
 };
 
 /// A decoded gateway config, with its inline policy (if it has one) already decoded.
@@ -88,7 +91,9 @@ fn config(
     inline_errors: &mut Option<PolicyErrors>,
 ) -> Option<LoadedConfig> {
     let mut m = MapReader::new(ctx, root, &Path::Root)?;
-    let listen = m.required_with(ctx, "listen", |c, n, p| one_or_many(c, n, p, socket_addr));
+    let listen = m.required_with(ctx, "listen", |c, n, p| {
+        one_or_many(c, n, p, |c, n, p| listener(c, n, p, base))
+    });
     let admin = m.optional_with(ctx, "admin", |c, n, p| admin(c, n, p, base));
     let workers = m.optional_with(ctx, "workers", |c, n, p| {
         let w = uint(c, n, p, 1024)?;
@@ -98,6 +103,19 @@ fn config(
         }
         Some(w as usize)
     });
+    let runtime = m
+        .optional_with(ctx, "runtime", |c, n, p| {
+            choice(
+                c,
+                n,
+                p,
+                &[
+                    ("multi_thread", RuntimeModel::MultiThread),
+                    ("thread_per_core", RuntimeModel::ThreadPerCore),
+                ],
+            )
+        })
+        .unwrap_or_default();
     let shutdown_grace = m
         .optional_with(ctx, "shutdown_grace", duration)
         .unwrap_or(Duration::from_secs(10));
@@ -193,6 +211,7 @@ fn config(
             listen,
             admin: admin.flatten(),
             workers,
+            runtime,
             shutdown_grace,
             routes: routes?,
             upstreams: upstreams?,
@@ -217,6 +236,73 @@ fn socket_addr(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<SocketAddr
             None
         }
     }
+}
+
+/// A listener: a plain address, or `{address: ADDR, tls: {cert: PATH, key: PATH}}`.
+fn listener(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<ListenerConfig> {
+    if !matches!(node.kind, yaml::NodeKind::Map(_)) {
+        let text = scalar(
+            ctx,
+            node,
+            path,
+            "an address like `127.0.0.1:8080` or a map `{address: ADDR, tls: {cert: PATH, key: PATH}}`",
+        )?;
+        return match text.parse::<SocketAddr>() {
+            Ok(a) => Some(ListenerConfig::plain(a)),
+            Err(_) => {
+                ctx.error(
+                    node,
+                    path,
+                    format!("`{text}` is not an address like `127.0.0.1:8080` or `[::1]:8080`"),
+                );
+                None
+            }
+        };
+    }
+    let mut m = MapReader::new(ctx, node, path)?;
+    let address = m.required_with(ctx, "address", socket_addr);
+    let tls = m.optional_with(ctx, "tls", |c, n, p| tls(c, n, p, base));
+    m.finish(ctx);
+    Some(ListenerConfig {
+        address: address?,
+        tls,
+    })
+}
+
+/// A listener's `tls` map. The files are loaded here too, so that a missing or invalid
+/// certificate or key is reported at its place in the file (and by `fairgate check`).
+fn tls(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<TlsConfig> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let file = |c: &mut Ctx, n: &Node, p: &Path<'_>| {
+        let s = scalar(c, n, p, "a PEM file path")?;
+        if s.is_empty() {
+            c.error(n, p, "must not be empty");
+            return None;
+        }
+        Some(base.join(s))
+    };
+    let cert = m.required_with(ctx, "cert", file);
+    let key = m.required_with(ctx, "key", file);
+    let cert_node = m.entry("cert").map_or(node, |e| e.value);
+    let key_node = m.entry("key").map_or(node, |e| e.value);
+    m.finish(ctx);
+    let (cert, key) = (cert?, key?);
+    if let Err(e) = crate::tls::server_config(&cert, &key) {
+        let cert_path = path.key("cert");
+        let key_path = path.key("key");
+        // The certificate is read first, so a read or PEM error on its path is about it
+        // even when one file holds both.
+        let (at, at_path) = match (&e, e.path()) {
+            (TlsError::NoKey(_), _) => (key_node, &key_path),
+            (TlsError::NoCertificate(_), _) => (cert_node, &cert_path),
+            (_, Some(f)) if f == cert => (cert_node, &cert_path),
+            (_, Some(f)) if f == key => (key_node, &key_path),
+            _ => (node, path),
+        };
+        ctx.error(at, at_path, e.to_string());
+        return None;
+    }
+    Some(TlsConfig { cert, key })
 }
 
 fn duration(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Duration> {
@@ -548,12 +634,14 @@ fn limits(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Limits> {
         ByteSize::decode(c, n, p).map(|b| b.0)
     });
     let header_read_timeout = m.optional_with(ctx, "header_read_timeout", positive_duration);
+    let handshake_timeout = m.optional_with(ctx, "handshake_timeout", positive_duration);
     m.finish(ctx);
     Some(Limits {
         max_header_bytes: max_header_bytes.unwrap_or(d.max_header_bytes),
         max_headers: max_headers.unwrap_or(d.max_headers),
         max_body: max_body.unwrap_or(d.max_body),
         header_read_timeout: header_read_timeout.unwrap_or(d.header_read_timeout),
+        handshake_timeout: handshake_timeout.unwrap_or(d.handshake_timeout),
     })
 }
 

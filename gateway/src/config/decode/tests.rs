@@ -21,6 +21,7 @@ admin:
   listen: 127.0.0.1:9090
   token_file: admin.token
 workers: 2
+runtime: multi_thread
 shutdown_grace: 5s
 routes:
   - name: export
@@ -46,6 +47,7 @@ limits:
   max_headers: 50
   max_body: 1MiB
   header_read_timeout: 5s
+  handshake_timeout: 3s
 policy: policy.yaml
 log:
   decisions: decisions.jsonl
@@ -58,7 +60,15 @@ log:
 #[test]
 fn decodes_every_field() {
     let c = parse_ok(FULL).config;
-    assert_eq!(c.listen.len(), 2);
+    assert_eq!(
+        c.listen,
+        [
+            ListenerConfig::plain("127.0.0.1:8080".parse().unwrap()),
+            ListenerConfig::plain("[::1]:8080".parse().unwrap()),
+        ]
+    );
+    assert_eq!(c.runtime, RuntimeModel::MultiThread);
+    assert_eq!(c.limits.handshake_timeout, Duration::from_secs(3));
     let admin = c.admin.unwrap();
     assert_eq!(admin.listen.port(), 9090);
     assert_eq!(
@@ -112,6 +122,8 @@ fn minimal_config_gets_defaults_and_an_empty_policy() {
     assert!(c.admin.is_none());
     assert_eq!(c.shutdown_grace, Duration::from_secs(10));
     assert_eq!(c.limits.max_headers, 100);
+    assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(c.runtime, RuntimeModel::ThreadPerCore);
     assert_eq!(c.log.decisions, DecisionTarget::Stdout);
     assert_eq!(c.upstreams["u"].balance, Balance::P2cEwma);
     assert!(loaded.inline_policy.is_some());
@@ -205,4 +217,127 @@ fn syntax_errors_do_not_panic() {
     assert!(e.starts_with("gw.yaml:"), "{e}");
     let e = parse_err("- just\n- a list\n");
     assert!(e.contains("expected a mapping"), "{e}");
+}
+
+/// A temp dir with `cert.pem` and `key.pem` (self-signed, `localhost`) and a config parser
+/// that resolves relative paths against it.
+struct TlsDir(tempfile::TempDir);
+
+impl TlsDir {
+    fn new() -> TlsDir {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("garbage.pem"), "garbage\n").unwrap();
+        TlsDir(dir)
+    }
+
+    fn parse(&self, listen: &str) -> Result<LoadedConfig, PolicyErrors> {
+        let src = format!(
+            "listen:\n{listen}\nroutes: [{{upstream: u}}]\nupstreams: {{u: {{targets: [builtin:echo]}}}}\n"
+        );
+        parse(&src, "gw.yaml", &self.0.path().join("gw.yaml"))
+    }
+}
+
+#[test]
+fn listeners_mix_plain_addresses_and_tls_maps() {
+    let d = TlsDir::new();
+    let c = d
+        .parse("  - 127.0.0.1:8080\n  - {address: 127.0.0.1:8443, tls: {cert: cert.pem, key: key.pem}}\n  - address: '[::1]:8081'")
+        .unwrap()
+        .config;
+    assert_eq!(c.listen.len(), 3);
+    assert_eq!(
+        c.listen[0],
+        ListenerConfig::plain("127.0.0.1:8080".parse().unwrap())
+    );
+    let tls = c.listen[1].tls.as_ref().unwrap();
+    assert_eq!(c.listen[1].address.port(), 8443);
+    assert_eq!(tls.cert, d.0.path().join("cert.pem"));
+    assert_eq!(tls.key, d.0.path().join("key.pem"));
+    assert_eq!(
+        c.listen[2],
+        ListenerConfig::plain("[::1]:8081".parse().unwrap())
+    );
+}
+
+#[test]
+fn tls_errors_point_at_the_file_that_is_wrong() {
+    let d = TlsDir::new();
+    let errors = |listen: &str| d.parse(listen).unwrap_err().to_string();
+    // Line 2 is the first listener; columns are those of the values.
+    let e = errors("  - {address: 127.0.0.1:0, tls: {cert: nope.pem, key: key.pem}}");
+    let missing = d.0.path().join("nope.pem");
+    assert!(
+        e.starts_with(&format!(
+            "gw.yaml:2:40: listen[0].tls.cert: cannot read `{}`: ",
+            missing.display()
+        )),
+        "{e}"
+    );
+    let e = errors("  - {address: 127.0.0.1:0, tls: {cert: garbage.pem, key: key.pem}}");
+    assert_eq!(
+        e,
+        format!(
+            "gw.yaml:2:40: listen[0].tls.cert: `{}` holds no PEM certificate",
+            d.0.path().join("garbage.pem").display()
+        )
+    );
+    let e = errors("  - {address: 127.0.0.1:0, tls: {cert: cert.pem, key: cert.pem}}");
+    assert!(
+        e.starts_with("gw.yaml:2:55: listen[0].tls.key: `")
+            && e.contains("holds no PEM private key"),
+        "{e}"
+    );
+    // A key of another certificate: the pair is wrong, reported at `tls`.
+    let other = TlsDir::new();
+    let e = errors(&format!(
+        "  - {{address: 127.0.0.1:0, tls: {{cert: cert.pem, key: '{}'}}}}",
+        other.0.path().join("key.pem").display()
+    ));
+    assert!(
+        e.starts_with(
+            "gw.yaml:2:33: listen[0].tls: the certificate and key cannot be used together"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn tls_map_shape_errors_are_reported_at_once() {
+    let d = TlsDir::new();
+    let e = d
+        .parse("  - {address: nowhere, tls: {cert: cert.pem, kee: key.pem}}\n  - {tls: {cert: '', key: key.pem}}")
+        .unwrap_err()
+        .to_string();
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "gw.yaml:2:15: listen[0].address: `nowhere` is not an address like `127.0.0.1:8080` or `[::1]:8080`",
+            "gw.yaml:2:29: listen[0].tls: missing field `key`",
+            "gw.yaml:2:46: listen[0].tls.kee: unknown field `kee` (did you mean `key`?)",
+            "gw.yaml:3:5: listen[1]: missing field `address`",
+            "gw.yaml:3:18: listen[1].tls.cert: must not be empty",
+        ],
+        "{e}"
+    );
+}
+
+#[test]
+fn runtime_and_handshake_timeout_are_checked() {
+    let e = parse_err(
+        "listen: 127.0.0.1:0\nruntime: green_threads\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\nlimits: {handshake_timeout: 0s}\n",
+    );
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "gw.yaml:2:10: runtime: unknown value `green_threads` (expected one of `multi_thread`, `thread_per_core`)",
+            "gw.yaml:5:29: limits.handshake_timeout: must be greater than zero",
+        ],
+        "{e}"
+    );
 }
