@@ -321,6 +321,7 @@ impl PolicyStore {
                     unchanged(&old)
                 } else {
                     new.version = old.version + 1;
+                    reuse_bandwidth_ids(&mut new, &old);
                     let report = diff(&old, &new);
                     self.inner.current.store(Arc::new(new));
                     report
@@ -523,4 +524,39 @@ fn diff(old: &CompiledPolicy, new: &CompiledPolicy) -> ReloadReport {
         v.dedup();
     }
     report
+}
+
+/// Makes every bandwidth id of `new` whose text the `old` policy also has point at the old
+/// policy's `Arc<str>`, so an id keeps one allocation across generations. Runtime state may key
+/// buckets by the id's address (the engine does); without this, every reload would bring a new
+/// allocation per id and such a table would grow with each reload.
+fn reuse_bandwidth_ids(new: &mut CompiledPolicy, old: &CompiledPolicy) {
+    let known: std::collections::HashMap<&str, &Arc<str>> =
+        old.bandwidths().map(|b| (&*b.id, &b.id)).collect();
+    let mut relink = |bw: &mut crate::compiled::CompiledBandwidth| {
+        if let Some(id) = known.get(&*bw.id) {
+            bw.id = Arc::clone(id);
+        }
+    };
+    // Freshly compiled: every Arc below is unique, so get_mut succeeds; if one were shared,
+    // skipping it only costs the optimisation, never correctness.
+    if let Some(plans) = Arc::get_mut(&mut new.plans) {
+        for plan in plans.iter_mut() {
+            if let Some(bws) = Arc::get_mut(&mut plan.bandwidths) {
+                bws.iter_mut().for_each(&mut relink);
+            }
+        }
+    }
+    for quota in new.clients.values_mut() {
+        if let Some(bws) = quota.bandwidths.as_mut().and_then(Arc::get_mut) {
+            bws.iter_mut().for_each(&mut relink);
+        }
+    }
+    if let Some(rules) = Arc::get_mut(&mut new.rules) {
+        for rule in rules.iter_mut() {
+            if let crate::compiled::CompiledAction::Limit { bandwidth, .. } = &mut rule.action {
+                relink(bandwidth);
+            }
+        }
+    }
 }

@@ -297,3 +297,25 @@ fn readers_see_only_published_policies_in_order() {
     assert_eq!(store.version(), 1 + SWAPS as u64);
     assert_eq!(store.last_reload().succeeded, SWAPS as u64);
 }
+
+#[test]
+fn a_reload_keeps_one_allocation_per_bandwidth_id() {
+    // Runtime state may key buckets by the id's address; a new Arc per reload would make such
+    // a table grow with every reload.
+    let store = PolicyStore::from_yaml_str(BASE, "base.yaml").unwrap();
+    let before = store.load_full();
+    let ids = |p: &fairgate_policies::CompiledPolicy| {
+        let mut v: Vec<Arc<str>> = p.bandwidths().map(|b| Arc::clone(&b.id)).collect();
+        v.sort();
+        v
+    };
+    let changed = BASE.replace("100/s", "200/s").replace("gone-later", "renamed");
+    store.reload_from_str(&changed, "base.yaml").unwrap();
+    let after = store.load_full();
+    assert_eq!(after.version, 2);
+    for id in ids(&after) {
+        let old = ids(&before).into_iter().find(|o| *o == id);
+        let old = old.unwrap_or_else(|| panic!("{id} not in the old policy"));
+        assert!(Arc::ptr_eq(&old, &id), "{id} was reallocated by the reload");
+    }
+}
