@@ -9,7 +9,9 @@
 //! own share, without the policy matcher). With two threads the time is wall time per
 //! decision over both threads (throughput), not per-thread latency.
 //!
-//! Run: `cargo bench -p fairgate-benches --bench engine`.
+//! Run: `cargo bench -p fairgate-benches --bench engine`. For stable instruction counts of
+//! the same decisions (wall time on a shared VM is noisy), profile
+//! `middleware/examples/admit_profile.rs` under callgrind; its doc comment has the command.
 
 use std::hint::black_box;
 use std::num::NonZeroU32;

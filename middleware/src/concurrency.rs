@@ -20,7 +20,7 @@ use crate::decision::{CompletionEvent, Outcome};
 use crate::engine::Shared;
 use crate::gcra::Params;
 use crate::identify::ClientKey;
-use crate::state::Entry;
+use crate::state::{Entry, OVERFLOW};
 
 /// How post-hoc cost is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,18 +123,29 @@ impl Ticket {
 
     fn charge(&self, ph: &PostHocCharge, units: u64) {
         let now = self.shared.clock.now();
-        for bw in ph.bandwidths.iter() {
-            let p = Params {
-                t: bw.t_ns,
-                c: bw.c_ns,
-            };
-            // A full table cannot take new debt; the client is then at worst as it was.
-            let _ = self
-                .shared
-                .state
-                .with_entry(&bw.id, self.client.as_str(), now, bw.c_ns, |e| {
-                    e.charge_debt(now, p, units)
+        let key = self.client.as_str();
+        let state = &self.shared.state;
+        let params = |bw: &CompiledBandwidth| Params {
+            t: bw.t_ns,
+            c: bw.c_ns,
+        };
+        // A full table cannot take new debt; the client is then at worst as it was.
+        let Ok(map) = state.with_client(key, now, &ph.bandwidths, |e, map| {
+            for (bw, &s) in ph.bandwidths.iter().zip(map) {
+                if s != OVERFLOW {
+                    e.slot(s).charge_debt(now, params(bw), units);
+                }
+            }
+            *map
+        }) else {
+            return;
+        };
+        for (i, bw) in ph.bandwidths.iter().enumerate() {
+            if map.get(i).is_none_or(|&s| s == OVERFLOW) {
+                let _ = state.with_entry(&bw.id, key, now, bw.c_ns, |e| {
+                    e.charge_debt(now, params(bw), units)
                 });
+            }
         }
     }
 }

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,10 +39,10 @@ use crate::decision::{
 };
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
-use crate::quota::{self, Charges, Consumed};
+use crate::quota::{self, Charges, Consumed, Permit};
 use crate::rules::{self, RuleKeys, RuleReject, ShadowHit, Sketch};
 use crate::shed::{ShedConfig, Shedder};
-use crate::state::{LiveScopes, Store, CONCURRENCY_SCOPE};
+use crate::state::{LiveScopes, Store, CLIENT_SCOPE};
 
 /// The facts about one request the engine decides on; borrowed from the request.
 pub struct RequestFacts<'a> {
@@ -115,10 +115,14 @@ pub(crate) struct Shared {
     pub(crate) state: Store,
     pub(crate) shed: Shedder,
     pub(crate) observer: ArcSwapOption<Arc<dyn Observer>>,
+    /// Set once an observer is set: until then a decision skips loading `observer`.
+    has_observer: AtomicBool,
     prepared: ArcSwap<Prepared>,
+    /// Set by the store's reload listener: `prepared` may be behind the store. Lets a
+    /// decision check one flag instead of loading the store's policy as well.
+    stale: Arc<AtomicBool>,
     rebuild: Mutex<()>,
     hasher: RandomState,
-    concurrency_scope: Arc<str>,
     shadow_rejects: AtomicU64,
     kept: Mutex<Vec<Box<dyn Send + Sync>>>,
 }
@@ -142,6 +146,10 @@ impl Engine {
 
     /// An engine with an injected clock (tests, simulations).
     pub fn with_clock(store: PolicyStore, clock: Arc<dyn Clock>) -> Arc<Engine> {
+        // Registered before the first load, so no reload can slip between the two.
+        let stale = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stale);
+        store.on_reload(move |_| flag.store(true, Ordering::Release));
         let policy = store.load_full();
         let state = Store::new(policy.state.max_keys);
         let shed = Shedder::default();
@@ -153,10 +161,11 @@ impl Engine {
                 state,
                 shed,
                 observer: ArcSwapOption::empty(),
+                has_observer: AtomicBool::new(false),
                 prepared: ArcSwap::from_pointee(prepared),
+                stale,
                 rebuild: Mutex::new(()),
                 hasher: RandomState::new(),
-                concurrency_scope: Arc::from(CONCURRENCY_SCOPE),
                 shadow_rejects: AtomicU64::new(0),
                 kept: Mutex::new(Vec::new()),
             }),
@@ -171,6 +180,7 @@ impl Engine {
     /// Sets (replaces) the observer of decisions and completions.
     pub fn set_observer(&self, obs: Arc<dyn Observer>) {
         self.shared.observer.store(Some(Arc::new(obs)));
+        self.shared.has_observer.store(true, Ordering::Release);
     }
 
     /// Keeps `handle` (e.g. a policy file watcher) alive as long as the engine.
@@ -247,6 +257,14 @@ impl Engine {
     fn prepared(&self) -> Guard<Arc<Prepared>> {
         let sh = &*self.shared;
         let prep = sh.prepared.load();
+        // No reload since the last check: `prep` is current (a reload still publishing
+        // its listener call is seen by the next decision).
+        if !sh.stale.load(Ordering::Acquire) {
+            return prep;
+        }
+        // Cleared before the store is read: a reload after this sets it again. (A plain
+        // load first: no write to a shared cache line on the common path.)
+        sh.stale.store(false, Ordering::Release);
         let cur = sh.store.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
             return prep;
@@ -305,8 +323,11 @@ impl Engine {
         }
         let cost = op.map_or(1, |o| o.cost);
         let op_name = view.operation;
-        let observer = sh.observer.load();
-        let observer: Option<&Arc<dyn Observer>> = observer.as_deref();
+        let observer = sh
+            .has_observer
+            .load(Ordering::Acquire)
+            .then(|| sh.observer.load());
+        let observer: Option<&Arc<dyn Observer>> = observer.as_ref().and_then(|o| o.as_deref());
 
         let mut d = Deciding {
             sh,
@@ -372,14 +393,31 @@ impl Engine {
         let mut borrowed = false;
         let mut ratelimit = None;
         let mut permit = None;
+        // The concurrency permit still to take (the quota check takes it on the way when
+        // it can: one lookup of the client's entry for both).
+        let mut concurrency = q.concurrency;
         if !rules_out.allowed {
             if let Some(bws) = q.bandwidths {
-                match quota::consume(&sh.state, bws, ck, cost, now, &mut charges) {
+                match quota::consume(&sh.state, bws, concurrency, ck, cost, now, &mut charges) {
                     Err(_) => {
                         charges.rollback_from(0, &sh.state, now);
                         return d.reject_full(pol, plan_name, shadow_hits);
                     }
-                    Ok(Consumed::Admitted { tightest }) => {
+                    Ok(Consumed::Admitted {
+                        tightest,
+                        permit: got,
+                    }) => {
+                        match got {
+                            Permit::NotTried => {}
+                            Permit::Taken(p) => {
+                                permit = Some(p);
+                                concurrency = None;
+                            }
+                            Permit::Refused => {
+                                charges.rollback_from(0, &sh.state, now);
+                                return d.reject_concurrency(pol, plan_name, shadow_hits);
+                            }
+                        }
                         if d.headers == HeaderMode::Always {
                             ratelimit =
                                 tightest.map(|(bw, tat)| quota::ratelimit_info(bw, tat, now));
@@ -417,27 +455,15 @@ impl Engine {
                     }
                 }
             }
-            if let Some(limit) = q.concurrency {
-                let got = sh.state.with_entry(&sh.concurrency_scope, ck, now, 0, |e| {
+            if let Some(limit) = concurrency {
+                let got = sh.state.with_client(ck, now, &[], |e, _| {
                     e.try_acquire(u64::from(limit)).then(|| Arc::clone(e))
                 });
                 match got {
                     Ok(Some(p)) => permit = Some(p),
                     Ok(None) => {
                         charges.rollback_from(0, &sh.state, now);
-                        return d.reject(Rejection {
-                            status: pol.responses.quota_status,
-                            stage: Stage::Concurrency,
-                            rule: None,
-                            plan: plan_name.cloned(),
-                            bandwidth: None,
-                            client_key: client_key.clone(),
-                            retry_after: Some(Duration::from_secs(1)),
-                            ratelimit: None,
-                            delay: None,
-                            delay_guard: None,
-                            shadow_hits,
-                        });
+                        return d.reject_concurrency(pol, plan_name, shadow_hits);
                     }
                     Err(_) => {
                         charges.rollback_from(0, &sh.state, now);
@@ -527,7 +553,7 @@ impl Engine {
         let q = quota::resolve(pol, key, None);
         let in_flight = sh
             .state
-            .with_existing(CONCURRENCY_SCOPE, key, |e| e.in_flight())
+            .with_existing(CLIENT_SCOPE, key, |e| e.in_flight())
             .unwrap_or(0);
         let bandwidths: Vec<BandwidthUsage> = q
             .bandwidths
@@ -536,7 +562,11 @@ impl Engine {
                     .map(|bw| {
                         let tat = sh
                             .state
-                            .with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns))
+                            .with_client_slot(key, &bw.id, |b| b.peek(now, bw.c_ns))
+                            .or_else(|| {
+                                sh.state
+                                    .with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns))
+                            })
                             .unwrap_or(0);
                         BandwidthUsage {
                             id: Arc::clone(&bw.id),
@@ -571,11 +601,17 @@ impl Engine {
         let mut best: Vec<(f64, String)> = Vec::with_capacity(n + 1);
         self.shared.state.for_each(|e| {
             let scope = e.scope();
-            if !(scope.starts_with("plan:") || scope.starts_with("client:")) {
+            if !(scope == CLIENT_SCOPE
+                || scope.starts_with("plan:")
+                || scope.starts_with("client:"))
+            {
                 return;
             }
-            let cap = e.capacity().max(1);
-            let used = e.tat().saturating_sub(now).min(cap) as f64 / cap as f64;
+            let mut used = 0.0f64;
+            e.for_each_bucket(|tat, cap| {
+                let cap = cap.max(1);
+                used = used.max(tat.saturating_sub(now).min(cap) as f64 / cap as f64);
+            });
             if used <= 0.0 {
                 return;
             }
@@ -645,6 +681,27 @@ impl Deciding<'_> {
             });
         }
         Decision::Reject(r)
+    }
+
+    fn reject_concurrency(
+        &mut self,
+        pol: &CompiledPolicy,
+        plan: Option<&Arc<str>>,
+        shadow_hits: u32,
+    ) -> Decision {
+        self.reject(Rejection {
+            status: pol.responses.quota_status,
+            stage: Stage::Concurrency,
+            rule: None,
+            plan: plan.cloned(),
+            bandwidth: None,
+            client_key: self.client_key.clone(),
+            retry_after: Some(Duration::from_secs(1)),
+            ratelimit: None,
+            delay: None,
+            delay_guard: None,
+            shadow_hits,
+        })
     }
 
     fn reject_full(
@@ -760,6 +817,7 @@ impl Prepared {
                 scopes.extend(bws.iter().map(|b| Arc::clone(&b.id)));
             }
         }
+        state.pin_ids(scopes.iter());
         state.set_live_scopes(LiveScopes::new(scopes));
         state.set_max_keys(policy.state.max_keys);
         let shed_cfg = policy.shedding.as_ref().map(ShedConfig::from_model);

@@ -248,7 +248,20 @@ impl<'s> Lines<'s> {
         let mut seen = 0usize;
         for k in 0..self.count.min(MAX_LINES) {
             let line = self.ring[(self.count - 1 - k) % MAX_LINES];
-            for item in line.rsplit(',') {
+            // `line.rsplit(',')` by hand: the generic pattern searcher costs more than
+            // the rest of the walk for the usual one- or two-item line.
+            let mut rest = Some(line);
+            while let Some(cur) = rest {
+                let item = match cur.as_bytes().iter().rposition(|&b| b == b',') {
+                    Some(i) => {
+                        rest = Some(&cur[..i]);
+                        &cur[i + 1..]
+                    }
+                    None => {
+                        rest = None;
+                        cur
+                    }
+                };
                 let Some(text) = node(item) else { continue };
                 seen += 1;
                 if seen > MAX_HOPS {
@@ -267,8 +280,16 @@ impl<'s> Lines<'s> {
 
 /// An `X-Forwarded-For` item: the trimmed text; empty items are skipped.
 fn xff_node(item: &str) -> Option<&str> {
-    let item = item.trim();
+    let item = trim(item);
     (!item.is_empty()).then_some(item)
+}
+
+/// `str::trim`, skipped when both ends are plainly not whitespace (printable ASCII).
+fn trim(s: &str) -> &str {
+    match (s.as_bytes().first(), s.as_bytes().last()) {
+        (Some(a), Some(z)) if a.is_ascii_graphic() && z.is_ascii_graphic() => s,
+        _ => s.trim(),
+    }
 }
 
 /// A `Forwarded` element (`for=a;proto=http`): its `for=` value. An element without one
@@ -291,8 +312,11 @@ fn forwarded_node(element: &str) -> Option<&str> {
 /// not. IPv4-mapped IPv6 folds to IPv4.
 pub fn parse_node(node: &str) -> Option<IpAddr> {
     // Fast path: a bare IPv4 address, the usual X-Forwarded-For entry.
+    if let Some(v4) = parse_ipv4(node.as_bytes()) {
+        return Some(IpAddr::V4(v4));
+    }
     let trimmed = node.trim();
-    if let Ok(v4) = trimmed.parse::<Ipv4Addr>() {
+    if let Some(v4) = parse_ipv4(trimmed.as_bytes()) {
         return Some(IpAddr::V4(v4));
     }
     let mut s = trimmed;
@@ -314,6 +338,40 @@ pub fn parse_node(node: &str) -> Option<IpAddr> {
         s.parse::<IpAddr>().ok()?
     };
     Some(canonical_ip(ip))
+}
+
+/// Dotted-quad IPv4 exactly as `Ipv4Addr::from_str` accepts it (four decimal octets of one
+/// to three digits, no leading zeros, each ≤ 255), in one pass over the bytes: about a
+/// fifth of the standard parser's instructions on this path.
+fn parse_ipv4(b: &[u8]) -> Option<Ipv4Addr> {
+    if b.len() < 7 || b.len() > 15 {
+        return None;
+    }
+    let mut octets = [0u8; 4];
+    let mut i = 0usize;
+    for (n, octet) in octets.iter_mut().enumerate() {
+        if n > 0 {
+            if b.get(i) != Some(&b'.') {
+                return None;
+            }
+            i += 1;
+        }
+        let start = i;
+        let mut v: u32 = 0;
+        while let Some(&c) = b.get(i) {
+            if !c.is_ascii_digit() || i - start == 3 {
+                break;
+            }
+            v = v * 10 + u32::from(c - b'0');
+            i += 1;
+        }
+        let digits = i - start;
+        if digits == 0 || (digits > 1 && b[start] == b'0') {
+            return None;
+        }
+        *octet = u8::try_from(v).ok()?;
+    }
+    (i == b.len()).then_some(Ipv4Addr::from(octets))
 }
 
 fn is_port(p: &str) -> bool {
@@ -480,6 +538,58 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_ipv4_parser_agrees_with_std() {
+        let cases = [
+            "1.2.3.4",
+            "255.255.255.255",
+            "0.0.0.0",
+            "192.0.2.44",
+            "256.1.1.1",
+            "01.2.3.4",
+            "1.2.3.04",
+            "1.2.3",
+            "1.2.3.4.5",
+            "1..3.4",
+            ".1.2.3",
+            "1.2.3.",
+            "1234.1.1.1",
+            "1.2.3.4 ",
+            " 1.2.3.4",
+            "1.2.3.4:80",
+            "a.b.c.d",
+            "1.2.3.-4",
+            "+1.2.3.4",
+            "0.0.0.00",
+            "999.999.999.999",
+            "10.0.0.255",
+            "",
+            "::1",
+        ];
+        for c in cases {
+            assert_eq!(
+                parse_ipv4(c.as_bytes()),
+                c.parse::<Ipv4Addr>().ok(),
+                "{c:?}"
+            );
+        }
+        // Every short string over the characters that matter.
+        let alphabet = b"0129.5";
+        let mut buf = Vec::new();
+        for len in 0..=8usize {
+            let total = alphabet.len().pow(len as u32);
+            for mut k in 0..total {
+                buf.clear();
+                for _ in 0..len {
+                    buf.push(alphabet[k % alphabet.len()]);
+                    k /= alphabet.len();
+                }
+                let text = std::str::from_utf8(&buf).unwrap_or("");
+                assert_eq!(parse_ipv4(&buf), text.parse::<Ipv4Addr>().ok(), "{text:?}");
+            }
+        }
+    }
 
     struct H(Vec<(&'static str, &'static str)>);
 

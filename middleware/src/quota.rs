@@ -19,7 +19,7 @@ use crate::clock::Nanos;
 use crate::decision::RateLimitInfo;
 use crate::gcra::{self, Params, Verdict};
 use crate::rules::Sketch;
-use crate::state::{Full, Store};
+use crate::state::{Entry, Full, SlotMap, Store, OVERFLOW};
 
 /// The quota that applies to one request.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +78,12 @@ pub(crate) fn ratelimit_info(bw: &CompiledBandwidth, tat: Nanos, now: Nanos) -> 
 /// One consumption to give back on rollback.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Charge<'x> {
+    /// A slot of `key`'s client entry: refund `amount` ns.
+    Slot {
+        id: &'x Arc<str>,
+        key: &'x str,
+        amount: Nanos,
+    },
     /// A GCRA bucket: refund `amount` ns.
     Bucket {
         scope: &'x Arc<str>,
@@ -132,6 +138,9 @@ impl<'x> Charges<'x> {
                 }
             };
             match c {
+                Charge::Slot { id, key, amount } => {
+                    store.with_client_slot(key, id, |b| b.refund(now, amount));
+                }
                 Charge::Bucket { scope, key, amount } => {
                     store.with_existing(scope, key, |e| e.refund(now, amount));
                 }
@@ -141,6 +150,17 @@ impl<'x> Charges<'x> {
     }
 }
 
+/// The concurrency permit a quota check took, if it got that far.
+#[derive(Debug)]
+pub(crate) enum Permit {
+    /// Not tried (no limit, or left to the caller: see [`consume`]).
+    NotTried,
+    /// Taken: the client entry whose counter the ticket releases.
+    Taken(Arc<Entry>),
+    /// Refused: the limit is reached.
+    Refused,
+}
+
 /// The outcome of consuming a plan's bandwidths.
 #[derive(Debug)]
 pub(crate) enum Consumed<'p> {
@@ -148,6 +168,7 @@ pub(crate) enum Consumed<'p> {
     /// with its TAT after the charge.
     Admitted {
         tightest: Option<(&'p CompiledBandwidth, Nanos)>,
+        permit: Permit,
     },
     /// `bandwidth` rejected (the earlier ones were rolled back).
     Rejected {
@@ -157,18 +178,55 @@ pub(crate) enum Consumed<'p> {
     },
 }
 
-/// Checks and consumes `cost` on every bandwidth for `key`, all or nothing.
+/// Fewest remaining so far: (bandwidth, TAT after the charge, remaining).
+type Tightest<'p> = Option<(&'p CompiledBandwidth, Nanos, u64)>;
+
+/// Checks and consumes `cost` on every bandwidth for `key`, all or nothing, then, when
+/// all are admitted and `concurrency` is set, takes a permit of that limit: one lookup of
+/// the client entry when every bandwidth lives in its slots. The permit is left to the
+/// caller ([`Permit::NotTried`]) when some bandwidth lives in its own entry.
 pub(crate) fn consume<'x>(
     store: &Store,
     bandwidths: &'x [CompiledBandwidth],
+    concurrency: Option<u32>,
     key: &'x str,
     cost: u64,
     now: Nanos,
     charges: &mut Charges<'x>,
 ) -> Result<Consumed<'x>, Full> {
     let start = charges.len();
-    let mut tightest: Option<(&CompiledBandwidth, Nanos, u64)> = None;
-    for bw in bandwidths {
+    let mut tightest: Tightest<'x> = None;
+    let (slotted, map) = store.with_client(key, now, bandwidths, |e, map| {
+        let r = consume_slots(e, map, bandwidths, key, cost, now, charges, &mut tightest);
+        let r = match r {
+            None => {
+                let all_slotted =
+                    bandwidths.len() <= map.len() && !map[..bandwidths.len()].contains(&OVERFLOW);
+                let permit = match concurrency {
+                    Some(limit) if all_slotted => {
+                        if e.try_acquire(u64::from(limit)) {
+                            Permit::Taken(Arc::clone(e))
+                        } else {
+                            Permit::Refused
+                        }
+                    }
+                    _ => Permit::NotTried,
+                };
+                Ok(permit)
+            }
+            Some(rejected) => Err(rejected),
+        };
+        (r, *map)
+    })?;
+    let permit = match slotted {
+        Ok(permit) => permit,
+        Err(rejected) => return Ok(rejected),
+    };
+    // Bandwidths in their own entries (beyond the slots, or no free slot).
+    for (i, bw) in bandwidths.iter().enumerate() {
+        if map.get(i).is_some_and(|&s| s != OVERFLOW) {
+            continue;
+        }
         let p = params(bw);
         let result = store.with_entry(&bw.id, key, now, bw.c_ns, |e| e.consume(now, p, cost));
         let verdict = match result {
@@ -185,10 +243,7 @@ pub(crate) fn consume<'x>(
                     key,
                     amount: cost.saturating_mul(p.t),
                 });
-                let left = gcra::remaining(tat, now, p);
-                if tightest.is_none_or(|(_, _, l)| left < l) {
-                    tightest = Some((bw, tat, left));
-                }
+                note_tightest(&mut tightest, bw, tat, now, p);
             }
             Verdict::Reject { wait } => {
                 charges.rollback_from(start, store, now);
@@ -204,5 +259,66 @@ pub(crate) fn consume<'x>(
     }
     Ok(Consumed::Admitted {
         tightest: tightest.map(|(bw, tat, _)| (bw, tat)),
+        permit,
     })
+}
+
+fn note_tightest<'p>(
+    tightest: &mut Tightest<'p>,
+    bw: &'p CompiledBandwidth,
+    tat: Nanos,
+    now: Nanos,
+    p: Params,
+) {
+    let left = gcra::remaining(tat, now, p);
+    if tightest.is_none_or(|(_, _, l)| left < l) {
+        *tightest = Some((bw, tat, left));
+    }
+}
+
+/// Consumes on the slotted bandwidths of a client entry; on a rejection, refunds what it
+/// consumed here and returns the rejection.
+#[allow(clippy::too_many_arguments)] // one call site; the parts are the decision's own
+fn consume_slots<'x>(
+    e: &Entry,
+    map: &SlotMap,
+    bandwidths: &'x [CompiledBandwidth],
+    key: &'x str,
+    cost: u64,
+    now: Nanos,
+    charges: &mut Charges<'x>,
+    tightest: &mut Tightest<'x>,
+) -> Option<Consumed<'x>> {
+    for (i, (bw, &slot)) in bandwidths.iter().zip(map).enumerate() {
+        if slot == OVERFLOW {
+            continue;
+        }
+        let p = params(bw);
+        let bucket = e.slot(slot);
+        match bucket.consume(now, p, cost) {
+            Verdict::Admit { tat } => note_tightest(tightest, bw, tat, now, p),
+            Verdict::Reject { wait } => {
+                for (earlier, &s) in bandwidths[..i].iter().zip(map) {
+                    if s != OVERFLOW {
+                        e.slot(s).refund(now, cost.saturating_mul(earlier.t_ns));
+                    }
+                }
+                return Some(Consumed::Rejected {
+                    bandwidth: bw,
+                    wait,
+                    tat: bucket.tat(),
+                });
+            }
+        }
+    }
+    for (bw, &slot) in bandwidths.iter().zip(map) {
+        if slot != OVERFLOW {
+            charges.push(Charge::Slot {
+                id: &bw.id,
+                key,
+                amount: cost.saturating_mul(bw.t_ns),
+            });
+        }
+    }
+    None
 }

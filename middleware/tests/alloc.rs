@@ -100,8 +100,8 @@ fn steady_state_admit_allocates_nothing_and_entries_are_small() {
         "admit path allocations"
     );
 
-    // Bytes per tracked key: 20,000 new clients, 3 entries each (2 bandwidths +
-    // the concurrency counter).
+    // Bytes per tracked key: 20,000 new clients, one entry each (the concurrency
+    // counter and both bandwidths' buckets).
     let before_keys = e.tracked_keys();
     let before = LIVE.load(Ordering::SeqCst);
     let mut map = http::HeaderMap::new();

@@ -539,13 +539,23 @@ default_plan: free
     assert_eq!(u.bandwidths[0].limit.remaining, 12);
     assert!((u.bandwidths[0].fill_fraction - 0.6).abs() < 1e-9);
     assert_eq!(admit_n(&e, &r, 30), 12);
-    // Removing the daily bandwidth drops its state on the next prune.
-    assert_eq!(e.tracked_keys(), 2);
+    let daily = |e: &fairgate_middleware::Engine| {
+        e.client_usage("192.0.2.1").unwrap().bandwidths[1]
+            .limit
+            .remaining
+    };
+    assert_eq!(daily(&e), 1000 - 16);
+    // One entry per client: its concurrency counter and both bandwidths' buckets.
+    assert_eq!(e.tracked_keys(), 1);
+    // Removing the daily bandwidth drops its state on the next prune: added back, it
+    // starts full.
     store
         .reload_from_str(&yaml(20, false), "test.yaml")
         .unwrap();
     e.prune();
-    assert_eq!(e.tracked_keys(), 1);
+    assert_eq!(e.tracked_keys(), 1, "the other bandwidth is still in use");
+    store.reload_from_str(&yaml(20, true), "test.yaml").unwrap();
+    assert_eq!(daily(&e), 1000);
     clock.advance(Duration::from_secs(60));
     e.prune();
     assert_eq!(e.tracked_keys(), 0, "full buckets carry no information");
