@@ -10,8 +10,10 @@
 //! response ends, with the status and latency. [`with_route`] clears it afterwards, so
 //! nothing leaks into the next request on the thread.
 
+use std::borrow::Borrow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -21,6 +23,7 @@ use fairgate_middleware::{
     CompletionEvent, DecisionEvent, DecisionKind, Observer, Operation, PeerAddr,
 };
 use http::Request;
+use prometheus_client::metrics::counter::Counter;
 
 use crate::decision_log::{rfc3339, DecisionLog, DecisionRecord};
 use crate::metrics::{DecisionLabels, Metrics};
@@ -79,25 +82,101 @@ fn current_route() -> Option<String> {
     CURRENT_ROUTE.with(|c| c.borrow().as_deref().map(str::to_owned))
 }
 
-/// Interns label values so counting a decision allocates nothing once a name was seen.
+/// The pre-resolved `fairgate_requests_total` counters, one per label set seen, so counting a
+/// decision is one hash lookup over borrowed names and an atomic increment: no allocation,
+/// no lock, no lookup in the metric family. Label sets are bounded (stages, decisions, and
+/// the rule and plan names of the config and policy); a new set is resolved once, through
+/// the family, and added copy-on-write.
 #[derive(Debug, Default)]
-struct Interner {
-    map: ArcSwap<HashMap<Box<str>, Arc<str>>>,
+struct DecisionCounters {
+    map: ArcSwap<HashMap<OwnedLabels, Counter>>,
 }
 
-impl Interner {
-    fn get(&self, s: &str) -> Arc<str> {
-        if let Some(v) = self.map.load().get(s) {
-            return v.clone();
+/// The names of one label set, borrowed (for lookups) or owned (as map keys).
+trait LabelView {
+    fn parts(&self) -> (&str, &str, &str, &str);
+}
+
+impl Hash for dyn LabelView + '_ {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.parts().hash(h);
+    }
+}
+
+impl PartialEq for dyn LabelView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn LabelView + '_ {}
+
+/// A label set as a map key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OwnedLabels {
+    stage: &'static str,
+    decision: &'static str,
+    rule: Box<str>,
+    plan: Box<str>,
+}
+
+impl LabelView for OwnedLabels {
+    fn parts(&self) -> (&str, &str, &str, &str) {
+        (self.stage, self.decision, &self.rule, &self.plan)
+    }
+}
+
+impl Hash for OwnedLabels {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // Must hash like `dyn LabelView`, which lookups use.
+        self.parts().hash(h);
+    }
+}
+
+impl<'a> Borrow<dyn LabelView + 'a> for OwnedLabels {
+    fn borrow(&self) -> &(dyn LabelView + 'a) {
+        self
+    }
+}
+
+/// A label set of one decision, borrowed from the event.
+struct LabelRef<'a> {
+    stage: &'static str,
+    decision: &'static str,
+    rule: &'a str,
+    plan: &'a str,
+}
+
+impl LabelView for LabelRef<'_> {
+    fn parts(&self) -> (&str, &str, &str, &str) {
+        (self.stage, self.decision, self.rule, self.plan)
+    }
+}
+
+impl DecisionCounters {
+    fn count(&self, metrics: &Metrics, labels: &LabelRef<'_>) {
+        if let Some(c) = self.map.load().get(labels as &dyn LabelView) {
+            c.inc();
+            return;
         }
-        let v: Arc<str> = Arc::from(s);
-        // Names are bounded (rules, plans, stages), so this copy-on-write map stays small.
+        let counter = metrics.decision_counter(&DecisionLabels {
+            stage: Arc::from(labels.stage),
+            decision: Arc::from(labels.decision),
+            rule: Arc::from(labels.rule),
+            plan: Arc::from(labels.plan),
+        });
+        counter.inc();
+        let key = OwnedLabels {
+            stage: labels.stage,
+            decision: labels.decision,
+            rule: Box::from(labels.rule),
+            plan: Box::from(labels.plan),
+        };
         self.map.rcu(|m| {
             let mut m = HashMap::clone(m);
-            m.entry(Box::from(s)).or_insert_with(|| v.clone());
+            m.entry(key.clone()).or_insert_with(|| counter.clone());
             m
         });
-        v
     }
 }
 
@@ -107,7 +186,7 @@ impl Interner {
 pub struct GatewayObserver {
     metrics: Arc<Metrics>,
     log: DecisionLog,
-    names: Interner,
+    counters: DecisionCounters,
 }
 
 impl GatewayObserver {
@@ -116,7 +195,18 @@ impl GatewayObserver {
         GatewayObserver {
             metrics,
             log,
-            names: Interner::default(),
+            counters: DecisionCounters::default(),
+        }
+    }
+
+    /// Logs a rejection's line, built only when the log is on and the line is within its
+    /// key's budget (a flood is only counted, for the summary line).
+    fn log_rejection(&self, e: &DecisionEvent<'_>) {
+        if self
+            .log
+            .admit_rejection(e.rule, e.stage.map(|s| s.as_str()), e.plan)
+        {
+            self.log.log(self.record(e));
         }
     }
 
@@ -145,23 +235,24 @@ impl GatewayObserver {
 
 impl Observer for GatewayObserver {
     fn on_decision(&self, e: &DecisionEvent<'_>) {
-        let labels = DecisionLabels {
-            stage: self.names.get(e.stage.map_or("none", |s| s.as_str())),
-            decision: self.names.get(e.kind.as_str()),
-            rule: self.names.get(e.rule.unwrap_or("")),
-            plan: self.names.get(e.plan.unwrap_or("")),
-        };
-        self.metrics.decision(&labels);
+        self.counters.count(
+            &self.metrics,
+            &LabelRef {
+                stage: e.stage.map_or("none", |s| s.as_str()),
+                decision: e.kind.as_str(),
+                rule: e.rule.unwrap_or(""),
+                plan: e.plan.unwrap_or(""),
+            },
+        );
         match e.kind {
             DecisionKind::Reject => {
                 if e.stage == Some(fairgate_middleware::Stage::Shed) {
-                    self.metrics
-                        .shed(&self.names.get(priority_name(e.priority)));
+                    self.metrics.shed(priority_name(e.priority));
                 }
-                self.log.log(self.record(e));
+                self.log_rejection(e);
             }
             DecisionKind::ShadowReject => {
-                self.log.log(self.record(e));
+                self.log_rejection(e);
             }
             DecisionKind::Admit | DecisionKind::Borrowed => {
                 if let Some(l) = e.limit {
@@ -207,12 +298,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn interner_returns_the_same_arc() {
-        let i = Interner::default();
-        let a = i.get("free");
-        let b = i.get("free");
-        assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(&*i.get("pro"), "pro");
+    fn decision_counters_count_into_the_family() {
+        let metrics = Metrics::new();
+        let counters = DecisionCounters::default();
+        let labels = |rule| LabelRef {
+            stage: "rules",
+            decision: "reject",
+            rule,
+            plan: "",
+        };
+        counters.count(&metrics, &labels("bad-bot"));
+        counters.count(&metrics, &labels("bad-bot"));
+        counters.count(&metrics, &labels("other"));
+        assert_eq!(counters.map.load().len(), 2);
+        let text = metrics.encode();
+        assert!(text.contains(
+            r#"fairgate_requests_total{stage="rules",decision="reject",rule="bad-bot",plan=""} 2"#
+        ));
+        assert!(text.contains(
+            r#"fairgate_requests_total{stage="rules",decision="reject",rule="other",plan=""} 1"#
+        ));
     }
 
     #[test]

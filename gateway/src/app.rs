@@ -6,7 +6,8 @@
 //!
 //! 1. `SetSensitiveRequestHeaders` (`Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key`
 //!    are never logged),
-//! 2. `SetRequestId` (`X-Request-Id`, kept when the client sent one) and `PropagateRequestId`,
+//! 2. [`RequestIdLayer`] (`X-Request-Id`, kept when the client sent one, copied onto the
+//!    response),
 //! 3. `Trace` (one span per request, at `debug`),
 //! 4. [`RoutingLayer`] (404 / 405 here, before admission; tags route and operation),
 //! 5. `RequestBodyLimit` (413 over `limits.max_body`),
@@ -18,21 +19,17 @@
 //! runs on the caller's runtime.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fairgate_middleware::{AdmissionLayer, Engine};
 use fairgate_policies::{PolicyErrors, PolicyStore};
 use http::header::{self, HeaderName};
-use http::Request;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
@@ -43,6 +40,7 @@ use crate::decision_log::DecisionLog;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
+use crate::request_id::RequestIdLayer;
 use crate::routing::{Route, RouteTable, RoutingLayer};
 use crate::runtime::{self, ListenSpec, Workers};
 use crate::server;
@@ -115,21 +113,6 @@ enum Servers {
     Tasks(JoinSet<()>),
     /// Per-core threads (`thread_per_core`).
     PerCore(Workers),
-}
-
-/// Makes `X-Request-Id` values: a random per-process prefix and a counter, 24 hex digits.
-#[derive(Clone, Debug)]
-struct RequestIds {
-    prefix: u32,
-    next: Arc<AtomicU64>,
-}
-
-impl MakeRequestId for RequestIds {
-    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:08x}{n:016x}", self.prefix);
-        http::HeaderValue::from_str(&id).ok().map(RequestId::new)
-    }
 }
 
 /// Starts everything `loaded` describes; returns once every listener is bound.
@@ -255,11 +238,7 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
             header::COOKIE,
             HeaderName::from_static("x-api-key"),
         ]))
-        .layer(SetRequestIdLayer::x_request_id(RequestIds {
-            prefix: fastrand::u32(..),
-            next: Arc::new(AtomicU64::new(1)),
-        }))
-        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(RequestIdLayer::new(fastrand::u32(..)))
         .layer(TraceLayer::new_for_http())
         .layer(RoutingLayer::new(table))
         .layer(RequestBodyLimitLayer::new(

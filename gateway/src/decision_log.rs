@@ -4,6 +4,10 @@
 //! Every rejection is logged, but flooding is aggregated: at most `max_rejections_per_rule`
 //! lines per rule (or per stage and plan, for quota rejections) per second; the rest of that
 //! second becomes one `summary` line with the count. Admits are sampled at `sample_admits`.
+//! The request path asks [`DecisionLog::admit_rejection`] before it builds a rejection's line:
+//! past the per-key budget of the current window it only counts the rejection (one atomic
+//! increment), so a flood costs no line building, channel traffic or writer work; the writer
+//! owns the window, resets the budgets when it rolls and reports what they suppressed.
 //! When the writer falls behind, lines are dropped, counted in
 //! `fairgate_decision_log_dropped_total` and reported in a `dropped` summary line.
 //!
@@ -16,14 +20,17 @@
 //! Rejections are written at decision time (`latency_ms` is `null`); a sampled admit is
 //! written when its response ends, with the response status and the latency.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fs::OpenOptions;
+use std::hash::{Hash, Hasher};
 use std::io::{self, BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::config::{DecisionTarget, LogConfig};
@@ -82,6 +89,158 @@ pub struct DecisionLog {
     tx: Option<SyncSender<DecisionRecord>>,
     sample_admits: f64,
     dropped: Arc<AtomicU64>,
+    budgets: Arc<Budgets>,
+}
+
+/// The aggregation key of a rejection's line, borrowed (lookups) or owned (map keys): the
+/// rule, or the stage and plan.
+trait KeyView {
+    fn parts(&self) -> (Option<&str>, &str, &str);
+}
+
+impl Hash for dyn KeyView + '_ {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.parts().hash(h);
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OwnedKey {
+    rule: Option<Box<str>>,
+    stage: Box<str>,
+    plan: Box<str>,
+}
+
+impl KeyView for OwnedKey {
+    fn parts(&self) -> (Option<&str>, &str, &str) {
+        (self.rule.as_deref(), &self.stage, &self.plan)
+    }
+}
+
+impl Hash for OwnedKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // Must hash like `dyn KeyView`, which lookups use.
+        self.parts().hash(h);
+    }
+}
+
+impl<'a> Borrow<dyn KeyView + 'a> for OwnedKey {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
+struct KeyRef<'a> {
+    rule: Option<&'a str>,
+    stage: &'a str,
+    plan: &'a str,
+}
+
+impl KeyView for KeyRef<'_> {
+    fn parts(&self) -> (Option<&str>, &str, &str) {
+        (self.rule, self.stage, self.plan)
+    }
+}
+
+/// One key's budget in the writer's current window.
+#[derive(Debug)]
+struct Budget {
+    /// The key as summary lines show it: the rule, or `stage/plan`.
+    name: String,
+    /// Lines let through this window.
+    written: AtomicU64,
+    /// Rejections counted, not sent, this window.
+    suppressed: AtomicU64,
+}
+
+impl Budget {
+    fn spend(&self, max: u64) -> bool {
+        if self.written.fetch_add(1, Ordering::Relaxed) < max {
+            true
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// Per-key line budgets, shared by the producers and the writer. Keys are bounded (rules,
+/// and stage × plan), so the copy-on-write map stays small.
+#[derive(Debug)]
+struct Budgets {
+    max_per_key: u64,
+    map: ArcSwap<HashMap<OwnedKey, Arc<Budget>>>,
+}
+
+impl Budgets {
+    fn new(max_per_key: u64) -> Budgets {
+        Budgets {
+            max_per_key,
+            map: ArcSwap::default(),
+        }
+    }
+
+    /// Spends one line of `key`'s budget; false (and counted) when it is spent.
+    fn spend(&self, key: &KeyRef<'_>) -> bool {
+        if let Some(b) = self.map.load().get(key as &dyn KeyView) {
+            return b.spend(self.max_per_key);
+        }
+        self.insert(key).spend(self.max_per_key)
+    }
+
+    fn insert(&self, key: &KeyRef<'_>) -> Arc<Budget> {
+        let owned = OwnedKey {
+            rule: key.rule.map(Box::from),
+            stage: Box::from(key.stage),
+            plan: Box::from(key.plan),
+        };
+        let fresh = Arc::new(Budget {
+            name: aggregation_key(key.rule, Some(key.stage), Some(key.plan)),
+            written: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        });
+        self.map.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.entry(owned.clone()).or_insert_with(|| fresh.clone());
+            m
+        });
+        // Whichever budget won the race is the one in the map.
+        self.map
+            .load()
+            .get(key as &dyn KeyView)
+            .cloned()
+            .unwrap_or(fresh)
+    }
+
+    /// Starts a new window: every budget is refilled; returns what each suppressed.
+    fn roll(&self) -> Vec<(String, u64)> {
+        let map = self.map.load();
+        let mut out = Vec::new();
+        for b in map.values() {
+            b.written.store(0, Ordering::Relaxed);
+            let n = b.suppressed.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                out.push((b.name.clone(), n));
+            }
+        }
+        out
+    }
+}
+
+/// The aggregation key of a rejection: the rule, or `stage/plan`.
+fn aggregation_key(rule: Option<&str>, stage: Option<&str>, plan: Option<&str>) -> String {
+    match rule {
+        Some(rule) => rule.to_owned(),
+        None => format!("{}/{}", stage.unwrap_or(""), plan.unwrap_or("")),
+    }
 }
 
 // === impl DecisionLog ===
@@ -93,6 +252,7 @@ impl DecisionLog {
             tx: None,
             sample_admits: 0.0,
             dropped: Arc::new(AtomicU64::new(0)),
+            budgets: Arc::new(Budgets::new(0)),
         }
     }
 
@@ -124,7 +284,9 @@ impl DecisionLog {
     ) -> DecisionLog {
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
+        let budgets = Arc::new(Budgets::new(u64::from(max_per_rule)));
         let writer = Writer {
+            budgets: budgets.clone(),
             rx,
             out: BufWriter::with_capacity(64 * 1024, out),
             max_per_rule: u64::from(max_per_rule),
@@ -143,6 +305,7 @@ impl DecisionLog {
             tx: Some(tx),
             sample_admits,
             dropped,
+            budgets,
         }
     }
 
@@ -151,6 +314,33 @@ impl DecisionLog {
         self.tx.is_some()
             && self.sample_admits > 0.0
             && (self.sample_admits >= 1.0 || fastrand::f64() < self.sample_admits)
+    }
+
+    /// Whether a rejection's line (`reject` or `shadow_reject`) should be built and
+    /// [`log`](Self::log)ged: false when the log is off, and false — the rejection is then
+    /// counted in its key's `summary` line — once its key (the rule, or the stage and plan)
+    /// has had `max_rejections_per_rule` lines in the current one-second window. Ask before
+    /// building the line: past the budget this is one map lookup and an atomic increment.
+    pub fn admit_rejection(
+        &self,
+        rule: Option<&str>,
+        stage: Option<&str>,
+        plan: Option<&str>,
+    ) -> bool {
+        // The same key as the writer's: a rule's lines share one budget whatever the plan.
+        let key = match rule {
+            Some(_) => KeyRef {
+                rule,
+                stage: "",
+                plan: "",
+            },
+            None => KeyRef {
+                rule,
+                stage: stage.unwrap_or(""),
+                plan: plan.unwrap_or(""),
+            },
+        };
+        self.tx.is_some() && self.budgets.spend(&key)
     }
 
     /// True when lines are written at all.
@@ -174,6 +364,7 @@ impl DecisionLog {
 }
 
 struct Writer {
+    budgets: Arc<Budgets>,
     rx: Receiver<DecisionRecord>,
     out: BufWriter<Box<dyn Write + Send>>,
     max_per_rule: u64,
@@ -222,6 +413,10 @@ impl Writer {
 
     fn roll(&mut self) {
         let time = rfc3339(SystemTime::now());
+        // What the request path counted without sending joins what was suppressed here.
+        for (key, n) in self.budgets.roll() {
+            self.counts.entry(key).or_insert((0, 0)).1 += n;
+        }
         let mut keys: Vec<_> = self
             .counts
             .iter()
@@ -254,14 +449,7 @@ impl Writer {
 
     fn write(&mut self, record: DecisionRecord) {
         if record.decision == "reject" || record.decision == "shadow_reject" {
-            let key = match (&record.rule, record.stage) {
-                (Some(rule), _) => rule.clone(),
-                (None, stage) => format!(
-                    "{}/{}",
-                    stage.unwrap_or(""),
-                    record.plan.as_deref().unwrap_or("")
-                ),
-            };
+            let key = aggregation_key(record.rule.as_deref(), record.stage, record.plan.as_deref());
             let entry = self.counts.entry(key).or_insert((0, 0));
             if entry.0 >= self.max_per_rule {
                 entry.1 += 1;
@@ -401,6 +589,42 @@ mod tests {
         ] {
             assert!(keys.iter().any(|x| x.as_str() == k), "missing {k}");
         }
+    }
+
+    #[test]
+    fn rejections_past_the_budget_are_counted_not_sent() {
+        let buf = Shared::default();
+        let log = DecisionLog::with_writer(Box::new(buf.clone()), 0.0, 3);
+        let sent = (0..50)
+            .filter(|_| log.admit_rejection(Some("bad-bot"), Some("rule"), None))
+            .inspect(|_| {
+                log.log(record("reject", Some("bad-bot")));
+            })
+            .count();
+        assert_eq!(sent, 3);
+        // A rule's budget is shared whatever the plan; quota rejections are keyed by
+        // stage and plan.
+        assert!(!log.admit_rejection(Some("bad-bot"), Some("rule"), Some("pro")));
+        assert!(log.admit_rejection(None, Some("quota"), Some("free")));
+        assert!(log.admit_rejection(None, Some("quota"), Some("pro")));
+        assert!(!DecisionLog::off().admit_rejection(Some("bad-bot"), None, None));
+        drop(log);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let l = lines(&buf);
+            if l.iter().any(|v| v["type"] == "summary") || Instant::now() > deadline {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        let l = lines(&buf);
+        assert_eq!(l.iter().filter(|v| v["rule"] == "bad-bot").count(), 3);
+        let summary = l
+            .iter()
+            .find(|v| v["type"] == "summary")
+            .expect("summary line");
+        assert_eq!(summary["key"], "bad-bot");
+        assert_eq!(summary["suppressed"], 48);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! fairgate's reverse-proxy gateway: the `fairgate` binary.
 //!
-//! A request runs through one tower stack — tower-http layers (request id, trace, body
-//! limit, sensitive headers), routing, `fairgate_middleware::AdmissionLayer`, then the
+//! A request runs through one tower stack — tower-http layers (trace, body limit, sensitive
+//! headers), the request id, routing, `fairgate_middleware::AdmissionLayer`, then the
 //! [`proxy`] service — served by hyper 1 over HTTP/1.1 and h2c on one port, or HTTP/1.1 and
 //! HTTP/2 (ALPN) over TLS when a listener has a certificate. The engine is
 //! the same one an axum app embeds, so the edge and the embedded forms share one code path.
@@ -10,8 +10,8 @@
 //! (listeners, limits, graceful shutdown), [`routing`], [`proxy`], [`upstream`] (pools,
 //! balancing, health checks), [`echo`] (the built-in demo upstream), [`admission`] (request
 //! tags and the engine observer), [`admin`] (the admin API), [`metrics`], [`decision_log`],
-//! [`reload`], [`logging`], [`cli`], [`tls`] (TLS termination with rustls and ALPN `h2`),
-//! [`runtime`] (`multi_thread` or `thread_per_core`).
+//! [`reload`], [`request_id`] (`X-Request-Id`), [`logging`], [`cli`], [`tls`] (TLS
+//! termination with rustls and ALPN `h2`), [`runtime`] (`multi_thread` or `thread_per_core`).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod problem;
 pub mod proxy;
 pub mod reload;
+pub mod request_id;
 pub mod routing;
 pub mod runtime;
 pub mod server;

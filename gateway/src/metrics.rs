@@ -32,7 +32,7 @@ pub struct DecisionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PriorityLabels {
-    priority: Arc<str>,
+    priority: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -272,13 +272,15 @@ impl Metrics {
         self.requests.get_or_create(labels).inc();
     }
 
-    /// Counts one shed request.
-    pub fn shed(&self, priority: &Arc<str>) {
-        self.shed
-            .get_or_create(&PriorityLabels {
-                priority: priority.clone(),
-            })
-            .inc();
+    /// The `fairgate_requests_total` counter of one label set, to be held and incremented
+    /// without a label lookup per request (it stays part of the family).
+    pub fn decision_counter(&self, labels: &DecisionLabels) -> Counter {
+        self.requests.get_or_create(labels).clone()
+    }
+
+    /// Counts one shed request (`priority`: `critical`, `normal`, `borrowed`, `sheddable`).
+    pub fn shed(&self, priority: &'static str) {
+        self.shed.get_or_create(&PriorityLabels { priority }).inc();
     }
 
     /// Counts an admit that left the client under 20% of a quota.
@@ -358,7 +360,7 @@ mod tests {
             rule: "".into(),
             plan: "free".into(),
         });
-        m.shed(&Arc::from("sheddable"));
+        m.shed("sheddable");
         m.reload(false, 0);
         m.refresh(EngineSnapshot {
             in_flight: 5,

@@ -45,7 +45,6 @@ use crate::upstream::Pool;
 static VIA: HeaderValue = HeaderValue::from_static("1.1 fairgate");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The proxy service. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -308,32 +307,54 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The hop-by-hop headers removed by name; `Connection` (first) also names others.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` and `Connection: upgrade` stay.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One pass over the names finds which are there: most messages carry none or one
+    // (`Connection: keep-alive`), and a removal is a hash lookup each.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
     }
-    headers.remove(header::CONNECTION);
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(header::PROXY_AUTHENTICATE);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    headers.remove(HeaderName::from_static("proxy-connection"));
-    headers.remove(header::TE);
-    headers.remove(header::TRAILER);
-    headers.remove(header::TRANSFER_ENCODING);
+    if present[0] {
+        // Headers named in `Connection` are hop-by-hop too. The values are cheap clones
+        // (shared bytes); only a second `Connection` line makes a `Vec`.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let more: Vec<HeaderValue> = values.cloned().collect();
+        headers.remove(header::CONNECTION);
+        for v in first.iter().chain(&more) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim) {
+                if keep_upgrade && token.eq_ignore_ascii_case("upgrade") {
+                    continue;
+                }
+                // Looked up by `&str`: no name is allocated; an invalid one matches nothing.
+                headers.remove(token);
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present[i] && !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -364,6 +385,17 @@ fn prepare_request_headers(
 
 /// Appends `ip` to `X-Forwarded-For`, merging several header lines into one list.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    if let std::net::IpAddr::V4(v4) = ip {
+        if !headers.contains_key(&X_FORWARDED_FOR) {
+            // The common case, the peer alone: no string, no formatting machinery.
+            let mut buf = [0u8; 15];
+            let n = write_ipv4(&mut buf, v4);
+            if let Ok(v) = HeaderValue::from_bytes(&buf[..n]) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+            return;
+        }
+    }
     let mut list = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR).iter() {
         if let Ok(s) = v.to_str() {
@@ -379,6 +411,28 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
     if let Ok(v) = HeaderValue::from_str(&list) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
+}
+
+/// Writes `ip` in dotted-decimal form into `buf`; returns the length.
+fn write_ipv4(buf: &mut [u8; 15], ip: std::net::Ipv4Addr) -> usize {
+    let mut n = 0;
+    for (i, o) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if o >= 100 {
+            buf[n] = b'0' + o / 100;
+            n += 1;
+        }
+        if o >= 10 {
+            buf[n] = b'0' + (o / 10) % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + o % 10;
+        n += 1;
+    }
+    n
 }
 
 /// A request body that hands itself back through `tx` if it is dropped before ever being
@@ -494,6 +548,17 @@ mod tests {
         let mut h = HeaderMap::new();
         append_forwarded_for(&mut h, "::1".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "::1");
+        for ip in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.200.9.99",
+            "1.20.100.0",
+        ] {
+            let mut h = HeaderMap::new();
+            append_forwarded_for(&mut h, ip.parse().unwrap());
+            assert_eq!(h["x-forwarded-for"], ip);
+        }
     }
 
     #[tokio::test]
