@@ -309,7 +309,9 @@ fn a_reload_keeps_one_allocation_per_bandwidth_id() {
         v.sort();
         v
     };
-    let changed = BASE.replace("100/s", "200/s").replace("gone-later", "renamed");
+    let changed = BASE
+        .replace("100/s", "200/s")
+        .replace("gone-later", "renamed");
     store.reload_from_str(&changed, "base.yaml").unwrap();
     let after = store.load_full();
     assert_eq!(after.version, 2);
