@@ -11,119 +11,18 @@
 //!
 //! Run: `cargo bench -p fairgate-benches --bench engine`. For stable instruction counts of
 //! the same decisions (wall time on a shared VM is noisy), profile
-//! `middleware/examples/admit_profile.rs` under callgrind; its doc comment has the command.
+//! `benches/src/bin/admit_profile.rs` under callgrind; its doc comment has the command.
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fairgate_middleware::{Decision, Engine, HeaderValues, RequestFacts};
-use fairgate_policies::compiled::HeaderSource;
+use fairgate_benches::{core_policy, decide, keys, POLICY};
+use fairgate_middleware::Engine;
 use fairgate_policies::PolicyStore;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-
-const POLICY: &str = "version: 1
-identify:
-  trusted_proxies: [10.0.0.0/8]
-  client_key: [{header: x-api-key}]
-rules:
-  - name: bad-net-1
-    when: {ip: [203.0.113.0/24, 198.51.100.0/24]}
-    action: deny
-  - name: bad-net-2
-    when: {ip: ['2001:db8:dead::/48']}
-    action: deny
-  - name: scanners
-    when: {user_agent: {contains: [sqlmap, nikto, masscan]}}
-    action: deny
-  - name: old-clients
-    when: {user_agent: {prefix: 'legacy-client/0.'}}
-    action: deny
-  - name: admin
-    when: {path: {prefix: /admin}}
-    action: deny
-  - name: dotfiles
-    when: {path: {glob: '**/.*'}}
-    action: deny
-  - name: login
-    when: {path: /login, method: [POST]}
-    action: {limit: {rate: 5/min}}
-  - name: debug-header
-    when: {headers: [{name: x-debug, present: true}]}
-    action: deny
-  - name: batch
-    when: {headers: [{name: x-batch, present: true}]}
-    action: {tag: {priority: sheddable}}
-  - name: wp
-    when: {path: {regex: '^/wp-(admin|login)'}}
-    action: deny
-plans:
-  free:
-    bandwidths: ['1000000000/s burst 1000000000', '100000000000/day burst 100000000000']
-    concurrency: 1000
-  pro:
-    bandwidths: ['1000000000/s burst 2000000000', '200000000000/day burst 200000000000']
-    concurrency: 2000
-default_plan: free
-shedding:
-  limit: {static: 100000}
-state: {max_keys: 4000000}
-";
-
-/// Headers without the `http` crate: user-agent, forwarded-for and the API key.
-struct Headers<'a> {
-    key: &'a str,
-}
-
-impl HeaderSource for Headers<'_> {
-    fn header(&self, name: &str) -> Option<&str> {
-        match name {
-            "x-api-key" => Some(self.key),
-            "user-agent" => Some("bench-client/1.0"),
-            "x-forwarded-for" => Some("192.0.2.44"),
-            _ => None,
-        }
-    }
-}
-
-impl HeaderValues for Headers<'_> {
-    fn for_each_value<'s>(&'s self, name: &str, f: &mut dyn FnMut(&'s str) -> ControlFlow<()>) {
-        if let Some(v) = self.header(name) {
-            let _ = f(v);
-        }
-    }
-}
-
-fn decide(engine: &Engine, key: &str) {
-    let headers = Headers { key };
-    let facts = RequestFacts {
-        peer: "10.1.2.3".parse().expect("peer"),
-        method: "GET",
-        host: "api.example",
-        path: "/v1/items",
-        query: None,
-        operation: None,
-        headers: &headers,
-    };
-    match engine.decide(&facts) {
-        Decision::Admit(a) => drop(black_box(a)),
-        Decision::Reject(r) => panic!("the bench policy must admit: {r:?}"),
-    }
-}
-
-/// [`POLICY`] without its `rules:` section.
-fn core_policy() -> String {
-    let start = POLICY.find("rules:").expect("rules");
-    let end = POLICY.find("plans:").expect("plans");
-    format!("{}{}", &POLICY[..start], &POLICY[end..])
-}
-
-fn keys(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("api-key-{i:012}")).collect()
-}
 
 fn governor() -> DefaultKeyedRateLimiter<String> {
     let q = Quota::per_second(NonZeroU32::new(1_000_000_000).expect("nonzero"));
