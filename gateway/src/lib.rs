@@ -25,13 +25,17 @@
 pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;
 pub mod decision_log;
 pub mod echo;
+pub mod fleet;
+pub mod framing;
 pub mod logging;
 pub mod metrics;
+pub mod outbound;
 pub mod problem;
 pub mod proxy;
 pub mod reload;

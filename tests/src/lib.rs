@@ -10,6 +10,11 @@
 //!   (so a test can be "another client") or speaking h2c with prior knowledge;
 //! - [`eventually`] polls a condition with a deadline: tests never sleep to synchronise.
 
+pub mod load;
+pub mod proc;
+pub mod raw;
+pub mod redis;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};

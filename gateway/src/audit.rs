@@ -1,0 +1,1 @@
+//! `fairgate audit`: replays a decision log against an exact reference limiter.

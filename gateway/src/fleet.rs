@@ -1,0 +1,1 @@
+//! Wiring of the fleet-wide (Redis) state backend into the gateway.

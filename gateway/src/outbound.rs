@@ -1,0 +1,1 @@
+//! Outbound protection towards upstream pools: coalescing, caching, outbound limits, retries.

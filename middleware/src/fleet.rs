@@ -1,0 +1,1 @@
+//! Fleet-wide state on Redis: the state-backend trait and its Redis implementation.

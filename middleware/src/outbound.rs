@@ -1,0 +1,1 @@
+//! The caller's side: tower layers for HTTP clients (coalesce, cache, outbound limits, retry).

@@ -1,0 +1,1 @@
+//! Nightly-tier scenarios (redis): run by `scripts/nightly.sh`, not by `.ci/run`.
