@@ -3,7 +3,7 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
-//! | GET | `/health` | 200 while serving, 503 while draining (no token needed) |
+//! | GET | `/health` | 200 `ok` while serving (`degraded` while Redis is unreachable), 503 while draining (no token needed) |
 //! | GET | `/status` | gateway version, policy version and hash, last reload, uptime |
 //! | GET | `/policy` | the active policy as JSON |
 //! | POST | `/reload` | reload the policy now |
@@ -183,7 +183,11 @@ async fn health(State(state): State<Arc<AdminState>>) -> Response {
     if state.draining.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
-        (StatusCode::OK, "ok\n").into_response()
+        // Redis down is `degraded`, not down: decisions go on under `on_failure`.
+        match crate::fleet::health(&state.engine) {
+            "degraded" => (StatusCode::OK, "degraded\n").into_response(),
+            _ => (StatusCode::OK, "ok\n").into_response(),
+        }
     }
 }
 
@@ -255,6 +259,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         tracked_keys: e.tracked_keys(),
         evictions: e.evictions(),
     });
+    state.metrics.refresh_fleet(e.fleet());
     let mut res = state.metrics.encode().into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,

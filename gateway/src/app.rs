@@ -83,6 +83,9 @@ pub enum StartError {
     /// The `thread_per_core` threads could not be started (runtime, socket or thread).
     #[error("cannot start the per-core threads: {0}")]
     PerCore(#[source] std::io::Error),
+    /// The fleet (Redis) state backend cannot be set up.
+    #[error("{0}")]
+    Fleet(#[from] fairgate_middleware::fleet::FleetError),
     /// Something else failed (echo upstream, decision log file).
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -141,6 +144,8 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
     };
     let engine = Engine::new(store.clone());
     engine.set_observer(Arc::new(GatewayObserver::new(metrics.clone(), log)));
+    // Fleet-wide quotas (`state.backend: redis`); kept alive by the engine.
+    crate::fleet::start(&engine)?;
     let reloader = Reloader::new(store.clone(), config.policy.clone(), metrics.clone());
     let watcher = match &config.policy {
         PolicySource::File(_) => {

@@ -46,6 +46,8 @@ pub struct Ticket {
     priority: Priority,
     borrowed: bool,
     post_hoc: Option<PostHocCharge>,
+    /// A fleet-wide concurrency lease (exact mode), given back when the ticket drops.
+    lease: Option<Box<dyn Send + Sync>>,
 }
 
 // === impl Ticket ===
@@ -66,7 +68,13 @@ impl Ticket {
             priority,
             borrowed,
             post_hoc,
+            lease: None,
         }
+    }
+
+    /// Keeps `guard` (a fleet lease) until the ticket drops.
+    pub(crate) fn hold(&mut self, guard: Box<dyn Send + Sync>) {
+        self.lease = Some(guard);
     }
 
     /// The client key the request was counted under.

@@ -16,6 +16,13 @@
 //! A state table full of keys with requests in flight rejects new keys at the shed stage
 //! (status `shed_status`): never "admit untracked".
 //!
+//! Fleet-wide quotas: with a Redis backend attached ([`crate::fleet::start`]), the quota
+//! stage asks it how to decide. `async` mode and a degraded backend decide here, on the local
+//! store, and record the cost for the next exchange; `exact` mode skips the local bandwidths
+//! and [`Engine::begin`] returns a [`RemoteCheck`] holding the ticket, which the adapter
+//! awaits (one Redis script, within the timeout budget). Without a backend the only added
+//! cost is one `OnceLock` read per decision with a quota.
+//!
 //! Per policy generation the engine prepares a small cache (operation names, sketches,
 //! shedding settings, the set of live bucket ids for pruning); it is rebuilt off the
 //! common path the first time a decision sees a new generation.
@@ -23,13 +30,13 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ahash::RandomState;
 use arc_swap::{ArcSwap, ArcSwapOption, Guard};
-use fairgate_policies::compiled::{CompiledPolicy, RequestView};
-use fairgate_policies::model::{HeaderMode, PostHoc, Priority};
+use fairgate_policies::compiled::{CompiledBandwidth, CompiledPolicy, RequestView};
+use fairgate_policies::model::{HeaderMode, OnFailure, PostHoc, Priority};
 use fairgate_policies::PolicyStore;
 
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
@@ -37,6 +44,7 @@ use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket};
 use crate::decision::{
     Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection, Stage,
 };
+use crate::fleet::{ExactVerdict, Fleet, FleetSnapshot, Route};
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
 use crate::quota::{self, Charges, Consumed, Permit};
@@ -125,6 +133,8 @@ pub(crate) struct Shared {
     hasher: RandomState,
     shadow_rejects: AtomicU64,
     kept: Mutex<Vec<Box<dyn Send + Sync>>>,
+    /// The Redis backend, when attached (`crate::fleet::start`).
+    fleet: OnceLock<Arc<Fleet>>,
 }
 
 /// Per-generation cache.
@@ -168,6 +178,7 @@ impl Engine {
                 hasher: RandomState::new(),
                 shadow_rejects: AtomicU64::new(0),
                 kept: Mutex::new(Vec::new()),
+                fleet: OnceLock::new(),
             }),
         })
     }
@@ -253,6 +264,21 @@ impl Engine {
         &self.shared.clock
     }
 
+    /// Attaches a fleet backend; false if one is attached already (the first stays).
+    pub(crate) fn attach_fleet(&self, fleet: Arc<Fleet>) -> bool {
+        self.shared.fleet.set(fleet).is_ok()
+    }
+
+    /// The fleet backend's counters, when one is attached.
+    pub fn fleet(&self) -> Option<FleetSnapshot> {
+        self.shared.fleet.get().map(|f| f.snapshot())
+    }
+
+    /// The state store (the fleet exchange charges it).
+    pub(crate) fn state_store(&self) -> &Store {
+        &self.shared.state
+    }
+
     /// The current policy snapshot, preparing a new generation if the store moved on.
     fn prepared(&self) -> Guard<Arc<Prepared>> {
         let sh = &*self.shared;
@@ -282,7 +308,25 @@ impl Engine {
     }
 
     /// Decides on one request. Never blocks, never panics on input.
+    ///
+    /// A synchronous caller cannot wait for Redis: with a fleet backend in `exact` mode,
+    /// this decides on the local store and shares the usage as `async` mode does. Use
+    /// [`Engine::begin`] to get exact fleet decisions.
     pub fn decide(&self, req: &RequestFacts<'_>) -> Decision {
+        match self.decide_inner(req, false) {
+            Begun::Decided(d) => d,
+            // Not produced without `remote_ok`; admitting is what the local part decided.
+            Begun::Remote(check) => Decision::Admit(check.admitted),
+        }
+    }
+
+    /// Decides on one request, or, with a fleet backend in `exact` mode, returns the
+    /// [`RemoteCheck`] to await (within the backend's timeout budget).
+    pub fn begin(&self, req: &RequestFacts<'_>) -> Begun {
+        self.decide_inner(req, true)
+    }
+
+    fn decide_inner(&self, req: &RequestFacts<'_>, remote_ok: bool) -> Begun {
         let sh = &*self.shared;
         let now = sh.clock.now();
         let prep = self.prepared();
@@ -396,8 +440,28 @@ impl Engine {
         // The concurrency permit still to take (the quota check takes it on the way when
         // it can: one lookup of the client's entry for both).
         let mut concurrency = q.concurrency;
+        // The fleet backend, for requests that have quota bandwidths.
+        let fleet = sh
+            .fleet
+            .get()
+            .filter(|_| !rules_out.allowed && q.bandwidths.is_some());
+        let route = fleet.map(|f| f.route(remote_ok));
+        if route == Some(Route::Reject) {
+            if let Some(f) = fleet {
+                f.count_failure_reject();
+            }
+            charges.rollback_from(0, &sh.state, now);
+            return d.reject(fleet_unavailable(
+                pol,
+                plan_name.cloned(),
+                &client_key,
+                shadow_hits,
+            ));
+        }
+        // Exact mode asks Redis for the bandwidths; open mode skips them.
+        let local_quota = !matches!(route, Some(Route::Remote | Route::Admit));
         if !rules_out.allowed {
-            if let Some(bws) = q.bandwidths {
+            if let Some(bws) = q.bandwidths.filter(|_| local_quota) {
                 match quota::consume(&sh.state, bws, concurrency, ck, cost, now, &mut charges) {
                     Err(_) => {
                         charges.rollback_from(0, &sh.state, now);
@@ -509,6 +573,45 @@ impl Engine {
             }),
             _ => None,
         };
+        if let (Some(f), Some(r), Some(bws)) = (fleet, route, q.bandwidths) {
+            match r {
+                Route::Local | Route::LocalDegraded if !borrowed => f.record(ck, bws, cost),
+                Route::Remote => {
+                    let headers = d.headers;
+                    let ticket = Ticket::new(
+                        Arc::clone(&self.shared),
+                        client_key.clone(),
+                        permit,
+                        priority,
+                        borrowed,
+                        post_hoc,
+                    );
+                    return Begun::Remote(RemoteCheck {
+                        shared: Arc::clone(&self.shared),
+                        fleet: Arc::clone(f),
+                        admitted: Admitted {
+                            ticket,
+                            ratelimit: None,
+                        },
+                        bandwidths: Arc::clone(bws),
+                        cost,
+                        concurrency: q.concurrency,
+                        client_key,
+                        plan: plan_name.cloned(),
+                        operation: op_name.map(Arc::from),
+                        quota_status: pol.responses.quota_status,
+                        shed_retry_after: shed_retry_after(pol),
+                        headers,
+                        priority,
+                        shadow_hits,
+                    });
+                }
+                _ => {}
+            }
+            if matches!(r, Route::LocalDegraded | Route::Admit) {
+                f.count_failure_admit();
+            }
+        }
         if let Some(obs) = observer {
             obs.on_decision(&DecisionEvent {
                 client_key: ck,
@@ -537,7 +640,7 @@ impl Engine {
             borrowed,
             post_hoc,
         );
-        Decision::Admit(Admitted { ticket, ratelimit })
+        Begun::Decided(Decision::Admit(Admitted { ticket, ratelimit }))
     }
 
     /// One client's usage against its quota (override or default plan). `None` when the
@@ -651,6 +754,260 @@ fn shed_retry_after(pol: &CompiledPolicy) -> Duration {
     )
 }
 
+/// The 503 of `on_failure: closed` while Redis is unreachable.
+fn fleet_unavailable(
+    pol: &CompiledPolicy,
+    plan: Option<Arc<str>>,
+    client_key: &ClientKey,
+    shadow_hits: u32,
+) -> Rejection {
+    fleet_unavailable_owned(plan, client_key, shed_retry_after(pol), shadow_hits)
+}
+
+/// What [`Engine::begin`] returns.
+#[derive(Debug)]
+pub enum Begun {
+    /// The decision.
+    Decided(Decision),
+    /// Everything but the fleet quota passed; await [`RemoteCheck::resolve`].
+    Remote(RemoteCheck),
+}
+
+/// An exact-mode decision waiting for Redis. It holds the request's ticket (in-flight
+/// count, concurrency permit): dropping it, or a rejection, releases them.
+pub struct RemoteCheck {
+    shared: Arc<Shared>,
+    fleet: Arc<Fleet>,
+    admitted: Admitted,
+    bandwidths: Arc<[CompiledBandwidth]>,
+    cost: u64,
+    concurrency: Option<u32>,
+    client_key: ClientKey,
+    plan: Option<Arc<str>>,
+    operation: Option<Arc<str>>,
+    quota_status: u16,
+    shed_retry_after: Duration,
+    headers: HeaderMode,
+    priority: Priority,
+    shadow_hits: u32,
+}
+
+impl std::fmt::Debug for RemoteCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteCheck")
+            .field("client_key", &self.client_key)
+            .field("cost", &self.cost)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl RemoteCheck ===
+
+impl RemoteCheck {
+    /// Runs the exact-mode script (at most the backend's timeout budget); on failure or
+    /// timeout, decides by `on_failure`.
+    pub async fn resolve(mut self) -> Decision {
+        let lease = self.concurrency.map(|l| (l, self.fleet.new_lease_id()));
+        let verdict = self
+            .fleet
+            .exact(self.client_key.as_str(), &self.bandwidths, self.cost, lease)
+            .await;
+        let now = self.shared.clock.now();
+        match verdict {
+            Some(ExactVerdict::Admit) => {
+                if let Some((_, id)) = lease {
+                    let guard = self.fleet.hold(id, self.client_key.as_str());
+                    self.admitted.ticket.hold(Box::new(guard));
+                }
+                self.admit()
+            }
+            Some(ExactVerdict::Busy) => {
+                let r = Rejection {
+                    status: self.quota_status,
+                    stage: Stage::Concurrency,
+                    rule: None,
+                    plan: self.plan.clone(),
+                    bandwidth: None,
+                    client_key: self.client_key.clone(),
+                    retry_after: Some(Duration::from_secs(1)),
+                    ratelimit: None,
+                    delay: None,
+                    delay_guard: None,
+                    shadow_hits: self.shadow_hits,
+                };
+                self.finish_reject(r)
+            }
+            Some(ExactVerdict::Reject {
+                index,
+                wait,
+                tat_ahead,
+            }) => {
+                let tat = now.saturating_add(tat_ahead);
+                self.reject_quota(index, wait, tat, now)
+            }
+            None => match self.fleet.on_failure_mode() {
+                OnFailure::Open => {
+                    self.fleet.count_failure_admit();
+                    self.admit()
+                }
+                OnFailure::Closed => {
+                    self.fleet.count_failure_reject();
+                    let r = fleet_unavailable_owned(
+                        self.plan.clone(),
+                        &self.client_key,
+                        self.shed_retry_after,
+                        self.shadow_hits,
+                    );
+                    self.finish_reject(r)
+                }
+                OnFailure::Local => self.local_fallback(now),
+            },
+        }
+    }
+
+    /// Degraded `local`: decides on the local store, shares the usage for the `1/N` share.
+    fn local_fallback(self, now: Nanos) -> Decision {
+        let store = &self.shared.state;
+        let key = self.client_key.as_str();
+        let mut charges = Charges::default();
+        let out = quota::consume(
+            store,
+            &self.bandwidths,
+            None,
+            key,
+            self.cost,
+            now,
+            &mut charges,
+        );
+        match out {
+            Ok(Consumed::Admitted { .. }) => {
+                self.fleet.record(key, &self.bandwidths, self.cost);
+                self.fleet.count_failure_admit();
+                drop(charges);
+                self.admit()
+            }
+            Ok(Consumed::Rejected {
+                bandwidth,
+                wait,
+                tat,
+            }) => {
+                let index = self
+                    .bandwidths
+                    .iter()
+                    .position(|b| std::ptr::eq(b, bandwidth))
+                    .unwrap_or(0);
+                drop(charges);
+                self.reject_quota(index, wait, tat, now)
+            }
+            Err(_) => {
+                drop(charges);
+                let r = fleet_unavailable_owned(
+                    self.plan.clone(),
+                    &self.client_key,
+                    self.shed_retry_after,
+                    self.shadow_hits,
+                );
+                self.finish_reject(r)
+            }
+        }
+    }
+
+    fn admit(self) -> Decision {
+        self.emit(DecisionKind::Admit, None, None, None, 0, None);
+        Decision::Admit(self.admitted)
+    }
+
+    fn reject_quota(self, index: usize, wait: Nanos, tat: Nanos, now: Nanos) -> Decision {
+        let bw = self.bandwidths.get(index).or(self.bandwidths.first());
+        let info = bw
+            .filter(|_| self.headers != HeaderMode::Never)
+            .map(|bw| quota::ratelimit_info(bw, tat, now));
+        let r = Rejection {
+            status: self.quota_status,
+            stage: Stage::Quota,
+            rule: None,
+            plan: self.plan.clone(),
+            bandwidth: bw.map(|b| Arc::clone(&b.name)),
+            client_key: self.client_key.clone(),
+            retry_after: Some(gcra::retry_after(wait)),
+            ratelimit: info,
+            delay: None,
+            delay_guard: None,
+            shadow_hits: self.shadow_hits,
+        };
+        self.finish_reject(r)
+    }
+
+    fn finish_reject(self, r: Rejection) -> Decision {
+        self.emit(
+            DecisionKind::Reject,
+            Some(r.stage),
+            r.bandwidth.as_deref(),
+            r.retry_after,
+            r.status,
+            r.ratelimit.as_ref(),
+        );
+        // Dropping the ticket gives back the in-flight count and the permit.
+        drop(self.admitted);
+        Decision::Reject(r)
+    }
+
+    fn emit(
+        &self,
+        kind: DecisionKind,
+        stage: Option<Stage>,
+        bandwidth: Option<&str>,
+        retry_after: Option<Duration>,
+        status: u16,
+        limit: Option<&RateLimitInfo>,
+    ) {
+        if !self.shared.has_observer.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(obs) = &*self.shared.observer.load() {
+            obs.on_decision(&DecisionEvent {
+                client_key: self.client_key.as_str(),
+                operation: self.operation.as_deref(),
+                kind,
+                stage,
+                rule: None,
+                plan: self.plan.as_deref(),
+                bandwidth,
+                cost: self.cost,
+                priority: if kind == DecisionKind::Admit {
+                    self.priority
+                } else {
+                    Priority::Normal
+                },
+                retry_after,
+                status,
+                limit,
+            });
+        }
+    }
+}
+
+fn fleet_unavailable_owned(
+    plan: Option<Arc<str>>,
+    client_key: &ClientKey,
+    retry_after: Duration,
+    shadow_hits: u32,
+) -> Rejection {
+    Rejection {
+        status: 503,
+        stage: Stage::Quota,
+        rule: None,
+        plan,
+        bandwidth: None,
+        client_key: client_key.clone(),
+        retry_after: Some(retry_after),
+        ratelimit: None,
+        delay: None,
+        delay_guard: None,
+        shadow_hits,
+    }
+}
+
 /// Per-decision context for building rejections and events.
 struct Deciding<'d> {
     sh: &'d Shared,
@@ -663,7 +1020,7 @@ struct Deciding<'d> {
 }
 
 impl Deciding<'_> {
-    fn reject(&mut self, r: Rejection) -> Decision {
+    fn reject(&mut self, r: Rejection) -> Begun {
         if let Some(obs) = self.observer {
             obs.on_decision(&DecisionEvent {
                 client_key: self.client_key.as_str(),
@@ -680,7 +1037,7 @@ impl Deciding<'_> {
                 limit: r.ratelimit.as_ref(),
             });
         }
-        Decision::Reject(r)
+        Begun::Decided(Decision::Reject(r))
     }
 
     fn reject_concurrency(
@@ -688,7 +1045,7 @@ impl Deciding<'_> {
         pol: &CompiledPolicy,
         plan: Option<&Arc<str>>,
         shadow_hits: u32,
-    ) -> Decision {
+    ) -> Begun {
         self.reject(Rejection {
             status: pol.responses.quota_status,
             stage: Stage::Concurrency,
@@ -709,7 +1066,7 @@ impl Deciding<'_> {
         pol: &CompiledPolicy,
         plan: Option<&Arc<str>>,
         shadow_hits: u32,
-    ) -> Decision {
+    ) -> Begun {
         tracing::warn!(
             tracked = self.sh.state.len(),
             "state table full of in-flight keys; rejecting a new key"
@@ -729,12 +1086,7 @@ impl Deciding<'_> {
         })
     }
 
-    fn reject_rule(
-        &mut self,
-        pol: &CompiledPolicy,
-        _prep: &Prepared,
-        r: RuleReject<'_>,
-    ) -> Decision {
+    fn reject_rule(&mut self, pol: &CompiledPolicy, _prep: &Prepared, r: RuleReject<'_>) -> Begun {
         match r {
             RuleReject::Deny { rule, status } => self.reject(Rejection {
                 status,

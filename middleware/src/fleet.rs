@@ -1,1 +1,1005 @@
-//! Fleet-wide state on Redis: the state-backend trait and its Redis implementation.
+//! Fleet-wide state on Redis: quotas that hold across every gateway of a fleet.
+//!
+//! The engine keeps deciding on its own state store; a [`Fleet`] attached to it (with
+//! [`start`]) makes that store agree with the other gateways through Redis, in one of two
+//! modes (`state.redis.mode`):
+//!
+//! - **`async`** (default): decisions stay local, at memory speed. Each admitted request's
+//!   cost is added to a per-key batch (one entry per client key per interval, so a hot key
+//!   costs Redis one call per interval, not one per request). Every `sync_interval` each
+//!   key of the batch is exchanged with Redis by one script: it adds the batch's cost to the
+//!   fleet's GCRA bucket of each bandwidth (`TAT ← max(TAT, now) + units·T` on Redis time,
+//!   key `<prefix>:{<key>}:t:<bandwidth id>`, the same key exact mode uses) and answers how
+//!   far ahead of now that TAT is; the local bucket is then raised to at least that
+//!   (`TAT_local ← max(TAT_local, now_local + ahead)`). Every gateway's bucket thus holds the
+//!   whole fleet's consumption, and N gateways converge on one global quota. **Slack:** the
+//!   fleet may admit up to one extra local bucket's worth per gateway per interval before
+//!   the next exchange pulls it down, so over a window W the fleet admits at most
+//!   `rate × W + burst + N × (burst_left + rate × sync_interval)`, where `burst_left` is what
+//!   was left in the fleet bucket at the last exchange (0 under sustained overload); after
+//!   Redis loses its data (restart), one more burst.
+//! - **`exact`**: the request waits (within `timeout`) for one Lua script that checks and
+//!   updates every bandwidth of the quota all-or-nothing, with the same GCRA as the local
+//!   store (`TAT` per key and bandwidth in `<prefix>:{<key>}:t:<bandwidth id>`, in µs of
+//!   Redis `TIME`, so clocks of the gateways do not matter). A concurrency quota is also
+//!   held fleet-wide: the same script takes a **lease** in `<prefix>:{<key>}:leases` (a
+//!   sorted set scored by expiry) when fewer than the limit are live; the gateway renews its
+//!   leases every second (3 s lease), and the ticket's drop releases its lease, so a dead
+//!   gateway's leases expire within 3 s. Each gateway also keeps its local in-flight count.
+//!   In `async` mode concurrency quotas stay per gateway.
+//!
+//! Keys are hash-tagged per client (`{<key>}`), so a client's bandwidths share one slot.
+//!
+//! **Failures.** Every call has the `timeout` budget. A [`Breaker`] opens after
+//! [`BREAKER_THRESHOLD`] consecutive failures; while open, Redis sees at most
+//! [`PROBES_PER_SEC`] probes per second and the first success closes it. While it is open
+//! decisions follow `on_failure`: `local` keeps deciding locally and charges each key
+//! `(N − 1)×` its own consumption as debt, which scales every local limit by `1/N`, N being
+//! the gateways last seen registered in Redis (each gateway refreshes a heartbeat every
+//! second with a 3 s lease); `open` admits what the local limits admit (exact mode: skips
+//! the quota) and counts it; `closed` rejects requests that have a quota with 503.
+//! Transitions are logged once each and counted ([`FleetSnapshot`]); error lines are rate
+//! limited to one a second. The connection is a multiplexed `ConnectionManager` created
+//! lazily: a gateway starts while Redis is down, and reconnects with jittered exponential
+//! backoff. No caller ever waits on a connection pool.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fairgate_policies::compiled::CompiledBandwidth;
+use fairgate_policies::model::{Backend, FleetMode, OnFailure, RedisState};
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+use crate::clock::{Clock, Nanos, TokioClock};
+use crate::engine::Engine;
+use crate::gcra::Params;
+use crate::state::{Store, OVERFLOW};
+
+/// Consecutive failed calls that open the breaker.
+pub const BREAKER_THRESHOLD: u32 = 10;
+/// Calls a second an open breaker lets through as probes.
+pub const PROBES_PER_SEC: u64 = 5;
+/// How often a gateway renews its registration.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How long a registration lasts without renewal.
+const HEARTBEAT_TTL_MS: u64 = 3_000;
+/// How long a concurrency lease lives without renewal.
+const LEASE_TTL_MS: u64 = 3_000;
+/// How often held leases are renewed.
+const LEASE_RENEW_EVERY: Duration = Duration::from_secs(1);
+/// Keys exchanged under one call budget (async mode).
+const EXCHANGE_CHUNK: usize = 128;
+/// Batch shards (a decision locks one, briefly).
+const SHARDS: usize = 16;
+
+/// Why the fleet backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The url is not usable by the redis client.
+    #[error("state.redis.url: {0}")]
+    Url(String),
+}
+
+/// Counters and state of the fleet backend, for metrics and `/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FleetSnapshot {
+    /// True while the breaker is open (decisions follow `on_failure`).
+    pub degraded: bool,
+    /// Failed or timed-out Redis calls.
+    pub errors: u64,
+    /// Redis calls made (scripts).
+    pub calls: u64,
+    /// Times the breaker opened.
+    pub breaker_opens: u64,
+    /// Requests admitted under `on_failure` while degraded.
+    pub failure_mode_admits: u64,
+    /// Requests rejected under `on_failure: closed` while degraded.
+    pub failure_mode_rejects: u64,
+    /// Gateways registered in Redis when last seen (1 until the first heartbeat).
+    pub gateways: u64,
+    /// Batch exchanges (async mode) completed.
+    pub syncs: u64,
+}
+
+// === Breaker ===
+
+/// A consecutive-failures breaker with rate-limited probes, on an injected clock.
+#[derive(Debug)]
+pub struct Breaker {
+    clock: Arc<dyn Clock>,
+    threshold: u32,
+    probe_every: Nanos,
+    failures: AtomicU32,
+    open: AtomicBool,
+    next_probe: AtomicU64,
+    opens: AtomicU64,
+}
+
+impl Breaker {
+    /// A closed breaker opening after `threshold` consecutive failures and letting
+    /// `probes_per_sec` calls a second through while open.
+    pub fn new(clock: Arc<dyn Clock>, threshold: u32, probes_per_sec: u64) -> Breaker {
+        Breaker {
+            clock,
+            threshold: threshold.max(1),
+            probe_every: 1_000_000_000 / probes_per_sec.max(1),
+            failures: AtomicU32::new(0),
+            open: AtomicBool::new(false),
+            next_probe: AtomicU64::new(0),
+            opens: AtomicU64::new(0),
+        }
+    }
+
+    /// True while open.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// May a call go to Redis now? Always while closed; while open, one probe per
+    /// probe interval (the caller that gets `true` must report the outcome).
+    pub fn allow(&self) -> bool {
+        if !self.is_open() {
+            return true;
+        }
+        let now = self.clock.now();
+        let next = self.next_probe.load(Ordering::Acquire);
+        now >= next
+            && self
+                .next_probe
+                .compare_exchange(
+                    next,
+                    now + self.probe_every,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+
+    /// Reports a successful call; true when this closed the breaker.
+    pub fn on_success(&self) -> bool {
+        self.failures.store(0, Ordering::Release);
+        self.open.swap(false, Ordering::AcqRel)
+    }
+
+    /// Reports a failed call; true when this opened the breaker.
+    pub fn on_failure(&self) -> bool {
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        if n < self.threshold || self.is_open() {
+            return false;
+        }
+        self.next_probe
+            .store(self.clock.now() + self.probe_every, Ordering::Release);
+        let opened = !self.open.swap(true, Ordering::AcqRel);
+        if opened {
+            self.opens.fetch_add(1, Ordering::Relaxed);
+        }
+        opened
+    }
+
+    /// Times it opened.
+    pub fn opens(&self) -> u64 {
+        self.opens.load(Ordering::Relaxed)
+    }
+}
+
+// === scripts ===
+
+/// Exact mode: GCRA over every bandwidth, all or nothing, on Redis time (µs), and a
+/// concurrency lease when a limit is given.
+/// KEYS: one TAT key per bandwidth, then the lease set. ARGV: cost, n (bandwidths), T and C
+/// (µs) per bandwidth, then the concurrency limit (0: none), the lease id, the lease ttl (ms).
+/// Returns `{1}` when admitted, `{0, i, wait_us, tat_minus_now_us}` when bandwidth `i`
+/// (1-based) rejects, `{2}` when the concurrency limit is reached.
+const EXACT_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now / 1000)
+local cost = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3 + 2 * n])
+local leases = KEYS[n + 1]
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
+  if redis.call('ZCARD', leases) >= limit then return {2} end
+end
+local tats = {}
+for i = 1, n do
+  local T = tonumber(ARGV[1 + 2 * i])
+  local C = tonumber(ARGV[2 + 2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  local new = tat + cost * T
+  if new - now > C then
+    return {0, i, math.ceil(new - C - now), math.floor(tat - now)}
+  end
+  tats[i] = new
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], tostring(tats[i]), 'PX', math.ceil((tats[i] - now) / 1000) + 1000)
+end
+if limit > 0 then
+  local ttl = tonumber(ARGV[5 + 2 * n])
+  redis.call('ZADD', leases, now_ms + ttl, ARGV[4 + 2 * n])
+  redis.call('PEXPIRE', leases, ttl * 2)
+end
+return {1}
+"#;
+
+/// Renews a lease that is still there. KEYS: the lease set. ARGV: lease id, ttl (ms).
+const RENEW_LUA: &str = r#"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now_ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return 1
+"#;
+
+/// Async mode: charges this gateway's batch to the fleet bucket of each bandwidth and
+/// answers how far ahead of now each TAT is (µs). KEYS: one TAT key per bandwidth.
+/// ARGV: units, then T (µs) per bandwidth.
+const SYNC_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local units = tonumber(ARGV[1])
+local out = {}
+for i = 1, #KEYS do
+  local T = tonumber(ARGV[1 + i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  if units > 0 then
+    tat = tat + units * T
+    redis.call('SET', KEYS[i], tostring(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
+  out[i] = math.floor(tat - now)
+end
+return out
+"#;
+
+/// Registers this gateway until now + ttl and counts the registered ones.
+/// KEYS: the registry zset. ARGV: gateway id, ttl ms.
+const HEARTBEAT_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// What the exact script decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExactVerdict {
+    /// Every bandwidth admitted and was charged (and the lease, if asked for, taken).
+    Admit,
+    /// The fleet-wide concurrency limit is reached.
+    Busy,
+    /// Bandwidth `index` rejected: wait `wait` ns; its TAT is `tat_ahead` ns after now.
+    Reject {
+        index: usize,
+        wait: Nanos,
+        tat_ahead: Nanos,
+    },
+}
+
+/// How a decision uses the fleet (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Decide on the local store; record the cost in the batch.
+    Local,
+    /// Decide on the local store while degraded (`on_failure: local` or `open`).
+    LocalDegraded,
+    /// Ask Redis (exact mode).
+    Remote,
+    /// Skip the quota bandwidths (exact mode, degraded, `on_failure: open`).
+    Admit,
+    /// Reject with 503 (degraded, `on_failure: closed`).
+    Reject,
+}
+
+// === Fleet ===
+
+/// A lease given back: (client key, lease id).
+type Released = (Box<str>, u64);
+
+/// One consumption batch entry.
+struct Pending {
+    bandwidths: Arc<[CompiledBandwidth]>,
+    units: u64,
+}
+
+/// The Redis state backend attached to an engine. See the module docs.
+pub struct Fleet {
+    mode: FleetMode,
+    on_failure: OnFailure,
+    timeout: Duration,
+    sync_interval: Duration,
+    prefix: String,
+    url_redacted: String,
+    id: String,
+    conn: ConnectionManager,
+    breaker: Breaker,
+    exact: Script,
+    sync: Script,
+    heartbeat: Script,
+    renew: Script,
+    /// Concurrency leases this gateway holds: id → client key.
+    leases: Mutex<HashMap<u64, Box<str>>>,
+    next_lease: AtomicU64,
+    release_tx: tokio::sync::mpsc::UnboundedSender<Released>,
+    release_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Released>>>,
+    batch: [Mutex<HashMap<Box<str>, Pending>>; SHARDS],
+    batch_cap: usize,
+    hasher: ahash::RandomState,
+    gateways: AtomicU64,
+    errors: AtomicU64,
+    calls: AtomicU64,
+    fm_admits: AtomicU64,
+    fm_rejects: AtomicU64,
+    syncs: AtomicU64,
+    last_error_log: AtomicU64,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("url", &self.url_redacted)
+            .field("mode", &self.mode)
+            .field("on_failure", &self.on_failure)
+            .field("degraded", &self.breaker.is_open())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keeps the fleet's background tasks (exchange, heartbeat) running; dropping it stops them.
+#[derive(Debug)]
+pub struct FleetHandle {
+    fleet: Arc<Fleet>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl FleetHandle {
+    /// The backend.
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+}
+
+impl Drop for FleetHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Attaches the Redis backend to `engine` when its policy says `state.backend: redis`,
+/// and starts its background tasks on the current tokio runtime. `Ok(None)` for the local
+/// backend. Never waits for Redis: the connection is made lazily. The backend settings are
+/// read once; a reload that changes them is logged and needs a restart.
+///
+/// # Panics
+///
+/// Outside a tokio runtime (as `tokio::spawn` does).
+pub fn start(engine: &Arc<Engine>) -> Result<Option<FleetHandle>, FleetError> {
+    let policy = engine.store().load_full();
+    let initial = policy.state.clone();
+    let weak = Arc::downgrade(engine);
+    let warned = AtomicBool::new(false);
+    engine.store().on_reload(move |_| {
+        let Some(engine) = weak.upgrade() else {
+            return;
+        };
+        let now = &engine.store().load().state;
+        if (now.backend != initial.backend || now.redis != initial.redis)
+            && !warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!("state.backend or state.redis changed: restart to apply it");
+        }
+    });
+    let Some(settings) = policy
+        .state
+        .redis
+        .as_ref()
+        .filter(|_| policy.state.backend == Backend::Redis)
+    else {
+        return Ok(None);
+    };
+    let fleet = Arc::new(Fleet::connect(
+        settings,
+        Arc::clone(engine.clock()),
+        policy.state.max_keys,
+    )?);
+    if !engine.attach_fleet(Arc::clone(&fleet)) {
+        tracing::warn!("a fleet backend is already attached to this engine");
+    }
+    let releases = fleet
+        .release_rx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let mut tasks = vec![
+        tokio::spawn(heartbeat_loop(Arc::clone(&fleet))),
+        tokio::spawn(sync_loop(Arc::clone(&fleet), Arc::downgrade(engine))),
+    ];
+    if let Some(rx) = releases {
+        tasks.push(tokio::spawn(lease_loop(Arc::clone(&fleet), rx)));
+    }
+    tracing::info!(
+        url = %fleet.url_redacted,
+        mode = ?fleet.mode,
+        on_failure = ?fleet.on_failure,
+        "fleet-wide quotas on redis"
+    );
+    Ok(Some(FleetHandle { fleet, tasks }))
+}
+
+impl Fleet {
+    /// A backend for `settings` (no connection made yet).
+    pub fn connect(
+        settings: &RedisState,
+        clock: Arc<dyn Clock>,
+        max_keys: u64,
+    ) -> Result<Fleet, FleetError> {
+        let url_redacted = fairgate_policies::model::redact_url(&settings.url);
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| FleetError::Url(format!("{url_redacted}: {e}")))?;
+        let timeout = settings.timeout.0;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
+            .set_response_timeout(Some(timeout))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(2))
+            .set_number_of_retries(3);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| FleetError::Url(format!("{url_redacted}: {e}")))?;
+        let id = format!(
+            "{:x}-{:x}",
+            std::process::id(),
+            ahash::RandomState::new().hash_one(clock.now())
+        );
+        let (release_tx, release_rx) = tokio::sync::mpsc::unbounded_channel();
+        Ok(Fleet {
+            mode: settings.mode,
+            on_failure: settings.on_failure,
+            timeout,
+            sync_interval: settings.sync_interval.0,
+            prefix: settings.key_prefix.clone(),
+            url_redacted,
+            id,
+            conn,
+            // Real (tokio) time, whatever clock the engine's buckets read: probes and log
+            // limits are about the wall, not about the quota's time.
+            breaker: Breaker::new(
+                Arc::new(TokioClock::new()),
+                BREAKER_THRESHOLD,
+                PROBES_PER_SEC,
+            ),
+            exact: Script::new(EXACT_LUA),
+            sync: Script::new(SYNC_LUA),
+            heartbeat: Script::new(HEARTBEAT_LUA),
+            renew: Script::new(RENEW_LUA),
+            leases: Mutex::new(HashMap::new()),
+            next_lease: AtomicU64::new(1),
+            release_tx,
+            release_rx: Mutex::new(Some(release_rx)),
+            batch: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            batch_cap: usize::try_from(max_keys / SHARDS as u64 + 1).unwrap_or(usize::MAX),
+            hasher: ahash::RandomState::new(),
+            gateways: AtomicU64::new(1),
+            errors: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            fm_admits: AtomicU64::new(0),
+            fm_rejects: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            last_error_log: AtomicU64::new(0),
+            clock,
+        })
+    }
+
+    /// Counters and state now.
+    pub fn snapshot(&self) -> FleetSnapshot {
+        FleetSnapshot {
+            degraded: self.breaker.is_open(),
+            errors: self.errors.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
+            breaker_opens: self.breaker.opens(),
+            failure_mode_admits: self.fm_admits.load(Ordering::Relaxed),
+            failure_mode_rejects: self.fm_rejects.load(Ordering::Relaxed),
+            gateways: self.gateways.load(Ordering::Relaxed),
+            syncs: self.syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// How the next decision uses the fleet. `remote_ok`: the caller can await Redis.
+    pub(crate) fn route(&self, remote_ok: bool) -> Route {
+        let exact = self.mode == FleetMode::Exact && remote_ok;
+        if !self.breaker.is_open() {
+            return if exact { Route::Remote } else { Route::Local };
+        }
+        if exact && self.breaker.allow() {
+            return Route::Remote;
+        }
+        match self.on_failure {
+            OnFailure::Local => Route::LocalDegraded,
+            OnFailure::Open if exact => Route::Admit,
+            OnFailure::Open => Route::LocalDegraded,
+            OnFailure::Closed => Route::Reject,
+        }
+    }
+
+    pub(crate) fn on_failure_mode(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    pub(crate) fn count_failure_admit(&self) {
+        self.fm_admits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_failure_reject(&self) {
+        self.fm_rejects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `cost` to `key`'s batch entry (async mode, and degraded local decisions).
+    pub(crate) fn record(&self, key: &str, bandwidths: &Arc<[CompiledBandwidth]>, cost: u64) {
+        let shard = (self.hasher.hash_one(key) as usize) % SHARDS;
+        let mut map = self.batch[shard].lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = map.get_mut(key) {
+            p.units = p.units.saturating_add(cost);
+            if !Arc::ptr_eq(&p.bandwidths, bandwidths) {
+                p.bandwidths = Arc::clone(bandwidths);
+            }
+            return;
+        }
+        if map.len() < self.batch_cap {
+            map.insert(
+                key.into(),
+                Pending {
+                    bandwidths: Arc::clone(bandwidths),
+                    units: cost,
+                },
+            );
+        }
+    }
+
+    fn take_batch(&self) -> Vec<(Box<str>, Pending)> {
+        let mut out = Vec::new();
+        for shard in &self.batch {
+            let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
+            out.extend(taken);
+        }
+        out
+    }
+
+    fn key(&self, client: &str, kind: &str, bw: &CompiledBandwidth) -> String {
+        format!("{}:{{{client}}}:{kind}:{}", self.prefix, bw.id)
+    }
+
+    /// Runs one call under the budget and reports it to the breaker.
+    async fn call<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let err = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => {
+                if self.breaker.on_success() {
+                    tracing::info!(url = %self.url_redacted, "redis is back: fleet-wide decisions again");
+                }
+                return Some(v);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let now = self.breaker.clock.now();
+        let last = self.last_error_log.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1_000_000_000
+            && self
+                .last_error_log
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(url = %self.url_redacted, error = %err, "redis call failed");
+        }
+        if self.breaker.on_failure() {
+            tracing::warn!(
+                url = %self.url_redacted,
+                on_failure = ?self.on_failure,
+                "redis unreachable: breaker open, deciding with on_failure"
+            );
+        }
+        None
+    }
+
+    /// Exact mode: one script over every bandwidth, plus a concurrency lease of id `lease`
+    /// when `concurrency` is set. `None` on failure or timeout.
+    pub(crate) async fn exact(
+        &self,
+        client: &str,
+        bandwidths: &[CompiledBandwidth],
+        cost: u64,
+        concurrency: Option<(u32, u64)>,
+    ) -> Option<ExactVerdict> {
+        let mut inv = self.exact.prepare_invoke();
+        for bw in bandwidths {
+            inv.key(self.key(client, "t", bw));
+        }
+        inv.key(self.leases_key(client));
+        inv.arg(cost).arg(bandwidths.len());
+        for bw in bandwidths {
+            inv.arg(bw.t_ns as f64 / 1000.0)
+                .arg(bw.c_ns as f64 / 1000.0);
+        }
+        let (limit, lease) = concurrency.unwrap_or((0, 0));
+        inv.arg(limit)
+            .arg(self.lease_member(lease))
+            .arg(LEASE_TTL_MS);
+        let mut conn = self.conn.clone();
+        let reply: Vec<i64> = self.call(inv.invoke_async(&mut conn)).await?;
+        let us =
+            |v: Option<&i64>| v.map_or(0, |&v| u64::try_from(v).unwrap_or(0).saturating_mul(1000));
+        match reply.first() {
+            Some(1) => Some(ExactVerdict::Admit),
+            Some(2) => Some(ExactVerdict::Busy),
+            Some(0) => Some(ExactVerdict::Reject {
+                index: reply
+                    .get(1)
+                    .and_then(|&i| usize::try_from(i).ok())
+                    .unwrap_or(1)
+                    .saturating_sub(1),
+                wait: us(reply.get(2)).max(1),
+                tat_ahead: us(reply.get(3)),
+            }),
+            _ => None,
+        }
+    }
+
+    fn leases_key(&self, client: &str) -> String {
+        format!("{}:{{{client}}}:leases", self.prefix)
+    }
+
+    fn lease_member(&self, lease: u64) -> String {
+        format!("{}:{lease}", self.id)
+    }
+
+    /// A fresh lease id (for [`Fleet::exact`]).
+    pub(crate) fn new_lease_id(&self) -> u64 {
+        self.next_lease.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Records lease `id` of `client` as held (renewed until the guard drops).
+    pub(crate) fn hold(self: &Arc<Self>, id: u64, client: &str) -> Lease {
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, client.into());
+        Lease {
+            fleet: Arc::clone(self),
+            id,
+        }
+    }
+
+    fn release(&self, id: u64) {
+        let key = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(key) = key {
+            // Unbounded: a drop never waits; the lease task gives it back to Redis.
+            let _ = self.release_tx.send((key, id));
+        }
+    }
+
+    /// Concurrency leases held now.
+    pub fn leases_held(&self) -> usize {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Renews this gateway's registration and learns the fleet size.
+    async fn beat(&self) {
+        if !self.breaker.allow() {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let key = format!("{}:gateways", self.prefix);
+        let mut inv = self.heartbeat.prepare_invoke();
+        inv.key(key).arg(&self.id).arg(HEARTBEAT_TTL_MS);
+        if let Some(n) = self.call(inv.invoke_async::<u64>(&mut conn)).await {
+            let old = self.gateways.swap(n.max(1), Ordering::Relaxed);
+            if old != n.max(1) {
+                tracing::info!(gateways = n, "fleet size changed");
+            }
+        }
+    }
+}
+
+// === background tasks ===
+
+/// A fleet-wide concurrency lease; dropping it gives it back (the ticket holds it).
+pub(crate) struct Lease {
+    fleet: Arc<Fleet>,
+    id: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.fleet.release(self.id);
+    }
+}
+
+/// Gives released leases back and renews the held ones.
+async fn lease_loop(
+    fleet: Arc<Fleet>,
+    mut releases: tokio::sync::mpsc::UnboundedReceiver<Released>,
+) {
+    let mut tick = tokio::time::interval(LEASE_RENEW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            released = releases.recv() => {
+                let Some((key, id)) = released else {
+                    return;
+                };
+                // While Redis is unreachable the lease simply expires.
+                if fleet.breaker.allow() {
+                    let mut conn = fleet.conn.clone();
+                    let mut cmd = redis::cmd("ZREM");
+                    cmd.arg(fleet.leases_key(&key)).arg(fleet.lease_member(id));
+                    let _ = fleet.call(cmd.query_async::<i64>(&mut conn)).await;
+                }
+            }
+            _ = tick.tick() => {
+                let held: Vec<(u64, Box<str>)> = fleet
+                    .leases
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .map(|(id, k)| (*id, k.clone()))
+                    .collect();
+                if held.is_empty() || !fleet.breaker.allow() {
+                    continue;
+                }
+                let calls = held.iter().map(|(id, key)| {
+                    let mut inv = fleet.renew.prepare_invoke();
+                    inv.key(fleet.leases_key(key))
+                        .arg(fleet.lease_member(*id))
+                        .arg(LEASE_TTL_MS);
+                    let mut conn = fleet.conn.clone();
+                    async move { inv.invoke_async::<i64>(&mut conn).await }
+                });
+                let all = futures_util::future::join_all(calls);
+                let _ = fleet.call(async { Ok::<_, redis::RedisError>(all.await) }).await;
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(fleet: Arc<Fleet>) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        fleet.beat().await;
+    }
+}
+
+async fn sync_loop(fleet: Arc<Fleet>, engine: std::sync::Weak<Engine>) {
+    let mut tick = tokio::time::interval(fleet.sync_interval.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        let batch = fleet.take_batch();
+        if batch.is_empty() {
+            continue;
+        }
+        let store = engine.state_store();
+        let exchange = fleet.mode == FleetMode::Async && fleet.breaker.allow();
+        if !exchange {
+            if fleet.breaker.is_open() && fleet.on_failure == OnFailure::Local {
+                charge_peers_share(&fleet, store, &batch, fleet.clock.now());
+            }
+            continue;
+        }
+        if exchange_batch(&fleet, store, &batch).await {
+            fleet.syncs.fetch_add(1, Ordering::Relaxed);
+        } else if fleet.on_failure == OnFailure::Local {
+            charge_peers_share(&fleet, store, &batch, fleet.clock.now());
+        }
+    }
+}
+
+/// Degraded `local`: every key pays `(N − 1)×` its own consumption, so each gateway keeps
+/// to `1/N` of the quota.
+fn charge_peers_share(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pending)], now: Nanos) {
+    let others = fleet.gateways.load(Ordering::Relaxed).saturating_sub(1);
+    if others == 0 {
+        return;
+    }
+    for (key, p) in batch {
+        let units = p.units.saturating_mul(others);
+        charge(store, key, &p.bandwidths, now, |_| units);
+    }
+}
+
+/// One exchange: charge the batch to the fleet buckets, raise the local ones to them.
+/// Keys go in chunks of [`EXCHANGE_CHUNK`], each pipelined on the one connection under its
+/// own call budget, so a round with many keys is not one call over budget. False when a
+/// chunk failed (timeout, Redis down); the rest of the round is then skipped.
+async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pending)]) -> bool {
+    for chunk in batch.chunks(EXCHANGE_CHUNK) {
+        let calls = chunk.iter().map(|(key, p)| {
+            let mut inv = fleet.sync.prepare_invoke();
+            for bw in p.bandwidths.iter() {
+                inv.key(fleet.key(key, "t", bw));
+            }
+            inv.arg(p.units);
+            for bw in p.bandwidths.iter() {
+                inv.arg(bw.t_ns as f64 / 1000.0);
+            }
+            let mut conn = fleet.conn.clone();
+            async move { inv.invoke_async::<Vec<i64>>(&mut conn).await }
+        });
+        let all = futures_util::future::join_all(calls);
+        let Some(results) = fleet
+            .call(async { Ok::<_, redis::RedisError>(all.await) })
+            .await
+        else {
+            return false;
+        };
+        let now = fleet.clock.now();
+        let mut failed = 0u64;
+        for ((key, p), result) in chunk.iter().zip(results) {
+            let Ok(ahead_us) = result else {
+                failed += 1;
+                continue;
+            };
+            raise(store, key, &p.bandwidths, now, |i| {
+                ahead_us
+                    .get(i)
+                    .map_or(0, |&us| u64::try_from(us).unwrap_or(0).saturating_mul(1000))
+            });
+        }
+        if failed > 0 {
+            fleet.errors.fetch_add(failed, Ordering::Relaxed);
+        }
+    }
+    true
+}
+
+/// Raises bandwidth `i` of `key` to `TAT ≥ now + ahead(i)`.
+fn raise(
+    store: &Store,
+    key: &str,
+    bandwidths: &[CompiledBandwidth],
+    now: Nanos,
+    ahead: impl Fn(usize) -> Nanos,
+) {
+    let missing = |i: usize, tat: Nanos, t: Nanos| {
+        let want = now.saturating_add(ahead(i));
+        want.saturating_sub(tat.max(now)) / t.max(1)
+    };
+    let _ = store
+        .with_client(key, now, bandwidths, |e, map| {
+            for (i, (bw, &s)) in bandwidths.iter().zip(map).enumerate() {
+                if s == OVERFLOW {
+                    continue;
+                }
+                let b = e.slot(s);
+                let units = missing(i, b.peek(now, bw.c_ns), bw.t_ns);
+                if units > 0 {
+                    b.charge_debt(now, params(bw), units);
+                }
+            }
+            *map
+        })
+        .map(|map| {
+            for (i, bw) in bandwidths.iter().enumerate() {
+                if map.get(i).is_none_or(|&s| s == OVERFLOW) {
+                    let _ = store.with_entry(&bw.id, key, now, bw.c_ns, |e| {
+                        let units = missing(i, e.peek(now, bw.c_ns), bw.t_ns);
+                        if units > 0 {
+                            e.charge_debt(now, params(bw), units);
+                        }
+                    });
+                }
+            }
+        });
+}
+
+fn params(bw: &CompiledBandwidth) -> Params {
+    Params {
+        t: bw.t_ns,
+        c: bw.c_ns,
+    }
+}
+
+/// Charges `units(i)` of debt to bandwidth `i` of `key`.
+fn charge(
+    store: &Store,
+    key: &str,
+    bandwidths: &[CompiledBandwidth],
+    now: Nanos,
+    units: impl Fn(usize) -> u64,
+) {
+    // A full table cannot take new debt; the key is then at worst as it was.
+    let Ok(map) = store.with_client(key, now, bandwidths, |e, map| {
+        for (i, (bw, &s)) in bandwidths.iter().zip(map).enumerate() {
+            let u = units(i);
+            if s != OVERFLOW && u > 0 {
+                e.slot(s).charge_debt(now, params(bw), u);
+            }
+        }
+        *map
+    }) else {
+        return;
+    };
+    for (i, bw) in bandwidths.iter().enumerate() {
+        let u = units(i);
+        if u > 0 && map.get(i).is_none_or(|&s| s == OVERFLOW) {
+            let _ = store.with_entry(&bw.id, key, now, bw.c_ns, |e| {
+                e.charge_debt(now, params(bw), u)
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn breaker_opens_after_threshold_probes_rate_limited_and_closes_on_success() {
+        let b = Breaker::new(Arc::new(TokioClock::new()), 20, 5);
+        for _ in 0..19 {
+            assert!(!b.on_failure());
+            assert!(b.allow());
+        }
+        assert!(b.on_failure(), "the 20th consecutive failure opens it");
+        assert!(b.is_open());
+        assert_eq!(b.opens(), 1);
+        // Open: no call until the probe interval (200 ms) has passed.
+        assert!(!b.allow());
+        let mut probes = 0;
+        for _ in 0..1000 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            if b.allow() {
+                probes += 1;
+                assert!(!b.on_failure(), "a failed probe keeps it open, not reopens");
+            }
+        }
+        assert_eq!(probes, 5, "≤ 5 probes in one second");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(b.allow());
+        assert!(b.on_success(), "a successful probe closes it");
+        assert!(!b.is_open());
+        assert!(b.allow());
+        assert!(!b.on_success(), "closing is reported once");
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_success_resets_the_consecutive_count() {
+        let b = Breaker::new(Arc::new(TokioClock::new()), 3, 5);
+        assert!(!b.on_failure());
+        assert!(!b.on_failure());
+        b.on_success();
+        assert!(!b.on_failure());
+        assert!(!b.on_failure());
+        assert!(b.on_failure());
+    }
+}

@@ -843,13 +843,16 @@ pub enum HeaderMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct State {
-    /// `local` (default); `redis` arrives with the fleet-wide quota work.
+    /// `local` (default): state in this process; `redis`: fleet-wide quotas (`redis` below).
     #[serde(default)]
     pub backend: Backend,
     /// Upper bound on tracked keys (default 100000).
     #[serde(default = "default_max_keys")]
     #[schemars(range(min = 1))]
     pub max_keys: u64,
+    /// Redis settings; required with `backend: redis`, refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisState>,
 }
 
 impl Default for State {
@@ -857,6 +860,7 @@ impl Default for State {
         State {
             backend: Backend::Local,
             max_keys: default_max_keys(),
+            redis: None,
         }
     }
 }
@@ -873,4 +877,98 @@ pub enum Backend {
     /// In-process state.
     #[default]
     Local,
+    /// Fleet-wide quotas on Redis (`state.redis`).
+    Redis,
+}
+
+/// The Redis backend: where, how decisions use it, and what happens when it fails.
+///
+/// `Debug` hides the password of `url`.
+#[derive(Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisState {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// `async` (default) or `exact`.
+    #[serde(default)]
+    pub mode: FleetMode,
+    /// How often `async` mode exchanges usage with Redis (default 20ms).
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: HumanDuration,
+    /// Budget of one Redis call (default 25ms); a request never waits longer on Redis.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: HumanDuration,
+    /// What decisions do while Redis is unreachable (default `local`).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Prefix of every key (default `fairgate`).
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+impl std::fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisState")
+            .field("url", &redact_url(&self.url))
+            .field("mode", &self.mode)
+            .field("sync_interval", &self.sync_interval)
+            .field("timeout", &self.timeout)
+            .field("on_failure", &self.on_failure)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(parts) => parts,
+        None => return url.to_owned(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
+    }
+}
+
+/// Default `state.redis.sync_interval`.
+pub fn default_sync_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(20))
+}
+
+/// Default `state.redis.timeout`.
+pub fn default_redis_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(25))
+}
+
+/// Default `state.redis.key_prefix`.
+pub fn default_key_prefix() -> String {
+    "fairgate".to_owned()
+}
+
+/// How decisions use Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetMode {
+    /// Decide locally; exchange usage with Redis every `sync_interval`.
+    #[default]
+    Async,
+    /// One atomic Redis script per decision (the request waits for it, within `timeout`).
+    Exact,
+}
+
+/// What decisions do while Redis is unreachable or slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Local limits scaled by 1/N, N the gateways last seen registered in Redis.
+    #[default]
+    Local,
+    /// Admit what the local limits admit, without fleet accounting (counted).
+    Open,
+    /// Reject requests that have a quota with 503.
+    Closed,
 }

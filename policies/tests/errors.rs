@@ -567,8 +567,31 @@ state: {max_keys: 0, backend: redis}
             "p.yaml:2:43: shedding.reject_delay.max: duration must be longer than 0",
             "p.yaml:3:51: burst_sharing.below_utilization: 1.5 is out of range (a fraction greater than 0 and at most 1)",
             "p.yaml:4:19: state.max_keys: must be at least 1",
-            "p.yaml:4:31: state.backend: unknown value `redis` (expected one of `local`)",
+            "p.yaml:4:31: state.backend: `backend: redis` needs a `redis` section (at least `url`)",
         ],
+    );
+}
+
+#[test]
+fn redis_state_settings_are_checked() {
+    fails(
+        "version: 1
+state:
+  backend: redis
+  redis: {url: 'http://u:secret@h:1', mode: eventual, timeout: 0ms, on_failure: maybe, key_prefix: 'a{b}', pool: 3}
+",
+        &[
+            "p.yaml:4:16: state.redis.url: `http://u:***@h:1` is not a redis url (expected `redis://host:port`)",
+            "p.yaml:4:45: state.redis.mode: unknown value `eventual` (expected one of `async`, `exact`)",
+            "p.yaml:4:64: state.redis.timeout: duration must be longer than 0",
+            "p.yaml:4:81: state.redis.on_failure: unknown value `maybe` (expected one of `local`, `open`, `closed`)",
+            "p.yaml:4:100: state.redis.key_prefix: a key prefix must be non-empty, without braces or spaces",
+            "p.yaml:4:108: state.redis.pool: unknown field `pool` (expected one of `url`, `mode`, `sync_interval`, `timeout`, `on_failure`, `key_prefix`)",
+        ],
+    );
+    fails(
+        "version: 1\nstate: {redis: {url: 'redis://127.0.0.1:6379'}}\n",
+        &["p.yaml:2:16: state.redis: `redis` settings are only used with `backend: redis`"],
     );
 }
 

@@ -403,6 +403,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                     state: State {
                         backend: Backend::Local,
                         max_keys,
+                        redis: None,
                     },
                 },
             )

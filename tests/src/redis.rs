@@ -1,1 +1,198 @@
-//! Harness module: redis.
+//! A real `redis-server` for the fleet tests, on `127.0.0.1` and a free port.
+//!
+//! [`RedisServer::start`] installs the Debian `redis-server` package when the binary is
+//! missing (as root, with a `/usr/sbin/policy-rc.d` that exits 101 so the packaged service
+//! never starts; removed afterwards), runs `redis-server --bind 127.0.0.1 --port <free>
+//! --save '' --appendonly no --enable-debug-command local` as a child, and waits for
+//! `PING`. Faults: [`RedisServer::kill`] (SIGKILL), [`RedisServer::stop`] /
+//! [`RedisServer::cont`] (SIGSTOP / SIGCONT), [`RedisServer::restart`] (same port, empty).
+//! The child is killed by PID on drop.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::DEADLINE;
+
+/// A running `redis-server` child.
+pub struct RedisServer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// Makes sure `redis-server` and `redis-cli` exist, installing the Debian package if not.
+///
+/// # Panics
+///
+/// When the install fails (not root, no package index).
+pub fn ensure_installed() {
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if which("redis-server") && which("redis-cli") {
+        return;
+    }
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let had_policy = policy.exists();
+    if !had_policy {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n").expect("write policy-rc.d");
+        let _ = Command::new("chmod").arg("+x").arg(policy).status();
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-o",
+                "DPkg::Lock::Timeout=300",
+                "redis-server",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let ok = install() || {
+        let _ = Command::new("apt-get")
+            .args(["update", "-o", "DPkg::Lock::Timeout=300"])
+            .stdout(Stdio::null())
+            .status();
+        install()
+    };
+    if !had_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    assert!(ok && which("redis-server"), "cannot install redis-server");
+}
+
+fn which(bin: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl RedisServer {
+    /// Starts a fresh server on a free port and waits for `PING`.
+    ///
+    /// # Panics
+    ///
+    /// When it cannot be installed or does not answer within [`DEADLINE`].
+    pub fn start() -> RedisServer {
+        ensure_installed();
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "local",
+                "--protected-mode",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let start = Instant::now();
+        while self.cli(&["PING"]).trim() != "PONG" {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's PID (0 when killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Runs `redis-cli -p <port> <args>` and returns its stdout (empty on failure).
+    pub fn cli(&self, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn signal(&self, name: &str) {
+        if self.pid() != 0 {
+            let _ = Command::new("kill")
+                .arg(format!("-{name}"))
+                .arg(self.pid().to_string())
+                .status();
+        }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the server hangs (connections stay open, nothing answers).
+    pub fn stop(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::stop`].
+    pub fn cont(&self) {
+        self.signal("CONT");
+    }
+
+    /// Kills the server (if running) and starts an empty one on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // A stopped process would ignore nothing but SIGKILL anyway; wake it for tidiness.
+        self.cont();
+        self.kill();
+    }
+}

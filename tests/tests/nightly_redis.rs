@@ -1,1 +1,166 @@
 //! Nightly-tier scenarios (redis): run by `scripts/nightly.sh`, not by `.ci/run`.
+//!
+//! SCENARIOS.md F6 (Redis restart with data loss under 3 gateways) and F7 (multi-instance
+//! accuracy over 30 s, exact and async, and with Redis down). Scenarios run one at a time.
+
+use std::time::{Duration, Instant};
+
+use fairgate_tests::load::{run_all, LoadReport, LoadSpec};
+use fairgate_tests::redis::RedisServer;
+use fairgate_tests::{eventually, metric, Client, Gateway, Upstream};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config(upstream: &Upstream, redis: &str, mode: &str, on_failure: &str, quota: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+routes: [{{upstream: u}}]
+upstreams:
+  u: {{targets: ['{}']}}
+log: {{decisions: stdout, sample_admits: 0}}
+policy:
+  version: 1
+  identify: {{client_key: [{{header: x-api-key}}]}}
+  plans: {{free: {{bandwidths: ['{quota}']}}}}
+  default_plan: free
+  state:
+    backend: redis
+    redis: {{url: '{redis}', mode: {mode}, sync_interval: 20ms, timeout: 25ms, on_failure: {on_failure}}}
+",
+        upstream.addr
+    )
+}
+
+fn spread(gateways: &[Gateway], rate_each: u32, secs: u64) -> Vec<LoadSpec> {
+    gateways
+        .iter()
+        .map(|g| {
+            LoadSpec::get_with(
+                &g.url("/q"),
+                &[("x-api-key", "spread")],
+                rate_each,
+                Duration::from_secs(secs),
+            )
+        })
+        .collect()
+}
+
+fn admitted(reports: &[LoadReport]) -> u64 {
+    reports.iter().map(|r| r.count(200)).sum()
+}
+
+async fn wait_fleet(gateways: &[Gateway]) {
+    let n = gateways.len() as f64;
+    for g in gateways {
+        let ok = eventually(Duration::from_secs(5), || async {
+            let m = Client::new().get(&g.admin_url("/metrics")).await.text();
+            metric(&m, "fairgate_fleet_gateways") == Some(n)
+        })
+        .await;
+        assert!(ok, "gateway does not see {n} gateways:\n{}", g.stderr());
+    }
+}
+
+// === F7 ===
+
+async fn f7(mode: &str, redis_down: bool) -> (u64, f64) {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let on_failure = if redis_down { "open" } else { "local" };
+    let cfg = config(&up, &redis.url(), mode, on_failure, "40/s burst 20");
+    let gws = vec![Gateway::start(&cfg), Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+    if redis_down {
+        redis.kill();
+    }
+    // 5× the quota, round-robin over the two gateways, for 30 s.
+    let reports = run_all(spread(&gws, 100, 30)).await;
+    for r in &reports {
+        assert_eq!(r.errors, 0, "{}", r.summary());
+    }
+    let got = admitted(&reports);
+    let elapsed = reports
+        .iter()
+        .map(|r| r.elapsed)
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64();
+    eprintln!("F7 {mode} redis_down={redis_down}: admitted {got} over {elapsed:.2} s");
+    (got, elapsed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f7_exact_mode_admits_the_quota_within_5_percent() {
+    let _serial = SERIAL.lock().await;
+    let (got, elapsed) = f7("exact", false).await;
+    let bound = (40.0 * elapsed + 20.0) * 1.05;
+    assert!((got as f64) <= bound, "admitted {got} > {bound}");
+    assert!(got as f64 >= 40.0 * 30.0 * 0.95, "admitted {got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f7_async_mode_admits_the_quota_within_the_documented_slack() {
+    let _serial = SERIAL.lock().await;
+    let (got, elapsed) = f7("async", false).await;
+    // fleet.rs: rate × W + burst + N × (burst + rate × sync_interval), within 10 %.
+    let bound = (40.0 * elapsed + 20.0) * 1.10;
+    assert!((got as f64) <= bound, "admitted {got} > {bound}");
+    assert!(got as f64 >= 40.0 * 30.0 * 0.95, "admitted {got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f7_with_redis_down_each_gateway_keeps_its_local_quota() {
+    let _serial = SERIAL.lock().await;
+    let (got, elapsed) = f7("async", true).await;
+    // on_failure: open — at most N × the local quota.
+    let bound = 2.0 * (40.0 * elapsed + 20.0);
+    assert!((got as f64) <= bound, "admitted {got} > {bound}");
+}
+
+// === F6 ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f6_redis_restart_with_data_loss_bounds_over_admission_and_log_lines() {
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let cfg = config(&up, &redis.url(), "async", "local", "30/s burst 10");
+    let gws = vec![
+        Gateway::start(&cfg),
+        Gateway::start(&cfg),
+        Gateway::start(&cfg),
+    ];
+    wait_fleet(&gws).await;
+    let load = tokio::spawn(run_all(spread(&gws, 50, 40)));
+    tokio::time::sleep(Duration::from_secs(10)).await; // the fault's schedule
+    let _ = redis.cli(&["SHUTDOWN", "NOSAVE"]);
+    let down_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await; // the outage
+    redis.restart();
+    let restart_offset = Duration::from_secs(20) + Duration::from_millis(20);
+    let reports = load.await.expect("load");
+    let after: u64 = reports
+        .iter()
+        .map(|r| {
+            r.window(restart_offset, restart_offset + Duration::from_secs(10))
+                .get(&200)
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    // quota × 10 s + burst + one more window's quota (the documented bound).
+    let bound = 30 * 10 + 10 + 30;
+    eprintln!("F6: admitted {after} in the 10 s after the restart (bound {bound})");
+    assert!(after <= bound, "admitted {after} > {bound}");
+    // Error lines are rate limited: ≤ 1 a second per instance over the outage.
+    let outage = down_at.elapsed().as_secs() + 1;
+    for g in &gws {
+        let lines = g.stderr().matches("redis call failed").count() as u64;
+        assert!(
+            lines <= outage + 1,
+            "{lines} error lines over {outage} s:\n{}",
+            g.stderr()
+        );
+    }
+}

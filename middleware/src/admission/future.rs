@@ -1,5 +1,6 @@
-//! [`ResponseFuture`]: the inner service's future, a ready rejection, or a rejection that
-//! waits out its reject delay first.
+//! [`ResponseFuture`]: the inner service's future, a ready rejection, a rejection that
+//! waits out its reject delay first, or (exact fleet mode) a decision still waiting for
+//! Redis, within the backend's timeout budget.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,8 +12,13 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::body::AdmissionBody;
-use super::response::admitted_headers;
-use crate::decision::{Admitted, DelayGuard};
+use super::response::{admitted_headers, rejection_response};
+use crate::decision::{Admitted, Decision, DelayGuard};
+
+/// The exact-mode fleet check (boxed: only the fleet path takes it).
+pub(crate) type Check = Pin<Box<dyn Future<Output = Decision> + Send>>;
+/// Calls the inner service once the check admits.
+pub(crate) type Call<F> = Box<dyn FnOnce() -> F + Send>;
 
 pin_project! {
     /// The response future of [`super::Admission`].
@@ -38,6 +44,13 @@ pin_project! {
             response: Option<Response<AdmissionBody<B>>>,
             guard: Option<DelayGuard>,
         },
+        /// Waiting for the fleet (exact mode); then the inner service runs or a rejection
+        /// is answered.
+        Remote {
+            check: Check,
+            call: Option<Call<F>>,
+            start: tokio::time::Instant,
+        },
     }
 }
 
@@ -46,6 +59,14 @@ impl<F, B> ResponseFuture<F, B> {
         ResponseFuture::Admitted {
             fut,
             admitted: Some(admitted),
+            start,
+        }
+    }
+
+    pub(crate) fn remote(check: Check, call: Call<F>, start: tokio::time::Instant) -> Self {
+        ResponseFuture::Remote {
+            check,
+            call: Some(call),
             start,
         }
     }
@@ -77,47 +98,64 @@ where
 {
     type Output = Result<Response<AdmissionBody<B>>, E>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            Proj::Admitted {
-                fut,
-                admitted,
-                start,
-            } => {
-                // On error the ticket is dropped with the future's state: permits released.
-                let response = ready!(fut.poll(cx))?;
-                let Some(Admitted { ticket, ratelimit }) = admitted.take() else {
-                    // Polled after completion: a caller bug; answer like a fresh error-free
-                    // response would be wrong, so stay pending is worse. Panic-free: a 500.
-                    let mut r = Response::new(AdmissionBody::full(Bytes::new()));
-                    *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                    return Poll::Ready(Ok(r));
-                };
-                let (mut parts, body) = response.into_parts();
-                if let Some(info) = &ratelimit {
-                    admitted_headers(&mut parts.headers, info);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project() {
+                Proj::Admitted {
+                    fut,
+                    admitted,
+                    start,
+                } => {
+                    // On error the ticket is dropped with the future's state: permits released.
+                    let response = ready!(fut.poll(cx))?;
+                    let Some(Admitted { ticket, ratelimit }) = admitted.take() else {
+                        // Polled after completion: a caller bug. Panic-free: a 500.
+                        return Poll::Ready(Ok(internal_error()));
+                    };
+                    let (mut parts, body) = response.into_parts();
+                    if let Some(info) = &ratelimit {
+                        admitted_headers(&mut parts.headers, info);
+                    }
+                    let body = AdmissionBody::admitted(body, ticket, parts.status.as_u16(), *start);
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
                 }
-                let body = AdmissionBody::admitted(body, ticket, parts.status.as_u16(), *start);
-                Poll::Ready(Ok(Response::from_parts(parts, body)))
-            }
-            Proj::Ready { response } => Poll::Ready(Ok(take(response))),
-            Proj::Delayed {
-                sleep,
-                response,
-                guard,
-            } => {
-                ready!(sleep.poll(cx));
-                guard.take();
-                Poll::Ready(Ok(take(response)))
-            }
+                Proj::Ready { response } => return Poll::Ready(Ok(take(response))),
+                Proj::Delayed {
+                    sleep,
+                    response,
+                    guard,
+                } => {
+                    ready!(sleep.poll(cx));
+                    guard.take();
+                    return Poll::Ready(Ok(take(response)));
+                }
+                Proj::Remote { check, call, start } => match ready!(check.as_mut().poll(cx)) {
+                    Decision::Admit(admitted) => match call.take() {
+                        Some(call) => ResponseFuture::admitted(call(), admitted, *start),
+                        None => return Poll::Ready(Ok(internal_error())),
+                    },
+                    Decision::Reject(mut rejection) => {
+                        let response = rejection_response(&rejection);
+                        match (rejection.delay, rejection.delay_guard.take()) {
+                            (Some(delay), Some(guard)) => {
+                                ResponseFuture::delayed(response, delay, guard)
+                            }
+                            _ => return Poll::Ready(Ok(response)),
+                        }
+                    }
+                },
+            };
+            self.set(next);
         }
     }
 }
 
+fn internal_error<B>() -> Response<AdmissionBody<B>> {
+    let mut r = Response::new(AdmissionBody::full(Bytes::new()));
+    *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    r
+}
+
 fn take<B>(slot: &mut Option<Response<AdmissionBody<B>>>) -> Response<AdmissionBody<B>> {
-    slot.take().unwrap_or_else(|| {
-        let mut r = Response::new(AdmissionBody::full(Bytes::new()));
-        *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-        r
-    })
+    slot.take().unwrap_or_else(internal_error)
 }

@@ -15,7 +15,7 @@ use super::future::ResponseFuture;
 use super::headers::HttpHeaders;
 use super::response::rejection_response;
 use crate::decision::Decision;
-use crate::engine::{Engine, RequestFacts};
+use crate::engine::{Begun, Engine, RequestFacts};
 
 /// The client's socket address, as a request extension (the gateway inserts it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +87,10 @@ fn host_of<B>(req: &Request<B>) -> Cow<'_, str> {
 
 impl<S, B, ResBody> Service<Request<B>> for Admission<S>
 where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    // `Send + 'static`: an exact-mode fleet decision carries the service and the request
+    // into the future until Redis answers.
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    B: Send + 'static,
     ResBody: http_body::Body,
     ResBody::Data: From<Bytes>,
 {
@@ -113,7 +116,19 @@ where
                 operation: req.extensions().get::<Operation>().map(|o| &*o.0),
                 headers: &headers,
             };
-            self.engine.decide(&facts)
+            self.engine.begin(&facts)
+        };
+        let decision = match decision {
+            Begun::Decided(d) => d,
+            Begun::Remote(check) => {
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                return ResponseFuture::remote(
+                    Box::pin(check.resolve()),
+                    Box::new(move || inner.call(req)),
+                    start,
+                );
+            }
         };
         match decision {
             Decision::Admit(admitted) => {

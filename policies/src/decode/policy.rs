@@ -14,6 +14,7 @@ use crate::model::{
     KeyExtractor, LimitAction, LimitKey, MatchKind, Mode, Operation, Plan, Policy, PostHoc,
     Priority, RejectDelay, Responses, Rule, ShedLimit, Shedding, State, StringMatch, TagAction,
 };
+use crate::model::{FleetMode, OnFailure, RedisState};
 use crate::units::{ByteSize, Cidr, HumanDuration, Rate};
 use crate::yaml::{self, Limits, Mark, Node, NodeKind};
 
@@ -1554,9 +1555,15 @@ fn responses(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Responses> {
 fn state(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<State> {
     let mut m = MapReader::new(ctx, node, path)?;
     let defaults = State::default();
+    let backend_at = m.entry("backend").map(|e| e.value.mark);
     let backend = m
         .optional_with(ctx, "backend", |c, n, p| {
-            choice(c, n, p, &[("local", Backend::Local)])
+            choice(
+                c,
+                n,
+                p,
+                &[("local", Backend::Local), ("redis", Backend::Redis)],
+            )
         })
         .unwrap_or(defaults.backend);
     let max_keys = m
@@ -1564,6 +1571,87 @@ fn state(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<State> {
             at_least_one(c, n, p, u64::MAX, "")
         })
         .unwrap_or(defaults.max_keys);
+    let redis_at = m.entry("redis").map(|e| e.value.mark);
+    let redis = m.optional_with(ctx, "redis", redis_state);
     m.finish(ctx);
-    Some(State { backend, max_keys })
+    match (backend, redis_at, backend_at) {
+        (Backend::Redis, None, Some(at)) => ctx.error_at(
+            at,
+            &path.key("backend"),
+            "`backend: redis` needs a `redis` section (at least `url`)",
+        ),
+        (Backend::Local, Some(at), _) => ctx.error_at(
+            at,
+            &path.key("redis"),
+            "`redis` settings are only used with `backend: redis`",
+        ),
+        _ => {}
+    }
+    Some(State {
+        backend,
+        max_keys,
+        redis,
+    })
+}
+
+fn redis_state(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<RedisState> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let url = m.required_with(ctx, "url", |c, n, p| {
+        let s = scalar(c, n, p, "a redis url")?;
+        if !s.starts_with("redis://") {
+            c.error(
+                n,
+                p,
+                format!(
+                    "`{}` is not a redis url (expected `redis://host:port`)",
+                    crate::yaml::shorten(&crate::model::redact_url(s))
+                ),
+            );
+            return None;
+        }
+        Some(s.to_owned())
+    });
+    let mode = m.optional_with(ctx, "mode", |c, n, p| {
+        choice(
+            c,
+            n,
+            p,
+            &[("async", FleetMode::Async), ("exact", FleetMode::Exact)],
+        )
+    });
+    let sync_interval = m.optional_with(ctx, "sync_interval", positive_duration);
+    let timeout = m.optional_with(ctx, "timeout", positive_duration);
+    let on_failure = m.optional_with(ctx, "on_failure", |c, n, p| {
+        choice(
+            c,
+            n,
+            p,
+            &[
+                ("local", OnFailure::Local),
+                ("open", OnFailure::Open),
+                ("closed", OnFailure::Closed),
+            ],
+        )
+    });
+    let key_prefix = m.optional_with(ctx, "key_prefix", |c, n, p| {
+        let s = scalar(c, n, p, "a key prefix")?;
+        if s.is_empty() || s.contains(['{', '}']) || s.chars().any(char::is_whitespace) {
+            c.error(
+                n,
+                p,
+                "a key prefix must be non-empty, without braces or spaces",
+            );
+            return None;
+        }
+        Some(s.to_owned())
+    });
+    m.finish(ctx);
+    Some(RedisState {
+        url: url?,
+        mode: mode.unwrap_or_default(),
+        sync_interval: sync_interval.unwrap_or_else(crate::model::default_sync_interval),
+        timeout: timeout.unwrap_or_else(crate::model::default_redis_timeout),
+        on_failure: on_failure.unwrap_or_default(),
+        key_prefix: key_prefix.unwrap_or_else(crate::model::default_key_prefix),
+    })
 }

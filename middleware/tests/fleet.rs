@@ -1,0 +1,293 @@
+//! The Redis state backend against a real `redis-server` (started on a free loopback port
+//! by `fairgate_tests::redis`): the exact-mode script, the async exchange, and the failure
+//! modes. Engines run on a manual clock standing still, so local buckets only hold their
+//! burst; Redis time moves, but the quotas here refill once a minute.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Req;
+use fairgate_middleware::engine::Begun;
+use fairgate_middleware::fleet::{self, FleetHandle, BREAKER_THRESHOLD};
+use fairgate_middleware::{Decision, Engine, HttpHeaders, RequestFacts};
+use fairgate_tests::redis::RedisServer;
+
+fn policy(url: &str, mode: &str, on_failure: &str, bandwidths: &str) -> String {
+    format!(
+        "version: 1
+plans:
+  free:
+    bandwidths: {bandwidths}
+default_plan: free
+state:
+  backend: redis
+  redis:
+    url: {url}
+    mode: {mode}
+    sync_interval: 10ms
+    timeout: 25ms
+    on_failure: {on_failure}
+"
+    )
+}
+
+fn gateway(yaml: &str) -> (Arc<Engine>, FleetHandle) {
+    let (engine, _clock, _store) = common::engine(yaml);
+    let handle = fleet::start(&engine)
+        .expect("fleet starts")
+        .expect("redis backend");
+    (engine, handle)
+}
+
+async fn decide(engine: &Engine, req: &Req) -> Decision {
+    let begun = {
+        let headers = HttpHeaders(&req.headers);
+        engine.begin(&RequestFacts {
+            peer: req.peer,
+            method: req.method,
+            host: "example.test",
+            path: req.path,
+            query: req.query,
+            operation: req.operation,
+            headers: &headers,
+        })
+    };
+    match begun {
+        Begun::Decided(d) => d,
+        Begun::Remote(check) => check.resolve().await,
+    }
+}
+
+fn status(d: &Decision) -> u16 {
+    match d {
+        Decision::Admit(_) => 200,
+        Decision::Reject(r) => r.status,
+    }
+}
+
+/// A loopback port nothing listens on.
+fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    format!("redis://127.0.0.1:{port}")
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_two_gateways_share_one_quota_exactly() {
+    let redis = RedisServer::start();
+    let yaml = policy(&redis.url(), "exact", "closed", "['1/min burst 5']");
+    let (a, _ha) = gateway(&yaml);
+    let (b, _hb) = gateway(&yaml);
+    let r = Req::from("192.0.2.1");
+    let mut admitted = 0;
+    for i in 0..20 {
+        let e = if i % 2 == 0 { &a } else { &b };
+        let d = decide(e, &r).await;
+        match status(&d) {
+            200 => admitted += 1,
+            429 => {
+                let Decision::Reject(rej) = &d else {
+                    unreachable!()
+                };
+                assert!(rej.retry_after.is_some_and(|w| w >= Duration::from_secs(1)));
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(admitted, 5, "one burst across both gateways");
+    // Another client has its own bucket.
+    assert_eq!(status(&decide(&b, &Req::from("192.0.2.2")).await), 200);
+    assert_eq!(a.fleet().unwrap().errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_is_all_or_nothing() {
+    let redis = RedisServer::start();
+    let yaml = policy(
+        &redis.url(),
+        "exact",
+        "closed",
+        "['1/min burst 5', '1/min burst 3']",
+    );
+    let (a, _h) = gateway(&yaml);
+    let r = Req::from("192.0.2.1");
+    for _ in 0..3 {
+        assert_eq!(status(&decide(&a, &r).await), 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(status(&decide(&a, &r).await), 429);
+    }
+    // The first bandwidth was charged for the 3 admits only: TAT − now ≤ 3 × 60 s.
+    let keys = redis.cli(&["--raw", "KEYS", "fairgate:{192.0.2.1}:t:*"]);
+    let mut keys: Vec<&str> = keys.lines().collect();
+    keys.sort();
+    assert_eq!(keys.len(), 2, "one TAT key per bandwidth: {keys:?}");
+    let time = redis.cli(&["--raw", "TIME"]);
+    let mut t = time.lines();
+    let now_us: f64 =
+        t.next().unwrap().parse::<f64>().unwrap() * 1e6 + t.next().unwrap().parse::<f64>().unwrap();
+    for key in keys {
+        let tat: f64 = redis.cli(&["--raw", "GET", key]).trim().parse().unwrap();
+        let ahead_s = (tat - now_us) / 1e6;
+        assert!(
+            (170.0..=180.0).contains(&ahead_s),
+            "{key}: {ahead_s} s ahead, expected 3 × 60 s"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_charges_what_the_other_gateways_used() {
+    let redis = RedisServer::start();
+    let yaml = policy(&redis.url(), "async", "local", "['1/min burst 10']");
+    let (a, _ha) = gateway(&yaml);
+    let (b, _hb) = gateway(&yaml);
+    let r = Req::from("192.0.2.1");
+    // A spends the whole burst locally, then shares it.
+    assert_eq!(common::admit_n(&a, &r, 15), 10);
+    wait_for("a's exchange", || a.fleet().unwrap().syncs >= 1).await;
+    // B has not seen the client: its first request is decided on its own (full) bucket…
+    assert!(common::admit(&b, &r));
+    // …and its exchange brings the fleet's usage in.
+    wait_for("b's exchange", || b.fleet().unwrap().syncs >= 1).await;
+    assert_eq!(
+        common::admit_n(&b, &r, 10),
+        0,
+        "b now sees the fleet's usage"
+    );
+    assert_eq!(a.fleet().unwrap().errors + b.fleet().unwrap().errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_failure_modes_when_redis_is_unreachable() {
+    let url = dead_url();
+    let r = Req::from("192.0.2.1");
+
+    // closed: 503, and once the breaker is open, without trying Redis.
+    let (e, _h) = gateway(&policy(&url, "exact", "closed", "['1/min burst 5']"));
+    for _ in 0..BREAKER_THRESHOLD + 5 {
+        assert_eq!(status(&decide(&e, &r).await), 503);
+    }
+    let s = e.fleet().unwrap();
+    assert!(
+        s.degraded,
+        "breaker open after {BREAKER_THRESHOLD} failures"
+    );
+    assert_eq!(s.failure_mode_rejects, u64::from(BREAKER_THRESHOLD) + 5);
+    assert!(s.calls <= u64::from(BREAKER_THRESHOLD) + 1, "{s:?}");
+
+    // open: everything admitted, and counted.
+    let (e, _h) = gateway(&policy(&url, "exact", "open", "['1/min burst 5']"));
+    for _ in 0..20 {
+        assert_eq!(status(&decide(&e, &r).await), 200);
+    }
+    assert_eq!(e.fleet().unwrap().failure_mode_admits, 20);
+
+    // local: the local limits (one gateway registered: N = 1).
+    let (e, _h) = gateway(&policy(&url, "exact", "local", "['1/min burst 5']"));
+    let mut admitted = 0;
+    for _ in 0..20 {
+        if status(&decide(&e, &r).await) == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_at_most_the_budget_and_recovery_is_automatic() {
+    let redis = RedisServer::start();
+    let (e, _h) = gateway(&policy(
+        &redis.url(),
+        "exact",
+        "open",
+        "['1/min burst 1000']",
+    ));
+    let r = Req::from("192.0.2.1");
+    assert_eq!(status(&decide(&e, &r).await), 200);
+    redis.stop();
+    let mut worst = Duration::ZERO;
+    for _ in 0..50 {
+        let t = Instant::now();
+        assert_eq!(
+            status(&decide(&e, &r).await),
+            200,
+            "on_failure: open admits"
+        );
+        worst = worst.max(t.elapsed());
+    }
+    // 25 ms budget; the margin is scheduling on a loaded 2-core machine.
+    assert!(
+        worst < Duration::from_millis(150),
+        "worst decision took {worst:?}"
+    );
+    let s = e.fleet().unwrap();
+    assert!(s.degraded);
+    assert!(s.calls < 50, "the breaker stopped the calls: {s:?}");
+    redis.cont();
+    // Probes (≤ 5/s) find Redis again; the breaker closes on the first success.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while e.fleet().unwrap().degraded {
+        assert!(
+            Instant::now() < deadline,
+            "still degraded 5 s after SIGCONT"
+        );
+        decide(&e, &r).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_leases_hold_concurrency_fleet_wide_and_expire_with_their_gateway() {
+    let redis = RedisServer::start();
+    let yaml = policy(&redis.url(), "exact", "closed", "['1/s burst 1000']")
+        .replace("    bandwidths:", "    concurrency: 2\n    bandwidths:");
+    let (a, ha) = gateway(&yaml);
+    let (b, _hb) = gateway(&yaml);
+    let r = Req::from("192.0.2.1");
+    let leases = || {
+        redis
+            .cli(&["ZCARD", "fairgate:{192.0.2.1}:leases"])
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(u64::MAX)
+    };
+    let a1 = decide(&a, &r).await;
+    let b1 = decide(&b, &r).await;
+    assert_eq!((status(&a1), status(&b1)), (200, 200));
+    assert_eq!(leases(), 2);
+    // Each gateway holds one request: only the fleet-wide limit can refuse the third.
+    let third = decide(&a, &r).await;
+    let Decision::Reject(rej) = &third else {
+        panic!("a third request in flight was admitted")
+    };
+    assert_eq!(
+        (rej.status, rej.stage),
+        (429, fairgate_middleware::Stage::Concurrency)
+    );
+    // The ticket's drop gives the lease back.
+    drop(b1);
+    wait_for("the released lease", || leases() == 1).await;
+    let b2 = decide(&b, &r).await;
+    assert_eq!(status(&b2), 200);
+    // Gateway A "dies" holding a lease: nothing renews it, it expires (3 s).
+    assert_eq!(ha.fleet().leases_held(), 1);
+    drop(ha);
+    wait_for("the dead gateway's lease to expire", || {
+        redis.cli(&["EVAL", "return redis.call('ZCOUNT', KEYS[1], math.floor(tonumber(redis.call('TIME')[1]) * 1000), '+inf')", "1", "fairgate:{192.0.2.1}:leases"]).trim() == "1"
+    })
+    .await;
+    assert_eq!(status(&decide(&b, &r).await), 200);
+    drop((a1, b2));
+}
