@@ -60,6 +60,9 @@ pub enum UpstreamErrorKind {
     Timeout,
     /// The connection broke or the response was malformed (502).
     Protocol,
+    /// The response body broke off after its head was forwarded (the client's connection
+    /// is closed, never presented as a complete response).
+    Body,
 }
 
 impl UpstreamErrorKind {
@@ -68,6 +71,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
+            UpstreamErrorKind::Body => "body",
         }
     }
 }
@@ -79,6 +83,7 @@ pub struct UpstreamMetrics {
     connect: Counter,
     timeout: Counter,
     protocol: Counter,
+    body: Counter,
 }
 
 impl UpstreamMetrics {
@@ -93,7 +98,13 @@ impl UpstreamMetrics {
             UpstreamErrorKind::Connect => self.connect.inc(),
             UpstreamErrorKind::Timeout => self.timeout.inc(),
             UpstreamErrorKind::Protocol => self.protocol.inc(),
+            UpstreamErrorKind::Body => self.body.inc(),
         };
+    }
+
+    /// The counter of response bodies that broke off (for a body wrapper to own).
+    pub fn body_errors(&self) -> Counter {
+        self.body.clone()
     }
 }
 
@@ -129,6 +140,8 @@ pub struct Metrics {
     evictions_seen: AtomicU64,
     near_limit: Counter,
     decision_log_dropped: Counter,
+    fleet: crate::fleet::FleetMetrics,
+    outbound: crate::outbound::OutboundMetrics,
 }
 
 fn duration_histogram() -> Histogram {
@@ -179,7 +192,7 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         registry.register(
             "upstream_errors",
-            "Upstream failures by pool and kind (connect, timeout, protocol)",
+            "Upstream failures by pool and kind (connect, timeout, protocol, body)",
             upstream_errors.clone(),
         );
         let reloads = Family::<ReloadLabels, Counter>::default();
@@ -224,6 +237,8 @@ impl Metrics {
             "Decision-log lines dropped because the writer fell behind",
             decision_log_dropped.clone(),
         );
+        let fleet = crate::fleet::FleetMetrics::register(&mut registry);
+        let outbound = crate::outbound::OutboundMetrics::register(&mut registry);
         last_reload_success.set(1);
         // Make the reload series visible before the first reload.
         let _ = reloads.get_or_create_owned(&ReloadLabels { result: "ok" });
@@ -245,7 +260,19 @@ impl Metrics {
             evictions_seen: AtomicU64::new(0),
             near_limit,
             decision_log_dropped,
+            fleet,
+            outbound,
         }
+    }
+
+    /// The outbound-layer counters of upstream pool `name` (creates its series).
+    pub fn outbound(&self, name: &Arc<str>) -> Arc<crate::outbound::PoolObserver> {
+        self.outbound.observer(name)
+    }
+
+    /// Mirrors the Redis backend's counters and state (called at scrape time).
+    pub fn refresh_fleet(&self, s: Option<fairgate_middleware::fleet::FleetSnapshot>) {
+        self.fleet.refresh(s);
     }
 
     /// Handles for one upstream pool (creates its series).
@@ -264,6 +291,7 @@ impl Metrics {
             connect: err(UpstreamErrorKind::Connect),
             timeout: err(UpstreamErrorKind::Timeout),
             protocol: err(UpstreamErrorKind::Protocol),
+            body: err(UpstreamErrorKind::Body),
         }
     }
 

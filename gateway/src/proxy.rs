@@ -16,6 +16,12 @@
 //! another target of the pool when there is one; the request body is reclaimed for that
 //! (it cannot have been sent, since no connection existed).
 //!
+//! A pool with an `outbound:` block sends its requests through that pool's outbound stack
+//! first (see [`crate::outbound`]); the stack's innermost service is this proxy's own
+//! forwarding ([`Direct`]). A connect-failure 502 carries the
+//! [`ConnectFailed`](fairgate_middleware::outbound::ConnectFailed) extension so the stack's
+//! retry can tell it from an upstream's own 502.
+//!
 //! Upgrades (websocket): the upstream's `101` is passed back and only then both connections
 //! are upgraded and spliced together; any other answer is an ordinary response, so no raw
 //! tunnel exists without a `101`.
@@ -41,28 +47,114 @@ use crate::metrics::{Metrics, UpstreamErrorKind, UpstreamMetrics};
 use crate::problem;
 use crate::routing::{ConnInfo, RouteMatch};
 use crate::upstream::Pool;
+use http_body_util::BodyExt as _;
 
 static VIA: HeaderValue = HeaderValue::from_static("1.1 fairgate");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The proxy service. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Proxy {
     upstreams: Arc<[(Arc<Pool>, UpstreamMetrics)]>,
+    /// The outbound stacks of pools that have one, with their refusal status.
+    outbound: Arc<[(Arc<Pool>, crate::outbound::Stack, StatusCode)]>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("upstreams", &self.upstreams)
+            .field("outbound", &self.outbound.len())
+            .finish()
+    }
+}
+
+/// The proxy's own forwarding, without outbound stacks: the innermost service of each stack.
+#[derive(Clone, Debug)]
+pub struct Direct(Proxy);
+
+impl Service<Request<ProxyBody>> for Direct {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
+        let this = self.0.clone();
+        Box::pin(async move { Ok(this.forward(req, None).await) })
+    }
 }
 
 // === impl Proxy ===
 
 impl Proxy {
     /// A proxy over `pools`, recording into `metrics`.
+    ///
+    /// Pools with an `outbound:` block get their stack here; a cache `warm_up` list is
+    /// fetched in the background when a tokio runtime is running.
     pub fn new(pools: &[Arc<Pool>], metrics: &Metrics) -> Proxy {
-        Proxy {
+        let direct = Proxy {
             upstreams: pools
                 .iter()
                 .map(|p| (p.clone(), metrics.upstream(p.name())))
                 .collect(),
+            outbound: Arc::new([]),
+        };
+        let mut outbound = Vec::new();
+        for pool in pools {
+            let Some(config) = pool.outbound() else {
+                continue;
+            };
+            let stack = crate::outbound::build_stack(
+                config,
+                metrics.outbound(pool.name()),
+                Direct(direct.clone()),
+            );
+            let warm = config.cache.as_ref().is_some_and(|c| !c.warm_up.is_empty());
+            if let (true, Ok(rt)) = (warm, tokio::runtime::Handle::try_current()) {
+                let (config, stack, pool) = (config.clone(), stack.clone(), pool.clone());
+                rt.spawn(async move {
+                    let route = Arc::new(crate::routing::Route::new(
+                        "warm_up",
+                        None,
+                        "/",
+                        None,
+                        pool.clone(),
+                        None,
+                        None,
+                    ));
+                    crate::outbound::warm_up(&config, pool.name(), stack, |req| {
+                        req.extensions_mut().insert(RouteMatch(route.clone()));
+                    })
+                    .await;
+                });
+            }
+            outbound.push((pool.clone(), stack, config.throttle_status));
         }
+        Proxy {
+            upstreams: direct.upstreams,
+            outbound: outbound.into(),
+        }
+    }
+
+    /// The outbound stack of the request's pool, if it has one (never for upgrades).
+    fn outbound_of<B>(&self, req: &Request<B>) -> Option<(crate::outbound::Stack, StatusCode)> {
+        if self.outbound.is_empty() {
+            return None;
+        }
+        let RouteMatch(route) = req.extensions().get::<RouteMatch>()?;
+        let (_, stack, status) = self
+            .outbound
+            .iter()
+            .find(|(p, _, _)| Arc::ptr_eq(p, &route.pool))?;
+        if is_upgrade_request(req) {
+            return None;
+        }
+        Some((stack.clone(), *status))
     }
 
     fn metrics_of(&self, pool: &Arc<Pool>) -> Option<&UpstreamMetrics> {
@@ -77,6 +169,19 @@ impl Proxy {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        if let Some((mut stack, throttle_status)) = self.outbound_of(&req) {
+            let res = match crate::outbound::call(&mut stack, req.map(body::boxed)).await {
+                Ok(res) => res,
+                Err(e) => crate::outbound::error_response(&e, throttle_status),
+            };
+            return match pending {
+                Some(p) => {
+                    let status = res.status().as_u16();
+                    res.map(|b| body::boxed(Guarded::new(b, LogOnEnd(Some((p, status))))))
+                }
+                None => res,
+            };
+        }
         let (res, in_flight) = self.forward_inner(req).await;
         match (pending, in_flight) {
             (Some(p), Some(in_flight)) => {
@@ -166,10 +271,11 @@ impl Proxy {
                         exclude = Some(in_flight.target().clone());
                         continue;
                     }
-                    return (
-                        problem::response(StatusCode::BAD_GATEWAY, "upstream connection failed"),
-                        None,
-                    );
+                    let mut res =
+                        problem::response(StatusCode::BAD_GATEWAY, "upstream connection failed");
+                    res.extensions_mut()
+                        .insert(fairgate_middleware::outbound::ConnectFailed);
+                    return (res, None);
                 }
                 Ok(Err(e)) => {
                     if let Some(m) = &metrics {
@@ -276,7 +382,21 @@ fn finish_response(
     }
     strip_hop_by_hop(res.headers_mut(), upgraded);
     res.headers_mut().append(header::VIA, VIA.clone());
-    (res.map(body::boxed), Some(in_flight))
+    let res = match metrics {
+        // A body that breaks off after the head was sent (upstream reset mid-body) is an
+        // upstream failure too; the client's connection is then closed by hyper.
+        Some(m) => {
+            let errors = m.body_errors();
+            res.map(|b| {
+                body::boxed(b.map_err(move |e| {
+                    errors.inc();
+                    e
+                }))
+            })
+        }
+        None => res.map(body::boxed),
+    };
+    (res, Some(in_flight))
 }
 
 /// Writes a sampled admit's decision-log line when the response body ends (or the client

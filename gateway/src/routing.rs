@@ -272,6 +272,7 @@ mod tests {
             health_check: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(7),
+            outbound: None,
         };
         Arc::new(Pool::new(
             "p",

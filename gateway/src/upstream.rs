@@ -168,6 +168,7 @@ pub struct Pool {
     connect_timeout: Duration,
     request_timeout: Duration,
     health_check: Option<HealthCheck>,
+    outbound: Option<crate::outbound::OutboundConfig>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -207,6 +208,7 @@ impl Pool {
             connect_timeout: config.connect_timeout,
             request_timeout: config.request_timeout,
             health_check: config.health_check.clone(),
+            outbound: config.outbound.clone(),
         }
     }
 
@@ -223,6 +225,11 @@ impl Pool {
     /// The default time to the response head.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
+    }
+
+    /// The pool's outbound layers, if configured (built by the proxy).
+    pub fn outbound(&self) -> Option<&crate::outbound::OutboundConfig> {
+        self.outbound.as_ref()
     }
 
     /// Gives the pool one more client for each of `threads` per-core threads
@@ -381,6 +388,7 @@ mod tests {
             health_check: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            outbound: None,
         }
     }
 

@@ -535,6 +535,7 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
     let request_timeout = m
         .optional_with(ctx, "request_timeout", positive_duration)
         .unwrap_or(Duration::from_secs(30));
+    let outbound = m.optional_with(ctx, "outbound", outbound::outbound);
     m.finish(ctx);
     let targets = targets?;
     if targets.is_empty() {
@@ -552,6 +553,7 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
         health_check,
         connect_timeout,
         request_timeout,
+        outbound,
     })
 }
 
@@ -671,6 +673,18 @@ fn log(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<Log
     let max_rejections_per_rule = m.optional_with(ctx, "max_rejections_per_rule", |c, n, p| {
         uint(c, n, p, 1_000_000).map(|v| v as u32)
     });
+    let audit = m.optional_with(ctx, "audit", |c, n, p| {
+        let on = bool::decode(c, n, p)?;
+        if on && decisions == Some(DecisionTarget::Off) {
+            c.error(
+                n,
+                p,
+                "needs a decision log: set `decisions` to a file or `stdout`",
+            );
+            return None;
+        }
+        Some(on)
+    });
     let format = m.optional_with(ctx, "format", |c, n, p| {
         choice(
             c,
@@ -689,10 +703,13 @@ fn log(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<Log
         decisions: decisions.unwrap_or(d.decisions),
         sample_admits: sample_admits.unwrap_or(d.sample_admits),
         max_rejections_per_rule: max_rejections_per_rule.unwrap_or(d.max_rejections_per_rule),
+        audit: audit.unwrap_or(d.audit),
         format: format.unwrap_or(d.format),
         level: level.unwrap_or(d.level),
     })
 }
+
+mod outbound;
 
 #[cfg(test)]
 mod tests;

@@ -127,6 +127,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time to the response head (default 30s); a route's `timeout` overrides it.
     pub request_timeout: Duration,
+    /// Outbound layers towards the pool (coalesce, cache, rate/concurrency, retry); see
+    /// [`crate::outbound`]. Absent: requests go straight to the pool.
+    pub outbound: Option<crate::outbound::OutboundConfig>,
 }
 
 /// An upstream target.
@@ -236,6 +239,11 @@ pub struct LogConfig {
     pub sample_admits: f64,
     /// Rejection lines per rule per second before they are summarised (default 10).
     pub max_rejections_per_rule: u32,
+    /// Complete mode for `fairgate audit` (default false): every decision is written, at
+    /// decision time, with a monotonic `mono_ns`; nothing is sampled, summarised or dropped
+    /// (a full channel blocks the request instead). `sample_admits` and
+    /// `max_rejections_per_rule` are then ignored.
+    pub audit: bool,
     /// Process log format on stderr (default `pretty`).
     pub format: LogFormat,
     /// Process log filter, `tracing` env-filter syntax (default `info`; `RUST_LOG` wins).
@@ -248,6 +256,7 @@ impl Default for LogConfig {
             decisions: DecisionTarget::Stdout,
             sample_admits: 0.01,
             max_rejections_per_rule: 10,
+            audit: false,
             format: LogFormat::Pretty,
             level: "info".to_owned(),
         }

@@ -341,3 +341,17 @@ fn runtime_and_handshake_timeout_are_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn audit_mode_needs_a_decision_log() {
+    let base =
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\n";
+    let c = parse_ok(&format!("{base}log: {{decisions: d.jsonl, audit: true}}\n"));
+    assert!(c.config.log.audit);
+    assert!(!parse_ok(base).config.log.audit);
+    let errors = parse_err(&format!("{base}log: {{decisions: off, audit: true}}\n"));
+    assert_eq!(
+        errors,
+        "gw.yaml:4:30: log.audit: needs a decision log: set `decisions` to a file or `stdout`"
+    );
+}

@@ -1,1 +1,0 @@
-//! The caller's side: tower layers for HTTP clients (coalesce, cache, outbound limits, retry).

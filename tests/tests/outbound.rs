@@ -1,0 +1,309 @@
+//! The gateway's outbound layers through the real binary (issue #7): an upstream that
+//! enforces its own rate limit (429 + `Retry-After` past N per second) and counts calls.
+//!
+//! The scenarios put load on the one gateway they start, so they run one at a time
+//! (`SERIAL`).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fairgate_tests::{eventually, metric, Client, Gateway};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// An upstream answering at most `per_sec` requests per sliding second with 200, others
+/// with 429 and `Retry-After`.
+struct Limited {
+    addr: SocketAddr,
+    per_sec: usize,
+    calls: AtomicUsize,
+    window: Mutex<VecDeque<Instant>>,
+    accepted: Mutex<Vec<Instant>>,
+    arrivals: Mutex<Vec<Instant>>,
+    /// Answers wait while this is `false`.
+    gate: watch::Sender<bool>,
+}
+
+impl Limited {
+    async fn start(per_sec: usize) -> Arc<Limited> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = Arc::new(Limited {
+            addr: listener.local_addr().unwrap(),
+            per_sec,
+            calls: AtomicUsize::new(0),
+            window: Mutex::default(),
+            accepted: Mutex::default(),
+            arrivals: Mutex::default(),
+            gate: watch::channel(true).0,
+        });
+        let u = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let u = u.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(u.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        up
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The most 200s given within any one-second window.
+    fn max_per_window(&self) -> usize {
+        let times = self.accepted.lock().unwrap().clone();
+        (0..times.len())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|t| **t - times[i] < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+async fn handle(
+    u: Arc<Limited>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    u.calls.fetch_add(1, Ordering::SeqCst);
+    u.arrivals.lock().unwrap().push(Instant::now());
+    let _ = req.into_body().collect().await;
+    let _ = u.gate.subscribe().wait_for(|open| *open).await;
+    let now = Instant::now();
+    let retry_after = {
+        let mut w = u.window.lock().unwrap();
+        while w
+            .front()
+            .is_some_and(|t| now - *t >= Duration::from_secs(1))
+        {
+            w.pop_front();
+        }
+        if w.len() >= u.per_sec {
+            let wait = Duration::from_secs(1) - (now - w[0]);
+            Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1))
+        } else {
+            w.push_back(now);
+            u.accepted.lock().unwrap().push(now);
+            None
+        }
+    };
+    let mut res = Response::new(Full::new(Bytes::from_static(b"quota")));
+    if let Some(secs) = retry_after {
+        *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        res.headers_mut()
+            .insert("retry-after", secs.to_string().parse().unwrap());
+    }
+    Ok(res)
+}
+
+fn config(up: &Limited, outbound: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+routes:
+  - {{name: all, upstream: api}}
+upstreams:
+  api:
+    targets: ['{}']
+    outbound:
+{outbound}
+log: {{decisions: off}}
+",
+        up.addr
+    )
+}
+
+async fn metrics(gw: &Gateway) -> String {
+    Client::new().get(&gw.admin_url("/metrics")).await.text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_identical_gets_make_one_upstream_call() {
+    let _serial = SERIAL.lock().await;
+    let up = Limited::start(10).await;
+    let gw = Gateway::start(&config(
+        &up,
+        "      coalesce: true
+      rate: {rate: 10/s, burst: 5}
+      retry: {on: [429, 503, connect], max_attempts: 3, base: 50ms, max_backoff: 1s, budget: 10%}",
+    ));
+    // Hold the upstream's answer until all 200 requests are inside the gateway.
+    up.gate.send_replace(false);
+    let client = Client::new();
+    let url = gw.url("/quota?region=eu");
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (c, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { c.get(&url).await })
+        })
+        .collect();
+    let all_in = eventually(Duration::from_secs(10), || async {
+        metric(&metrics(&gw).await, "fairgate_in_flight") == Some(200.0)
+    })
+    .await;
+    assert!(all_in, "200 requests in flight:\n{}", metrics(&gw).await);
+    // They reach the coalescing table as soon as the proxy polls them; give that a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    up.gate.send_replace(true);
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "quota");
+    }
+    assert_eq!(up.calls(), 1);
+    let m = metrics(&gw).await;
+    assert_eq!(
+        metric(&m, r#"fairgate_outbound_coalesced_total{upstream="api"}"#),
+        Some(199.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"fairgate_outbound_retries_total{upstream="api"}"#),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_gets_stay_under_the_upstream_limit_and_retries_follow_retry_after() {
+    let _serial = SERIAL.lock().await;
+    // The upstream takes 20 per second; the gateway sends at most 12/s with bursts of 4
+    // (16 in any second, 4 to spare for loopback jitter).
+    let up = Limited::start(20).await;
+    let gw = Gateway::start(&config(
+        &up,
+        "      rate: {rate: 12/s, burst: 4}
+      concurrency: 8
+      queue: {max: 1000, timeout: 10s}
+      retry: {max_attempts: 3, budget: 10%}",
+    ));
+    let client = Client::new();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let (c, url) = (client.clone(), gw.url(&format!("/item/{i}")));
+            tokio::spawn(async move { c.get(&url).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let took = started.elapsed();
+    assert_eq!(up.calls(), 40, "no 429s, no retries");
+    assert!(up.max_per_window() <= 20, "{}", up.max_per_window());
+    // 4 at once, then 36 at 12/s: 3 s.
+    assert!(took >= Duration::from_millis(2900), "{took:?}");
+
+    // A second, unlimited gateway in front of the same upstream, now saturated: a burst of
+    // 30 gets 429s, which the gateway retries after `Retry-After` (and under its budget).
+    let gw2 = Gateway::start(&config(
+        &up,
+        "      retry: {max_attempts: 2, base: 10ms, max_backoff: 100ms, budget: 1000%}",
+    ));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = up.arrivals.lock().unwrap().len();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let (c, url) = (client.clone(), gw2.url(&format!("/burst/{i}")));
+            tokio::spawn(async move { c.get(&url).await.status })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    let arrivals = up.arrivals.lock().unwrap()[before..].to_vec();
+    // 20 accepted at once, 10 told to wait about a second, retried no sooner, accepted.
+    assert_eq!(ok, 30);
+    assert_eq!(arrivals.len(), 40);
+    let first = arrivals[0];
+    let retried: Vec<Duration> = arrivals[30..].iter().map(|t| *t - first).collect();
+    assert!(
+        retried.iter().all(|d| *d >= Duration::from_millis(900)),
+        "retries came before Retry-After: {retried:?}"
+    );
+    let m = metrics(&gw2).await;
+    assert_eq!(
+        metric(&m, r#"fairgate_outbound_retries_total{upstream="api"}"#),
+        Some(10.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_refusal_is_a_503_with_retry_after_and_counted() {
+    let _serial = SERIAL.lock().await;
+    let up = Limited::start(100).await;
+    let gw = Gateway::start(&config(
+        &up,
+        "      rate: 1/10s
+      queue: {max: 0, timeout: 0s}",
+    ));
+    let c = Client::new();
+    assert_eq!(c.get(&gw.url("/a")).await.status, 200);
+    let refused = c.get(&gw.url("/b")).await;
+    assert_eq!(refused.status, 503);
+    let ra: u64 = refused.header("retry-after").parse().unwrap();
+    assert!((9..=10).contains(&ra), "{ra}");
+    assert_eq!(refused.header("content-type"), "application/problem+json");
+    assert_eq!(up.calls(), 1);
+    let m = metrics(&gw).await;
+    assert_eq!(
+        metric(&m, r#"fairgate_outbound_throttled_total{upstream="api"}"#),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_answers_within_its_ttl_and_warms_up_at_start() {
+    let _serial = SERIAL.lock().await;
+    let up = Limited::start(100).await;
+    let gw = Gateway::start(&config(
+        &up,
+        "      cache: {ttl: 30s, max_entries: 100, max_bytes: 1MiB, warm_up: [/warm]}",
+    ));
+    let warmed = eventually(Duration::from_secs(5), || async { up.calls() == 1 }).await;
+    assert!(warmed, "the warm-up request reached the upstream");
+    let c = Client::new();
+    assert_eq!(c.get(&gw.url("/warm")).await.text(), "quota");
+    assert_eq!(c.get(&gw.url("/other")).await.text(), "quota");
+    assert_eq!(c.get(&gw.url("/other")).await.text(), "quota");
+    assert_eq!(up.calls(), 2, "warm entry and one miss");
+    let m = metrics(&gw).await;
+    assert_eq!(
+        metric(&m, r#"fairgate_outbound_cache_hits_total{upstream="api"}"#),
+        Some(2.0),
+        "{m}"
+    );
+    // A client with credentials does not get the anonymous entry.
+    let r = c
+        .get_with(&gw.url("/other"), &[("authorization", "Bearer x")])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.calls(), 3);
+}
