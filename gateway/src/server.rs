@@ -1,9 +1,14 @@
 //! Listeners and connections: binding with `SO_REUSEPORT`, serving HTTP/1.1 and h2c on one
 //! port (hyper-util `auto`), HTTP/1.1 and HTTP/2 over TLS (see [`crate::tls`]), request-head
-//! limits, and graceful shutdown.
+//! limits, the framing check on every connection (see [`crate::framing`]: ambiguous HTTP/1
+//! framing is answered 400 + `Connection: close`), and graceful shutdown.
 //!
 //! `SO_REUSEPORT` lets a new gateway process bind the same port while the old one drains:
-//! start the new one, then SIGTERM the old one (see `docs/gateway.md`). It also lets the
+//! start the new one, then SIGTERM the old one (see `docs/gateway.md`). On stop a server
+//! first *drains* for [`DRAIN_WINDOW`]: it keeps accepting, and answers every HTTP/1.1
+//! request with `Connection: close`, so keep-alive clients learn to reconnect (to the new
+//! process) from a response instead of finding their idle connection closed under a request
+//! already on the wire; then it closes the listener and lets hyper finish what is in flight. It also lets the
 //! `thread_per_core` runtime give every worker thread its own socket on the same address
 //! (see [`crate::runtime`]).
 
@@ -11,11 +16,14 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{header, HeaderValue, Request, Response, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,8 +37,18 @@ use tower::Service;
 
 use crate::body::BoxError;
 use crate::config::Limits;
+use crate::framing::{FramingCheck, FramingIo, Verdicts};
 use crate::routing::ConnInfo;
 use crate::tls::Tls;
+
+/// Most head bytes the framing scanner keeps. hyper stops reading a head at the configured
+/// `max_header_bytes` (and answers 431), so this only bounds a head hyper would refuse anyway;
+/// a longer one is refused by the scanner too.
+const MAX_SCANNED_HEAD: usize = 16 * 1024 * 1024;
+
+/// How long a stopping server keeps accepting and answering with `Connection: close` before
+/// it closes its listener (see the module docs). Short against any sane `shutdown_grace`.
+pub const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 
 /// Binds a listening socket with `SO_REUSEADDR` and `SO_REUSEPORT` (must be called inside a
 /// tokio runtime, which the listener is registered with).
@@ -92,10 +110,20 @@ pub async fn serve<S, B>(
 {
     let graceful = GracefulShutdown::new();
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let draining = Arc::new(AtomicBool::new(false));
+    let drain_until = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(drain_until);
+    let mut stop_seen = false;
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s), if !stop_seen => {
+                stop_seen = true;
+                draining.store(true, Ordering::Relaxed);
+                drain_until.as_mut().reset(tokio::time::Instant::now() + DRAIN_WINDOW);
+                continue;
+            }
+            () = &mut drain_until => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -108,13 +136,20 @@ pub async fn serve<S, B>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(WithConn {
-            inner: service.clone(),
-            info: ConnInfo { peer, scheme },
-        });
+        // Ambiguous HTTP/1 framing is found on the bytes (see `crate::framing`).
+        let verdicts = Verdicts::new();
+        let svc = TowerToHyperService::new(FramingCheck::new(
+            WithConn {
+                inner: service.clone(),
+                info: ConnInfo { peer, scheme },
+                draining: draining.clone(),
+            },
+            verdicts.clone(),
+        ));
         let Some(tls) = &tls else {
+            let io = FramingIo::new(stream, MAX_SCANNED_HEAD, verdicts);
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .into_owned();
             let watched = graceful.watch(conn);
             tokio::spawn(async move {
@@ -142,8 +177,9 @@ pub async fn serve<S, B>(
                     }
                 },
             };
+            let io = FramingIo::new(stream, MAX_SCANNED_HEAD, verdicts);
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .into_owned();
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -154,29 +190,63 @@ pub async fn serve<S, B>(
     graceful.shutdown().await;
 }
 
-/// Inserts the connection's [`ConnInfo`] (and the engine's peer address) into each request.
+/// Inserts the connection's [`ConnInfo`] (and the engine's peer address) into each request;
+/// while the server drains, marks HTTP/1.1 responses `Connection: close`.
 #[derive(Clone, Debug)]
 struct WithConn<S> {
     inner: S,
     info: ConnInfo,
+    draining: Arc<AtomicBool>,
 }
 
-impl<S, B> Service<Request<B>> for WithConn<S>
+impl<S, B, RB> Service<Request<B>> for WithConn<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<RB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Closing<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let close = req.version() == Version::HTTP_11 && self.draining.load(Ordering::Relaxed);
         crate::admission::tag_peer(&mut req, self.info.peer);
         req.extensions_mut().insert(self.info);
-        self.inner.call(req)
+        Closing {
+            inner: self.inner.call(req),
+            close,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`WithConn`]: adds `Connection: close` when asked to.
+    struct Closing<F> {
+        #[pin]
+        inner: F,
+        close: bool,
+    }
+}
+
+impl<F, RB, E> Future for Closing<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut out = std::task::ready!(this.inner.poll(cx));
+        if *this.close {
+            if let Ok(res) = &mut out {
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        Poll::Ready(out)
     }
 }
 
