@@ -20,7 +20,8 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use fairgate_middleware::{
-    CompletionEvent, DecisionEvent, DecisionKind, Observer, Operation, PeerAddr,
+    Clock, CompletionEvent, DecisionEvent, DecisionKind, MonotonicClock, Observer, Operation,
+    PeerAddr,
 };
 use http::Request;
 use prometheus_client::metrics::counter::Counter;
@@ -187,16 +188,36 @@ pub struct GatewayObserver {
     metrics: Arc<Metrics>,
     log: DecisionLog,
     counters: DecisionCounters,
+    /// The clock of audit-mode `mono_ns` stamps.
+    clock: Arc<dyn Clock>,
 }
 
 impl GatewayObserver {
-    /// An observer writing to `metrics` and `log`.
+    /// An observer writing to `metrics` and `log`. Audit-mode lines are stamped with a
+    /// [`MonotonicClock`] (the engine's clock type: the same `CLOCK_MONOTONIC`, its own
+    /// origin, so differences between stamps are the engine's); [`with_clock`](Self::with_clock)
+    /// makes it the engine's own clock.
     pub fn new(metrics: Arc<Metrics>, log: DecisionLog) -> GatewayObserver {
         GatewayObserver {
             metrics,
             log,
             counters: DecisionCounters::default(),
+            clock: Arc::new(MonotonicClock::new()),
         }
+    }
+
+    /// Stamps audit-mode lines with `clock` (pass `Engine::clock()`).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> GatewayObserver {
+        self.clock = clock;
+        self
+    }
+
+    /// Audit mode: every decision's line, written now, stamped with the clock.
+    fn log_audit(&self, e: &DecisionEvent<'_>) {
+        let mono_ns = self.clock.now();
+        let mut record = self.record(e);
+        record.mono_ns = Some(mono_ns);
+        self.log.log(record);
     }
 
     /// Logs a rejection's line, built only when the log is on and the line is within its
@@ -229,6 +250,7 @@ impl GatewayObserver {
             retry_after: e.retry_after.map(|d| d.as_secs()),
             status: (e.status != 0).then_some(e.status),
             latency_ms: None,
+            mono_ns: None,
         }
     }
 }
@@ -244,13 +266,19 @@ impl Observer for GatewayObserver {
                 plan: e.plan.unwrap_or(""),
             },
         );
+        let audit = self.log.is_audit();
         match e.kind {
             DecisionKind::Reject => {
                 if e.stage == Some(fairgate_middleware::Stage::Shed) {
                     self.metrics.shed(priority_name(e.priority));
                 }
-                self.log_rejection(e);
+                if audit {
+                    self.log_audit(e);
+                } else {
+                    self.log_rejection(e);
+                }
             }
+            DecisionKind::ShadowReject if audit => self.log_audit(e),
             DecisionKind::ShadowReject => {
                 self.log_rejection(e);
             }
@@ -261,7 +289,9 @@ impl Observer for GatewayObserver {
                         self.metrics.near_limit();
                     }
                 }
-                if self.log.sample_admit() {
+                if audit {
+                    self.log_audit(e);
+                } else if self.log.sample_admit() {
                     let record = self.record(e);
                     if record.route.is_some() {
                         // In the gateway stack: finish the line when the response ends.

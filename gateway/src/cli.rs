@@ -1,5 +1,6 @@
 //! The command line: `fairgate run --config FILE` (also `fairgate --config FILE`),
-//! `fairgate check [--gateway] FILE`, `fairgate schema`, `fairgate version`.
+//! `fairgate check [--gateway] FILE`, `fairgate audit DECISIONS --policy POLICY [--json]`
+//! (see [`crate::audit`]), `fairgate schema`, `fairgate version`.
 //!
 //! Exit codes: 0 success; 1 invalid input (every error printed, one per line, as
 //! `file:line:column: path: message`); 2 a runtime failure (cannot bind, cannot read a file).
@@ -45,6 +46,21 @@ pub enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Replay a complete decision log (`log: {audit: true}`) against an exact reference
+    /// limiter built from the policy, and report its accuracy per client and overall.
+    Audit {
+        /// The decision log (JSON lines).
+        decisions: PathBuf,
+        /// The policy the gateway ran.
+        #[arg(long, value_name = "POLICY")]
+        policy: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Judging tolerance for the time between the engine's clock read and the log's.
+        #[arg(long, value_name = "DURATION", default_value = "1ms", value_parser = parse_tolerance)]
+        tolerance: std::time::Duration,
+    },
     /// Print the policy JSON Schema.
     Schema,
     /// Print the version.
@@ -57,6 +73,22 @@ pub fn main() -> ExitCode {
     match (cli.command, cli.config) {
         (Some(Command::Run { config }), _) | (None, Some(config)) => run(&config),
         (Some(Command::Check { gateway, file }), _) => check(&file, gateway),
+        (
+            Some(Command::Audit {
+                decisions,
+                policy,
+                json,
+                tolerance,
+            }),
+            _,
+        ) => crate::audit::run(
+            &decisions,
+            &policy,
+            json,
+            crate::audit::AuditOptions {
+                tolerance_ns: u64::try_from(tolerance.as_nanos()).unwrap_or(u64::MAX),
+            },
+        ),
         (Some(Command::Schema), _) => {
             let schema = fairgate_policies::model::json_schema();
             match serde_json::to_string_pretty(&schema) {
@@ -79,6 +111,13 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn parse_tolerance(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    fairgate_policies::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// `fairgate check`: prints the summary (exit 0) or every error (exit 1).

@@ -19,6 +19,12 @@
 //!
 //! Rejections are written at decision time (`latency_ms` is `null`); a sampled admit is
 //! written when its response ends, with the response status and the latency.
+//!
+//! **Audit mode** (`log: {audit: true}`, for `fairgate audit`): every decision is written
+//! at decision time with one more key, `mono_ns` (the monotonic clock the engine reads, in
+//! ns); admits are not sampled, rejections not summarised, and a full channel makes the
+//! request path wait instead of dropping a line, so the log is complete and replayable.
+//! Normal mode pays nothing for it (one `bool` test per decision).
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -69,6 +75,9 @@ pub struct DecisionRecord {
     pub status: Option<u16>,
     /// Admits: milliseconds from the decision to the end of the response; `null` otherwise.
     pub latency_ms: Option<f64>,
+    /// Audit mode only: the monotonic time of the decision in ns (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mono_ns: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +99,7 @@ pub struct DecisionLog {
     sample_admits: f64,
     dropped: Arc<AtomicU64>,
     budgets: Arc<Budgets>,
+    audit: bool,
 }
 
 /// The aggregation key of a rejection's line, borrowed (lookups) or owned (map keys): the
@@ -253,6 +263,7 @@ impl DecisionLog {
             sample_admits: 0.0,
             dropped: Arc::new(AtomicU64::new(0)),
             budgets: Arc::new(Budgets::new(0)),
+            audit: false,
         }
     }
 
@@ -269,11 +280,20 @@ impl DecisionLog {
                     .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
             ),
         };
+        if config.audit {
+            return Ok(Self::audit_writer(out));
+        }
         Ok(Self::with_writer(
             out,
             config.sample_admits,
             config.max_rejections_per_rule,
         ))
+    }
+
+    /// Starts the writer thread of a complete (audit-mode) log over any writer: nothing is
+    /// sampled, summarised or dropped; see the module docs.
+    pub fn audit_writer(out: Box<dyn Write + Send>) -> DecisionLog {
+        Self::spawn(out, 1.0, u64::MAX, true)
     }
 
     /// Starts the writer thread over any writer (tests).
@@ -282,14 +302,23 @@ impl DecisionLog {
         sample_admits: f64,
         max_per_rule: u32,
     ) -> DecisionLog {
+        Self::spawn(out, sample_admits, u64::from(max_per_rule), false)
+    }
+
+    fn spawn(
+        out: Box<dyn Write + Send>,
+        sample_admits: f64,
+        max_per_rule: u64,
+        audit: bool,
+    ) -> DecisionLog {
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
-        let budgets = Arc::new(Budgets::new(u64::from(max_per_rule)));
+        let budgets = Arc::new(Budgets::new(max_per_rule));
         let writer = Writer {
             budgets: budgets.clone(),
             rx,
             out: BufWriter::with_capacity(64 * 1024, out),
-            max_per_rule: u64::from(max_per_rule),
+            max_per_rule,
             window_start: Instant::now(),
             counts: HashMap::new(),
             dropped: dropped.clone(),
@@ -306,7 +335,13 @@ impl DecisionLog {
             sample_admits,
             dropped,
             budgets,
+            audit,
         }
+    }
+
+    /// True in audit mode (complete log with `mono_ns`).
+    pub fn is_audit(&self) -> bool {
+        self.audit
     }
 
     /// Whether this admit should be logged (a fresh sample per call).
@@ -348,11 +383,15 @@ impl DecisionLog {
         self.tx.is_some()
     }
 
-    /// Queues one line; never blocks. Returns false when it was dropped.
+    /// Queues one line; never blocks, except in audit mode, where a full channel waits for
+    /// the writer rather than lose a line. Returns false when it was dropped.
     pub fn log(&self, record: DecisionRecord) -> bool {
         let Some(tx) = &self.tx else {
             return false;
         };
+        if self.audit {
+            return tx.send(record).is_ok();
+        }
         match tx.try_send(record) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -523,6 +562,7 @@ mod tests {
             retry_after: None,
             status: Some(403),
             latency_ms: Some(0.1),
+            mono_ns: None,
         }
     }
 
@@ -625,6 +665,44 @@ mod tests {
             .expect("summary line");
         assert_eq!(summary["key"], "bad-bot");
         assert_eq!(summary["suppressed"], 48);
+    }
+
+    #[test]
+    fn audit_mode_writes_every_line_with_its_stamp_and_no_summary() {
+        let buf = Shared::default();
+        let log = DecisionLog::audit_writer(Box::new(buf.clone()));
+        assert!(log.is_audit());
+        assert!((0..1000).all(|_| log.sample_admit()));
+        // Far past any per-rule budget, and past the channel's capacity: nothing is lost.
+        let n = CHANNEL_CAPACITY + 500;
+        for i in 0..n {
+            assert!(log.admit_rejection(Some("bad-bot"), Some("rule"), None));
+            let mut r = record("reject", Some("bad-bot"));
+            r.mono_ns = Some(i as u64);
+            assert!(log.log(r));
+        }
+        drop(log);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let newlines = || {
+            buf.0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+        };
+        // Count whole lines while the writer may be mid-line; parse once they are all in.
+        while newlines() < n && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let l = lines(&buf);
+        assert_eq!(l.len(), n);
+        assert!(l.iter().all(|v| v["type"] == "decision"));
+        assert_eq!(l[n - 1]["mono_ns"], (n - 1) as u64);
+        // Normal mode has no `mono_ns` key at all.
+        assert!(!serde_json::to_string(&record("reject", None))
+            .unwrap()
+            .contains("mono_ns"));
     }
 
     #[test]

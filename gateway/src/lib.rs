@@ -11,7 +11,14 @@
 //! balancing, health checks), [`echo`] (the built-in demo upstream), [`admission`] (request
 //! tags and the engine observer), [`admin`] (the admin API), [`metrics`], [`decision_log`],
 //! [`reload`], [`request_id`] (`X-Request-Id`), [`logging`], [`cli`], [`tls`] (TLS
-//! termination with rustls and ALPN `h2`), [`runtime`] (`multi_thread` or `thread_per_core`).
+//! termination with rustls and ALPN `h2`), [`runtime`] (`multi_thread` or `thread_per_core`),
+//! [`framing`] (ambiguous HTTP/1 framing refused on the raw bytes), [`outbound`] (coalescing,
+//! caching, outbound limits and retries towards an upstream pool), [`fleet`] (the Redis state
+//! backend's wiring) and [`audit`] (`fairgate audit`: a decision log replayed against an exact
+//! reference limiter).
+//!
+//! It must not hold admission logic of its own: every admit/reject decision is the engine's
+//! (`fairgate_middleware`), so the embedded layer and the gateway decide alike.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
