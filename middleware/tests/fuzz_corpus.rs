@@ -1,0 +1,59 @@
+//! Replays the committed corpora of the `identify` and `matcher` fuzz targets
+//! (`fuzz/corpus/<target>/`) through the very same checks the targets run (the files in
+//! `fuzz/src/` are included here with `#[path]`), so `cargo test` keeps every input the
+//! fuzzer found passing without cargo-fuzz or nightly. The `request_decide` and `framing`
+//! corpora replay in `gateway/tests/fuzz_corpus.rs` (they need `httparse` and the gateway).
+
+use std::fs;
+use std::path::Path;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../fuzz/src/input.rs"]
+mod input;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../fuzz/src/identify.rs"]
+mod identify;
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../fuzz/src/matcher.rs"]
+mod matcher;
+
+/// Runs `check` on every file of `fuzz/corpus/<target>`; returns how many there were.
+fn replay(target: &str, check: fn(&[u8])) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut files: Vec<_> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    for f in &files {
+        let data = fs::read(f).expect("read corpus file");
+        let name = f.display().to_string();
+        if let Err(panic) = std::panic::catch_unwind(|| check(&data)) {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{name}: {msg}");
+        }
+    }
+    files.len()
+}
+
+#[test]
+fn the_identify_corpus_replays() {
+    let n = replay("identify", identify::check);
+    // The seeds alone are 33 files; fewer means the corpus was lost.
+    assert!(n >= 30, "{n} files");
+}
+
+#[test]
+fn the_matcher_corpus_replays() {
+    let n = replay("matcher", matcher::check);
+    assert!(n >= 25, "{n} files");
+}
