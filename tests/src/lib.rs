@@ -20,7 +20,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -326,8 +326,18 @@ pub struct Recorded {
     pub peer: SocketAddr,
 }
 
+/// What a test upstream does with requests beyond its concurrency cap
+/// ([`Upstream::set_concurrency_cap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapMode {
+    /// Answer the excess at once with 503.
+    Reject,
+    /// Queue the excess until a slot frees up.
+    Queue,
+}
+
 /// What a test upstream shares with the test.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UpstreamState {
     requests: Mutex<Vec<Recorded>>,
     /// Delay before answering, in ms (also settable per request with `?delay_ms=N`).
@@ -337,6 +347,63 @@ pub struct UpstreamState {
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     connections: AtomicUsize,
+    /// Keep every request ([`Upstream::requests`]); false only counts them.
+    record: AtomicBool,
+    /// Requests received (recorded or not).
+    received: AtomicUsize,
+    /// Sequence number of the next answer, for the error schedule.
+    seq: AtomicU64,
+    /// Every Nth answer is an error (0: off).
+    error_every: AtomicU64,
+    /// A seeded fraction of answers are errors, in parts per million (0: off).
+    error_ppm: AtomicU64,
+    error_seed: AtomicU64,
+    error_status: AtomicU16,
+    errors_sent: AtomicUsize,
+    /// Requests above this many in flight are rejected or queued (0: no cap).
+    cap: AtomicUsize,
+    cap_queue: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    capped: AtomicUsize,
+    /// Answer nothing, ever (until stopped).
+    black_hole: AtomicBool,
+    /// New connections get headers and half a `Content-Length` body, then a reset.
+    rst_mid_body: AtomicBool,
+    resets: AtomicUsize,
+}
+
+impl Default for UpstreamState {
+    fn default() -> Self {
+        UpstreamState {
+            requests: Mutex::default(),
+            delay_ms: AtomicU64::new(0),
+            status: AtomicU16::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            record: AtomicBool::new(true),
+            received: AtomicUsize::new(0),
+            seq: AtomicU64::new(0),
+            error_every: AtomicU64::new(0),
+            error_ppm: AtomicU64::new(0),
+            error_seed: AtomicU64::new(0),
+            error_status: AtomicU16::new(500),
+            errors_sent: AtomicUsize::new(0),
+            cap: AtomicUsize::new(0),
+            cap_queue: Mutex::new(None),
+            capped: AtomicUsize::new(0),
+            black_hole: AtomicBool::new(false),
+            rst_mid_body: AtomicBool::new(false),
+            resets: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The running accept loop of an [`Upstream`]: dropping `kill` stops it and every
+/// connection it accepted.
+#[derive(Debug)]
+struct Serving {
+    kill: tokio::sync::watch::Sender<()>,
+    accept: tokio::task::JoinHandle<()>,
 }
 
 /// An in-process HTTP/1.1 + h2c upstream on `127.0.0.1:0`.
@@ -344,12 +411,20 @@ pub struct UpstreamState {
 /// Paths: `/echo-body` streams the request body back; `/bytes/N` answers N bytes (chunked);
 /// `/ws` accepts an `Upgrade: websocket` with 101 and echoes bytes; anything else answers
 /// `ok` (status from [`UpstreamState::status`], after [`UpstreamState::delay_ms`]).
+///
+/// Fault controls: an error schedule ([`Upstream::set_error_every`],
+/// [`Upstream::set_error_fraction`]), a concurrency cap ([`Upstream::set_concurrency_cap`]),
+/// a black hole ([`Upstream::set_black_hole`]), a reset in the middle of a body
+/// ([`Upstream::set_rst_mid_body`]), and [`Upstream::stop`] / [`Upstream::restart`] (the
+/// in-process equivalent of SIGKILL and a restart on the same port). For long runs,
+/// [`Upstream::set_record`]`(false)` only counts requests.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its recorder and controls.
     pub state: Arc<UpstreamState>,
+    serving: Arc<Mutex<Option<Serving>>>,
 }
 
 impl Upstream {
@@ -360,35 +435,171 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(UpstreamState::default());
-        let st = state.clone();
-        tokio::spawn(async move {
+        let up = Upstream {
+            addr,
+            state,
+            serving: Arc::new(Mutex::new(None)),
+        };
+        up.serve(listener);
+        up
+    }
+
+    /// Starts an upstream that only counts requests ([`Upstream::set_record`]`(false)`).
+    pub async fn start_counting() -> Upstream {
+        let up = Self::start().await;
+        up.set_record(false);
+        up
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (kill, killed) = tokio::sync::watch::channel(());
+        let st = self.state.clone();
+        let accept = tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
+            let mut stop = killed.clone();
             loop {
-                let Ok((stream, peer)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop.changed() => return,
+                };
+                let Ok((stream, peer)) = accepted else {
                     continue;
                 };
                 st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 let builder = builder.clone();
+                let mut killed = killed.clone();
                 tokio::spawn(async move {
+                    if st.rst_mid_body.load(Ordering::SeqCst) {
+                        tokio::select! {
+                            _ = reset_mid_body(&st, stream) => {}
+                            _ = killed.changed() => {}
+                        }
+                        return;
+                    }
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), peer, req));
-                    let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    // Dropping the connection future closes the socket: a killed process.
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = killed.changed() => {}
+                    }
                 });
             }
         });
-        Upstream { addr, state }
+        *self.serving.lock().unwrap() = Some(Serving { kill, accept });
     }
 
-    /// Requests received so far (complete, bodies included).
+    /// Stops at once, as SIGKILL would: closes the listener (new connections are refused)
+    /// and drops every open connection, in the middle of whatever it was doing.
+    pub async fn stop(&self) {
+        let serving = self.serving.lock().unwrap().take();
+        if let Some(Serving { kill, accept }) = serving {
+            drop(kill);
+            let _ = accept.await;
+        }
+    }
+
+    /// Listens again on the same address after [`Upstream::stop`], keeping its state and
+    /// controls.
+    ///
+    /// # Panics
+    ///
+    /// When the address cannot be bound again within [`DEADLINE`].
+    pub async fn restart(&self) {
+        self.stop().await;
+        let started = Instant::now();
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        started.elapsed() < DEADLINE,
+                        "cannot bind {} again: {e}",
+                        self.addr
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        self.serve(listener);
+    }
+
+    /// Whether it is accepting connections (not [`Upstream::stop`]ped).
+    pub fn is_running(&self) -> bool {
+        self.serving.lock().unwrap().is_some()
+    }
+
+    /// Keep every request (the default), or only count them (long runs).
+    pub fn set_record(&self, record: bool) {
+        self.state.record.store(record, Ordering::SeqCst);
+    }
+
+    /// Answers every `n`th request, counting from the first answer after this call, with
+    /// `status`; 0 turns it off.
+    pub fn set_error_every(&self, n: u64, status: u16) {
+        self.state.seq.store(0, Ordering::SeqCst);
+        self.state.error_status.store(status, Ordering::SeqCst);
+        self.state.error_ppm.store(0, Ordering::SeqCst);
+        self.state.error_every.store(n, Ordering::SeqCst);
+    }
+
+    /// Answers a fraction (0..=1) of requests with `status`, chosen by a hash of `seed` and
+    /// the answer's sequence number (the same seed gives the same schedule); 0 turns it off.
+    pub fn set_error_fraction(&self, fraction: f64, seed: u64, status: u16) {
+        self.state.seq.store(0, Ordering::SeqCst);
+        let ppm = (fraction.clamp(0.0, 1.0) * 1e6).round() as u64;
+        self.state.error_status.store(status, Ordering::SeqCst);
+        self.state.error_seed.store(seed, Ordering::SeqCst);
+        self.state.error_every.store(0, Ordering::SeqCst);
+        self.state.error_ppm.store(ppm, Ordering::SeqCst);
+    }
+
+    /// Error answers sent by the schedules above.
+    pub fn errors_sent(&self) -> usize {
+        self.state.errors_sent.load(Ordering::SeqCst)
+    }
+
+    /// Caps requests in flight at `max` (0: no cap); the excess is rejected (503) or queued.
+    /// A queue is sized when this is called: change the cap only while nothing is queued.
+    pub fn set_concurrency_cap(&self, max: usize, mode: CapMode) {
+        *self.state.cap_queue.lock().unwrap() = match (max, mode) {
+            (1.., CapMode::Queue) => Some(Arc::new(tokio::sync::Semaphore::new(max))),
+            _ => None,
+        };
+        let cap = if mode == CapMode::Reject { max } else { 0 };
+        self.state.cap.store(cap, Ordering::SeqCst);
+    }
+
+    /// Requests answered 503 by the concurrency cap.
+    pub fn capped(&self) -> usize {
+        self.state.capped.load(Ordering::SeqCst)
+    }
+
+    /// While on, requests are received (and counted) but never answered.
+    pub fn set_black_hole(&self, on: bool) {
+        self.state.black_hole.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, each new connection reads one request head, answers a `Content-Length:
+    /// 1000` head and 500 bytes of body, then resets the connection (RST).
+    pub fn set_rst_mid_body(&self, on: bool) {
+        self.state.rst_mid_body.store(on, Ordering::SeqCst);
+    }
+
+    /// Connections reset by [`Upstream::set_rst_mid_body`].
+    pub fn resets(&self) -> usize {
+        self.state.resets.load(Ordering::SeqCst)
+    }
+
+    /// Requests received so far (complete, bodies included; empty unless recording).
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
     }
 
-    /// Number of requests received so far.
+    /// Number of requests received so far (recorded or only counted).
     pub fn count(&self) -> usize {
-        self.state.requests.lock().unwrap().len()
+        self.state.received.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.
@@ -401,10 +612,72 @@ impl Upstream {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Forgets the maximum so far: [`Upstream::max_in_flight`] restarts from the current
+    /// in-flight count.
+    pub fn reset_max_in_flight(&self) {
+        let now = self.state.in_flight.load(Ordering::SeqCst);
+        self.state.max_in_flight.store(now, Ordering::SeqCst);
+    }
+
     /// Requests it is answering now.
     pub fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::SeqCst)
     }
+}
+
+/// Reads one request head, then answers half of a `Content-Length` body and resets.
+async fn reset_mid_body(st: &UpstreamState, mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    st.received.fetch_add(1, Ordering::SeqCst);
+    let mut out =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 1000\r\n\r\n".to_vec();
+    out.extend_from_slice(&[b'h'; 500]);
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    let _ = stream.flush().await;
+    // Let the half body reach the peer first (a reset can discard data it has not read).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Zero linger: closing sends RST instead of FIN (and never blocks).
+    let _ = stream.set_zero_linger();
+    st.resets.fetch_add(1, Ordering::SeqCst);
+    drop(stream);
+}
+
+/// splitmix64: a well-mixed hash of the sequence number for the seeded error schedule.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The scheduled error status for this answer, if any.
+fn scheduled_error(st: &UpstreamState) -> Option<StatusCode> {
+    let every = st.error_every.load(Ordering::Relaxed);
+    let ppm = st.error_ppm.load(Ordering::Relaxed);
+    if every == 0 && ppm == 0 {
+        return None;
+    }
+    let seq = st.seq.fetch_add(1, Ordering::SeqCst);
+    let hit = if every > 0 {
+        (seq + 1) % every == 0
+    } else {
+        mix(st.error_seed.load(Ordering::Relaxed) ^ seq) % 1_000_000 < ppm
+    };
+    if !hit {
+        return None;
+    }
+    st.errors_sent.fetch_add(1, Ordering::SeqCst);
+    StatusCode::from_u16(st.error_status.load(Ordering::Relaxed)).ok()
 }
 
 struct InFlight(Arc<UpstreamState>);
@@ -420,9 +693,24 @@ async fn handle(
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<TestBody>, Infallible> {
+    // A queueing cap holds the request before it counts as in flight.
+    let queue = st.cap_queue.lock().unwrap().clone();
+    let _permit = match queue {
+        Some(q) => q.acquire_owned().await.ok(),
+        None => None,
+    };
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let _guard = InFlight(st.clone());
+    let cap = st.cap.load(Ordering::SeqCst);
+    if cap > 0 && now > cap {
+        st.capped.fetch_add(1, Ordering::SeqCst);
+        let res = Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(full("over capacity"))
+            .expect("response");
+        return Ok(res);
+    }
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let uri = req
         .uri()
         .path_and_query()
@@ -492,6 +780,10 @@ async fn handle(
         .unwrap_or_default();
     let head = Request::from_parts(parts, ());
     record(&st, &head, bytes, peer, &uri);
+    if st.black_hole.load(Ordering::SeqCst) {
+        // Never answers; the future ends when the connection is dropped.
+        std::future::pending::<()>().await;
+    }
     let delay = query_delay.unwrap_or_else(|| st.delay_ms.load(Ordering::SeqCst));
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -514,9 +806,12 @@ async fn handle(
         let stream = futures_stream(chunks);
         return Ok(Response::new(stream));
     }
-    let status = match st.status.load(Ordering::SeqCst) {
-        0 => StatusCode::OK,
-        s => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+    let status = match scheduled_error(&st) {
+        Some(s) => s,
+        None => match st.status.load(Ordering::SeqCst) {
+            0 => StatusCode::OK,
+            s => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+        },
     };
     let res = Response::builder()
         .status(status)
@@ -530,6 +825,10 @@ async fn handle(
 }
 
 fn record<B>(st: &UpstreamState, req: &Request<B>, body: Bytes, peer: SocketAddr, uri: &str) {
+    st.received.fetch_add(1, Ordering::SeqCst);
+    if !st.record.load(Ordering::Relaxed) {
+        return;
+    }
     st.requests.lock().unwrap().push(Recorded {
         method: req.method().clone(),
         uri: uri.to_owned(),
