@@ -347,31 +347,36 @@ fn parse_ipv4(b: &[u8]) -> Option<Ipv4Addr> {
     if b.len() < 7 || b.len() > 15 {
         return None;
     }
+    // One pass, one branch per byte: the octet being read (`v`, `digits` of it so far)
+    // and how many dots came before.
     let mut octets = [0u8; 4];
-    let mut i = 0usize;
-    for (n, octet) in octets.iter_mut().enumerate() {
-        if n > 0 {
-            if b.get(i) != Some(&b'.') {
+    let mut n = 0usize;
+    let mut v: u32 = 0;
+    let mut digits = 0u32;
+    for &c in b {
+        if c == b'.' {
+            if digits == 0 || n == 3 || v > 255 {
                 return None;
             }
-            i += 1;
+            octets[n] = v as u8;
+            n += 1;
+            v = 0;
+            digits = 0;
+            continue;
         }
-        let start = i;
-        let mut v: u32 = 0;
-        while let Some(&c) = b.get(i) {
-            if !c.is_ascii_digit() || i - start == 3 {
-                break;
-            }
-            v = v * 10 + u32::from(c - b'0');
-            i += 1;
-        }
-        let digits = i - start;
-        if digits == 0 || (digits > 1 && b[start] == b'0') {
+        let d = c.wrapping_sub(b'0');
+        // Not a digit; a fourth digit; or a digit after a leading zero.
+        if d > 9 || digits == 3 || (digits == 1 && v == 0) {
             return None;
         }
-        *octet = u8::try_from(v).ok()?;
+        v = v * 10 + u32::from(d);
+        digits += 1;
     }
-    (i == b.len()).then_some(Ipv4Addr::from(octets))
+    if digits == 0 || n != 3 || v > 255 {
+        return None;
+    }
+    octets[3] = v as u8;
+    Some(Ipv4Addr::from(octets))
 }
 
 fn is_port(p: &str) -> bool {

@@ -11,10 +11,29 @@
 //! `deny`). When the rejection carries RateLimit numbers, it also has the IETF fields
 //! (draft-ietf-httpapi-ratelimit-headers-10):
 //! `RateLimit-Policy: "free-0";q=10;w=1` and `RateLimit: "free-0";r=0;t=1`.
+//!
+//! # Cost
+//!
+//! A rejection should cost no more than an admit, so nothing here formats text per request
+//! beyond the numbers. Everything that depends only on the policy is rendered once and
+//! cached per thread, keyed by the identity (address) of the policy's `Arc<str>` names, so a
+//! policy generation's rules and bandwidths are rendered on their first rejection and a
+//! reload that keeps a name's `Arc` keeps its entry:
+//!
+//! - the problem+json body around the `retry after Ns` part of its `detail` (per stage,
+//!   status, rule and bandwidth), and the whole body with the last retry value seen, so a
+//!   repeated rejection (shed, deny, the same wait) clones a shared buffer instead of building one;
+//! - the `RateLimit-Policy` value per (bandwidth, quota, window), and the bandwidth name as a
+//!   structured-field string, so `RateLimit` is the name plus two integers (and the last
+//!   value rendered is reused when the two integers repeat).
+//!
+//! A cache entry holds a clone of the names it is keyed by, so an address cannot be reused
+//! by another name while the entry exists. Each cache holds at most [`CACHE_ENTRIES`]
+//! entries per thread (replaced round-robin), so its memory is bounded whatever the policy.
 //! Small `Retry-After` values are pre-rendered static header values.
 
-use std::fmt::Write as _;
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -32,6 +51,10 @@ const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+
 const QUOTA_TYPE: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 const CAPACITY_TYPE: &str =
     "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity";
+const RETRY_TEXT: &[u8] = b"; retry after ";
+
+/// Entries per cache and thread (bodies; RateLimit names).
+const CACHE_ENTRIES: usize = 32;
 
 /// `Retry-After` values 0..=300 rendered once.
 fn retry_after_value(secs: u64) -> HeaderValue {
@@ -43,113 +66,340 @@ fn retry_after_value(secs: u64) -> HeaderValue {
         .unwrap_or_else(|| HeaderValue::from(secs))
 }
 
-/// Writes the RateLimit fields of `info` into `headers` (used for admitted responses
-/// when `ratelimit_headers: always`).
-pub fn admitted_headers(headers: &mut HeaderMap, info: &RateLimitInfo) {
-    let (policy, limit) = render(info);
-    if let Ok(v) = HeaderValue::from_str(&policy) {
-        headers.insert(RATELIMIT_POLICY.clone(), v);
+// === numbers ===
+
+/// Decimal digits of `n`.
+fn digits(mut n: u64) -> usize {
+    let mut d = 1;
+    while n >= 10 {
+        n /= 10;
+        d += 1;
     }
-    if let Ok(v) = HeaderValue::from_str(&limit) {
-        headers.insert(RATELIMIT.clone(), v);
-    }
+    d
 }
 
-fn render(info: &RateLimitInfo) -> (String, String) {
-    let name = sf_string(&info.policy);
-    let mut policy = String::with_capacity(name.len() + 24);
-    let _ = write!(policy, "{name};q={};w={}", info.quota, info.window_secs);
-    let mut limit = String::with_capacity(name.len() + 24);
-    let _ = write!(limit, "{name};r={};t={}", info.remaining, info.reset_secs);
-    (policy, limit)
+/// Appends `n` in decimal (what `write!(out, "{n}")` does, without `core::fmt`).
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
+
+// === escaping ===
 
 /// A structured-field string: quoted, `"` and `\` escaped, non-printable ASCII dropped.
-fn sf_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
+fn sf_string(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    out.push(b'"');
     for c in s.chars() {
         match c {
             '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
+                out.push(b'\\');
+                out.push(c as u8);
             }
-            ' '..='~' => out.push(c),
+            ' '..='~' => out.push(c as u8),
             _ => {}
         }
     }
-    out.push('"');
+    out.push(b'"');
     out
 }
 
-/// A JSON string literal.
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+/// Appends `s` as a JSON string literal.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    json_escaped(out, s);
+    out.push(b'"');
+}
+
+/// Appends `s` escaped for the inside of a JSON string literal.
+fn json_escaped(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            // UTF-8 continuation and lead bytes are never below 0x20: bytes are enough.
+            0..=0x1f => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ]),
+            _ => out.push(b),
         }
     }
-    out.push('"');
+}
+
+// === caches ===
+
+fn same(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// A problem+json body rendered for one (stage, status, rule, bandwidth).
+struct BodyTemplate {
+    stage: Stage,
+    status: u16,
+    rule: Option<Arc<str>>,
+    bandwidth: Option<Arc<str>>,
+    /// Up to where `; retry after Ns` goes in `detail`.
+    head: Box<[u8]>,
+    /// From the end of `detail` on.
+    tail: Box<[u8]>,
+    /// The whole body for the last retry value rendered (`None`: no retry part), and its
+    /// `Retry-After` value.
+    last: Option<(Option<u64>, Bytes, Option<HeaderValue>)>,
+}
+
+impl BodyTemplate {
+    fn new(r: &Rejection, status: StatusCode) -> BodyTemplate {
+        let (problem_type, title) = match r.stage {
+            Stage::Shed => (CAPACITY_TYPE, "temporary reduced capacity"),
+            Stage::Rule if r.bandwidth.is_none() => ("about:blank", "request denied"),
+            _ => (QUOTA_TYPE, "quota exceeded"),
+        };
+        let mut head = Vec::with_capacity(192);
+        head.extend_from_slice(b"{\"type\":");
+        json_string(&mut head, problem_type);
+        head.extend_from_slice(b",\"title\":");
+        json_string(&mut head, title);
+        head.extend_from_slice(b",\"status\":");
+        push_u64(&mut head, u64::from(status.as_u16()));
+        head.extend_from_slice(b",\"detail\":\"");
+        match r.stage {
+            Stage::Rule => {
+                head.extend_from_slice(b"rule ");
+                json_escaped(&mut head, r.rule.as_deref().unwrap_or("?"));
+                head.extend_from_slice(if r.bandwidth.is_some() {
+                    b" rate limit exceeded"
+                } else {
+                    b" denied the request"
+                });
+            }
+            Stage::Quota => {
+                head.extend_from_slice(b"quota ");
+                json_escaped(&mut head, r.bandwidth.as_deref().unwrap_or("?"));
+                head.extend_from_slice(b" exceeded");
+            }
+            Stage::Concurrency => {
+                head.extend_from_slice(b"too many requests in flight for this client")
+            }
+            Stage::Shed => head.extend_from_slice(b"the service is shedding load"),
+        }
+        let mut tail = Vec::with_capacity(64);
+        tail.extend_from_slice(b"\",\"violated-policies\":[");
+        if let Some(name) = r.bandwidth.as_deref().or(r.rule.as_deref()) {
+            json_string(&mut tail, name);
+        }
+        tail.extend_from_slice(b"]}");
+        BodyTemplate {
+            stage: r.stage,
+            status: status.as_u16(),
+            rule: r.rule.clone(),
+            bandwidth: r.bandwidth.clone(),
+            head: head.into_boxed_slice(),
+            tail: tail.into_boxed_slice(),
+            last: None,
+        }
+    }
+
+    fn is_for(&self, r: &Rejection, status: StatusCode) -> bool {
+        self.stage == r.stage
+            && self.status == status.as_u16()
+            && same(&self.rule, &r.rule)
+            && same(&self.bandwidth, &r.bandwidth)
+    }
+
+    /// The body with `retry` seconds in its detail, and the `Retry-After` value: the cached
+    /// ones when `retry` is the last value rendered, else one exactly-sized buffer each.
+    fn body(&mut self, retry: Option<u64>) -> (Bytes, Option<HeaderValue>) {
+        if let Some((secs, bytes, value)) = &self.last {
+            if *secs == retry {
+                return (bytes.clone(), value.clone());
+            }
+        }
+        let extra = retry.map_or(0, |s| RETRY_TEXT.len() + digits(s) + 1);
+        let mut out = Vec::with_capacity(self.head.len() + extra + self.tail.len());
+        out.extend_from_slice(&self.head);
+        if let Some(s) = retry {
+            out.extend_from_slice(RETRY_TEXT);
+            push_u64(&mut out, s);
+            out.push(b's');
+        }
+        out.extend_from_slice(&self.tail);
+        // Exactly sized: `Bytes::from` takes the buffer over without a second allocation.
+        let bytes = Bytes::from(out);
+        let value = retry.map(|s| retry_after_value(s.max(1)));
+        self.last = Some((retry, bytes.clone(), value.clone()));
+        (bytes, value)
+    }
+}
+
+/// One RateLimit policy (bandwidth) rendered: its name as a structured-field string and
+/// its `RateLimit-Policy` value.
+struct PolicyTemplate {
+    name: Arc<str>,
+    quota: u64,
+    window_secs: u64,
+    sf_name: Box<[u8]>,
+    policy_value: Option<HeaderValue>,
+    /// The last `RateLimit` value rendered, with its (remaining, reset) numbers: clients
+    /// rejected over the same bandwidth often repeat them.
+    last_limit: Option<(u64, u64, Option<HeaderValue>)>,
+}
+
+impl PolicyTemplate {
+    fn new(info: &RateLimitInfo) -> PolicyTemplate {
+        let sf_name = sf_string(&info.policy);
+        let mut v =
+            Vec::with_capacity(sf_name.len() + 6 + digits(info.quota) + digits(info.window_secs));
+        v.extend_from_slice(&sf_name);
+        v.extend_from_slice(b";q=");
+        push_u64(&mut v, info.quota);
+        v.extend_from_slice(b";w=");
+        push_u64(&mut v, info.window_secs);
+        PolicyTemplate {
+            name: Arc::clone(&info.policy),
+            quota: info.quota,
+            window_secs: info.window_secs,
+            sf_name: sf_name.into_boxed_slice(),
+            policy_value: HeaderValue::from_maybe_shared(Bytes::from(v)).ok(),
+            last_limit: None,
+        }
+    }
+
+    fn is_for(&self, info: &RateLimitInfo) -> bool {
+        Arc::ptr_eq(&self.name, &info.policy)
+            && self.quota == info.quota
+            && self.window_secs == info.window_secs
+    }
+
+    /// `RateLimit`: `"name";r=R;t=T` (the last one again when the numbers repeat).
+    fn limit_value(&mut self, remaining: u64, reset_secs: u64) -> Option<HeaderValue> {
+        if let Some((r, t, value)) = &self.last_limit {
+            if (*r, *t) == (remaining, reset_secs) {
+                return value.clone();
+            }
+        }
+        let value = self.render_limit(remaining, reset_secs);
+        self.last_limit = Some((remaining, reset_secs, value.clone()));
+        value
+    }
+
+    fn render_limit(&self, remaining: u64, reset_secs: u64) -> Option<HeaderValue> {
+        let mut v =
+            Vec::with_capacity(self.sf_name.len() + 6 + digits(remaining) + digits(reset_secs));
+        v.extend_from_slice(&self.sf_name);
+        v.extend_from_slice(b";r=");
+        push_u64(&mut v, remaining);
+        v.extend_from_slice(b";t=");
+        push_u64(&mut v, reset_secs);
+        HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+    }
+}
+
+/// A small bounded cache: linear search, round-robin replacement.
+struct Cache<T> {
+    entries: Vec<T>,
+    next: usize,
+}
+
+impl<T> Cache<T> {
+    const fn new() -> Cache<T> {
+        Cache {
+            entries: Vec::new(),
+            next: 0,
+        }
+    }
+
+    /// The entry `is_for` accepts, made by `make` when there is none.
+    fn get(&mut self, is_for: impl Fn(&T) -> bool, make: impl FnOnce() -> T) -> &mut T {
+        let i = match self.entries.iter().position(is_for) {
+            Some(i) => i,
+            None if self.entries.len() < CACHE_ENTRIES => {
+                self.entries.push(make());
+                self.entries.len() - 1
+            }
+            None => {
+                let i = self.next % CACHE_ENTRIES;
+                self.next = self.next.wrapping_add(1);
+                self.entries[i] = make();
+                i
+            }
+        };
+        &mut self.entries[i]
+    }
+}
+
+thread_local! {
+    static BODIES: RefCell<Cache<BodyTemplate>> = const { RefCell::new(Cache::new()) };
+    static POLICIES: RefCell<Cache<PolicyTemplate>> = const { RefCell::new(Cache::new()) };
+}
+
+/// Runs `f` with this thread's cache, or with a fresh one (uncached) when the cache is
+/// unavailable (thread shutting down).
+fn with_cache<T: 'static, R>(
+    key: &'static std::thread::LocalKey<RefCell<Cache<T>>>,
+    mut f: impl FnMut(&mut Cache<T>) -> R,
+) -> R {
+    let cached = key
+        .try_with(|c| c.try_borrow_mut().ok().map(|mut c| f(&mut c)))
+        .ok()
+        .flatten();
+    match cached {
+        Some(r) => r,
+        None => f(&mut Cache::new()),
+    }
+}
+
+/// Writes the RateLimit fields of `info` into `headers` (used for admitted responses
+/// when `ratelimit_headers: always`).
+pub fn admitted_headers(headers: &mut HeaderMap, info: &RateLimitInfo) {
+    let (policy, limit) = with_cache(&POLICIES, |cache| {
+        let t = cache.get(|t| t.is_for(info), || PolicyTemplate::new(info));
+        (
+            t.policy_value.clone(),
+            t.limit_value(info.remaining, info.reset_secs),
+        )
+    });
+    if let Some(v) = policy {
+        headers.insert(RATELIMIT_POLICY.clone(), v);
+    }
+    if let Some(v) = limit {
+        headers.insert(RATELIMIT.clone(), v);
+    }
 }
 
 /// The HTTP response for a rejection.
 pub fn rejection_response<B>(r: &Rejection) -> Response<AdmissionBody<B>> {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
-    let (problem_type, title) = match r.stage {
-        Stage::Shed => (CAPACITY_TYPE, "temporary reduced capacity"),
-        Stage::Rule if r.bandwidth.is_none() => ("about:blank", "request denied"),
-        _ => (QUOTA_TYPE, "quota exceeded"),
-    };
-    let mut body = String::with_capacity(256);
-    body.push_str("{\"type\":");
-    json_string(&mut body, problem_type);
-    body.push_str(",\"title\":");
-    json_string(&mut body, title);
-    let _ = write!(body, ",\"status\":{}", status.as_u16());
-    body.push_str(",\"detail\":");
-    let mut detail = String::with_capacity(96);
-    match r.stage {
-        Stage::Rule => {
-            let _ = write!(detail, "rule {} ", r.rule.as_deref().unwrap_or("?"));
-            detail.push_str(if r.bandwidth.is_some() {
-                "rate limit exceeded"
-            } else {
-                "denied the request"
-            });
-        }
-        Stage::Quota => {
-            let _ = write!(
-                detail,
-                "quota {} exceeded",
-                r.bandwidth.as_deref().unwrap_or("?")
-            );
-        }
-        Stage::Concurrency => detail.push_str("too many requests in flight for this client"),
-        Stage::Shed => detail.push_str("the service is shedding load"),
-    }
-    if let Some(ra) = r.retry_after {
-        let _ = write!(detail, "; retry after {}s", ra.as_secs());
-    }
-    json_string(&mut body, &detail);
-    body.push_str(",\"violated-policies\":[");
-    let violated = r.bandwidth.as_deref().or(r.rule.as_deref());
-    if let Some(name) = violated {
-        json_string(&mut body, name);
-    }
-    body.push_str("]}");
-
-    let mut response = Response::new(AdmissionBody::full(Bytes::from(body)));
+    let retry = r.retry_after.map(|d| d.as_secs());
+    let (body, retry_value) = with_cache(&BODIES, |cache| {
+        cache
+            .get(|t| t.is_for(r, status), || BodyTemplate::new(r, status))
+            .body(retry)
+    });
+    let mut response = Response::new(AdmissionBody::full(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, PROBLEM_JSON);
-    if let Some(ra) = r.retry_after {
-        headers.insert(RETRY_AFTER, retry_after_value(ra.as_secs().max(1)));
+    if let Some(v) = retry_value {
+        headers.insert(RETRY_AFTER, v);
     }
     if let Some(info) = &r.ratelimit {
         admitted_headers(headers, info);
@@ -235,9 +485,98 @@ mod tests {
 
     #[test]
     fn names_are_escaped() {
-        let mut s = String::new();
-        json_string(&mut s, "a\"b\\c\n");
-        assert_eq!(s, "\"a\\\"b\\\\c\\u000a\"");
-        assert_eq!(sf_string("x\"y"), "\"x\\\"y\"");
+        let mut s = Vec::new();
+        json_string(&mut s, "a\"b\\c\n\u{1f}é");
+        assert_eq!(s, "\"a\\\"b\\\\c\\u000a\\u001fé\"".as_bytes());
+        assert_eq!(sf_string("x\"y\u{7f}é"), b"\"x\\\"y\"");
+    }
+
+    #[test]
+    fn numbers_render_like_fmt() {
+        for n in [0u64, 1, 9, 10, 99, 100, 4320, 86_399, u64::MAX] {
+            let mut v = Vec::new();
+            push_u64(&mut v, n);
+            assert_eq!(v, n.to_string().as_bytes());
+            assert_eq!(digits(n), n.to_string().len());
+        }
+    }
+
+    #[test]
+    fn cached_bodies_follow_the_retry_value() {
+        let mut r = rejection(Stage::Quota, 429);
+        let first = body_of(rejection_response::<String>(&r));
+        // Same rejection again: the cached body, byte for byte.
+        assert_eq!(body_of(rejection_response::<String>(&r)), first);
+        r.retry_after = Some(Duration::from_secs(4321));
+        let other = rejection_response::<String>(&r);
+        assert_eq!(other.headers()["retry-after"], "4321");
+        let other = body_of(other);
+        assert!(other.contains("\"quota free-0 exceeded; retry after 4321s\""));
+        assert_eq!(other.replace("4321s", "3s"), first);
+    }
+
+    #[test]
+    fn names_with_the_same_text_but_another_identity_render_their_own_values() {
+        let mut r = rejection(Stage::Quota, 429);
+        let _ = rejection_response::<String>(&r);
+        // A new generation with the same name but different numbers.
+        r.bandwidth = Some(Arc::from("free-0"));
+        r.ratelimit = Some(RateLimitInfo {
+            policy: Arc::from("free-0"),
+            quota: 20,
+            window_secs: 60,
+            remaining: 7,
+            reset_secs: 12,
+        });
+        let resp = rejection_response::<String>(&r);
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"free-0\";q=20;w=60");
+        assert_eq!(resp.headers()["ratelimit"], "\"free-0\";r=7;t=12");
+        // The same name `Arc` with changed numbers (a reload that kept the id) too.
+        if let Some(info) = &mut r.ratelimit {
+            info.quota = 30;
+        }
+        let resp = rejection_response::<String>(&r);
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"free-0\";q=30;w=60");
+    }
+
+    #[test]
+    fn more_names_than_the_cache_holds_still_render_correctly() {
+        for i in 0..(3 * CACHE_ENTRIES) {
+            let name: Arc<str> = Arc::from(format!("rule-{i}"));
+            let mut r = rejection(Stage::Rule, 403);
+            r.rule = Some(Arc::clone(&name));
+            let body = body_of(rejection_response::<String>(&r));
+            assert!(
+                body.contains(&format!("\"detail\":\"rule rule-{i} denied the request\"")),
+                "{body}"
+            );
+            assert!(body.contains(&format!("[\"rule-{i}\"]")), "{body}");
+        }
+    }
+
+    #[test]
+    fn admitted_headers_render_the_numbers() {
+        let mut h = HeaderMap::new();
+        let info = RateLimitInfo {
+            policy: Arc::from("pro \"1\""),
+            quota: 100,
+            window_secs: 60,
+            remaining: 50,
+            reset_secs: 30,
+        };
+        admitted_headers(&mut h, &info);
+        assert_eq!(h["ratelimit-policy"], "\"pro \\\"1\\\"\";q=100;w=60");
+        assert_eq!(h["ratelimit"], "\"pro \\\"1\\\"\";r=50;t=30");
+        // Repeated numbers (the cached value), then new ones.
+        admitted_headers(&mut h, &info);
+        assert_eq!(h["ratelimit"], "\"pro \\\"1\\\"\";r=50;t=30");
+        let info = RateLimitInfo {
+            remaining: 49,
+            reset_secs: 31,
+            ..info
+        };
+        admitted_headers(&mut h, &info);
+        assert_eq!(h["ratelimit"], "\"pro \\\"1\\\"\";r=49;t=31");
+        assert_eq!(h.get_all("ratelimit").iter().count(), 1);
     }
 }

@@ -26,6 +26,14 @@ const HYBRID_CACHE: usize = 16 << 20;
 /// 66 ms to build, measured), while a warm lazy DFA over a big set is as fast per byte as
 /// over a small one.
 const PREFILTER_MAX_PATTERNS: usize = 64;
+/// A literal group of at most this many `exact`/`prefix`/`suffix` patterns (of one
+/// anchoring and case mode, each at most [`DIRECT_MAX_LEN`] bytes) is also kept as a plain
+/// list and compared directly: each is one length check and one compare at a fixed
+/// position, cheaper than starting an Aho-Corasick search for the few patterns a typical
+/// policy puts on a field (callgrind, `benches/src/bin/admit_profile.rs`).
+const DIRECT_MAX_PATTERNS: usize = 16;
+/// Longest pattern of a directly compared group.
+const DIRECT_MAX_LEN: usize = 64;
 
 /// How a literal pattern must sit in the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +116,24 @@ impl StrFieldBuilder {
                         field: name.to_owned(),
                         message: format!("literal patterns do not fit one automaton: {e}"),
                     })?;
+                // `contains` stays with the automaton: its prefilter finds candidates faster
+                // than a naive scan even on short values (measured), and it is linear.
+                let direct = (entries.len() <= DIRECT_MAX_PATTERNS
+                    && entries
+                        .iter()
+                        .all(|e| e.0.len() <= DIRECT_MAX_LEN && e.2 != LitKind::Contains))
+                .then(|| {
+                    entries
+                        .iter()
+                        .map(|(p, l, k)| (p.as_bytes().into(), *l, *k))
+                        .collect::<Box<[_]>>()
+                });
                 lits.push(LitSet {
                     ac,
                     anchored: anchored == 1,
                     pats: entries.into_iter().map(|(_, l, k)| (l, k)).collect(),
+                    direct,
+                    ignore_case: ci == 1,
                 });
             }
         }
@@ -215,6 +237,47 @@ struct LitSet {
     anchored: bool,
     /// Pattern id → (leaf, kind).
     pats: Box<[(u32, LitKind)]>,
+    /// The same patterns as a plain list, when the group is small (see
+    /// [`DIRECT_MAX_PATTERNS`]).
+    direct: Option<Box<[DirectPattern]>>,
+    /// ASCII case-insensitive group.
+    ignore_case: bool,
+}
+
+/// A directly compared literal: its bytes, leaf and kind.
+type DirectPattern = (Box<[u8]>, u32, LitKind);
+
+impl LitSet {
+    /// Calls `hit` with the leaf of every pattern of the plain list matching `value`; false
+    /// (nothing called) when the automaton should answer instead.
+    #[inline]
+    fn eval_direct(&self, value: &[u8], hit: &mut impl FnMut(u32)) -> bool {
+        let Some(direct) = &self.direct else {
+            return false;
+        };
+        let ci = self.ignore_case;
+        let eq = |a: &[u8], b: &[u8]| {
+            if ci {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
+        for (p, leaf, kind) in direct.iter() {
+            let n = p.len();
+            let ok = match kind {
+                LitKind::Exact => value.len() == n && eq(value, p),
+                LitKind::Prefix => value.len() >= n && eq(&value[..n], p),
+                LitKind::Suffix => value.len() >= n && eq(&value[value.len() - n..], p),
+                // Not in a direct list (see `StrFieldBuilder::build`).
+                LitKind::Contains => false,
+            };
+            if ok {
+                hit(*leaf);
+            }
+        }
+        true
+    }
 }
 
 /// Unwind-safe like `regex`'s own pools, so a compiled policy stays `RefUnwindSafe`.
@@ -315,6 +378,9 @@ impl StrField {
             }
         }
         for set in &self.lits {
+            if set.eval_direct(value.as_bytes(), hit) {
+                continue;
+            }
             let input = AcInput::new(value).anchored(if set.anchored {
                 Anchored::Yes
             } else {
@@ -352,5 +418,71 @@ impl StrField {
                 group.which(&input, patset, hit);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The leaves `field` reports for `value`, sorted and deduplicated.
+    fn leaves(field: &StrField, value: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut patset = PatternSet::new(field.regex_len().max(1));
+        field.eval(value, &mut patset, &mut |l| out.push(l));
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn field(pats: &[(&str, LitKind, bool)]) -> StrField {
+        let mut b = StrFieldBuilder::default();
+        for (i, &(p, kind, ci)) in pats.iter().enumerate() {
+            b.literal(p, kind, ci, i as u32);
+        }
+        b.build("test").unwrap()
+    }
+
+    #[test]
+    fn small_groups_are_compared_directly_with_the_automaton_semantics() {
+        let f = field(&[
+            ("/login", LitKind::Exact, false),
+            ("/admin", LitKind::Prefix, false),
+            (".php", LitKind::Suffix, false),
+            ("Legacy/", LitKind::Prefix, true),
+            ("x", LitKind::Suffix, true),
+            ("/LOGOUT", LitKind::Exact, true),
+        ]);
+        assert!(f.lits.iter().all(|s| s.direct.is_some()));
+        assert_eq!(leaves(&f, "/login"), [0]);
+        assert!(leaves(&f, "/login/").is_empty());
+        assert!(leaves(&f, "/Login").is_empty());
+        assert_eq!(leaves(&f, "/logout"), [5]);
+        assert_eq!(leaves(&f, "/admin/x.php"), [1, 2]);
+        assert_eq!(leaves(&f, "/admin/x.PHP.x"), [1, 4]);
+        assert_eq!(leaves(&f, "legacy/BOT.X"), [3, 4]);
+        assert!(leaves(&f, "").is_empty());
+        assert!(leaves(&f, ".ph").is_empty());
+    }
+
+    #[test]
+    fn contains_and_large_groups_use_the_automaton() {
+        let f = field(&[
+            ("bot", LitKind::Contains, true),
+            ("zz", LitKind::Suffix, true),
+        ]);
+        assert!(f.lits.iter().all(|s| s.direct.is_none()));
+        assert_eq!(leaves(&f, "xBoTzZ"), [0, 1]);
+        assert!(leaves(&f, "bo").is_empty());
+        let pats: Vec<String> = (0..=DIRECT_MAX_PATTERNS)
+            .map(|i| format!("p{i}-"))
+            .collect();
+        let spec: Vec<(&str, LitKind, bool)> = pats
+            .iter()
+            .map(|p| (p.as_str(), LitKind::Prefix, false))
+            .collect();
+        let f = field(&spec);
+        assert!(f.lits.iter().all(|s| s.direct.is_none()));
+        assert_eq!(leaves(&f, "p3-x"), [3]);
     }
 }

@@ -288,7 +288,13 @@ impl RuleSet {
             patset,
             ..
         } = s;
-        bits[field.words.clone()].fill(0);
+        // Usually one word: a store, not a call to `memset`.
+        let words = field.words.clone();
+        if words.len() == 1 {
+            bits[words.start] = 0;
+        } else {
+            bits[words].fill(0);
+        }
         let (anchor_off, anchor_rules) = (&self.anchor_off, &self.anchor_rules);
         let base = field.base;
         let mut hit = |local: u32| {
