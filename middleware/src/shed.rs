@@ -10,11 +10,20 @@
 //! # Adaptive limits
 //! Fed by `Ticket::complete` with each request's latency; deterministic for a given
 //! sequence of samples (no clock of its own):
-//! - **gradient**: `new = limit × clamp(minRTT / RTT, 0.5, 1) + √limit` (the square root is
-//!   the queue allowance), smoothed as `limit ← 0.8·limit + 0.2·new`, clamped to
-//!   `[min, max]`. `RTT` is an exponential average of samples (α = 0.1); `minRTT` is the
-//!   lowest sample and is re-probed every [`MIN_RTT_PROBE`] samples (reset to the current
-//!   average) so a permanently slower backend is not mistaken for overload forever.
+//! - **gradient** (after Netflix concurrency-limits' Gradient2): samples are gathered in
+//!   windows of `clamp(limit, 10, 100)` completions (about one round trip at saturation)
+//!   and the limit changes once per window, never per request. The window's mean latency
+//!   is the short RTT; the long RTT estimates the no-load latency: an exponential average
+//!   over windows (α = 1/[`LONG_WINDOWS`]) that drifts back down at once when a window
+//!   is faster, and is re-measured by a probe every [`PROBE_WINDOWS`] windows (the limit
+//!   drops to `min` until the in-flight requests admitted above it have drained, one
+//!   clean window is measured, then the previous limit is restored). A window at `min`
+//!   is such a measurement too, so a permanently slower backend is learnt as soon as the
+//!   limit reaches `min`. Then `gradient = clamp(long / short, 0.5, 1)`,
+//!   `new = limit × gradient + √limit` (the square root is the queue allowance), smoothed
+//!   as `limit ← 0.8·limit + 0.2·new`, clamped to `[min, max]`. The limit does not grow
+//!   while fewer than half of it are in flight (the application, not the backend, is the
+//!   bound).
 //! - **aimd**: a sample over `target_latency` multiplies the limit by 0.9; otherwise each
 //!   window of `limit` good samples adds 1.
 //!
@@ -37,8 +46,18 @@ use fairgate_policies::model::{AdaptiveAlgorithm, Priority, ShedLimit, Shedding}
 use crate::clock::{duration_to_nanos, Nanos};
 use crate::decision::DelayGuard;
 
-/// Samples between re-probes of the gradient limiter's minimum RTT.
-pub const MIN_RTT_PROBE: u64 = 500;
+/// Windows between probes of the gradient limiter's no-load latency.
+pub const PROBE_WINDOWS: u64 = 100;
+
+/// Windows the gradient limiter's long RTT averages over (its smoothing is `1 / this`).
+pub const LONG_WINDOWS: u64 = 100;
+
+/// Smallest and largest gradient sample window, in completions.
+const WINDOW_BOUNDS: (f64, f64) = (10.0, 100.0);
+
+/// Windows at `min` before the next one counts as a no-load measurement (the first
+/// drains the requests admitted above `min`).
+const CLEAN_WINDOWS: u8 = 2;
 
 /// Shedding settings of one policy generation, in the form the hot path wants.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,10 +129,28 @@ struct Adaptive {
     max: f64,
     target_ns: Nanos,
     limit: f64,
-    min_rtt: f64,
-    rtt: f64,
-    samples: u64,
+    /// AIMD: good samples in the current window.
     window: u64,
+    /// Gradient state.
+    gradient: GradientState,
+}
+
+/// The gradient limiter's windows, long RTT and probe.
+#[derive(Debug, Default)]
+struct GradientState {
+    /// Latency sum (ns) and count of the current window.
+    sum: f64,
+    count: u64,
+    /// Long RTT (ns), the no-load estimate; 0 before the first window.
+    long: f64,
+    /// Windows since the last no-load measurement.
+    since_probe: u64,
+    /// The limit to restore after a probe, while one runs.
+    probe_saved: Option<f64>,
+    /// Consecutive windows that ended with the limit at `min` and at most `min` in
+    /// flight; after [`CLEAN_WINDOWS`] of them the requests still in flight were all
+    /// admitted at no load, so the next window measures the no-load latency.
+    clean: u8,
 }
 
 impl Default for Shedder {
@@ -153,8 +190,13 @@ impl Shedder {
                 a.max = max;
                 a.target_ns = ad.target_latency.map_or(0, |d| duration_to_nanos(d.0));
                 a.limit = if was_adaptive {
+                    if let Some(saved) = a.gradient.probe_saved.take() {
+                        a.limit = saved;
+                    }
                     a.limit.clamp(min, max)
                 } else {
+                    a.gradient = GradientState::default();
+                    a.window = 0;
                     f64::from(ad.initial.unwrap_or(ad.min)).clamp(min, max)
                 };
                 self.limit.store(a.limit as u64, Ordering::Release);
@@ -221,21 +263,10 @@ impl Shedder {
         let sample = ns.max(1) as f64;
         match algorithm {
             AdaptiveAlgorithm::Gradient => {
-                a.samples += 1;
-                a.rtt = if a.rtt == 0.0 {
-                    sample
-                } else {
-                    0.9 * a.rtt + 0.1 * sample
-                };
-                if a.min_rtt == 0.0 || sample < a.min_rtt {
-                    a.min_rtt = sample;
+                let in_flight = self.in_flight() as f64;
+                if !a.gradient_sample(sample, in_flight) {
+                    return;
                 }
-                if a.samples % MIN_RTT_PROBE == 0 {
-                    a.min_rtt = a.rtt;
-                }
-                let gradient = (a.min_rtt / a.rtt).clamp(0.5, 1.0);
-                let new = a.limit * gradient + a.limit.sqrt();
-                a.limit = (0.8 * a.limit + 0.2 * new).clamp(a.min, a.max);
             }
             AdaptiveAlgorithm::Aimd => {
                 if a.target_ns > 0 && ns > a.target_ns {
@@ -276,6 +307,63 @@ impl Shedder {
     /// Delayed rejections waiting now.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Acquire)
+    }
+}
+
+impl Adaptive {
+    /// Adds one gradient sample (ns) with `in_flight` requests now in flight; true when
+    /// a window closed (the limit may have changed).
+    fn gradient_sample(&mut self, sample: f64, in_flight: f64) -> bool {
+        let g = &mut self.gradient;
+        g.sum += sample;
+        g.count += 1;
+        let size = self.limit.clamp(WINDOW_BOUNDS.0, WINDOW_BOUNDS.1);
+        if (g.count as f64) < size {
+            return false;
+        }
+        let short = g.sum / g.count as f64;
+        g.sum = 0.0;
+        g.count = 0;
+        let no_load = g.clean >= CLEAN_WINDOWS;
+        g.clean = if self.limit <= self.min && in_flight <= self.min {
+            g.clean.saturating_add(1)
+        } else {
+            0
+        };
+        if no_load {
+            // Admitted at no load: a measurement of the no-load latency.
+            g.long = short;
+            g.since_probe = 0;
+            if let Some(saved) = g.probe_saved.take() {
+                self.limit = saved.clamp(self.min, self.max);
+                g.clean = 0;
+                return true;
+            }
+        } else if g.probe_saved.is_some() {
+            // Draining for a probe: these samples were admitted above `min`.
+            return true;
+        } else {
+            if g.long == 0.0 || short < g.long {
+                g.long = short;
+            } else {
+                g.long += (short - g.long) / LONG_WINDOWS as f64;
+            }
+            g.since_probe += 1;
+            if g.since_probe >= PROBE_WINDOWS && self.limit > self.min {
+                g.probe_saved = Some(self.limit);
+                self.limit = self.min;
+                return true;
+            }
+        }
+        let gradient = (g.long / short).clamp(0.5, 1.0);
+        let new = self.limit * gradient + self.limit.sqrt();
+        let mut next = 0.8 * self.limit + 0.2 * new;
+        if next > self.limit && in_flight < self.limit / 2.0 {
+            // Application-limited: the samples say nothing about a higher limit.
+            next = self.limit;
+        }
+        self.limit = next.clamp(self.min, self.max);
+        true
     }
 }
 
@@ -346,37 +434,105 @@ mod tests {
         assert_eq!(s.limit(), Some(2), "clamped to min");
     }
 
-    #[test]
-    fn gradient_shrinks_under_latency_and_recovers() {
-        let s = Shedder::default();
-        let c = cfg(ShedLimit::Adaptive(AdaptiveLimit {
+    fn gradient(min: u32, initial: u32) -> ShedConfig {
+        cfg(ShedLimit::Adaptive(AdaptiveLimit {
             algorithm: AdaptiveAlgorithm::Gradient,
-            min: 5,
+            min,
             max: 200,
-            initial: Some(50),
+            initial: Some(initial),
             target_latency: None,
-        }));
+        }))
+    }
+
+    /// Keeps exactly `limit` requests in flight (a saturated backend).
+    fn saturate(s: &Shedder, c: &ShedConfig) {
+        let limit = s.limit().unwrap();
+        while s.in_flight() < limit && s.try_enter(Priority::Critical, Some(c)) {}
+        while s.in_flight() > limit {
+            s.exit();
+        }
+    }
+
+    fn feed(s: &Shedder, c: &ShedConfig, n: usize, latency: Duration) {
+        for _ in 0..n {
+            saturate(s, c);
+            s.on_complete(latency, 200);
+        }
+    }
+
+    #[test]
+    fn gradient_changes_once_per_window_and_shrinks_under_latency() {
+        let c = gradient(5, 50);
+        let run = || {
+            let s = Shedder::default();
+            s.configure(Some(&c));
+            feed(&s, &c, 49, Duration::from_millis(10));
+            assert_eq!(s.limit(), Some(50), "no change inside a window");
+            feed(&s, &c, 1, Duration::from_millis(10));
+            let grown = s.limit().unwrap();
+            assert!(grown > 50, "steady latency grows the limit: {grown}");
+            feed(&s, &c, 500, Duration::from_millis(100));
+            let shrunk = s.limit().unwrap();
+            assert!(shrunk < grown / 2, "{shrunk} < {grown} / 2");
+            assert!(shrunk >= 5, "never below min: {shrunk}");
+            shrunk
+        };
+        // Same sequence, same result: deterministic.
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn gradient_does_not_grow_when_application_limited() {
+        let s = Shedder::default();
+        let c = gradient(5, 50);
         s.configure(Some(&c));
-        for _ in 0..20 {
+        for _ in 0..1000 {
             s.on_complete(Duration::from_millis(10), 200);
         }
-        let grown = s.limit().unwrap();
-        assert!(grown > 50, "steady latency grows the limit: {grown}");
-        for _ in 0..50 {
-            s.on_complete(Duration::from_millis(100), 200);
+        assert_eq!(
+            s.limit(),
+            Some(50),
+            "nothing in flight: no evidence for more"
+        );
+    }
+
+    #[test]
+    fn gradient_learns_a_permanently_slower_backend() {
+        let s = Shedder::default();
+        let c = gradient(10, 60);
+        s.configure(Some(&c));
+        feed(&s, &c, 600, Duration::from_millis(10));
+        // The backend is now 10× slower for good: first read as overload ...
+        let mut lowest = u64::MAX;
+        for _ in 0..1500 {
+            feed(&s, &c, 1, Duration::from_millis(100));
+            lowest = lowest.min(s.limit().unwrap());
         }
-        let shrunk = s.limit().unwrap();
-        assert!(shrunk < grown, "{shrunk} < {grown}");
-        // Same sequence, same result: deterministic.
-        let t = Shedder::default();
-        t.configure(Some(&c));
-        for _ in 0..20 {
-            t.on_complete(Duration::from_millis(10), 200);
+        assert_eq!(lowest, 10, "falls to min");
+        // ... then measured at min as the new no-load latency, and the limit grows again.
+        feed(&s, &c, 2000, Duration::from_millis(100));
+        assert!(s.limit().unwrap() > 30, "{:?}", s.limit());
+    }
+
+    #[test]
+    fn gradient_probe_drops_to_min_and_restores() {
+        let s = Shedder::default();
+        let c = gradient(10, 40);
+        s.configure(Some(&c));
+        let mut seen_min = false;
+        let mut restored = false;
+        // Constant latency: only the periodic probe can bring the limit to min.
+        for _ in 0..(PROBE_WINDOWS as usize + 10) * 100 {
+            feed(&s, &c, 1, Duration::from_millis(10));
+            let l = s.limit().unwrap();
+            if l == 10 {
+                seen_min = true;
+            } else if seen_min && l > 40 {
+                restored = true;
+                break;
+            }
         }
-        for _ in 0..50 {
-            t.on_complete(Duration::from_millis(100), 200);
-        }
-        assert_eq!(t.limit(), Some(shrunk));
+        assert!(seen_min && restored, "{seen_min} {restored}");
     }
 
     #[test]

@@ -173,3 +173,35 @@ default_plan: free
     }
     assert!(pruner.is_finished(), "stops once the engine is gone");
 }
+
+/// Counts completed tickets.
+#[derive(Default)]
+struct Completions(std::sync::atomic::AtomicU64);
+
+impl fairgate_middleware::Observer for Completions {
+    fn on_decision(&self, _: &fairgate_middleware::DecisionEvent<'_>) {}
+    fn on_complete(&self, _: &fairgate_middleware::CompletionEvent<'_>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// hyper's HTTP/1 server stops polling a body once `is_end_stream()` turns true after a
+/// data frame and drops it without ever seeing `None`: that must complete the ticket (feeding
+/// the observer and the adaptive limiter), not merely release it.
+#[tokio::test]
+async fn a_body_dropped_after_its_last_frame_completes_the_ticket() {
+    let (mut svc, mut handle, engine) = service(ONE_AT_A_TIME);
+    let seen = std::sync::Arc::new(Completions::default());
+    engine.set_observer(seen.clone());
+    assert!(svc.poll_ready().is_ready());
+    let fut = svc.call(request("192.0.2.1"));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::new("hello".to_string()));
+    let mut body = fut.await.unwrap().into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(&frame.into_data().unwrap()[..], b"hello");
+    assert!(http_body::Body::is_end_stream(&body));
+    drop(body);
+    assert_eq!(seen.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(engine.in_flight(), 0);
+}

@@ -97,12 +97,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project() {
-            Proj::Inner { body, done } => {
-                let polled = body.poll_frame(cx);
+            Proj::Inner { mut body, done } => {
+                let polled = body.as_mut().poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let (Some(d), Some(data)) = (done.as_mut(), frame.data_ref()) {
                             d.bytes += data.remaining() as u64;
+                        }
+                        // hyper's HTTP/1 server stops polling once the body says it has
+                        // ended (or a Content-Length is written) and drops it without ever
+                        // seeing `None`: the last data frame completes the ticket then, or
+                        // the drop would only release it and the adaptive limiter and the
+                        // observer would never learn the outcome.
+                        if body.is_end_stream() {
+                            if let Some(d) = done.take() {
+                                d.complete();
+                            }
                         }
                     }
                     Poll::Ready(None) => {
