@@ -887,7 +887,9 @@ pub enum Backend {
 #[derive(Clone, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisState {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`. Serialised (the admin API's `/policy`, the
+    /// canonical form) with the password replaced by `***`.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     /// `async` (default) or `exact`.
     #[serde(default)]
@@ -934,6 +936,10 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+fn serialize_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
 /// Default `state.redis.sync_interval`.
 pub fn default_sync_interval() -> HumanDuration {
     HumanDuration(std::time::Duration::from_millis(20))
@@ -971,4 +977,30 @@ pub enum OnFailure {
     Open,
     /// Reject requests that have a quota with 503.
     Closed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redis_password_never_leaves_through_serialisation_or_debug() {
+        let r = RedisState {
+            url: "redis://app:s3cret@127.0.0.1:6379/0".to_owned(),
+            mode: FleetMode::default(),
+            sync_interval: default_sync_interval(),
+            timeout: default_redis_timeout(),
+            on_failure: OnFailure::default(),
+            key_prefix: default_key_prefix(),
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("s3cret"), "{json}");
+        assert!(json.contains("redis://app:***@127.0.0.1:6379/0"), "{json}");
+        assert!(!format!("{r:?}").contains("s3cret"));
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
+    }
 }
