@@ -35,18 +35,37 @@
 //! # Bounded memory and eviction
 //! Each shard holds at most `ceil(max_keys / N)` entries rounded down so the total never
 //! exceeds `max_keys` (see [`Store::set_max_keys`]). Inserting into a full shard first
-//! *sweeps* it: entries whose bucket is full (`TAT ≤ now`) and that have nothing in flight
-//! carry no information and are dropped, as are entries of scopes the current policy no
-//! longer has. If that frees less than 1/8 of the shard, the entries *closest to full*
-//! (lowest `TAT`, nothing in flight) are evicted until 1/8 is free, so the sweep's cost is
-//! amortised over many inserts.
+//! *sweeps* it: entries whose bucket is full (`TAT ≤ now`), that have nothing in flight and
+//! that no request found since the shard's last sweep carry no information and are
+//! dropped, as are entries of scopes the current policy no longer has (a full entry still
+//! in use is kept: dropping it would send its client's next request through the
+//! evicted-debt table below, where a `MIXED` slot could start it empty). If that frees
+//! less than 1/8 of the shard, entries are evicted until 1/8 is free, so the sweep's cost
+//! is amortised over many inserts. The eviction order is a
+//! second-chance (CLOCK) order: every entry has a `touched` bit, set (relaxed, and only
+//! when clear, so a hot entry's cache line is not dirtied per request) when a request finds
+//! the entry and cleared for every survivor by each sweep; a new entry starts untouched.
+//! (A second bit does the same for [`Store::prune`], which drops an idle entry only once a
+//! whole prune period passed without requests, and leaves the sweeps' bit alone.)
+//! Entries *not touched* since the last sweep go first, closest to full (lowest `TAT`)
+//! among them; only then touched ones, closest to full first. Entries with requests in
+//! flight are never evicted. So a flood of one-shot keys (spoofed `X-Forwarded-For`, each
+//! seen once) evicts its own kind, not the clients that keep coming back, even when those
+//! are closer to full than the flood's keys. The bit costs no memory: `in_flight` is a
+//! 32-bit counter and the bit shares its 8-byte word.
 //!
 //! An entry evicted while not full must not come back fresh: its `TAT` goes into a fixed
-//! *evicted-debt table* (`max_keys` rounded up to a power of two of `AtomicU64`, indexed by
-//! the key's hash, keeping the maximum). A new entry starts from that slot's TAT when it
-//! is still in the future, clamped to `now + C` so that a hash collision can at worst cost
-//! an innocent new key one empty bucket. So a heavy hitter pushed out by a flood of new keys
-//! returns with its bucket as empty as it left it.
+//! *evicted-debt table* (`max_keys` rounded up to a power of two of `AtomicU64`, at least
+//! 1,024, indexed by the low bits of the key's hash). Each slot packs a 16-bit *tag* (the
+//! high bits of the same hash) with the TAT in microseconds (rounded up, 48 bits,
+//! saturating). Storing into an empty or expired slot, or one with the same tag, keeps
+//! (own tag, max TAT); storing into a slot with another key's live debt marks it `MIXED`
+//! with the max, so a stored debt is never lost. A new entry starts from its slot's TAT
+//! only when the slot is live and carries its tag or `MIXED`, clamped to `now + C`; a slot
+//! holding another tag's debt was never this key's and costs it nothing. So a heavy hitter
+//! pushed out by a flood of new keys returns with its bucket as empty as it left it, and a
+//! collision costs an innocent new key at most one empty bucket, only when the slot is
+//! `MIXED` (or on a 1-in-65,535 tag collision).
 //!
 //! When a shard is full of entries with requests in flight (nothing can be evicted), the
 //! new key is refused ([`Full`]) and the engine rejects the request: a full table never means
@@ -63,7 +82,7 @@
 //! `max_keys` of evicted-debt table. `max_keys` bounds entries, so it now bounds clients
 //! (plus rule-limit keys) rather than clients × (bandwidths + 1).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ahash::RandomState;
@@ -80,6 +99,11 @@ use crate::gcra::{self, Params, Verdict};
 /// the number of *distinct* ids, not with reloads: `PolicyStore` hands a reloaded policy the
 /// previous generation's `Arc<str>` for every id text it keeps.
 type Pinned = hashbrown::HashMap<usize, (Arc<str>, u64), RandomState>;
+
+/// `Entry::touched` bit: a request found the entry since its shard's last sweep.
+const SINCE_SWEEP: u8 = 1;
+/// `Entry::touched` bit: a request found the entry since the last [`Store::prune`].
+const SINCE_PRUNE: u8 = 2;
 
 /// The table is full of entries that cannot be evicted (requests in flight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -109,7 +133,17 @@ pub struct Entry {
     scope: Arc<str>,
     key: EntryKey,
     bucket: Bucket,
-    in_flight: AtomicU64,
+    /// Requests in flight. 32 bits (concurrency limits are `u32`) so that it shares one
+    /// 8-byte word with `touched`: the flags cost no bytes.
+    in_flight: AtomicU32,
+    /// Second-chance (CLOCK) bit: set when a request finds the entry, cleared by every sweep
+    /// of its shard. Sweeps evict untouched entries first, so a flood of one-shot keys
+    /// pushes out other one-shot keys, not the clients that keep coming back.
+    /// Two bits: [`SINCE_SWEEP`] (the CLOCK bit, cleared by sweeps) and [`SINCE_PRUNE`]
+    /// (cleared by prunes, so that a periodic prune neither resets the CLOCK nor drops an
+    /// idle entry still in use). Set and cleared only under the shard's lock (shared for
+    /// setting, exclusive for clearing), so plain loads and stores suffice.
+    touched: AtomicU8,
     slots: [Slot; SLOTS],
 }
 
@@ -297,7 +331,25 @@ impl Entry {
 
     /// Requests in flight (client scope).
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Acquire)
+        u64::from(self.in_flight.load(Ordering::Acquire))
+    }
+
+    /// Marks the entry as recently used (see [`Entry::touched`]). Stores only when the bit
+    /// is clear, so a hot entry's cache line is not written on every request.
+    fn touch(&self) {
+        if self.touched.load(Ordering::Relaxed) != SINCE_SWEEP | SINCE_PRUNE {
+            self.touched
+                .store(SINCE_SWEEP | SINCE_PRUNE, Ordering::Relaxed);
+        }
+    }
+
+    /// True when a request found the entry since its shard's last sweep.
+    pub fn touched(&self) -> bool {
+        self.touched_since(SINCE_SWEEP)
+    }
+
+    fn touched_since(&self, bit: u8) -> bool {
+        self.touched.load(Ordering::Relaxed) & bit != 0
     }
 
     /// Calls `f(tat, capacity)` for every bucket in use: the entry's own, or the used slots
@@ -320,7 +372,9 @@ impl Entry {
             scope,
             key: EntryKey::new(key),
             bucket: Bucket::new(tat, cap),
-            in_flight: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            // A new entry starts untouched: a key seen once is the first to go.
+            touched: AtomicU8::new(0),
             slots: Default::default(),
         }
     }
@@ -357,7 +411,7 @@ impl Entry {
     /// Takes a concurrency permit if fewer than `limit` are in flight.
     pub fn try_acquire(&self, limit: u64) -> bool {
         let prev = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if prev >= limit {
+        if u64::from(prev) >= limit || prev == u32::MAX {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
@@ -565,23 +619,18 @@ impl Store {
         &self.evicted[(hash as usize) & (self.evicted.len() - 1)]
     }
 
-    /// The evicted-debt slot of bandwidth `id_hash` in the client entry of `hash`.
-    fn client_debt_slot(&self, hash: u64, id_hash: u64) -> &AtomicU64 {
-        self.debt_slot(hash ^ id_hash.rotate_left(17))
-    }
-
     /// Remembers the debt of an entry being evicted.
-    fn remember_debt(&self, e: &Entry, pinned: &Pinned) {
+    fn remember_debt(&self, e: &Entry, pinned: &Pinned, now: Nanos) {
         if e.is_client() {
             for s in &e.slots {
                 let addr = s.addr.load(Ordering::Relaxed);
                 if let Some((_, id_hash)) = pinned.get(&addr) {
-                    self.client_debt_slot(e.hash, *id_hash)
-                        .fetch_max(s.bucket.tat(), Ordering::Relaxed);
+                    let h = client_debt_hash(e.hash, *id_hash);
+                    store_debt(self.debt_slot(h), h, s.bucket.tat(), now);
                 }
             }
         } else {
-            self.debt_slot(e.hash).fetch_max(e.tat(), Ordering::Relaxed);
+            store_debt(self.debt_slot(e.hash), e.hash, e.tat(), now);
         }
     }
 
@@ -603,10 +652,26 @@ impl Store {
         }
     }
 
-    /// True when a sweep or prune may drop the entry.
-    fn droppable(e: &Entry, now: Nanos, live: &LiveScopes, pinned: &Pinned) -> bool {
+    /// True when a sweep or prune may drop the entry: nothing in flight, and its scope is
+    /// gone from the policy or it is idle (every bucket full) and no request found it since
+    /// the last sweep or prune. A recently used idle entry is kept: dropping it would make
+    /// the client's next request insert a new entry, which reads the evicted-debt table and,
+    /// under a flood that filled the table with `MIXED` slots, could start empty.
+    fn droppable(e: &Entry, now: Nanos, live: &LiveScopes, pinned: &Pinned, bit: u8) -> bool {
         Self::clear_dead_slots(e, live, pinned);
-        e.in_flight() == 0 && (e.max_tat() <= now || !live.contains(&e.scope))
+        e.in_flight() == 0
+            && (!live.contains(&e.scope) || (!e.touched_since(bit) && e.max_tat() <= now))
+    }
+
+    /// Clears `bit` ([`SINCE_SWEEP`] or [`SINCE_PRUNE`]) of every entry of a table (under
+    /// the shard's write lock: no request can set it meanwhile).
+    fn clear_touched(table: &HashTable<Arc<Entry>>, bit: u8) {
+        for e in table.iter() {
+            let t = e.touched.load(Ordering::Relaxed);
+            if t & bit != 0 {
+                e.touched.store(t & !bit, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Runs `f` on the client entry of `key` (its concurrency counter and the slots of
@@ -628,6 +693,7 @@ impl Store {
         {
             let table = shard.table.read().unwrap_or_else(|e| e.into_inner());
             if let Some(e) = table.find(hash, eq) {
+                e.touch();
                 if let Some(map) = e.map_fast(mine) {
                     return Ok(f(e, &map));
                 }
@@ -643,7 +709,10 @@ impl Store {
         let mut table = shard.table.write().unwrap_or_else(|e| e.into_inner());
         let found = table.find(hash, eq).map(Arc::clone);
         let entry = match found {
-            Some(e) => e,
+            Some(e) => {
+                e.touch();
+                e
+            }
             None => {
                 let cap = self.per_shard.load(Ordering::Relaxed);
                 if table.len() >= cap {
@@ -714,9 +783,8 @@ impl Store {
             let Some((_, id_hash)) = pinned.get(&addr) else {
                 continue;
             };
-            let owed = self
-                .client_debt_slot(e.hash, *id_hash)
-                .load(Ordering::Relaxed);
+            let debt_hash = client_debt_hash(e.hash, *id_hash);
+            let owed = debt_for(self.debt_slot(debt_hash), debt_hash, now);
             let tat = if owed > now {
                 owed.min(now.saturating_add(bw.c_ns))
             } else {
@@ -779,11 +847,13 @@ impl Store {
         {
             let table = shard.table.read().unwrap_or_else(|e| e.into_inner());
             if let Some(e) = table.find(hash, eq) {
+                e.touch();
                 return Ok(f(e));
             }
         }
         let mut table = shard.table.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = table.find(hash, eq) {
+            e.touch();
             return Ok(f(e));
         }
         let cap = self.per_shard.load(Ordering::Relaxed);
@@ -794,7 +864,7 @@ impl Store {
                 return Err(Full);
             }
         }
-        let owed = self.debt_slot(hash).load(Ordering::Relaxed);
+        let owed = debt_for(self.debt_slot(hash), hash, now);
         let tat = if owed > now {
             owed.min(now.saturating_add(c))
         } else {
@@ -807,42 +877,51 @@ impl Store {
         Ok(r)
     }
 
-    /// Frees room in a full shard: drops idle and dead entries, then evicts the entries
-    /// closest to full until 1/8 of the shard is free.
+    /// Frees room in a full shard: drops idle and dead entries, then evicts until 1/8 of
+    /// the shard is free: entries not touched since the last sweep first, closest to full
+    /// among them, and only then touched ones (closest to full first). Entries with requests
+    /// in flight are never evicted. Finally clears every survivor's `touched` bit, so an
+    /// entry keeps its second chance only if a request finds it again before the next sweep.
     fn sweep(&self, table: &mut HashTable<Arc<Entry>>, now: Nanos, cap: usize) {
         let before = table.len();
         let live = self.live.load();
         let pinned = self.pinned();
-        table.retain(|e| !Self::droppable(e, now, &live, &pinned));
+        table.retain(|e| !Self::droppable(e, now, &live, &pinned, SINCE_SWEEP));
         let target = cap - (cap / 8).max(1);
         if table.len() > target {
             let excess = table.len() - target;
-            let mut tats: Vec<Nanos> = table
+            // Eviction order: (touched, latest TAT), smallest first. The write lock is held,
+            // so no request can touch or consume while the order is computed and applied.
+            let rank = |e: &Entry| (e.touched(), e.max_tat());
+            let mut ranks: Vec<(bool, Nanos)> = table
                 .iter()
                 .filter(|e| e.in_flight() == 0)
-                .map(|e| e.max_tat())
+                .map(|e| rank(e))
                 .collect();
-            if !tats.is_empty() {
-                let k = excess.min(tats.len()) - 1;
-                let (_, &mut threshold, _) = tats.select_nth_unstable(k);
+            if !ranks.is_empty() {
+                let k = excess.min(ranks.len()) - 1;
+                let (_, &mut threshold, _) = ranks.select_nth_unstable(k);
                 let mut budget = excess;
                 table.retain(|e| {
-                    if budget == 0 || e.in_flight() != 0 || e.max_tat() > threshold {
+                    if budget == 0 || e.in_flight() != 0 || rank(e) > threshold {
                         return true;
                     }
                     budget -= 1;
-                    self.remember_debt(e, &pinned);
+                    self.remember_debt(e, &pinned, now);
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                     false
                 });
             }
         }
+        Self::clear_touched(table, SINCE_SWEEP);
         let removed = before - table.len();
         self.len.fetch_sub(removed as u64, Ordering::Relaxed);
     }
 
-    /// Drops every entry that carries no information (full bucket, nothing in flight) or
-    /// belongs to a scope the policy no longer has. Bounded by the number of entries; run it
+    /// Drops every entry that carries no information (full bucket, nothing in flight, no
+    /// request since the last sweep or prune: a recently used one goes at the next prune)
+    /// or belongs to a scope the policy no longer has, then clears the entries'
+    /// [`SINCE_PRUNE`] bits (not the sweeps' CLOCK bits). Bounded by the number of entries; run it
     /// from a background task or after a reload. Returns how many were dropped.
     pub fn prune(&self, now: Nanos) -> u64 {
         let live = self.live.load();
@@ -851,7 +930,8 @@ impl Store {
         for shard in self.shards.iter() {
             let mut table = shard.table.write().unwrap_or_else(|e| e.into_inner());
             let before = table.len();
-            table.retain(|e| !Self::droppable(e, now, &live, &pinned));
+            table.retain(|e| !Self::droppable(e, now, &live, &pinned, SINCE_PRUNE));
+            Self::clear_touched(&table, SINCE_PRUNE);
             removed += (before - table.len()) as u64;
         }
         self.len.fetch_sub(removed, Ordering::Relaxed);
@@ -872,6 +952,83 @@ impl Store {
     pub fn is_idle(&self, scope: &str, key: &str, now: Nanos) -> bool {
         self.with_existing(scope, key, |e| e.is_idle(now))
             .unwrap_or(true)
+    }
+}
+
+// === Evicted-debt slots ===
+//
+// One `AtomicU64` per slot packs a 16-bit tag (the high bits of the hash of the key that
+// owns the debt) with the debt's TAT in whole microseconds, rounded up and saturating at 48
+// bits (≈ 8.9 years of clock). Tag `MIXED` means "keys of different tags wrote here while
+// their debts were live"; the slot then holds the largest of them.
+
+/// Tag of a slot that holds the maximum debt of several keys.
+const MIXED: u16 = u16::MAX;
+const DEBT_TAT_BITS: u32 = 48;
+const DEBT_TAT_MAX: u64 = (1 << DEBT_TAT_BITS) - 1;
+
+/// The hash that picks the evicted-debt slot of bandwidth `id_hash` in the client entry
+/// of `hash`.
+fn client_debt_hash(hash: u64, id_hash: u64) -> u64 {
+    hash ^ id_hash.rotate_left(17)
+}
+
+/// The tag of `hash` (its high 16 bits; the slot index uses the low bits). Never `MIXED`.
+fn debt_tag(hash: u64) -> u16 {
+    ((hash >> 48) as u16).min(MIXED - 1)
+}
+
+fn pack_debt(tag: u16, tat_us: u64) -> u64 {
+    (u64::from(tag) << DEBT_TAT_BITS) | tat_us.min(DEBT_TAT_MAX)
+}
+
+/// (tag, TAT in ns) of a packed slot; the TAT is 0 for an empty slot.
+fn unpack_debt(v: u64) -> (u16, Nanos) {
+    let tag = (v >> DEBT_TAT_BITS) as u16;
+    (tag, (v & DEBT_TAT_MAX).saturating_mul(1_000))
+}
+
+/// Records that the key of `hash` owes until `tat`. An empty or expired slot, or one with
+/// the same tag, takes (own tag, max); a live debt of another tag is never overwritten
+/// without marking the slot `MIXED` (keeping the max), so every key whose debt was stored
+/// here still reads at least its own debt. Nothing is recorded when nothing is owed.
+fn store_debt(slot: &AtomicU64, hash: u64, tat: Nanos, now: Nanos) {
+    if tat <= now {
+        return;
+    }
+    let tag = debt_tag(hash);
+    let tat_us = tat.div_ceil(1_000).min(DEBT_TAT_MAX);
+    let mut cur = slot.load(Ordering::Relaxed);
+    loop {
+        let (cur_tag, cur_tat) = unpack_debt(cur);
+        let cur_us = cur_tat / 1_000;
+        let next = if cur_tat <= now {
+            pack_debt(tag, tat_us)
+        } else if cur_tag == tag {
+            pack_debt(tag, tat_us.max(cur_us))
+        } else {
+            pack_debt(MIXED, tat_us.max(cur_us))
+        };
+        if next == cur {
+            return;
+        }
+        match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// The debt the key of `hash` may owe according to its slot: the slot's TAT when it is
+/// live and has the key's tag or `MIXED`, else 0 (a live debt of another tag was never
+/// this key's: [`store_debt`] would have marked the slot `MIXED`). Callers clamp it to one
+/// empty bucket.
+fn debt_for(slot: &AtomicU64, hash: u64, now: Nanos) -> Nanos {
+    let (tag, tat) = unpack_debt(slot.load(Ordering::Relaxed));
+    if tat > now && (tag == debt_tag(hash) || tag == MIXED) {
+        tat
+    } else {
+        0
     }
 }
 
@@ -985,6 +1142,18 @@ mod tests {
             "full again: nothing to remember"
         );
         assert!(store.is_empty());
+        // A full entry that a request found since the last prune survives one prune.
+        store
+            .with_entry(&live, "k", now, p.c, |e| e.consume(now, p, 1))
+            .unwrap();
+        store.with_entry(&live, "k", now, p.c, |_| ()).unwrap();
+        assert_eq!(store.prune(now + 10 * S), 0, "used since the last prune");
+        assert_eq!(
+            store.with_existing("live", "k", |e| e.touched()),
+            Some(true),
+            "a prune leaves the sweeps' CLOCK bit alone"
+        );
+        assert_eq!(store.prune(now + 10 * S), 1, "then idle");
     }
 
     fn bandwidth(id: &str, per_sec: u64, burst: u64) -> CompiledBandwidth {
@@ -1067,6 +1236,109 @@ mod tests {
             assert!(!consume_client(&store, "heavy", now, &bws), "at {i}");
         }
         assert!(store.evictions() > 0);
+    }
+
+    #[test]
+    fn a_hot_client_survives_a_flood_of_one_shot_keys_with_its_bucket_intact() {
+        // One shard of 64: a sweep every 8 inserts once full.
+        let store = Store::new(64);
+        let normal = [bandwidth("plan:normal/0", 1, 10)];
+        // One-shot keys on a slow plan: their buckets stay far from full for a minute,
+        // so they are *further* from full than the half-used hot client.
+        let slow = [bandwidth("plan:slow/0", 1, 5)];
+        let slow = [CompiledBandwidth::new(
+            Arc::clone(&slow[0].id),
+            Arc::clone(&slow[0].id),
+            fairgate_policies::units::Rate::new(1, std::time::Duration::from_secs(60)).unwrap(),
+            5,
+        )
+        .unwrap()];
+        store.pin_ids(normal.iter().chain(&slow).map(|b| &b.id));
+        let mut now = 100 * S;
+        for _ in 0..5 {
+            assert!(consume_client(&store, "hot", now, &normal));
+        }
+        let tat = |store: &Store, now| {
+            store
+                .with_client("hot", now, &normal, |e, map| e.slot(map[0]).tat())
+                .unwrap()
+        };
+        let half_used = tat(&store, now);
+        assert_eq!(half_used, now + 5 * S);
+        for i in 0..10_000u64 {
+            now += 1_000;
+            // A spoofed key may find its debt slot taken (MIXED): then it starts empty.
+            let _ = consume_client(&store, &format!("spoof-{i}"), now, &slow);
+            assert!(store.len() <= 64);
+            if i % 4 == 0 {
+                assert!(
+                    store.with_existing(CLIENT_SCOPE, "hot", |_| ()).is_some(),
+                    "hot client evicted at {i}"
+                );
+                assert_eq!(tat(&store, now), half_used, "bucket changed at {i}");
+            }
+        }
+        assert!(store.evictions() > 9_000, "{}", store.evictions());
+        // Everything touched (no one-shot keys left to evict): the closest to full go,
+        // in-flight entries stay, and the table stays bounded.
+        let store = Store::new(8);
+        let sc = scope("s");
+        let p = Params::new(1, S, 10).unwrap();
+        let now = 100 * S;
+        for i in 0..16u64 {
+            let k = format!("k{i}");
+            store
+                .with_entry(&sc, &k, now, p.c, |e| e.consume(now, p, 1 + i % 3))
+                .unwrap();
+            store.with_entry(&sc, &k, now, p.c, |_| ()).unwrap();
+            assert!(store.len() <= 8);
+        }
+        assert!(store.evictions() > 0);
+    }
+
+    #[test]
+    fn a_debt_slot_charges_only_its_own_key_unless_mixed() {
+        let slot = AtomicU64::new(0);
+        let now = 100 * S;
+        // Same slot index (low bits), different tags (high bits).
+        let (a, b, c) = (1u64 << 48 | 7, 2u64 << 48 | 7, 3u64 << 48 | 7);
+        assert_eq!(debt_for(&slot, a, now), 0, "empty");
+        // Rounded up to whole microseconds.
+        store_debt(&slot, a, now + 10 * S + 1, now);
+        assert_eq!(debt_for(&slot, a, now), now + 10 * S + 1_000);
+        assert_eq!(
+            debt_for(&slot, b, now),
+            0,
+            "another key's debt is not charged"
+        );
+        // Nothing owed: nothing stored.
+        store_debt(&slot, b, now, now);
+        assert_eq!(debt_for(&slot, a, now), now + 10 * S + 1_000);
+        // A second live debt of another tag: MIXED with the max, charged to both.
+        store_debt(&slot, b, now + 5 * S, now);
+        assert_eq!(debt_for(&slot, a, now), now + 10 * S + 1_000);
+        assert_eq!(debt_for(&slot, b, now), now + 10 * S + 1_000);
+        assert_eq!(
+            debt_for(&slot, c, now),
+            now + 10 * S + 1_000,
+            "MIXED charges any key (clamped by callers)"
+        );
+        // Expired: the next writer owns the slot again.
+        let later = now + 11 * S;
+        assert_eq!(debt_for(&slot, a, later), 0);
+        store_debt(&slot, c, later + S, later);
+        assert_eq!(debt_for(&slot, c, later), later + S);
+        assert_eq!(debt_for(&slot, a, later), 0);
+        // The same tag keeps the max.
+        store_debt(&slot, c, later + 1, later);
+        assert_eq!(debt_for(&slot, c, later), later + S);
+        // Saturates instead of wrapping.
+        let far = AtomicU64::new(0);
+        store_debt(&far, a, u64::MAX, now);
+        assert_eq!(debt_for(&far, a, now), DEBT_TAT_MAX * 1_000);
+        // A hash whose tag bits are all ones is not mistaken for MIXED.
+        let top = u64::MAX;
+        assert_eq!(debt_tag(top), MIXED - 1);
     }
 
     #[test]
