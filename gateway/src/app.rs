@@ -118,6 +118,14 @@ enum Servers {
     PerCore(Workers),
 }
 
+/// Where the last policy file that loaded is kept: `.NAME.last-good` beside the file.
+pub fn last_good_path(policy: &std::path::Path) -> std::path::PathBuf {
+    let name = policy
+        .file_name()
+        .map_or_else(|| "policy".into(), |n| n.to_string_lossy().into_owned());
+    policy.with_file_name(format!(".{name}.last-good"))
+}
+
 /// Starts everything `loaded` describes; returns once every listener is bound.
 pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
     let LoadedConfig {
@@ -130,7 +138,19 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
     // Policy and engine.
     let store = match (&config.policy, inline_policy) {
         (PolicySource::File(path), _) => {
-            PolicyStore::from_file(path).map_err(StartError::Policy)?
+            // A last-known-good copy beside the policy file: a restart with a broken file
+            // serves the last policy that loaded instead of staying down (SCENARIOS F9).
+            let snapshot = last_good_path(path);
+            let (store, file_errors) = PolicyStore::from_file_with_snapshot(path, &snapshot)
+                .map_err(StartError::Policy)?;
+            if let Some(errors) = file_errors {
+                tracing::error!(
+                    policy = %path.display(),
+                    snapshot = %snapshot.display(),
+                    "the policy file does not load; serving its last-known-good snapshot until it is fixed:\n{errors}"
+                );
+            }
+            store
         }
         (PolicySource::Inline { .. }, Some(p)) => {
             PolicyStore::from_policy(p).map_err(StartError::Policy)?

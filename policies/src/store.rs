@@ -68,6 +68,8 @@ struct Inner {
     reload_lock: Mutex<()>,
     status: Mutex<ReloadStatus>,
     listeners: RwLock<Vec<Listener>>,
+    /// Where the last file that loaded is copied (last-known-good), when asked for.
+    snapshot: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PolicyStore {
@@ -169,6 +171,66 @@ impl PolicyStore {
         Ok(PolicyStore::with(compiled, Some(path), name))
     }
 
+    /// [`from_file`](Self::from_file) with a last-known-good copy at `snapshot`: every time
+    /// the policy file loads (now and on each reload) its bytes are written there
+    /// atomically; when the file itself does not load at start but the snapshot does, the
+    /// store starts from the snapshot — still watching and reloading `path` — and the file's
+    /// errors are returned beside it (and recorded as the last reload error). A failure to
+    /// write the snapshot is logged, never fatal.
+    pub fn from_file_with_snapshot(
+        path: impl AsRef<Path>,
+        snapshot: impl AsRef<Path>,
+    ) -> Result<(Self, Option<PolicyErrors>), PolicyErrors> {
+        let path = path.as_ref().to_path_buf();
+        let snapshot = snapshot.as_ref().to_path_buf();
+        let name = path.display().to_string();
+        match load_file_keeping_bytes(&path) {
+            Ok((compiled, bytes)) => {
+                write_snapshot(&snapshot, &bytes);
+                let mut store = PolicyStore::with(compiled, Some(path), name);
+                store.set_snapshot(snapshot);
+                Ok((store, None))
+            }
+            Err(errors) => {
+                let sname = snapshot.display().to_string();
+                let Ok(Some(bytes)) = read_bytes(&snapshot, &sname) else {
+                    return Err(errors);
+                };
+                let compiled = match compile_bytes(&path, &sname, &bytes) {
+                    Ok(c) => c,
+                    Err(snapshot_errors) => {
+                        tracing::warn!(
+                            target: "fairgate_policies::store",
+                            snapshot = %sname,
+                            "the last-known-good snapshot does not load either:\n{snapshot_errors}"
+                        );
+                        return Err(errors);
+                    }
+                };
+                let mut store = PolicyStore::with(compiled, Some(path), name);
+                store.set_snapshot(snapshot);
+                {
+                    let mut status = lock(&store.inner.status);
+                    status.last_attempt_at = Some(SystemTime::now());
+                    status.last_error = Some(errors.clone());
+                    status.failed += 1;
+                }
+                Ok((store, Some(errors)))
+            }
+        }
+    }
+
+    fn set_snapshot(&mut self, snapshot: PathBuf) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.snapshot = Some(snapshot);
+        }
+    }
+
+    /// The last-known-good snapshot file, when the store keeps one.
+    pub fn snapshot_path(&self) -> Option<&Path> {
+        self.inner.snapshot.as_deref()
+    }
+
     /// Parses and compiles a policy from text; `file_name` names it in errors. An
     /// `overrides_file` in the text is not read (there is no directory to resolve it in).
     pub fn from_yaml_str(source: &str, file_name: &str) -> Result<Self, PolicyErrors> {
@@ -214,6 +276,7 @@ impl PolicyStore {
                 reload_lock: Mutex::new(()),
                 status: Mutex::new(status),
                 listeners: RwLock::new(Vec::new()),
+                snapshot: None,
             }),
         }
     }
@@ -274,7 +337,14 @@ impl PolicyStore {
                 "this policy store was not loaded from a file, so there is nothing to re-read",
             ));
         };
-        self.publish(|| load_file(&path))
+        let snapshot = self.inner.snapshot.clone();
+        self.publish(|| {
+            let (compiled, bytes) = load_file_keeping_bytes(&path)?;
+            if let Some(snapshot) = &snapshot {
+                write_snapshot(snapshot, &bytes);
+            }
+            Ok(compiled)
+        })
     }
 
     /// Parses and compiles `source` and publishes it if it compiles (no overrides file).
@@ -382,10 +452,41 @@ fn overrides_path(policy_path: &Path, rel: &str) -> PathBuf {
 /// Reads, parses and compiles a policy file and its overrides file (checked against the
 /// policy: plans must exist, bursts must admit the costliest operation).
 fn load_file(path: &Path) -> Result<CompiledPolicy, PolicyErrors> {
+    load_file_keeping_bytes(path).map(|(compiled, _)| compiled)
+}
+
+/// [`load_file`], also returning the bytes that compiled (for the snapshot).
+fn load_file_keeping_bytes(path: &Path) -> Result<(CompiledPolicy, Vec<u8>), PolicyErrors> {
     let name = path.display().to_string();
     let bytes = read_bytes(path, &name)?
         .ok_or_else(|| PolicyErrors::unlocated(name.clone(), "file not found"))?;
-    let policy = crate::decode::parse_policy_bytes(&bytes, &name)?;
+    let compiled = compile_bytes(path, &name, &bytes)?;
+    Ok((compiled, bytes))
+}
+
+/// Writes `bytes` to `snapshot` atomically (a temporary file renamed over it); logs a
+/// failure instead of failing the load.
+fn write_snapshot(snapshot: &Path, bytes: &[u8]) {
+    let mut tmp = snapshot.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, snapshot));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(
+            target: "fairgate_policies::store",
+            snapshot = %snapshot.display(),
+            error = %e,
+            "cannot write the last-known-good policy snapshot"
+        );
+    }
+}
+
+/// Parses and compiles policy `bytes` named `name`, with the overrides file it names
+/// resolved against `path`'s directory.
+fn compile_bytes(path: &Path, name: &str, bytes: &[u8]) -> Result<CompiledPolicy, PolicyErrors> {
+    let name = name.to_owned();
+    let policy = crate::decode::parse_policy_bytes(bytes, &name)?;
     let overrides = match &policy.overrides_file {
         None => BTreeMap::new(),
         Some(rel) => {

@@ -321,3 +321,57 @@ fn a_reload_keeps_one_allocation_per_bandwidth_id() {
         assert!(Arc::ptr_eq(&old, &id), "{id} was reallocated by the reload");
     }
 }
+
+/// A restart with a broken policy file starts from the last file that loaded, keeps watching
+/// the real file, and refreshes the snapshot on every successful reload (SCENARIOS F9).
+#[test]
+fn a_broken_file_at_start_falls_back_to_the_last_known_good_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    let snapshot = dir.path().join(".policy.yaml.last-good");
+    let good = "version: 1\nrules:\n  - {name: no-evil, when: {user_agent: {prefix: [evil]}}, action: deny}\n";
+    std::fs::write(&path, good).unwrap();
+
+    // No snapshot and a broken file: the file's errors, nothing else.
+    let broken = "version: 1\nrules: [{name: x\n";
+    std::fs::write(&path, broken).unwrap();
+    let errors = PolicyStore::from_file_with_snapshot(&path, &snapshot).unwrap_err();
+    assert!(errors.to_string().contains("policy.yaml:"), "{errors}");
+
+    // A good start writes the snapshot byte for byte.
+    std::fs::write(&path, good).unwrap();
+    let (store, file_errors) = PolicyStore::from_file_with_snapshot(&path, &snapshot).unwrap();
+    assert!(file_errors.is_none());
+    assert_eq!(std::fs::read_to_string(&snapshot).unwrap(), good);
+    let good_hash = store.load().hash;
+    drop(store);
+
+    // Broken at restart: the snapshot serves, the file's errors are reported and recorded,
+    // and the store still reloads the real file.
+    std::fs::write(&path, broken).unwrap();
+    let (store, file_errors) = PolicyStore::from_file_with_snapshot(&path, &snapshot).unwrap();
+    let file_errors = file_errors.expect("the file's errors");
+    assert!(
+        file_errors.to_string().contains("policy.yaml:"),
+        "{file_errors}"
+    );
+    assert_eq!(store.load().hash, good_hash);
+    assert_eq!(store.path(), Some(path.as_path()));
+    assert!(!store.last_reload().last_ok());
+    assert_eq!(
+        std::fs::read_to_string(&snapshot).unwrap(),
+        good,
+        "a failure never overwrites it"
+    );
+
+    let newer = "version: 1\nrules:\n  - {name: no-bad, when: {user_agent: {prefix: [bad]}}, action: deny}\n";
+    std::fs::write(&path, newer).unwrap();
+    store.reload().unwrap();
+    assert_ne!(store.load().hash, good_hash);
+    assert_eq!(std::fs::read_to_string(&snapshot).unwrap(), newer);
+
+    // A snapshot that does not load either: the file's errors.
+    std::fs::write(&snapshot, "not: [a policy").unwrap();
+    std::fs::write(&path, broken).unwrap();
+    assert!(PolicyStore::from_file_with_snapshot(&path, &snapshot).is_err());
+}
