@@ -13,6 +13,7 @@ use fairgate_middleware::engine::Begun;
 use fairgate_middleware::fleet::{self, FleetHandle, BREAKER_THRESHOLD};
 use fairgate_middleware::{Decision, Engine, HttpHeaders, RequestFacts};
 use fairgate_tests::redis::RedisServer;
+use fairgate_tests::{eventually, DEADLINE};
 
 fn policy(url: &str, mode: &str, on_failure: &str, bandwidths: &str) -> String {
     format!(
@@ -76,11 +77,12 @@ fn dead_url() -> String {
 }
 
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let done = eventually(DEADLINE, || {
+        let ok = f();
+        async move { ok }
+    })
+    .await;
+    assert!(done, "timed out waiting for {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,15 +239,12 @@ async fn a_hung_redis_costs_at_most_the_budget_and_recovery_is_automatic() {
     assert!(s.calls < 50, "the breaker stopped the calls: {s:?}");
     redis.cont();
     // Probes (≤ 5/s) find Redis again; the breaker closes on the first success.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while e.fleet().unwrap().degraded {
-        assert!(
-            Instant::now() < deadline,
-            "still degraded 5 s after SIGCONT"
-        );
+    let recovered = eventually(Duration::from_secs(5), || async {
         decide(&e, &r).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        !e.fleet().unwrap().degraded
+    })
+    .await;
+    assert!(recovered, "still degraded 5 s after SIGCONT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,18 @@ impl Upstream {
         self.calls.load(Ordering::SeqCst)
     }
 
+    /// Waits (real-time deadline) until `n` calls have reached the upstream.
+    async fn wait_for_calls(&self, n: usize) {
+        let arrived =
+            fairgate_tests::eventually(fairgate_tests::DEADLINE, || async { self.calls() >= n })
+                .await;
+        assert!(
+            arrived,
+            "{} of {n} calls reached the upstream",
+            self.calls()
+        );
+    }
+
     /// The most 2xx answers given within any one-second window.
     fn max_per_window(&self) -> usize {
         let times = self.all_accepted.lock().unwrap().clone();
@@ -194,7 +206,7 @@ async fn two_hundred_identical_concurrent_requests_make_one_upstream_call() {
         .map(|_| svc.call(get(&up, "/quota?region=eu")))
         .collect();
     let all = tokio::spawn(futures_join(futures));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    up.wait_for_calls(1).await;
     up.gate.send_replace(true);
     let results = all.await.unwrap();
     for r in results {
@@ -229,7 +241,7 @@ async fn followers_of_a_response_over_the_bound_make_their_own_calls() {
     up.gate.send_replace(false);
     let futures: Vec<_> = (0..5).map(|_| svc.call(get(&up, "/big"))).collect();
     let all = tokio::spawn(futures_join(futures));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    up.wait_for_calls(1).await;
     up.gate.send_replace(true);
     for r in all.await.unwrap() {
         assert_eq!(body_of(r.unwrap()).await.len(), 4096);

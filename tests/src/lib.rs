@@ -644,8 +644,11 @@ async fn reset_mid_body(st: &UpstreamState, mut stream: tokio::net::TcpStream) {
         return;
     }
     let _ = stream.flush().await;
-    // Let the half body reach the peer first (a reset can discard data it has not read).
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The half body must have reached the peer before the reset (a reset discards what is
+    // still in our send queue).
+    if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
+        crate::proc::wait_acked(local, peer, DEADLINE).await;
+    }
     // Zero linger: closing sends RST instead of FIN (and never blocks).
     let _ = stream.set_zero_linger();
     st.resets.fetch_add(1, Ordering::SeqCst);

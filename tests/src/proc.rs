@@ -4,10 +4,13 @@
 //! `/proc/<pid>/status`, the open descriptor count from `/proc/<pid>/fd`, user + system
 //! CPU seconds from `/proc/<pid>/stat`, and the thread count. [`Sampler`] takes one every
 //! interval (1 s in the scenarios) on a background thread until stopped, and returns the
-//! series with each sample's offset from the start.
+//! series with each sample's offset from the start. [`unacked_bytes`] reads a TCP
+//! connection's send queue from `/proc/net/tcp{,6}`, so a test can wait until the peer has
+//! acknowledged what was written (e.g. before resetting the connection) instead of sleeping.
 //!
 //! Elsewhere than Linux every reading is `None`, so tests that need it should say so.
 
+use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -196,6 +199,51 @@ pub fn rss_slope(series: &[Timed], from: Duration) -> f64 {
     }
 }
 
+/// Bytes written on the TCP connection `local` → `peer` that the peer has not acknowledged
+/// yet (sent or not: `/proc/net/tcp`'s `tx_queue`); `None` when no such connection is listed.
+pub fn unacked_bytes(local: SocketAddr, peer: SocketAddr) -> Option<u64> {
+    let (table, want_local, want_peer) = match (local, peer) {
+        (SocketAddr::V4(l), SocketAddr::V4(p)) => ("/proc/net/tcp", hex_v4(l), hex_v4(p)),
+        (SocketAddr::V6(l), SocketAddr::V6(p)) => ("/proc/net/tcp6", hex_v6(l), hex_v6(p)),
+        _ => return None,
+    };
+    let text = std::fs::read_to_string(table).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let mut cols = line.split_whitespace().skip(1);
+        let (l, p, _state, queues) = (cols.next()?, cols.next()?, cols.next()?, cols.next()?);
+        if !l.eq_ignore_ascii_case(&want_local) || !p.eq_ignore_ascii_case(&want_peer) {
+            return None;
+        }
+        u64::from_str_radix(queues.split(':').next()?, 16).ok()
+    })
+}
+
+/// Waits (polling, real time) until everything written on `local` → `peer` has been
+/// acknowledged by the peer, at most `timeout`; returns whether it was.
+pub async fn wait_acked(local: SocketAddr, peer: SocketAddr, timeout: Duration) -> bool {
+    crate::eventually(timeout, || async { unacked_bytes(local, peer) == Some(0) }).await
+}
+
+/// `/proc/net/tcp`'s form of an IPv4 socket address: the address as a native-endian `u32`
+/// in hex, a colon, the port in hex.
+fn hex_v4(a: std::net::SocketAddrV4) -> String {
+    format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(a.ip().octets()),
+        a.port()
+    )
+}
+
+/// `/proc/net/tcp6`'s form: the address as four native-endian `u32` words in hex.
+fn hex_v6(a: std::net::SocketAddrV6) -> String {
+    let o = a.ip().octets();
+    let words: String = o
+        .chunks(4)
+        .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+        .collect();
+    format!("{words}:{:04X}", a.port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +291,21 @@ mod tests {
         let series = [mk(0, 100), mk(1, 200), mk(2, 300), mk(3, 400)];
         assert!((rss_slope(&series, Duration::ZERO) - 100.0).abs() < 1e-9);
         assert!((rss_slope(&series, Duration::from_secs(3)) - 0.0).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn a_loopback_connection_is_found_and_its_writes_are_acknowledged() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (_server, _) = listener.accept().await.unwrap();
+        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        client.write_all(&[7u8; 1000]).await.unwrap();
+        assert!(wait_acked(local, peer, crate::DEADLINE).await);
+        assert_eq!(unacked_bytes(local, peer), Some(0));
+        // Not a connection of ours: not listed.
+        assert_eq!(unacked_bytes(peer, peer), None);
     }
 }

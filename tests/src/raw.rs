@@ -143,8 +143,11 @@ async fn serve_raw(mut stream: TcpStream, conn: usize, sh: Arc<RawShared>) {
                             .await;
                         let _ = stream.write_all(&[b'h'; 50]).await;
                         let _ = stream.flush().await;
-                        // Give the head and half body time to leave before the reset.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // The head and half body must have reached the peer before the
+                        // reset (a reset discards what is still in our send queue).
+                        if let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) {
+                            crate::proc::wait_acked(local, peer, crate::DEADLINE).await;
+                        }
                         let _ = stream.set_zero_linger();
                         drop(stream);
                         return;
