@@ -7,4 +7,5 @@ pub mod framing;
 pub mod identify;
 pub mod input;
 pub mod matcher;
+pub mod replay;
 pub mod request_decide;

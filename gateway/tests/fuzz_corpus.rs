@@ -20,30 +20,13 @@ mod request_decide;
 #[path = "../../fuzz/src/framing.rs"]
 mod framing;
 
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../fuzz/src/replay.rs"]
+mod replay_corpus;
+
 /// Runs `check` on every file of `fuzz/corpus/<target>`; returns how many there were.
 fn replay(target: &str, check: fn(&[u8])) -> usize {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let mut files: Vec<_> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    for f in &files {
-        let data = fs::read(f).expect("read corpus file");
-        let name = f.display().to_string();
-        if let Err(panic) = std::panic::catch_unwind(|| check(&data)) {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!("{name}: {msg}");
-        }
-    }
-    files.len()
+    replay_corpus::replay(env!("CARGO_MANIFEST_DIR"), target, check)
 }
 
 #[test]
