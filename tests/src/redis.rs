@@ -6,7 +6,8 @@
 //! --save '' --appendonly no --enable-debug-command local` as a child, and waits for
 //! `PING`. Faults: [`RedisServer::kill`] (SIGKILL), [`RedisServer::stop`] /
 //! [`RedisServer::cont`] (SIGSTOP / SIGCONT), [`RedisServer::restart`] (same port, empty).
-//! The child is killed by PID on drop.
+//! The child is killed by PID on drop. The fleet scenarios' shared pieces (a gateway config
+//! on Redis, one client spread over every gateway, waiting for the fleet to form) are here too.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -194,5 +195,76 @@ impl Drop for RedisServer {
         // A stopped process would ignore nothing but SIGKILL anyway; wake it for tidiness.
         self.cont();
         self.kill();
+    }
+}
+
+// === fleet scenarios ===
+
+/// A gateway config for the fleet scenarios: one upstream, clients keyed by `x-api-key`, one
+/// plan of `quota`, state on Redis at `redis` with `mode` and `on_failure`.
+pub fn fleet_config(
+    upstream: &crate::Upstream,
+    redis: &str,
+    mode: &str,
+    on_failure: &str,
+    quota: &str,
+) -> String {
+    format!(
+        "listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+routes: [{{upstream: u}}]
+upstreams:
+  u: {{targets: ['{}']}}
+log: {{decisions: stdout, sample_admits: 0}}
+policy:
+  version: 1
+  identify: {{client_key: [{{header: x-api-key}}]}}
+  plans: {{free: {{bandwidths: ['{quota}']}}}}
+  default_plan: free
+  state:
+    backend: redis
+    redis: {{url: '{redis}', mode: {mode}, sync_interval: 20ms, timeout: 25ms, on_failure: {on_failure}}}
+",
+        upstream.addr
+    )
+}
+
+/// One client (API key `spread`) sending `rate_each` requests/s to every gateway for `secs`.
+pub fn spread(
+    gateways: &[crate::Gateway],
+    rate_each: u32,
+    secs: u64,
+) -> Vec<crate::load::LoadSpec> {
+    gateways
+        .iter()
+        .map(|g| {
+            crate::load::LoadSpec::get_with(
+                &g.url("/q"),
+                &[("x-api-key", "spread")],
+                rate_each,
+                Duration::from_secs(secs),
+            )
+        })
+        .collect()
+}
+
+/// Requests admitted (200) over all reports.
+pub fn admitted(reports: &[crate::load::LoadReport]) -> u64 {
+    reports.iter().map(|r| r.count(200)).sum()
+}
+
+/// Waits until every gateway has registered itself and sees the others.
+pub async fn wait_fleet(gateways: &[crate::Gateway]) {
+    let n = gateways.len() as f64;
+    for g in gateways {
+        let ok = crate::eventually(Duration::from_secs(5), || async {
+            let m = crate::Client::new()
+                .get(&g.admin_url("/metrics"))
+                .await
+                .text();
+            crate::metric(&m, "fairgate_fleet_gateways") == Some(n)
+        })
+        .await;
+        assert!(ok, "gateway does not see {n} gateways:\n{}", g.stderr());
     }
 }

@@ -7,50 +7,11 @@
 
 use std::time::Duration;
 
-use fairgate_tests::load::{run_all, LoadReport, LoadSpec, Sample};
-use fairgate_tests::redis::RedisServer;
+use fairgate_tests::load::{run_all, LoadReport, Sample};
+use fairgate_tests::redis::{admitted, fleet_config as config, spread, wait_fleet, RedisServer};
 use fairgate_tests::{eventually, metric, Client, Gateway, Upstream};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn config(upstream: &Upstream, redis: &str, mode: &str, on_failure: &str, quota: &str) -> String {
-    format!(
-        "listen: 127.0.0.1:0
-admin: {{listen: 127.0.0.1:0}}
-routes: [{{upstream: u}}]
-upstreams:
-  u: {{targets: ['{}']}}
-log: {{decisions: stdout, sample_admits: 0}}
-policy:
-  version: 1
-  identify: {{client_key: [{{header: x-api-key}}]}}
-  plans: {{free: {{bandwidths: ['{quota}']}}}}
-  default_plan: free
-  state:
-    backend: redis
-    redis: {{url: '{redis}', mode: {mode}, sync_interval: 20ms, timeout: 25ms, on_failure: {on_failure}}}
-",
-        upstream.addr
-    )
-}
-
-fn spread(gateways: &[Gateway], rate_each: u32, secs: u64) -> Vec<LoadSpec> {
-    gateways
-        .iter()
-        .map(|g| {
-            LoadSpec::get_with(
-                &g.url("/q"),
-                &[("x-api-key", "spread")],
-                rate_each,
-                Duration::from_secs(secs),
-            )
-        })
-        .collect()
-}
-
-fn admitted(reports: &[LoadReport]) -> u64 {
-    reports.iter().map(|r| r.count(200)).sum()
-}
 
 /// Every response is an upstream 200 or a 429 (no 5xx from the limiter, no errors).
 fn only_200_or_429(reports: &[LoadReport]) {
@@ -86,18 +47,6 @@ async fn scrape(gw: &Gateway) -> String {
 
 async fn health(gw: &Gateway) -> String {
     Client::new().get(&gw.admin_url("/health")).await.text()
-}
-
-/// Waits until every gateway has registered itself and sees the others.
-async fn wait_fleet(gateways: &[Gateway]) {
-    let n = gateways.len() as f64;
-    for g in gateways {
-        let ok = eventually(Duration::from_secs(5), || async {
-            metric(&scrape(g).await, "fairgate_fleet_gateways") == Some(n)
-        })
-        .await;
-        assert!(ok, "gateway does not see {n} gateways:\n{}", g.stderr());
-    }
 }
 
 // === accuracy ===
