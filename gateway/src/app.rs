@@ -163,7 +163,9 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
         }
     };
     let engine = Engine::new(store.clone());
-    engine.set_observer(Arc::new(GatewayObserver::new(metrics.clone(), log)));
+    engine.set_observer(Arc::new(
+        GatewayObserver::new(metrics.clone(), log).with_clock(engine.clock().clone()),
+    ));
     // Fleet-wide quotas (`state.backend: redis`); kept alive by the engine.
     crate::fleet::start(&engine)?;
     let reloader = Reloader::new(store.clone(), config.policy.clone(), metrics.clone());
