@@ -566,6 +566,16 @@ mod tests {
         }
     }
 
+    /// Waits until the writer thread has ended after the log was dropped: it owns the only
+    /// other handle of `buf` and flushes before dropping it, so then every line is in.
+    fn wait_writer_done(buf: &Shared) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Arc::strong_count(&buf.0) > 1 {
+            assert!(Instant::now() < deadline, "the writer thread never ended");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn lines(buf: &Shared) -> Vec<serde_json::Value> {
         let bytes = buf.0.lock().unwrap().clone();
         String::from_utf8(bytes)
@@ -591,15 +601,7 @@ mod tests {
         }
         assert!(log.log(record("reject", Some("other"))));
         drop(log);
-        // The writer ends when every sender is gone; poll for its output with a deadline.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let l = lines(&buf);
-            if l.iter().any(|v| v["type"] == "summary") || Instant::now() > deadline {
-                break;
-            }
-            std::thread::yield_now();
-        }
+        wait_writer_done(&buf);
         let l = lines(&buf);
         let bad: Vec<_> = l.iter().filter(|v| v["rule"] == "bad-bot").collect();
         assert_eq!(bad.len(), 3);
@@ -649,14 +651,7 @@ mod tests {
         assert!(log.admit_rejection(None, Some("quota"), Some("pro")));
         assert!(!DecisionLog::off().admit_rejection(Some("bad-bot"), None, None));
         drop(log);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let l = lines(&buf);
-            if l.iter().any(|v| v["type"] == "summary") || Instant::now() > deadline {
-                break;
-            }
-            std::thread::yield_now();
-        }
+        wait_writer_done(&buf);
         let l = lines(&buf);
         assert_eq!(l.iter().filter(|v| v["rule"] == "bad-bot").count(), 3);
         let summary = l
@@ -682,19 +677,7 @@ mod tests {
             assert!(log.log(r));
         }
         drop(log);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let newlines = || {
-            buf.0
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-        };
-        // Count whole lines while the writer may be mid-line; parse once they are all in.
-        while newlines() < n && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
+        wait_writer_done(&buf);
         let l = lines(&buf);
         assert_eq!(l.len(), n);
         assert!(l.iter().all(|v| v["type"] == "decision"));
