@@ -198,16 +198,19 @@ fn engine_log(yaml: &str, steps: &[(u64, &str)]) -> String {
         };
         drop(engine.decide(&facts));
     }
-    // The writer ends, flushing, when the engine (and its observer's sender) is gone.
+    // The writer thread ends, flushing, when the engine (and its observer's sender) is gone;
+    // it holds the only other handle of `buf`, so wait for that handle to go.
     drop(engine);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        if text.lines().count() >= steps.len() || Instant::now() > deadline {
-            return text;
-        }
-        std::thread::yield_now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Arc::strong_count(&buf.0) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the decision-log writer never ended"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
+    let bytes = buf.0.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
 }
 
 #[test]
