@@ -291,6 +291,23 @@ impl LoadReport {
         out
     }
 
+    /// The `q` quantile of latency per second of the run (by when requests were due), one
+    /// entry per second that has requests, in order. Comparing two runs second by second
+    /// (and taking the median) tells a steady cost from one stall of a shared machine.
+    pub fn quantile_by_second(&self, q: f64) -> Vec<Duration> {
+        let mut by: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
+        for s in &self.timeline {
+            by.entry(s.offset.as_secs()).or_default().push(s.latency);
+        }
+        by.into_values()
+            .map(|mut v| {
+                v.sort_unstable();
+                let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+                v[i]
+            })
+            .collect()
+    }
+
     /// How many requests took longer than `threshold`, by second of the run (when they
     /// were due): tells a stall of the machine (one or two seconds) from a steady cost.
     pub fn slow_by_second(&self, threshold: Duration) -> BTreeMap<u64, u64> {

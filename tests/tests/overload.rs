@@ -130,6 +130,13 @@ async fn warm_up(url: &str) -> LoadReport {
 // === L1 ===
 
 /// L1: 200 rules and three plans that never trigger; direct vs through the gateway.
+///
+/// The overhead is measured with both streams running *at the same time* (half the rate
+/// each, from one common schedule): a stall of the shared machine then lands on both sides of
+/// the comparison instead of on whichever 8 s window it happened in (a CI run measured direct
+/// p99 2.7 ms in one window and gateway p99 13.6 ms in the next, gateway CPU 94 µs per
+/// request). `B` and the gateway's CPU per request come from a second run, gateway only, at
+/// the full rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l1_baseline_overhead() {
     let _serial = SERIAL.lock().await;
@@ -139,16 +146,32 @@ async fn l1_baseline_overhead() {
         let secs = Duration::from_secs(8);
         warm_up(&origin.url("/")).await;
         warm_up(&gw.url("/")).await;
-        let direct = load::run(LoadSpec::get(&origin.url("/"), BASE_RATE, secs)).await;
+        let paired = load::run_all(vec![
+            LoadSpec::get(&origin.url("/"), BASE_RATE / 2, secs),
+            LoadSpec::get(&gw.url("/"), BASE_RATE / 2, secs),
+        ])
+        .await;
+        let (direct, beside) = (&paired[0], &paired[1]);
         let (through, cpu) = run_with_cpu(&gw, LoadSpec::get(&gw.url("/"), BASE_RATE, secs)).await;
-        eprintln!("L1 direct:  {}", direct.summary());
-        eprintln!("L1 gateway: {}", through.summary());
-        let p50_overhead = through.p50().saturating_sub(direct.p50());
-        let p99_overhead = through.p99().saturating_sub(direct.p99());
+        eprintln!("L1 direct (paired):  {}", direct.summary());
+        eprintln!("L1 gateway (paired): {}", beside.summary());
+        eprintln!("L1 gateway alone:    {}", through.summary());
+        let p50_overhead = beside.p50().saturating_sub(direct.p50());
+        let p99_overhead = beside.p99().saturating_sub(direct.p99());
+        // The p99 overhead second by second, and its median over the run's seconds.
+        let mut by_second: Vec<Duration> = beside
+            .quantile_by_second(0.99)
+            .into_iter()
+            .zip(direct.quantile_by_second(0.99))
+            .map(|(g, d)| g.saturating_sub(d))
+            .collect();
+        by_second.sort_unstable();
+        let p99_overhead_median = by_second[by_second.len() / 2];
         eprintln!(
-            "L1 overhead p50 {p50_overhead:?} p99 {p99_overhead:?}; gateway CPU per request {cpu:?}"
+            "L1 overhead p50 {p50_overhead:?} p99 {p99_overhead:?} (median of per-second p99 \
+             overheads {p99_overhead_median:?}, sorted {by_second:?}); gateway CPU per request {cpu:?}"
         );
-        for r in [&direct, &through] {
+        for r in [direct, beside, &through] {
             assert_eq!(r.errors, 0, "{}", r.summary());
             assert_eq!(r.dropped, 0, "{}", r.summary());
             assert_eq!(r.count(200), r.sent, "{}", r.summary());
@@ -159,15 +182,22 @@ async fn l1_baseline_overhead() {
         // the debug build on a shared box is held to a relative p50, the gateway's own cost
         // (CPU per request ≤ 1 ms, P1) and a sanity bound on p99 only.
         assert!(
-            through.p50() <= direct.p50() * 2 + Duration::from_micros(250),
+            beside.p50() <= direct.p50() * 2 + Duration::from_micros(250),
             "p50 overhead {p50_overhead:?}"
         );
         assert!(
             cpu <= Duration::from_millis(1),
             "gateway CPU per request {cpu:?}"
         );
+        // p99: a steady tail cost shows in every second; one stall of the shared machine
+        // in one or two. The median second is held to +5 ms, the whole run to +25 ms (a
+        // gross stall inside the gateway, e.g. a lock held across I/O, fails either).
         assert!(
-            through.p99() <= direct.p99() + Duration::from_millis(10),
+            p99_overhead_median <= Duration::from_millis(5),
+            "p99 overhead, median second: {p99_overhead_median:?} ({by_second:?})"
+        );
+        assert!(
+            beside.p99() <= direct.p99() + Duration::from_millis(25),
             "p99 overhead {p99_overhead:?}"
         );
     })
