@@ -307,3 +307,111 @@ async fn the_cache_answers_within_its_ttl_and_warms_up_at_start() {
     assert_eq!(r.status, 200);
     assert_eq!(up.calls(), 3);
 }
+
+/// O7 (SCENARIOS.md §2.2) through the real binary: the upstream answers 503 to half the
+/// requests for 7 s, then heals; 1,000 rps of mixed GET and POST for 10 s. The pool
+/// retries idempotent requests on 503 (3 attempts) under a 10 % budget with no per-second
+/// floor. Criteria: upstream requests ≤ 1.10 × client requests; ≤ 3 attempts per request;
+/// no POST sent twice; 1 s after the upstream heals it sees the offered rate (no backlog of
+/// retries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn o7_a_retry_storm_stays_within_the_budget_through_the_gateway() {
+    use fairgate_tests::load::{self, LoadSpec};
+    use fairgate_tests::{full, Upstream};
+    use std::collections::HashMap;
+
+    let _serial = SERIAL.lock().await;
+    let up = Upstream::start().await;
+    up.set_error_fraction(0.5, 7, 503);
+    let gw = Gateway::start(&format!(
+        "listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+routes:
+  - {{name: all, upstream: api}}
+upstreams:
+  api:
+    targets: ['{}']
+    outbound:
+      retry: {{on: [503], max_attempts: 3, base: 5ms, max_backoff: 50ms, budget: 10%, min_per_sec: 0}}
+log: {{decisions: off}}
+",
+        up.addr
+    ));
+    let url = gw.url("/o7");
+    let make: load::MakeRequest = Arc::new(move |i| {
+        let builder = Request::builder().uri(&url).header("x-id", i.to_string());
+        if i % 2 == 0 {
+            builder.method("GET").body(fairgate_tests::empty()).unwrap()
+        } else {
+            builder
+                .method("POST")
+                .body(full(format!("order {i}")))
+                .unwrap()
+        }
+    });
+    const RATE: u32 = 1000;
+    let start = tokio::time::Instant::now();
+    let heal_at = start + Duration::from_secs(7);
+    // The scenario's schedule: heal at 7 s, then count what the upstream receives in the
+    // second that starts 1 s after healing.
+    let schedule = {
+        let up = up.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(heal_at).await;
+            up.set_error_fraction(0.0, 0, 503);
+            tokio::time::sleep_until(heal_at + Duration::from_secs(1)).await;
+            let from = up.count();
+            tokio::time::sleep_until(heal_at + Duration::from_secs(2)).await;
+            up.count() - from
+        })
+    };
+    let report = load::run(LoadSpec::new(RATE, Duration::from_secs(10), make)).await;
+    let after_heal = schedule.await.unwrap();
+    eprintln!("O7 client: {}", report.summary());
+    assert_eq!(report.errors + report.dropped, 0, "{}", report.summary());
+    let client = report.sent as usize;
+    let seen = up.requests();
+    let mut attempts: HashMap<String, (String, usize)> = HashMap::new();
+    for r in &seen {
+        let id = r.headers["x-id"].to_str().unwrap().to_owned();
+        attempts.entry(id).or_insert((r.method.to_string(), 0)).1 += 1;
+    }
+    let most = attempts.values().map(|(_, n)| *n).max().unwrap_or(0);
+    let posts_twice = attempts
+        .values()
+        .filter(|(m, n)| m == "POST" && *n > 1)
+        .count();
+    let retried = attempts.values().filter(|(_, n)| *n > 1).count();
+    let m = metrics(&gw).await;
+    let series = |name: &str| metric(&m, &format!("{name}{{upstream=\"api\"}}")).unwrap_or(0.0);
+    eprintln!(
+        "O7: client requests {client}, upstream requests {} ({:.3}×), requests retried {retried}, \
+         most attempts {most}, POSTs sent twice {posts_twice}, upstream 503s {}; \
+         retries_total {}, budget_exhausted_total {}; upstream requests in the 2nd second \
+         after healing {after_heal} (offered {RATE})",
+        seen.len(),
+        seen.len() as f64 / client as f64,
+        up.errors_sent(),
+        series("fairgate_outbound_retries_total"),
+        series("fairgate_outbound_retry_budget_exhausted_total"),
+    );
+    assert_eq!(
+        attempts.len(),
+        client,
+        "every request reached the upstream once at least"
+    );
+    assert!(
+        seen.len() as f64 <= 1.10 * client as f64,
+        "upstream requests {} for {client} client requests",
+        seen.len()
+    );
+    assert!(most <= 3, "{most} attempts for one request");
+    assert_eq!(posts_twice, 0, "a POST was sent twice");
+    assert!(retried > 0, "the budget allowed no retry at all");
+    assert!(series("fairgate_outbound_retry_budget_exhausted_total") > 0.0);
+    let offered = f64::from(RATE);
+    assert!(
+        (after_heal as f64) >= 0.9 * offered && (after_heal as f64) <= 1.1 * offered,
+        "upstream saw {after_heal} requests in the 2nd second after healing, offered {RATE}"
+    );
+}
