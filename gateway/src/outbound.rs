@@ -33,6 +33,7 @@ use http::{Request, Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
@@ -416,6 +417,7 @@ pub struct OutboundMetrics {
     throttled: Family<UpstreamLabels, Counter>,
     retries: Family<UpstreamLabels, Counter>,
     budget_exhausted: Family<UpstreamLabels, Counter>,
+    coalesce_waiting: Family<UpstreamLabels, Gauge>,
 }
 
 impl OutboundMetrics {
@@ -428,6 +430,7 @@ impl OutboundMetrics {
             throttled: Family::default(),
             retries: Family::default(),
             budget_exhausted: Family::default(),
+            coalesce_waiting: Family::default(),
         };
         registry.register(
             "outbound_coalesced",
@@ -459,6 +462,11 @@ impl OutboundMetrics {
             "Retries not sent because the retry budget was empty",
             m.budget_exhausted.clone(),
         );
+        registry.register(
+            "outbound_coalesce_waiting",
+            "Requests waiting right now for an identical concurrent call's response",
+            m.coalesce_waiting.clone(),
+        );
         m
     }
 
@@ -474,6 +482,7 @@ impl OutboundMetrics {
             throttled: self.throttled.get_or_create_owned(&l),
             retries: self.retries.get_or_create_owned(&l),
             budget_exhausted: self.budget_exhausted.get_or_create_owned(&l),
+            coalesce_waiting: self.coalesce_waiting.get_or_create_owned(&l),
         })
     }
 }
@@ -487,6 +496,7 @@ pub struct PoolObserver {
     throttled: Counter,
     retries: Counter,
     budget_exhausted: Counter,
+    coalesce_waiting: Gauge,
 }
 
 impl OutboundObserver for PoolObserver {
@@ -498,6 +508,14 @@ impl OutboundObserver for PoolObserver {
             OutboundEvent::Throttled(_) => &self.throttled,
             OutboundEvent::Retry => &self.retries,
             OutboundEvent::RetryBudgetExhausted => &self.budget_exhausted,
+            OutboundEvent::CoalesceWaitStarted => {
+                self.coalesce_waiting.inc();
+                return;
+            }
+            OutboundEvent::CoalesceWaitEnded => {
+                self.coalesce_waiting.dec();
+                return;
+            }
         };
         c.inc();
     }

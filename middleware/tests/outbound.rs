@@ -205,6 +205,8 @@ async fn two_hundred_identical_concurrent_requests_make_one_upstream_call() {
     let futures: Vec<_> = (0..200)
         .map(|_| svc.call(get(&up, "/quota?region=eu")))
         .collect();
+    // The followers joined when they were called: 199 wait before anything ran.
+    assert_eq!(stats.coalesce_waiting(), 199);
     let all = tokio::spawn(futures_join(futures));
     up.wait_for_calls(1).await;
     up.gate.send_replace(true);
@@ -216,6 +218,7 @@ async fn two_hundred_identical_concurrent_requests_make_one_upstream_call() {
     }
     assert_eq!(up.calls(), 1);
     assert_eq!(stats.coalesced(), 199);
+    assert_eq!(stats.coalesce_waiting(), 0);
 }
 
 /// Runs already-made calls concurrently (the calls themselves were made in order, so the

@@ -165,8 +165,15 @@ async fn two_hundred_identical_gets_make_one_upstream_call() {
     })
     .await;
     assert!(all_in, "200 requests in flight:\n{}", metrics(&gw).await);
-    // They reach the coalescing table as soon as the proxy polls them; give that a moment.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Admitted is not yet coalesced: wait until the 199 followers wait on the leader's call.
+    let all_wait = eventually(Duration::from_secs(10), || async {
+        metric(
+            &metrics(&gw).await,
+            r#"fairgate_outbound_coalesce_waiting{upstream="api"}"#,
+        ) == Some(199.0)
+    })
+    .await;
+    assert!(all_wait, "199 followers waiting:\n{}", metrics(&gw).await);
     up.gate.send_replace(true);
     for t in tasks {
         let r = t.await.unwrap();
@@ -183,6 +190,11 @@ async fn two_hundred_identical_gets_make_one_upstream_call() {
     assert_eq!(
         metric(&m, r#"fairgate_outbound_retries_total{upstream="api"}"#),
         Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, r#"fairgate_outbound_coalesce_waiting{upstream="api"}"#),
+        Some(0.0),
+        "{m}"
     );
 }
 

@@ -219,12 +219,14 @@ where
         if let Some(rx) = map.get(&key) {
             let mut rx = rx.clone();
             drop(map);
+            let waiting = Waiting::start(observer.clone());
             return Box::pin(async move {
                 let outcome = rx
                     .wait_for(Option::is_some)
                     .await
                     .ok()
                     .and_then(|v| v.clone());
+                drop(waiting);
                 match outcome {
                     Some(Outcome::Response(r)) => {
                         observer.event(OutboundEvent::Coalesced);
@@ -275,5 +277,23 @@ where
                 }
             }
         })
+    }
+}
+
+/// A follower's wait, reported as [`OutboundEvent::CoalesceWaitStarted`] when it begins
+/// and [`OutboundEvent::CoalesceWaitEnded`] when it ends, also when the request is dropped
+/// while waiting (so a gauge of waiting followers never drifts).
+struct Waiting(ObserverHandle);
+
+impl Waiting {
+    fn start(observer: ObserverHandle) -> Waiting {
+        observer.event(OutboundEvent::CoalesceWaitStarted);
+        Waiting(observer)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.event(OutboundEvent::CoalesceWaitEnded);
     }
 }

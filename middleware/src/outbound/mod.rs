@@ -189,6 +189,10 @@ pub enum OutboundEvent {
     Retry,
     /// A retry was wanted but the retry budget was empty.
     RetryBudgetExhausted,
+    /// A request started waiting for an identical concurrent call (a follower).
+    CoalesceWaitStarted,
+    /// A follower stopped waiting (answered, fell back to its own call, or dropped).
+    CoalesceWaitEnded,
 }
 
 /// Receives [`OutboundEvent`]s. Called on the request path: keep it cheap.
@@ -214,6 +218,7 @@ pub struct OutboundStats {
     throttled: AtomicU64,
     retries: AtomicU64,
     retry_budget_exhausted: AtomicU64,
+    coalesce_waiting: AtomicU64,
 }
 
 impl OutboundStats {
@@ -251,6 +256,11 @@ impl OutboundStats {
     pub fn retry_budget_exhausted(&self) -> u64 {
         self.retry_budget_exhausted.load(Ordering::Relaxed)
     }
+
+    /// Followers waiting for an identical concurrent call right now.
+    pub fn coalesce_waiting(&self) -> u64 {
+        self.coalesce_waiting.load(Ordering::Relaxed)
+    }
 }
 
 impl OutboundObserver for OutboundStats {
@@ -262,6 +272,11 @@ impl OutboundObserver for OutboundStats {
             OutboundEvent::Throttled(_) => &self.throttled,
             OutboundEvent::Retry => &self.retries,
             OutboundEvent::RetryBudgetExhausted => &self.retry_budget_exhausted,
+            OutboundEvent::CoalesceWaitStarted => &self.coalesce_waiting,
+            OutboundEvent::CoalesceWaitEnded => {
+                self.coalesce_waiting.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
