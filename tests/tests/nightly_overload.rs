@@ -140,12 +140,24 @@ state: {{max_keys: {MAX_KEYS}}}
     let gateway_5xx: u64 = r.by_status.range(500..600).map(|(_, n)| n).sum();
     assert_eq!(gateway_5xx, 0, "{}", r.summary());
     assert!(slope <= 1.0, "RSS grows {slope:.3} MiB/min");
-    assert!(
-        (after.fds as f64) <= before.fds as f64 * 1.05 + 1.0,
-        "FDs {} → {}",
-        before.fds,
-        after.fds
-    );
+    // 10 s after the load, the gateway's upstream keep-alive pool still holds every
+    // connection a latency spike made it open (idle ones live 90 s, `upstream.rs`): that is
+    // bounded, not a leak. So a count over the bound at 10 s is checked again once the idle
+    // timeout has passed, and both figures are printed.
+    let fds_ok = |n: u64| (n as f64) <= before.fds as f64 * 1.05 + 1.0;
+    if !fds_ok(after.fds) {
+        let settled = fairgate_tests::eventually(Duration::from_secs(100), || async {
+            fds_ok(proc::sample(gw.pid()).map_or(u64::MAX, |s| s.fds))
+        })
+        .await;
+        let now = proc::sample(gw.pid()).map_or(0, |s| s.fds);
+        eprintln!(
+            "L3 FDs {} 10 s after the load (idle upstream connections), {now} after the pool's \
+             idle timeout",
+            after.fds
+        );
+        assert!(settled, "FDs {} → {} → {now}", before.fds, after.fds);
+    }
     assert!(
         after.threads <= before.threads,
         "threads {} → {}",
