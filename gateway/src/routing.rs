@@ -272,6 +272,8 @@ mod tests {
             health_check: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(7),
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 1024,
             outbound: None,
         };
         Arc::new(Pool::new(

@@ -165,7 +165,7 @@ pub struct Pool {
     client: Client<HttpConnector, ProxyBody>,
     /// One per per-core thread: `per_core[i]` on thread `i`.
     per_core: Box<[Client<HttpConnector, ProxyBody>]>,
-    connect_timeout: Duration,
+    client_settings: ClientSettings,
     request_timeout: Duration,
     health_check: Option<HealthCheck>,
     outbound: Option<crate::outbound::OutboundConfig>,
@@ -195,7 +195,8 @@ impl Pool {
                 .collect();
             pingora_ketama::Continuum::new(&buckets)
         });
-        let client = new_client(config.connect_timeout);
+        let client_settings = ClientSettings::from(config);
+        let client = new_client(client_settings);
         Pool {
             name: Arc::from(name),
             targets,
@@ -205,7 +206,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             client,
             per_core: Box::new([]),
-            connect_timeout: config.connect_timeout,
+            client_settings,
             request_timeout: config.request_timeout,
             health_check: config.health_check.clone(),
             outbound: config.outbound.clone(),
@@ -236,7 +237,7 @@ impl Pool {
     /// (`thread_per_core`); see the module docs.
     pub fn with_per_core_clients(mut self, threads: usize) -> Pool {
         self.per_core = (0..threads)
-            .map(|_| new_client(self.connect_timeout))
+            .map(|_| new_client(self.client_settings))
             .collect();
         self
     }
@@ -362,15 +363,33 @@ impl Pool {
     }
 }
 
+/// How a pool's clients connect and keep connections.
+#[derive(Debug, Clone, Copy)]
+struct ClientSettings {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl From<&UpstreamConfig> for ClientSettings {
+    fn from(c: &UpstreamConfig) -> Self {
+        ClientSettings {
+            connect_timeout: c.connect_timeout,
+            idle_timeout: c.idle_timeout,
+            max_idle: c.max_idle,
+        }
+    }
+}
+
 /// A pooled keep-alive client; its connection tasks run on the runtime that opens them.
-fn new_client(connect_timeout: Duration) -> Client<HttpConnector, ProxyBody> {
+fn new_client(s: ClientSettings) -> Client<HttpConnector, ProxyBody> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_connect_timeout(Some(s.connect_timeout));
     connector.set_keepalive(Some(Duration::from_secs(60)));
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(s.idle_timeout)
+        .pool_max_idle_per_host(s.max_idle)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .build(connector)
@@ -388,6 +407,8 @@ mod tests {
             health_check: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 1024,
             outbound: None,
         }
     }

@@ -535,6 +535,12 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
     let request_timeout = m
         .optional_with(ctx, "request_timeout", positive_duration)
         .unwrap_or(Duration::from_secs(30));
+    let idle_timeout = m
+        .optional_with(ctx, "idle_timeout", positive_duration)
+        .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let max_idle = m
+        .optional_with(ctx, "max_idle", |c, n, p| uint(c, n, p, 65_536))
+        .map_or(DEFAULT_MAX_IDLE, |v| v as usize);
     let outbound = m.optional_with(ctx, "outbound", outbound::outbound);
     m.finish(ctx);
     let targets = targets?;
@@ -553,9 +559,16 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
         health_check,
         connect_timeout,
         request_timeout,
+        idle_timeout,
+        max_idle,
         outbound,
     })
 }
+
+/// An upstream pool's idle keep-alive connections live this long by default.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle keep-alive connections kept per target by default.
+const DEFAULT_MAX_IDLE: usize = 1024;
 
 fn hash_key(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<HashKey> {
     let v = variant(ctx, node, path, "`client` or `{header: NAME}`")?;

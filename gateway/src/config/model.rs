@@ -127,6 +127,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time to the response head (default 30s); a route's `timeout` overrides it.
     pub request_timeout: Duration,
+    /// How long an idle keep-alive connection to a target stays open (default 90s).
+    pub idle_timeout: Duration,
+    /// Most idle keep-alive connections kept per target (default 1024; 0: none are kept).
+    pub max_idle: usize,
     /// Outbound layers towards the pool (coalesce, cache, rate/concurrency, retry); see
     /// [`crate::outbound`]. Absent: requests go straight to the pool.
     pub outbound: Option<crate::outbound::OutboundConfig>,

@@ -40,6 +40,8 @@ upstreams:
     health_check: {interval: 2s, path: /healthz, unhealthy_after: 2}
     connect_timeout: 250ms
     request_timeout: 3s
+    idle_timeout: 5s
+    max_idle: 8
   demo:
     targets: builtin:echo
 limits:
@@ -98,6 +100,10 @@ fn decodes_every_field() {
         ("/healthz", 2, 1)
     );
     assert_eq!(api.connect_timeout, Duration::from_millis(250));
+    assert_eq!(
+        (api.idle_timeout, api.max_idle),
+        (Duration::from_secs(5), 8)
+    );
     assert_eq!(c.upstreams["demo"].targets, vec![TargetSpec::Echo]);
     assert_eq!(c.limits.max_header_bytes, 32 * 1024);
     assert_eq!(c.limits.max_body, 1024 * 1024);
@@ -126,6 +132,10 @@ fn minimal_config_gets_defaults_and_an_empty_policy() {
     assert_eq!(c.runtime, RuntimeModel::ThreadPerCore);
     assert_eq!(c.log.decisions, DecisionTarget::Stdout);
     assert_eq!(c.upstreams["u"].balance, Balance::P2cEwma);
+    assert_eq!(
+        (c.upstreams["u"].idle_timeout, c.upstreams["u"].max_idle),
+        (Duration::from_secs(90), 1024)
+    );
     assert!(loaded.inline_policy.is_some());
 }
 
@@ -354,4 +364,25 @@ fn audit_mode_needs_a_decision_log() {
         errors,
         "gw.yaml:4:30: log.audit: needs a decision log: set `decisions` to a file or `stdout`"
     );
+}
+
+#[test]
+fn upstream_keep_alive_settings_are_checked() {
+    let errors = parse_err(
+        "\
+listen: 127.0.0.1:0
+routes: [{upstream: u}]
+upstreams:
+  u: {targets: [builtin:echo], idle_timeout: 0s, max_idle: -1}
+",
+    );
+    assert!(
+        errors.contains("gw.yaml:4:46: upstreams.u.idle_timeout:"),
+        "{errors}"
+    );
+    assert!(errors.contains("upstreams.u.max_idle:"), "{errors}");
+    let errors = parse_err(
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo], max_idle: 100000}}\n",
+    );
+    assert!(errors.contains("upstreams.u.max_idle:"), "{errors}");
 }
