@@ -20,13 +20,18 @@
 //! in use by other live, non-full buckets (possible when `tag` rules move one client between
 //! plans with many bandwidths), keep separate (bandwidth id, key) entries; a bandwidth
 //! that already has such an entry keeps using it, so its state is never split. Rule limits
-//! keep their own (rule bandwidth id, rule key) entries.
+//! keep their own (rule bandwidth id, rule key) entries. [`SLOTS`] is 2, the usual plan
+//! (a rate and a daily quota): it is what keeps an entry within 128 bytes (see *Memory*).
 //!
 //! # Layout
 //! `N` shards (a power of two, up to 64), each a `hashbrown::HashTable<Arc<Entry>>` behind a
 //! `std::sync::RwLock`. The key is hashed once with a randomly seeded `ahash::RandomState`
 //! (keys are client-controlled); some middle bits pick the shard and the table reuses the
-//! same hash. A repeat key costs one shared (read) lock and one CAS, and allocates nothing;
+//! same hash. The hash is not stored in the entry: a table that grows, and an eviction that
+//! records debt, hash the entry's (scope, key) again (under the shard's write lock). An
+//! entry names its scope by a `u32` index into the store's append-only scope table (index 0
+//! is [`CLIENT_SCOPE`], so a client lookup compares one integer); the table is read without
+//! a lock. A repeat key costs one shared (read) lock and one CAS, and allocates nothing;
 //! only a new key takes the write lock and allocates its entry (lookup by borrowed
 //! `&str` first, as governor's keyed dashmap state does). Departure from STYLE's "no locks":
 //! readers of a shard do not block each other, writers are rare, and the lock keeps a sweep
@@ -51,8 +56,8 @@
 //! among them; only then touched ones, closest to full first. Entries with requests in
 //! flight are never evicted. So a flood of one-shot keys (spoofed `X-Forwarded-For`, each
 //! seen once) evicts its own kind, not the clients that keep coming back, even when those
-//! are closer to full than the flood's keys. The bit costs no memory: `in_flight` is a
-//! 32-bit counter and the bit shares its 8-byte word.
+//! are closer to full than the flood's keys. The bits cost no memory: they are the top two
+//! bits of the 32-bit in-flight counter's word (the count keeps 30 bits).
 //!
 //! An entry evicted while not full must not come back fresh: its `TAT` goes into a fixed
 //! *evicted-debt table* (`max_keys` rounded up to a power of two of `AtomicU64`, at least
@@ -74,16 +79,22 @@
 //! The debt of a client entry's slot is kept per (key, bandwidth id), so each bandwidth of
 //! a returning client resumes from its own TAT.
 //!
-//! Memory: one entry is an `Arc` allocation of 192 bytes with keys up to 30 bytes
-//! stored inline (longer keys add their own allocation), plus 8 bytes of table pointer and a
-//! control byte at a load factor of at most 7/8: one entry per client for a plan of up to
-//! four bandwidths with a concurrency limit (it used to take one entry per bandwidth plus
-//! one for the counter, 112 bytes each). Measured by `tests/alloc.rs`, plus 8 bytes per
-//! `max_keys` of evicted-debt table. `max_keys` bounds entries, so it now bounds clients
-//! (plus rule-limit keys) rather than clients × (bandwidths + 1).
+//! # Memory
+//! An [`Entry`] is 88 bytes: 2 slots of 24 (id address, TAT, capacity; a non-client
+//! entry's own bucket is slot 0), a 32-byte key (keys up to 30 bytes inline, longer keys
+//! add their own allocation), the `u32` scope index and the `u32` in-flight/CLOCK word. Its
+//! `Arc` allocation is 104 bytes. The table adds 8 bytes of pointer and a control byte per
+//! bucket at a load factor between 7/16 and 7/8 (≈ 10–21 bytes per key). One client with a
+//! plan of up to two bandwidths and a concurrency limit takes one entry: 119 bytes per key
+//! at 20,000 keys and 123 at 1,000,000 as `tests/alloc.rs` measures it (bytes live in the
+//! allocator after inserting the keys, divided by the keys). A plan's third and fourth
+//! bandwidths take an overflow entry each. The evicted-debt table is allocated up front:
+//! 8 bytes per `max_keys` (rounded up to a power of two), whether or not keys are tracked.
+//! `max_keys` bounds entries, so it bounds clients (plus rule-limit keys and overflow
+//! entries) rather than clients × (bandwidths + 1).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use ahash::RandomState;
 use arc_swap::ArcSwap;
@@ -100,10 +111,14 @@ use crate::gcra::{self, Params, Verdict};
 /// previous generation's `Arc<str>` for every id text it keeps.
 type Pinned = hashbrown::HashMap<usize, (Arc<str>, u64), RandomState>;
 
-/// `Entry::touched` bit: a request found the entry since its shard's last sweep.
-const SINCE_SWEEP: u8 = 1;
-/// `Entry::touched` bit: a request found the entry since the last [`Store::prune`].
-const SINCE_PRUNE: u8 = 2;
+/// `Entry::flags` bit: a request found the entry since its shard's last sweep.
+const SINCE_SWEEP: u32 = 1 << 30;
+/// `Entry::flags` bit: a request found the entry since the last [`Store::prune`].
+const SINCE_PRUNE: u32 = 1 << 31;
+/// Both CLOCK bits.
+const TOUCHED: u32 = SINCE_SWEEP | SINCE_PRUNE;
+/// `Entry::flags` bits of the in-flight count.
+const IN_FLIGHT: u32 = SINCE_SWEEP - 1;
 
 /// The table is full of entries that cannot be evicted (requests in flight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -117,7 +132,7 @@ pub const CLIENT_SCOPE: &str = "client";
 
 /// Quota bandwidths kept inside a client's entry; a quota's bandwidths beyond these, and
 /// bandwidths that find no free slot, live in their own (bandwidth id, key) entries.
-pub const SLOTS: usize = 4;
+pub const SLOTS: usize = 2;
 
 /// Where each of the first [`SLOTS`] bandwidths of a quota lives in a client entry:
 /// a slot index, or [`OVERFLOW`].
@@ -126,25 +141,28 @@ pub(crate) type SlotMap = [u8; SLOTS];
 /// The bandwidth lives in its own (bandwidth id, key) entry.
 pub(crate) const OVERFLOW: u8 = u8::MAX;
 
-/// One tracked (scope, key).
+/// Index of a scope in the store's scope table; [`CLIENT_ID`] is [`CLIENT_SCOPE`].
+type ScopeId = u32;
+
+/// The scope id of [`CLIENT_SCOPE`].
+const CLIENT_ID: ScopeId = 0;
+
+/// One tracked (scope, key). 88 bytes (see the module docs, *Memory*).
 #[derive(Debug)]
 pub struct Entry {
-    hash: u64,
-    scope: Arc<str>,
-    key: EntryKey,
-    bucket: Bucket,
-    /// Requests in flight. 32 bits (concurrency limits are `u32`) so that it shares one
-    /// 8-byte word with `touched`: the flags cost no bytes.
-    in_flight: AtomicU32,
-    /// Second-chance (CLOCK) bit: set when a request finds the entry, cleared by every sweep
-    /// of its shard. Sweeps evict untouched entries first, so a flood of one-shot keys
-    /// pushes out other one-shot keys, not the clients that keep coming back.
-    /// Two bits: [`SINCE_SWEEP`] (the CLOCK bit, cleared by sweeps) and [`SINCE_PRUNE`]
-    /// (cleared by prunes, so that a periodic prune neither resets the CLOCK nor drops an
-    /// idle entry still in use). Set and cleared only under the shard's lock (shared for
-    /// setting, exclusive for clearing), so plain loads and stores suffice.
-    touched: AtomicU8,
+    /// A client entry's bandwidth slots; slot 0 is any other entry's own bucket.
     slots: [Slot; SLOTS],
+    key: EntryKey,
+    scope: ScopeId,
+    /// Requests in flight (the low 30 bits, [`IN_FLIGHT`]) and the two CLOCK bits:
+    /// [`SINCE_SWEEP`] is set when a request finds the entry and cleared by every sweep of
+    /// its shard (sweeps evict untouched entries first, so a flood of one-shot keys pushes
+    /// out other one-shot keys, not the clients that keep coming back); [`SINCE_PRUNE`] is
+    /// cleared by prunes instead, so that a periodic prune neither resets the CLOCK nor
+    /// drops an idle entry still in use. The bits are set under the shard's shared lock and
+    /// cleared under its exclusive lock; the count changes without a lock (a ticket's
+    /// release), so every write is an atomic read-modify-write.
+    flags: AtomicU32,
 }
 
 /// One GCRA bucket: its TAT, and the capacity the TAT was last computed with (so a reload
@@ -160,7 +178,7 @@ pub(crate) struct Bucket {
 /// compare on the hot path. Every id ever used is pinned by the store ([`Store::pin_ids`]),
 /// so an address is never reused for another id; after a reload the slot is matched by the
 /// id's text once and adopts the new address. Addresses change only under the shard's
-/// write lock.
+/// write lock. Slot 0 of a non-client entry is its own bucket (`addr` stays 0).
 #[derive(Debug, Default)]
 struct Slot {
     addr: AtomicUsize,
@@ -175,7 +193,7 @@ fn id_addr(id: &Arc<str>) -> usize {
 /// miss on lookup): IPv4 keys, IPv6 /64 keys and typical API keys fit.
 const INLINE_ENTRY_KEY: usize = 30;
 
-/// An entry's key: inline when short, boxed otherwise.
+/// An entry's key: inline when short, boxed otherwise. 32 bytes.
 #[derive(Debug)]
 enum EntryKey {
     Inline {
@@ -216,16 +234,85 @@ impl EntryKey {
     }
 }
 
+// === Scope table ===
+
+/// Scope texts per chunk of the scope table.
+const SCOPE_CHUNK: usize = 1024;
+/// Chunks of the scope table: at most 1,048,576 distinct scopes per store.
+const SCOPE_CHUNKS: usize = 1024;
+
+/// [`SCOPE_CHUNK`] scope texts, each set once.
+type ScopeChunk = Box<[OnceLock<Arc<str>>]>;
+
+/// Every scope the store has held an entry of, by [`ScopeId`]: append-only, so an id is
+/// never reused and a reader needs no lock (two acquire loads). Chunks are allocated as
+/// they fill. Like the pinned ids, it grows with the number of *distinct* scope texts.
+struct Scopes {
+    chunks: Box<[OnceLock<ScopeChunk>]>,
+    /// Scope text → id, for interning (a new entry) only.
+    ids: RwLock<hashbrown::HashMap<Arc<str>, ScopeId, RandomState>>,
+}
+
+impl std::fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.ids.read().map_or(0, |ids| ids.len());
+        f.debug_struct("Scopes").field("len", &n).finish()
+    }
+}
+
+impl Scopes {
+    fn new(client: &Arc<str>) -> Self {
+        let scopes = Scopes {
+            chunks: (0..SCOPE_CHUNKS).map(|_| OnceLock::new()).collect(),
+            ids: RwLock::new(hashbrown::HashMap::with_hasher(RandomState::new())),
+        };
+        let interned = scopes.intern(client);
+        debug_assert_eq!(interned, Some(CLIENT_ID));
+        scopes
+    }
+
+    /// The text of scope `id`.
+    fn get(&self, id: ScopeId) -> Option<&Arc<str>> {
+        let id = id as usize;
+        self.chunks.get(id / SCOPE_CHUNK)?.get()?[id % SCOPE_CHUNK].get()
+    }
+
+    /// True when scope `id` is `scope`.
+    fn is(&self, id: ScopeId, scope: &str) -> bool {
+        self.get(id).is_some_and(|s| **s == *scope)
+    }
+
+    /// The id of `scope`, interning it first if new; `None` when the table is full.
+    fn intern(&self, scope: &Arc<str>) -> Option<ScopeId> {
+        if let Some(&id) = self
+            .ids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&**scope)
+        {
+            return Some(id);
+        }
+        let mut ids = self.ids.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(&id) = ids.get(&**scope) {
+            return Some(id);
+        }
+        let next = ids.len();
+        let chunk = self.chunks.get(next / SCOPE_CHUNK)?.get_or_init(|| {
+            (0..SCOPE_CHUNK)
+                .map(|_| OnceLock::new())
+                .collect::<ScopeChunk>()
+        });
+        let id = ScopeId::try_from(next).ok()?;
+        // Written only here, under the write lock, at a fresh index.
+        let _ = chunk[next % SCOPE_CHUNK].set(Arc::clone(scope));
+        ids.insert(Arc::clone(scope), id);
+        Some(id)
+    }
+}
+
 // === impl Bucket ===
 
 impl Bucket {
-    fn new(tat: Nanos, cap: Nanos) -> Self {
-        Bucket {
-            tat: AtomicU64::new(tat),
-            cap: AtomicU64::new(cap),
-        }
-    }
-
     /// The current theoretical arrival time.
     pub(crate) fn tat(&self) -> Nanos {
         self.tat.load(Ordering::Acquire)
@@ -236,7 +323,7 @@ impl Bucket {
         self.cap.load(Ordering::Acquire)
     }
 
-    /// Resets the bucket (slot reuse; under the shard's write lock).
+    /// Resets the bucket (a new entry, or slot reuse; under the shard's write lock).
     fn reset(&self, tat: Nanos, cap: Nanos) {
         self.tat.store(tat, Ordering::Release);
         self.cap.store(cap, Ordering::Release);
@@ -313,33 +400,32 @@ impl Entry {
         self.key.as_str()
     }
 
-    /// The scope (bandwidth id or [`CLIENT_SCOPE`]).
-    pub fn scope(&self) -> &str {
-        &self.scope
+    /// The own bucket of a non-client entry.
+    fn bucket(&self) -> &Bucket {
+        &self.slots[0].bucket
     }
 
     /// The current theoretical arrival time (the entry's own bucket; see
     /// [`Entry::for_each_bucket`] for a client entry's slots).
     pub fn tat(&self) -> Nanos {
-        self.bucket.tat()
+        self.bucket().tat()
     }
 
     /// The capacity the TAT was last computed with.
     pub fn capacity(&self) -> Nanos {
-        self.bucket.capacity()
+        self.bucket().capacity()
     }
 
     /// Requests in flight (client scope).
     pub fn in_flight(&self) -> u64 {
-        u64::from(self.in_flight.load(Ordering::Acquire))
+        u64::from(self.flags.load(Ordering::Acquire) & IN_FLIGHT)
     }
 
-    /// Marks the entry as recently used (see [`Entry::touched`]). Stores only when the bit
+    /// Marks the entry as recently used (see [`Entry::touched`]). Writes only when a bit
     /// is clear, so a hot entry's cache line is not written on every request.
     fn touch(&self) {
-        if self.touched.load(Ordering::Relaxed) != SINCE_SWEEP | SINCE_PRUNE {
-            self.touched
-                .store(SINCE_SWEEP | SINCE_PRUNE, Ordering::Relaxed);
+        if self.flags.load(Ordering::Relaxed) & TOUCHED != TOUCHED {
+            self.flags.fetch_or(TOUCHED, Ordering::Relaxed);
         }
     }
 
@@ -348,8 +434,8 @@ impl Entry {
         self.touched_since(SINCE_SWEEP)
     }
 
-    fn touched_since(&self, bit: u8) -> bool {
-        self.touched.load(Ordering::Relaxed) & bit != 0
+    fn touched_since(&self, bit: u32) -> bool {
+        self.flags.load(Ordering::Relaxed) & bit != 0
     }
 
     /// Calls `f(tat, capacity)` for every bucket in use: the entry's own, or the used slots
@@ -366,21 +452,20 @@ impl Entry {
         }
     }
 
-    fn new(hash: u64, scope: Arc<str>, key: &str, tat: Nanos, cap: Nanos) -> Self {
-        Entry {
-            hash,
-            scope,
-            key: EntryKey::new(key),
-            bucket: Bucket::new(tat, cap),
-            in_flight: AtomicU32::new(0),
-            // A new entry starts untouched: a key seen once is the first to go.
-            touched: AtomicU8::new(0),
+    fn new(scope: ScopeId, key: &str, tat: Nanos, cap: Nanos) -> Self {
+        let e = Entry {
             slots: Default::default(),
-        }
+            key: EntryKey::new(key),
+            scope,
+            // A new entry starts untouched: a key seen once is the first to go.
+            flags: AtomicU32::new(0),
+        };
+        e.bucket().reset(tat, cap);
+        e
     }
 
     fn is_client(&self) -> bool {
-        *self.scope == *CLIENT_SCOPE
+        self.scope == CLIENT_ID
     }
 
     /// Slot `i` of a client entry (an index from a [`SlotMap`]).
@@ -390,45 +475,49 @@ impl Entry {
 
     /// GCRA check-and-consume of `cost` at `now` on the entry's own bucket.
     pub fn consume(&self, now: Nanos, p: Params, cost: u64) -> Verdict {
-        self.bucket.consume(now, p, cost)
+        self.bucket().consume(now, p, cost)
     }
 
     /// Returns `amount_ns` of consumption on the entry's own bucket (never below `now`).
     pub fn refund(&self, now: Nanos, amount_ns: Nanos) {
-        self.bucket.refund(now, amount_ns);
+        self.bucket().refund(now, amount_ns);
     }
 
     /// Charges post-hoc debt on the entry's own bucket.
     pub fn charge_debt(&self, now: Nanos, p: Params, units: u64) {
-        self.bucket.charge_debt(now, p, units);
+        self.bucket().charge_debt(now, p, units);
     }
 
     /// The TAT of the entry's own bucket as seen with capacity `c` (rescaled if needed).
     pub fn peek(&self, now: Nanos, c: Nanos) -> Nanos {
-        self.bucket.peek(now, c)
+        self.bucket().peek(now, c)
     }
 
-    /// Takes a concurrency permit if fewer than `limit` are in flight.
+    /// Takes a concurrency permit if fewer than `limit` are in flight (the count keeps 30
+    /// bits: a limit above 2³⁰ − 1 admits at most that many).
     pub fn try_acquire(&self, limit: u64) -> bool {
-        let prev = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if u64::from(prev) >= limit || prev == u32::MAX {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return false;
-        }
-        true
+        self.flags
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                let n = v & IN_FLIGHT;
+                (u64::from(n) < limit && n < IN_FLIGHT).then_some(v + 1)
+            })
+            .is_ok()
     }
 
     /// Returns a permit taken by [`Entry::try_acquire`].
     pub fn release(&self) {
-        // Saturating: a release without an acquire is a bug, but must not wrap to u64::MAX.
+        // Saturating: a release without an acquire is a bug, but must not wrap (into the
+        // CLOCK bits).
         let _ = self
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            .flags
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v & IN_FLIGHT != 0).then(|| v - 1)
+            });
     }
 
     /// The latest TAT over the entry's buckets.
     fn max_tat(&self) -> Nanos {
-        let mut max = self.tat();
+        let mut max = 0;
         for s in &self.slots {
             max = max.max(s.bucket.tat());
         }
@@ -453,21 +542,48 @@ impl Entry {
         Some(map)
     }
 
-    /// The slot holding bandwidth `id`, by address or else by text; read-only.
-    fn find_slot(&self, id: &Arc<str>, pinned: &Pinned) -> Option<&Bucket> {
+    /// The slot holding bandwidth `id` by address, or else by text (taking the pinned-id
+    /// lock only then); read-only.
+    fn find_slot(&self, id: &Arc<str>, pinned: &RwLock<Pinned>) -> Option<&Bucket> {
         let addr = id_addr(id);
-        let by_addr = self
+        if let Some(s) = self
             .slots
             .iter()
-            .find(|s| s.addr.load(Ordering::Relaxed) == addr);
-        by_addr
-            .or_else(|| {
-                self.slots.iter().find(|s| {
-                    let a = s.addr.load(Ordering::Relaxed);
-                    a != 0 && pinned.get(&a).is_some_and(|(t, _)| **t == **id)
-                })
+            .find(|s| s.addr.load(Ordering::Relaxed) == addr)
+        {
+            return Some(&s.bucket);
+        }
+        let pinned = pinned.read().unwrap_or_else(|e| e.into_inner());
+        self.slots
+            .iter()
+            .find(|s| {
+                let a = s.addr.load(Ordering::Relaxed);
+                a != 0 && pinned.get(&a).is_some_and(|(t, _)| **t == **id)
             })
             .map(|s| &s.bucket)
+    }
+}
+
+/// An entry with its scope's text, as [`Store::for_each`] visits it. Derefs to the
+/// [`Entry`].
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    entry: &'a Entry,
+    scope: &'a str,
+}
+
+impl EntryRef<'_> {
+    /// The scope (bandwidth id or [`CLIENT_SCOPE`]).
+    pub fn scope(&self) -> &str {
+        self.scope
+    }
+}
+
+impl std::ops::Deref for EntryRef<'_> {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        self.entry
     }
 }
 
@@ -515,7 +631,7 @@ pub struct Store {
     evictions: AtomicU64,
     refused: AtomicU64,
     pinned: RwLock<Pinned>,
-    client_scope: Arc<str>,
+    scopes: Scopes,
 }
 
 const MAX_SHARDS: usize = 64;
@@ -534,6 +650,7 @@ impl Store {
             .unwrap_or(usize::MAX)
             .clamp(1024, 1 << 24)
             .next_power_of_two();
+        let client_scope: Arc<str> = Arc::from(CLIENT_SCOPE);
         let store = Store {
             shards: (0..n).map(|_| Shard::default()).collect(),
             shard_mask: n as u64 - 1,
@@ -545,7 +662,7 @@ impl Store {
             evictions: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             pinned: RwLock::new(Pinned::with_hasher(RandomState::new())),
-            client_scope: Arc::from(CLIENT_SCOPE),
+            scopes: Scopes::new(&client_scope),
         };
         store.set_max_keys(max_keys);
         store
@@ -576,6 +693,8 @@ impl Store {
         }
     }
 
+    /// The pinned ids, for reading. Lock order: a shard's table lock (if any) first, then
+    /// this one; `pin_ids` takes only this one.
     fn pinned(&self) -> std::sync::RwLockReadGuard<'_, Pinned> {
         self.pinned.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -609,6 +728,32 @@ impl Store {
         self.hasher.hash_one((scope, key))
     }
 
+    /// The text of an entry's scope ("" if unknown, which cannot happen: ids come from
+    /// [`Scopes::intern`]).
+    fn scope_of(&self, e: &Entry) -> &str {
+        if e.is_client() {
+            CLIENT_SCOPE
+        } else {
+            self.scopes.get(e.scope).map_or("", |s| &**s)
+        }
+    }
+
+    /// The hash of an entry's (scope, key), as its lookups compute it (the entry does not
+    /// store it).
+    fn entry_hash(&self, e: &Entry) -> u64 {
+        self.hash(self.scope_of(e), e.key.as_str())
+    }
+
+    /// True when `e` is the entry of (`scope`, `key`).
+    fn is_entry(&self, e: &Entry, scope: &str, key: &str) -> bool {
+        e.key.is(key)
+            && if e.is_client() {
+                scope == CLIENT_SCOPE
+            } else {
+                self.scopes.is(e.scope, scope)
+            }
+    }
+
     fn shard(&self, hash: u64) -> &Shard {
         // Middle bits: hashbrown uses the low bits for the position and the top 7 bits as
         // the control byte, so taking either for the shard would weaken the table's hash.
@@ -619,18 +764,26 @@ impl Store {
         &self.evicted[(hash as usize) & (self.evicted.len() - 1)]
     }
 
+    /// Inserts a new entry (under the shard's write lock; the table may grow, which hashes
+    /// every entry again).
+    fn insert(&self, table: &mut HashTable<Arc<Entry>>, hash: u64, e: Arc<Entry>) {
+        table.insert_unique(hash, e, |e| self.entry_hash(e));
+        self.len.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Remembers the debt of an entry being evicted.
     fn remember_debt(&self, e: &Entry, pinned: &Pinned, now: Nanos) {
+        let hash = self.entry_hash(e);
         if e.is_client() {
             for s in &e.slots {
                 let addr = s.addr.load(Ordering::Relaxed);
                 if let Some((_, id_hash)) = pinned.get(&addr) {
-                    let h = client_debt_hash(e.hash, *id_hash);
+                    let h = client_debt_hash(hash, *id_hash);
                     store_debt(self.debt_slot(h), h, s.bucket.tat(), now);
                 }
             }
         } else {
-            store_debt(self.debt_slot(e.hash), e.hash, e.tat(), now);
+            store_debt(self.debt_slot(hash), hash, e.tat(), now);
         }
     }
 
@@ -657,19 +810,25 @@ impl Store {
     /// the last sweep or prune. A recently used idle entry is kept: dropping it would make
     /// the client's next request insert a new entry, which reads the evicted-debt table and,
     /// under a flood that filled the table with `MIXED` slots, could start empty.
-    fn droppable(e: &Entry, now: Nanos, live: &LiveScopes, pinned: &Pinned, bit: u8) -> bool {
+    fn droppable(
+        &self,
+        e: &Entry,
+        now: Nanos,
+        live: &LiveScopes,
+        pinned: &Pinned,
+        bit: u32,
+    ) -> bool {
         Self::clear_dead_slots(e, live, pinned);
         e.in_flight() == 0
-            && (!live.contains(&e.scope) || (!e.touched_since(bit) && e.max_tat() <= now))
+            && (!live.contains(self.scope_of(e)) || (!e.touched_since(bit) && e.max_tat() <= now))
     }
 
     /// Clears `bit` ([`SINCE_SWEEP`] or [`SINCE_PRUNE`]) of every entry of a table (under
     /// the shard's write lock: no request can set it meanwhile).
-    fn clear_touched(table: &HashTable<Arc<Entry>>, bit: u8) {
+    fn clear_touched(table: &HashTable<Arc<Entry>>, bit: u32) {
         for e in table.iter() {
-            let t = e.touched.load(Ordering::Relaxed);
-            if t & bit != 0 {
-                e.touched.store(t & !bit, Ordering::Relaxed);
+            if e.flags.load(Ordering::Relaxed) & bit != 0 {
+                e.flags.fetch_and(!bit, Ordering::Relaxed);
             }
         }
     }
@@ -685,10 +844,9 @@ impl Store {
         bandwidths: &[CompiledBandwidth],
         f: impl FnOnce(&Arc<Entry>, &SlotMap) -> R,
     ) -> Result<R, Full> {
-        let scope = &self.client_scope;
-        let hash = self.hash(scope, key);
+        let hash = self.hash(CLIENT_SCOPE, key);
         let shard = self.shard(hash);
-        let eq = |e: &Arc<Entry>| e.hash == hash && e.key.is(key) && *e.scope == **scope;
+        let eq = |e: &Arc<Entry>| e.scope == CLIENT_ID && e.key.is(key);
         let mine = &bandwidths[..bandwidths.len().min(SLOTS)];
         {
             let table = shard.table.read().unwrap_or_else(|e| e.into_inner());
@@ -722,20 +880,21 @@ impl Store {
                         return Err(Full);
                     }
                 }
-                let e = Arc::new(Entry::new(hash, Arc::clone(scope), key, 0, 0));
-                table.insert_unique(hash, Arc::clone(&e), |e| e.hash);
-                self.len.fetch_add(1, Ordering::Relaxed);
+                let e = Arc::new(Entry::new(CLIENT_ID, key, 0, 0));
+                self.insert(&mut table, hash, Arc::clone(&e));
                 e
             }
         };
-        let map = self.claim_slots(&entry, mine, &own, now);
+        let map = self.claim_slots(&entry, hash, mine, &own, now);
         Ok(f(&entry, &map))
     }
 
-    /// Finds or claims a slot for each of `bandwidths` (under the shard's write lock).
+    /// Finds or claims a slot for each of `bandwidths` in the client entry `e` of `hash`
+    /// (under the shard's write lock).
     fn claim_slots(
         &self,
         e: &Entry,
+        hash: u64,
         bandwidths: &[CompiledBandwidth],
         own: &[bool; SLOTS],
         now: Nanos,
@@ -783,7 +942,7 @@ impl Store {
             let Some((_, id_hash)) = pinned.get(&addr) else {
                 continue;
             };
-            let debt_hash = client_debt_hash(e.hash, *id_hash);
+            let debt_hash = client_debt_hash(hash, *id_hash);
             let owed = debt_for(self.debt_slot(debt_hash), debt_hash, now);
             let tat = if owed > now {
                 owed.min(now.saturating_add(bw.c_ns))
@@ -805,8 +964,9 @@ impl Store {
         id: &Arc<str>,
         f: impl FnOnce(&Bucket) -> R,
     ) -> Option<R> {
-        let pinned = self.pinned();
-        self.with_existing(CLIENT_SCOPE, key, |e| e.find_slot(id, &pinned).map(f))
+        // The shard's lock first, then (only when the address does not match) the
+        // pinned ids', the order every other path takes them in.
+        self.with_existing(CLIENT_SCOPE, key, |e| e.find_slot(id, &self.pinned).map(f))
             .flatten()
     }
 
@@ -823,11 +983,7 @@ impl Store {
             .table
             .read()
             .unwrap_or_else(|e| e.into_inner());
-        table
-            .find(hash, |e| {
-                e.hash == hash && e.key.is(key) && *e.scope == *scope
-            })
-            .map(f)
+        table.find(hash, |e| self.is_entry(e, scope, key)).map(f)
     }
 
     /// Runs `f` on the entry for (scope, key), inserting it first if missing. `c` is the
@@ -843,7 +999,7 @@ impl Store {
     ) -> Result<R, Full> {
         let hash = self.hash(scope, key);
         let shard = self.shard(hash);
-        let eq = |e: &Arc<Entry>| e.hash == hash && e.key.is(key) && *e.scope == **scope;
+        let eq = |e: &Arc<Entry>| self.is_entry(e, scope, key);
         {
             let table = shard.table.read().unwrap_or_else(|e| e.into_inner());
             if let Some(e) = table.find(hash, eq) {
@@ -864,16 +1020,20 @@ impl Store {
                 return Err(Full);
             }
         }
+        // A scope table full of a million distinct scopes cannot track a new one either.
+        let Some(scope_id) = self.scopes.intern(scope) else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Full);
+        };
         let owed = debt_for(self.debt_slot(hash), hash, now);
         let tat = if owed > now {
             owed.min(now.saturating_add(c))
         } else {
             0
         };
-        let entry = Arc::new(Entry::new(hash, Arc::clone(scope), key, tat, c));
+        let entry = Arc::new(Entry::new(scope_id, key, tat, c));
         let r = f(&entry);
-        table.insert_unique(hash, entry, |e| e.hash);
-        self.len.fetch_add(1, Ordering::Relaxed);
+        self.insert(&mut table, hash, entry);
         Ok(r)
     }
 
@@ -886,7 +1046,7 @@ impl Store {
         let before = table.len();
         let live = self.live.load();
         let pinned = self.pinned();
-        table.retain(|e| !Self::droppable(e, now, &live, &pinned, SINCE_SWEEP));
+        table.retain(|e| !self.droppable(e, now, &live, &pinned, SINCE_SWEEP));
         let target = cap - (cap / 8).max(1);
         if table.len() > target {
             let excess = table.len() - target;
@@ -925,12 +1085,14 @@ impl Store {
     /// from a background task or after a reload. Returns how many were dropped.
     pub fn prune(&self, now: Nanos) -> u64 {
         let live = self.live.load();
-        let pinned = self.pinned();
         let mut removed = 0u64;
         for shard in self.shards.iter() {
             let mut table = shard.table.write().unwrap_or_else(|e| e.into_inner());
+            // Every path takes a shard's lock before the pinned ids' (never the other way
+            // round), so a reload's `pin_ids` waiting for the latter cannot deadlock them.
+            let pinned = self.pinned();
             let before = table.len();
-            table.retain(|e| !Self::droppable(e, now, &live, &pinned, SINCE_PRUNE));
+            table.retain(|e| !self.droppable(e, now, &live, &pinned, SINCE_PRUNE));
             Self::clear_touched(&table, SINCE_PRUNE);
             removed += (before - table.len()) as u64;
         }
@@ -938,12 +1100,16 @@ impl Store {
         removed
     }
 
-    /// Visits every entry (shard by shard, each under its read lock).
-    pub fn for_each(&self, mut f: impl FnMut(&Entry)) {
+    /// Visits every entry with its scope's text (shard by shard, each under its read
+    /// lock).
+    pub fn for_each(&self, mut f: impl FnMut(&EntryRef<'_>)) {
         for shard in self.shards.iter() {
             let table = shard.table.read().unwrap_or_else(|e| e.into_inner());
             for e in table.iter() {
-                f(e);
+                f(&EntryRef {
+                    entry: e,
+                    scope: self.scope_of(e),
+                });
             }
         }
     }
@@ -1187,10 +1353,11 @@ mod tests {
     fn entries_stay_small() {
         // The figure in the module docs.
         assert_eq!(std::mem::size_of::<Entry>(), ENTRY_BYTES - 16);
+        assert_eq!(std::mem::size_of::<EntryKey>(), 32);
     }
 
     /// An `Arc<Entry>` allocation: the entry plus the two reference counts.
-    const ENTRY_BYTES: usize = 192;
+    const ENTRY_BYTES: usize = 104;
 
     #[test]
     fn client_slots_carry_over_a_new_generation_by_id_and_free_dead_ids() {
@@ -1359,5 +1526,111 @@ mod tests {
             .with_existing("s", "k", |e| e.peek(now, p2.c))
             .unwrap();
         assert_eq!(tat, now + 10 * S);
+    }
+
+    #[test]
+    fn clock_bits_and_the_in_flight_count_share_a_word_without_mixing() {
+        let store = Store::new(100);
+        let sc: Arc<str> = Arc::from(CLIENT_SCOPE);
+        let e = store.with_entry(&sc, "k", S, 0, Arc::clone).unwrap();
+        assert!(!e.touched(), "a new entry starts untouched");
+        assert!(e.try_acquire(3) && e.try_acquire(3) && e.try_acquire(3));
+        assert!(!e.try_acquire(3), "limit reached");
+        e.touch();
+        assert!(e.touched() && e.touched_since(SINCE_PRUNE));
+        assert_eq!(e.in_flight(), 3, "touching leaves the count alone");
+        {
+            let shard = store.shard(store.hash(CLIENT_SCOPE, "k"));
+            // No request runs in this test: a shared lock stands in for the sweep's.
+            Store::clear_touched(&shard.table.read().unwrap(), SINCE_SWEEP);
+        }
+        assert!(!e.touched() && e.touched_since(SINCE_PRUNE));
+        assert_eq!(e.in_flight(), 3, "clearing a bit leaves the count alone");
+        for _ in 0..5 {
+            e.release();
+        }
+        assert_eq!(e.in_flight(), 0, "release saturates at zero");
+        assert!(
+            e.touched_since(SINCE_PRUNE),
+            "and does not borrow from the bits"
+        );
+        // A limit above the count's 30 bits admits up to the count's maximum.
+        e.flags.fetch_add(IN_FLIGHT - 1, Ordering::Relaxed);
+        assert!(e.try_acquire(u64::MAX));
+        assert!(
+            !e.try_acquire(u64::MAX),
+            "the count never carries into the bits"
+        );
+        assert_eq!(e.in_flight(), u64::from(IN_FLIGHT));
+        assert!(e.touched_since(SINCE_PRUNE));
+    }
+
+    #[test]
+    fn bandwidths_beyond_the_slots_overflow_to_their_own_entries() {
+        let store = Store::new(100);
+        let bws = [
+            bandwidth("plan:p/0", 1, 5),
+            bandwidth("plan:p/1", 1, 5),
+            bandwidth("plan:p/2", 1, 5),
+        ];
+        store.pin_ids(bws.iter().map(|b| &b.id));
+        let map = store.with_client("k", S, &bws, |_, map| *map).unwrap();
+        assert_eq!(map, [0, 1], "the first SLOTS bandwidths are slotted");
+        assert_eq!(store.len(), 1);
+        // The engine keeps the third in a (bandwidth id, key) entry.
+        let p = Params::new(1, S, 5).unwrap();
+        store
+            .with_entry(&bws[2].id, "k", S, p.c, |e| e.consume(S, p, 1))
+            .unwrap();
+        assert_eq!(store.len(), 2);
+        assert_eq!(
+            store.with_existing(&bws[2].id, "k", |e| e.tat()),
+            Some(S + S)
+        );
+        assert!(store.with_client_slot("k", &bws[2].id, |_| ()).is_none());
+    }
+
+    #[test]
+    fn entries_are_found_after_their_tables_grow_and_scopes_are_told_apart() {
+        let store = Store::new(1_000_000);
+        let p = Params::new(1, S, 10).unwrap();
+        let now = 100 * S;
+        let scopes = [scope("rule:a"), scope("rule:b")];
+        for i in 0..20_000u64 {
+            let key = format!("k{i}");
+            for (n, sc) in scopes.iter().enumerate() {
+                store
+                    .with_entry(sc, &key, now, p.c, |e| e.consume(now, p, 1 + n as u64))
+                    .unwrap();
+            }
+            store.with_client(&key, now, &[], |_, _| ()).unwrap();
+        }
+        assert_eq!(store.len(), 60_000);
+        for i in (0..20_000u64).step_by(97) {
+            let key = format!("k{i}");
+            assert_eq!(
+                store.with_existing("rule:a", &key, |e| e.tat()),
+                Some(now + S)
+            );
+            assert_eq!(
+                store.with_existing("rule:b", &key, |e| e.tat()),
+                Some(now + 2 * S)
+            );
+            assert!(store
+                .with_existing(CLIENT_SCOPE, &key, |e| e.is_client())
+                .unwrap());
+            assert!(store.with_existing("rule:c", &key, |_| ()).is_none());
+        }
+        let mut seen = [0u64; 3];
+        store.for_each(|e| match e.scope() {
+            "rule:a" => seen[0] += 1,
+            "rule:b" => seen[1] += 1,
+            CLIENT_SCOPE => seen[2] += 1,
+            other => panic!("unexpected scope {other}"),
+        });
+        assert_eq!(seen, [20_000; 3]);
+        // A scope id is interned once per text, whatever `Arc` it comes in.
+        assert_eq!(store.scopes.intern(&scope("rule:a")), Some(1));
+        assert_eq!(store.scopes.intern(&scope("rule:b")), Some(2));
     }
 }
