@@ -259,7 +259,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         tracked_keys: e.tracked_keys(),
         evictions: e.evictions(),
     });
-    state.metrics.refresh_fleet(e.fleet());
+    state.metrics.refresh_fleet(e.backend_snapshot());
     let mut res = state.metrics.encode().into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -23,7 +23,7 @@ pub fn start(engine: &Arc<Engine>) -> Result<bool, FleetError> {
 
 /// `ok`, or `degraded` while the fleet backend cannot reach Redis.
 pub fn health(engine: &Engine) -> &'static str {
-    match engine.fleet() {
+    match engine.backend_snapshot() {
         Some(s) if s.degraded => "degraded",
         _ => "ok",
     }
@@ -33,7 +33,7 @@ pub fn health(engine: &Engine) -> &'static str {
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fairgate_middleware::fleet::FleetSnapshot;
+use fairgate_middleware::backend::BackendSnapshot;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -134,7 +134,7 @@ impl FleetMetrics {
     }
 
     /// Mirrors the backend's counters (no-op without a backend).
-    pub fn refresh(&self, s: Option<FleetSnapshot>) {
+    pub fn refresh(&self, s: Option<BackendSnapshot>) {
         let Some(s) = s else {
             return;
         };

@@ -271,7 +271,7 @@ impl Metrics {
     }
 
     /// Mirrors the Redis backend's counters and state (called at scrape time).
-    pub fn refresh_fleet(&self, s: Option<fairgate_middleware::fleet::FleetSnapshot>) {
+    pub fn refresh_fleet(&self, s: Option<fairgate_middleware::backend::BackendSnapshot>) {
         self.fleet.refresh(s);
     }
 

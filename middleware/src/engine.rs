@@ -16,12 +16,15 @@
 //! A state table full of keys with requests in flight rejects new keys at the shed stage
 //! (status `shed_status`): never "admit untracked".
 //!
-//! Fleet-wide quotas: with a Redis backend attached ([`crate::fleet::start`]), the quota
-//! stage asks it how to decide. `async` mode and a degraded backend decide here, on the local
-//! store, and record the cost for the next exchange; `exact` mode skips the local bandwidths
-//! and [`Engine::begin`] returns a [`RemoteCheck`] holding the ticket, which the adapter
-//! awaits (one Redis script, within the timeout budget). Without a backend the only added
-//! cost is one `OnceLock` read per decision with a quota.
+//! Where quota state lives is the engine's [`StateBackend`] (module [`crate::backend`]),
+//! which it only knows through that trait: the quota stage asks it for a [`Route`].
+//! [`Embedded`] (the default) lets the local store decide alone; the Redis backend
+//! ([`crate::fleet::start`]) decides here in `async` mode and while degraded, the cost being
+//! recorded for the next exchange, while in `exact` mode the engine skips the local
+//! bandwidths and [`Engine::begin`] returns a [`RemoteCheck`] holding the ticket, which the
+//! adapter awaits (one remote check, within the backend's budget). Until a backend is
+//! attached, [`Embedded`] is called statically: one `OnceLock` read per decision with a
+//! quota, no virtual call, no allocation.
 //!
 //! Per policy generation the engine prepares a small cache (operation names, sketches,
 //! shedding settings, the set of live bucket ids for pruning); it is rebuilt off the
@@ -39,12 +42,12 @@ use fairgate_policies::compiled::{CompiledBandwidth, CompiledPolicy, RequestView
 use fairgate_policies::model::{HeaderMode, OnFailure, PostHoc, Priority};
 use fairgate_policies::PolicyStore;
 
+use crate::backend::{BackendSnapshot, Embedded, Route, StateBackend, Verdict};
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
 use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket};
 use crate::decision::{
     Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection, Stage,
 };
-use crate::fleet::{ExactVerdict, Fleet, FleetSnapshot, Route};
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
 use crate::quota::{self, Charges, Consumed, Permit};
@@ -133,8 +136,28 @@ pub(crate) struct Shared {
     hasher: RandomState,
     shadow_rejects: AtomicU64,
     kept: Mutex<Vec<Box<dyn Send + Sync>>>,
-    /// The Redis backend, when attached (`crate::fleet::start`).
-    fleet: OnceLock<Arc<Fleet>>,
+    /// The state backend, once one is attached ([`Engine::attach_backend`]).
+    backend: OnceLock<Arc<dyn StateBackend>>,
+    /// The backend until one is attached.
+    embedded: Arc<dyn StateBackend>,
+}
+
+impl Shared {
+    /// The state backend: the attached one, else [`Embedded`].
+    #[inline]
+    fn backend(&self) -> &Arc<dyn StateBackend> {
+        self.backend.get().unwrap_or(&self.embedded)
+    }
+
+    /// The backend's [`StateBackend::route`]. Until a backend is attached this is
+    /// [`Embedded`]'s, called statically: no virtual call on the default hot path.
+    #[inline]
+    fn route(&self, remote_ok: bool) -> Route {
+        match self.backend.get() {
+            Some(b) => b.route(remote_ok),
+            None => Embedded.route(remote_ok),
+        }
+    }
 }
 
 /// Per-generation cache.
@@ -178,7 +201,8 @@ impl Engine {
                 hasher: RandomState::new(),
                 shadow_rejects: AtomicU64::new(0),
                 kept: Mutex::new(Vec::new()),
-                fleet: OnceLock::new(),
+                backend: OnceLock::new(),
+                embedded: Arc::new(Embedded),
             }),
         })
     }
@@ -264,14 +288,30 @@ impl Engine {
         &self.shared.clock
     }
 
-    /// Attaches a fleet backend; false if one is attached already (the first stays).
-    pub(crate) fn attach_fleet(&self, fleet: Arc<Fleet>) -> bool {
-        self.shared.fleet.set(fleet).is_ok()
+    /// Attaches the state backend that decides how quotas are decided (until then the
+    /// engine runs on [`Embedded`]); false if one is attached already (the first stays).
+    pub fn attach_backend(&self, backend: Arc<dyn StateBackend>) -> bool {
+        self.shared.backend.set(backend).is_ok()
     }
 
-    /// The fleet backend's counters, when one is attached.
-    pub fn fleet(&self) -> Option<FleetSnapshot> {
-        self.shared.fleet.get().map(|f| f.snapshot())
+    /// [`Engine::attach_backend`] for a concrete backend (what `fleet::start` calls).
+    pub(crate) fn attach_fleet<B: StateBackend>(&self, backend: Arc<B>) -> bool {
+        self.attach_backend(backend)
+    }
+
+    /// The state backend: the attached one, else [`Embedded`].
+    pub fn backend(&self) -> &Arc<dyn StateBackend> {
+        self.shared.backend()
+    }
+
+    /// The state backend's counters, when it shares state (`None` for [`Embedded`]).
+    pub fn backend_snapshot(&self) -> Option<BackendSnapshot> {
+        self.shared.backend().snapshot()
+    }
+
+    /// The same as [`Engine::backend_snapshot`] (the Redis backend is "the fleet").
+    pub fn fleet(&self) -> Option<BackendSnapshot> {
+        self.backend_snapshot()
     }
 
     /// The state store (the fleet exchange charges it).
@@ -309,9 +349,9 @@ impl Engine {
 
     /// Decides on one request. Never blocks, never panics on input.
     ///
-    /// A synchronous caller cannot wait for Redis: with a fleet backend in `exact` mode,
-    /// this decides on the local store and shares the usage as `async` mode does. Use
-    /// [`Engine::begin`] to get exact fleet decisions.
+    /// A synchronous caller cannot wait for a remote check: with a backend that decides
+    /// remotely (Redis `exact` mode), this decides on the local store and shares the usage
+    /// as `async` mode does. Use [`Engine::begin`] to get remote decisions.
     pub fn decide(&self, req: &RequestFacts<'_>) -> Decision {
         match self.decide_inner(req, false) {
             Begun::Decided(d) => d,
@@ -320,8 +360,8 @@ impl Engine {
         }
     }
 
-    /// Decides on one request, or, with a fleet backend in `exact` mode, returns the
-    /// [`RemoteCheck`] to await (within the backend's timeout budget).
+    /// Decides on one request, or, with a backend that decides remotely (Redis `exact`
+    /// mode), returns the [`RemoteCheck`] to await (within the backend's budget).
     pub fn begin(&self, req: &RequestFacts<'_>) -> Begun {
         self.decide_inner(req, true)
     }
@@ -440,26 +480,24 @@ impl Engine {
         // The concurrency permit still to take (the quota check takes it on the way when
         // it can: one lookup of the client's entry for both).
         let mut concurrency = q.concurrency;
-        // The fleet backend, for requests that have quota bandwidths.
-        let fleet = sh
-            .fleet
-            .get()
-            .filter(|_| !rules_out.allowed && q.bandwidths.is_some());
-        let route = fleet.map(|f| f.route(remote_ok));
-        if route == Some(Route::Reject) {
-            if let Some(f) = fleet {
-                f.count_failure_reject();
-            }
+        // The state backend routes requests that have quota bandwidths.
+        let route = if !rules_out.allowed && q.bandwidths.is_some() {
+            sh.route(remote_ok)
+        } else {
+            Route::Local
+        };
+        if route == Route::Reject {
+            sh.backend().count_failure_reject();
             charges.rollback_from(0, &sh.state, now);
-            return d.reject(fleet_unavailable(
+            return d.reject(backend_unavailable(
                 pol,
                 plan_name.cloned(),
                 &client_key,
                 shadow_hits,
             ));
         }
-        // Exact mode asks Redis for the bandwidths; open mode skips them.
-        let local_quota = !matches!(route, Some(Route::Remote | Route::Admit));
+        // A remote check decides the bandwidths; failing open skips them.
+        let local_quota = !matches!(route, Route::Remote | Route::Admit);
         if !rules_out.allowed {
             if let Some(bws) = q.bandwidths.filter(|_| local_quota) {
                 match quota::consume(&sh.state, bws, concurrency, ck, cost, now, &mut charges) {
@@ -573,9 +611,9 @@ impl Engine {
             }),
             _ => None,
         };
-        if let (Some(f), Some(r), Some(bws)) = (fleet, route, q.bandwidths) {
-            match r {
-                Route::Local | Route::LocalDegraded if !borrowed => f.record(ck, bws, cost),
+        if let Some(bws) = q.bandwidths.filter(|_| route != Route::Local) {
+            match route {
+                Route::Shared | Route::Degraded if !borrowed => sh.backend().record(ck, bws, cost),
                 Route::Remote => {
                     let headers = d.headers;
                     let ticket = Ticket::new(
@@ -588,7 +626,7 @@ impl Engine {
                     );
                     return Begun::Remote(RemoteCheck {
                         shared: Arc::clone(&self.shared),
-                        fleet: Arc::clone(f),
+                        backend: Arc::clone(sh.backend()),
                         admitted: Admitted {
                             ticket,
                             ratelimit: None,
@@ -608,8 +646,8 @@ impl Engine {
                 }
                 _ => {}
             }
-            if matches!(r, Route::LocalDegraded | Route::Admit) {
-                f.count_failure_admit();
+            if matches!(route, Route::Degraded | Route::Admit) {
+                sh.backend().count_failure_admit();
             }
         }
         if let Some(obs) = observer {
@@ -754,14 +792,14 @@ fn shed_retry_after(pol: &CompiledPolicy) -> Duration {
     )
 }
 
-/// The 503 of `on_failure: closed` while Redis is unreachable.
-fn fleet_unavailable(
+/// The 503 of `on_failure: closed` while the state backend is unreachable.
+fn backend_unavailable(
     pol: &CompiledPolicy,
     plan: Option<Arc<str>>,
     client_key: &ClientKey,
     shadow_hits: u32,
 ) -> Rejection {
-    fleet_unavailable_owned(plan, client_key, shed_retry_after(pol), shadow_hits)
+    backend_unavailable_owned(plan, client_key, shed_retry_after(pol), shadow_hits)
 }
 
 /// What [`Engine::begin`] returns.
@@ -769,15 +807,15 @@ fn fleet_unavailable(
 pub enum Begun {
     /// The decision.
     Decided(Decision),
-    /// Everything but the fleet quota passed; await [`RemoteCheck::resolve`].
+    /// Everything but the remote quota check passed; await [`RemoteCheck::resolve`].
     Remote(RemoteCheck),
 }
 
-/// An exact-mode decision waiting for Redis. It holds the request's ticket (in-flight
+/// A decision waiting for the state backend's remote check (Redis `exact` mode). It holds the request's ticket (in-flight
 /// count, concurrency permit): dropping it, or a rejection, releases them.
 pub struct RemoteCheck {
     shared: Arc<Shared>,
-    fleet: Arc<Fleet>,
+    backend: Arc<dyn StateBackend>,
     admitted: Admitted,
     bandwidths: Arc<[CompiledBandwidth]>,
     cost: u64,
@@ -804,24 +842,24 @@ impl std::fmt::Debug for RemoteCheck {
 // === impl RemoteCheck ===
 
 impl RemoteCheck {
-    /// Runs the exact-mode script (at most the backend's timeout budget); on failure or
-    /// timeout, decides by `on_failure`.
+    /// Runs the backend's remote check (at most the backend's budget); on failure or
+    /// timeout, decides by the backend's `on_failure`.
     pub async fn resolve(mut self) -> Decision {
-        let lease = self.concurrency.map(|l| (l, self.fleet.new_lease_id()));
+        let lease = self.concurrency.map(|l| (l, self.backend.new_lease_id()));
         let verdict = self
-            .fleet
-            .exact(self.client_key.as_str(), &self.bandwidths, self.cost, lease)
+            .backend
+            .remote_check(self.client_key.as_str(), &self.bandwidths, self.cost, lease)
             .await;
         let now = self.shared.clock.now();
         match verdict {
-            Some(ExactVerdict::Admit) => {
+            Verdict::Admit => {
                 if let Some((_, id)) = lease {
-                    let guard = self.fleet.hold(id, self.client_key.as_str());
-                    self.admitted.ticket.hold(Box::new(guard));
+                    let guard = Arc::clone(&self.backend).hold_lease(id, self.client_key.as_str());
+                    self.admitted.ticket.hold(guard);
                 }
                 self.admit()
             }
-            Some(ExactVerdict::Busy) => {
+            Verdict::Busy => {
                 let r = Rejection {
                     status: self.quota_status,
                     stage: Stage::Concurrency,
@@ -837,22 +875,22 @@ impl RemoteCheck {
                 };
                 self.finish_reject(r)
             }
-            Some(ExactVerdict::Reject {
+            Verdict::Reject {
                 index,
                 wait,
                 tat_ahead,
-            }) => {
+            } => {
                 let tat = now.saturating_add(tat_ahead);
                 self.reject_quota(index, wait, tat, now)
             }
-            None => match self.fleet.on_failure_mode() {
+            Verdict::Unavailable => match self.backend.on_failure() {
                 OnFailure::Open => {
-                    self.fleet.count_failure_admit();
+                    self.backend.count_failure_admit();
                     self.admit()
                 }
                 OnFailure::Closed => {
-                    self.fleet.count_failure_reject();
-                    let r = fleet_unavailable_owned(
+                    self.backend.count_failure_reject();
+                    let r = backend_unavailable_owned(
                         self.plan.clone(),
                         &self.client_key,
                         self.shed_retry_after,
@@ -881,8 +919,8 @@ impl RemoteCheck {
         );
         match out {
             Ok(Consumed::Admitted { .. }) => {
-                self.fleet.record(key, &self.bandwidths, self.cost);
-                self.fleet.count_failure_admit();
+                self.backend.record(key, &self.bandwidths, self.cost);
+                self.backend.count_failure_admit();
                 drop(charges);
                 self.admit()
             }
@@ -901,7 +939,7 @@ impl RemoteCheck {
             }
             Err(_) => {
                 drop(charges);
-                let r = fleet_unavailable_owned(
+                let r = backend_unavailable_owned(
                     self.plan.clone(),
                     &self.client_key,
                     self.shed_retry_after,
@@ -987,7 +1025,7 @@ impl RemoteCheck {
     }
 }
 
-fn fleet_unavailable_owned(
+fn backend_unavailable_owned(
     plan: Option<Arc<str>>,
     client_key: &ClientKey,
     retry_after: Duration,

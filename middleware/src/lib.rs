@@ -27,6 +27,7 @@
 //! ```
 
 pub mod admission;
+pub mod backend;
 pub mod clock;
 pub mod concurrency;
 pub mod decision;
