@@ -30,6 +30,16 @@
 //!
 //! Keys are hash-tagged per client (`{<key>}`), so a client's bandwidths share one slot.
 //!
+//! **Redis Cluster.** `state.redis.cluster` (seed nodes) instead of `url` connects with the
+//! `redis` crate's async cluster client, behind the same [`redis::aio::ConnectionLike`]
+//! handle, so every call site is the same. Each script touches the keys of one slot only:
+//! a client's TAT keys and lease set share the `{<key>}` tag, the registry of gateways is
+//! `<prefix>:{gateways}` (one key), and a lease renewal or release touches one lease set.
+//! Different clients land on different slots, so the load spreads over the masters. The
+//! cluster client connects in the background at start (a gateway starts while the cluster
+//! is down), follows `MOVED`/`ASK` and reconnects lost nodes with exponential backoff; each
+//! call keeps the same budget and feeds the same breaker as with one server.
+//!
 //! **Failures.** Every call has the `timeout` budget. A [`Breaker`] opens after
 //! [`BREAKER_THRESHOLD`] consecutive failures; while open, Redis sees at most
 //! [`PROBES_PER_SEC`] probes per second and the first success closes it. While it is open
@@ -39,7 +49,21 @@
 //! second with a 3 s lease); `open` admits what the local limits admit (exact mode: skips
 //! the quota) and counts it; `closed` rejects requests that have a quota with 503.
 //! Transitions are logged once each and counted ([`FleetSnapshot`]); error lines are rate
-//! limited to one a second. The connection is a multiplexed `ConnectionManager` created
+//! limited to one a second.
+//!
+//! **Error replies.** A Redis error reply counts in `errors` like a timeout. Most (`OOM
+//! command not allowed` once `maxmemory` is reached, `LOADING`, `READONLY`, `CLUSTERDOWN`,
+//! …) say the backend cannot serve: they feed the breaker, so under a full Redis the fleet
+//! goes degraded and follows `on_failure` until writes succeed again. A `WRONGTYPE` reply
+//! (something else sits at one of a client's keys, or a TAT key does not hold a number) is
+//! about **that client's keys only**: it is counted and logged with the key (at most one such
+//! line a second) but does not move the breaker, so one bad key never degrades the fleet.
+//! That client's decisions follow `on_failure` meanwhile: in `exact` mode each of its
+//! requests is decided by `on_failure` (`closed` → 503, `open` → admitted and counted,
+//! `local` → local limits); in `async` mode its usage is not shared, and under `local` its
+//! local limits are scaled by `1/N` as while degraded (under `open` and `closed` it keeps
+//! its local limits: async decisions never wait for Redis). The key is not repaired
+//! automatically: deleting it restores fleet-wide decisions for the client. The connection is a multiplexed `ConnectionManager` created
 //! lazily: a gateway starts while Redis is down, and reconnects with jittered exponential
 //! backoff. No caller ever waits on a connection pool.
 
@@ -50,8 +74,9 @@ use std::time::Duration;
 
 use fairgate_policies::compiled::CompiledBandwidth;
 use fairgate_policies::model::{Backend, FleetMode, OnFailure, RedisState};
-use redis::aio::ConnectionManager;
-use redis::Script;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Script, Value};
 
 use crate::clock::{Clock, Nanos, TokioClock};
 use crate::engine::Engine;
@@ -81,6 +106,51 @@ pub enum FleetError {
     /// The url is not usable by the redis client.
     #[error("state.redis.url: {0}")]
     Url(String),
+    /// The cluster seed nodes are not usable by the redis cluster client.
+    #[error("state.redis.cluster: {0}")]
+    Cluster(String),
+}
+
+/// The connection every call goes through: one server's multiplexed `ConnectionManager`, or
+/// a Redis Cluster's multiplexed async connection (routing each command by its first key).
+/// Both are cheap `Arc` clones.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Is this error reply about one client's keys (rather than about the backend)?
+fn key_scoped(e: &redis::RedisError) -> bool {
+    e.code() == Some("WRONGTYPE")
 }
 
 /// Counters and state of the fleet backend, for metrics and `/health`.
@@ -213,6 +283,7 @@ for i = 1, n do
   local T = tonumber(ARGV[1 + 2 * i])
   local C = tonumber(ARGV[2 + 2 * i])
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if not tat then return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' does not hold a number') end
   if tat < now then tat = now end
   local new = tat + cost * T
   if new - now > C then
@@ -251,6 +322,7 @@ local out = {}
 for i = 1, #KEYS do
   local T = tonumber(ARGV[1 + i])
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if not tat then return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' does not hold a number') end
   if tat < now then tat = now end
   if units > 0 then
     tat = tat + units * T
@@ -262,7 +334,7 @@ return out
 "#;
 
 /// Registers this gateway until now + ttl and counts the registered ones.
-/// KEYS: the registry zset. ARGV: gateway id, ttl ms.
+/// KEYS: the registry zset (`<prefix>:{gateways}`: its own hash tag). ARGV: gateway id, ttl ms.
 const HEARTBEAT_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -322,7 +394,7 @@ pub struct Fleet {
     prefix: String,
     url_redacted: String,
     id: String,
-    conn: ConnectionManager,
+    conn: Conn,
     breaker: Breaker,
     exact: Script,
     sync: Script,
@@ -343,6 +415,7 @@ pub struct Fleet {
     fm_rejects: AtomicU64,
     syncs: AtomicU64,
     last_error_log: AtomicU64,
+    last_key_error_log: AtomicU64,
     clock: Arc<dyn Clock>,
 }
 
@@ -441,24 +514,35 @@ pub fn start(engine: &Arc<Engine>) -> Result<Option<FleetHandle>, FleetError> {
 }
 
 impl Fleet {
-    /// A backend for `settings` (no connection made yet).
+    /// A backend for `settings` (no connection made yet; with `cluster`, the cluster client
+    /// starts connecting in the background).
+    ///
+    /// # Panics
+    ///
+    /// With `cluster`, outside a tokio runtime (its connection task is spawned).
     pub fn connect(
         settings: &RedisState,
         clock: Arc<dyn Clock>,
         max_keys: u64,
     ) -> Result<Fleet, FleetError> {
-        let url_redacted = fairgate_policies::model::redact_url(&settings.url);
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| FleetError::Url(format!("{url_redacted}: {e}")))?;
+        let url_redacted = settings.target_redacted();
         let timeout = settings.timeout.0;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
-            .set_response_timeout(Some(timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(2))
-            .set_number_of_retries(3);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| FleetError::Url(format!("{url_redacted}: {e}")))?;
+        let conn = match &settings.url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| FleetError::Url(format!("{url_redacted}: {e}")))?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
+                    .set_response_timeout(Some(timeout))
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(2))
+                    .set_number_of_retries(3);
+                let conn = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| FleetError::Url(format!("{url_redacted}: {e}")))?;
+                Conn::Single(conn)
+            }
+            None => Conn::Cluster(connect_cluster(&settings.cluster, timeout, &url_redacted)?),
+        };
         let id = format!(
             "{:x}-{:x}",
             std::process::id(),
@@ -499,6 +583,7 @@ impl Fleet {
             fm_rejects: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             last_error_log: AtomicU64::new(0),
+            last_key_error_log: AtomicU64::new(0),
             clock,
         })
     }
@@ -586,23 +671,73 @@ impl Fleet {
         format!("{}:{{{client}}}:{kind}:{}", self.prefix, bw.id)
     }
 
-    /// Runs one call under the budget and reports it to the breaker.
+    /// The registry of gateways (one sorted set, with its own hash tag).
+    fn registry_key(&self) -> String {
+        format!("{}:{{gateways}}", self.prefix)
+    }
+
+    /// Runs one call under the budget and reports it to the breaker. `client`: whose keys
+    /// the call touches, if one client's (a key-scoped error reply names it and leaves the
+    /// breaker alone; see the module docs).
     async fn call<T>(
         &self,
+        client: Option<&str>,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let err = match tokio::time::timeout(self.timeout, fut).await {
+        match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => {
-                if self.breaker.on_success() {
-                    tracing::info!(url = %self.url_redacted, "redis is back: fleet-wide decisions again");
-                }
-                return Some(v);
+                self.succeeded();
+                Some(v)
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.timeout),
-        };
+            Ok(Err(e)) if key_scoped(&e) => {
+                self.key_failed(client.unwrap_or(""), &e);
+                None
+            }
+            Ok(Err(e)) => {
+                self.failed(&e.to_string(), 1);
+                None
+            }
+            Err(_) => {
+                self.failed(&format!("no answer within {:?}", self.timeout), 1);
+                None
+            }
+        }
+    }
+
+    /// A call succeeded: closes the breaker.
+    fn succeeded(&self) {
+        if self.breaker.on_success() {
+            tracing::info!(url = %self.url_redacted, "redis is back: fleet-wide decisions again");
+        }
+    }
+
+    /// Counts a key-scoped error reply (logged at most once a second, with the key); the
+    /// breaker does not move: Redis answered.
+    fn key_failed(&self, client: &str, e: &redis::RedisError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        let now = self.breaker.clock.now();
+        let last = self.last_key_error_log.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1_000_000_000
+            && self
+                .last_key_error_log
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                url = %self.url_redacted,
+                key = %format_args!("{}:{{{client}}}", self.prefix),
+                on_failure = ?self.on_failure,
+                error = %e,
+                "redis refused a client's keys: its decisions follow on_failure until the key is fixed"
+            );
+        }
+    }
+
+    /// Counts `errors` failures of one call (timeout, connection, error replies about the
+    /// backend), logs it at most once a second, and feeds the breaker once.
+    fn failed(&self, err: &str, errors: u64) {
+        self.errors.fetch_add(errors, Ordering::Relaxed);
         let now = self.breaker.clock.now();
         let last = self.last_error_log.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 1_000_000_000
@@ -620,7 +755,6 @@ impl Fleet {
                 "redis unreachable: breaker open, deciding with on_failure"
             );
         }
-        None
     }
 
     /// Exact mode: one script over every bandwidth, plus a concurrency lease of id `lease`
@@ -647,7 +781,7 @@ impl Fleet {
             .arg(self.lease_member(lease))
             .arg(LEASE_TTL_MS);
         let mut conn = self.conn.clone();
-        let reply: Vec<i64> = self.call(inv.invoke_async(&mut conn)).await?;
+        let reply: Vec<i64> = self.call(Some(client), inv.invoke_async(&mut conn)).await?;
         let us =
             |v: Option<&i64>| v.map_or(0, |&v| u64::try_from(v).unwrap_or(0).saturating_mul(1000));
         match reply.first() {
@@ -714,16 +848,39 @@ impl Fleet {
             return;
         }
         let mut conn = self.conn.clone();
-        let key = format!("{}:gateways", self.prefix);
         let mut inv = self.heartbeat.prepare_invoke();
-        inv.key(key).arg(&self.id).arg(HEARTBEAT_TTL_MS);
-        if let Some(n) = self.call(inv.invoke_async::<u64>(&mut conn)).await {
+        inv.key(self.registry_key())
+            .arg(&self.id)
+            .arg(HEARTBEAT_TTL_MS);
+        if let Some(n) = self.call(None, inv.invoke_async::<u64>(&mut conn)).await {
             let old = self.gateways.swap(n.max(1), Ordering::Relaxed);
             if old != n.max(1) {
                 tracing::info!(gateways = n, "fleet size changed");
             }
         }
     }
+}
+
+/// The cluster connection for `seeds`: made in the background (never waits here), with the
+/// same budgets as the single-server `ConnectionManager`.
+fn connect_cluster(
+    seeds: &[String],
+    timeout: Duration,
+    redacted: &str,
+) -> Result<ClusterConnection, FleetError> {
+    let connect_timeout = timeout.max(Duration::from_millis(100));
+    let client = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        .connection_timeout(connect_timeout)
+        .response_timeout(timeout)
+        .retries(3)
+        .min_retry_wait(50)
+        .max_retry_wait(2_000)
+        .build()
+        .map_err(|e| FleetError::Cluster(format!("{redacted}: {e}")))?;
+    let config = redis::cluster::ClusterConfig::new()
+        .set_connection_timeout(connect_timeout)
+        .set_response_timeout(timeout);
+    Ok(client.get_pending_async_connection_with_config(config))
 }
 
 // === background tasks ===
@@ -758,7 +915,7 @@ async fn lease_loop(
                     let mut conn = fleet.conn.clone();
                     let mut cmd = redis::cmd("ZREM");
                     cmd.arg(fleet.leases_key(&key)).arg(fleet.lease_member(id));
-                    let _ = fleet.call(cmd.query_async::<i64>(&mut conn)).await;
+                    let _ = fleet.call(Some(&key), cmd.query_async::<i64>(&mut conn)).await;
                 }
             }
             _ = tick.tick() => {
@@ -781,7 +938,9 @@ async fn lease_loop(
                     async move { inv.invoke_async::<i64>(&mut conn).await }
                 });
                 let all = futures_util::future::join_all(calls);
-                let _ = fleet.call(async { Ok::<_, redis::RedisError>(all.await) }).await;
+                let _ = fleet
+                    .call(None, async { Ok::<_, redis::RedisError>(all.await) })
+                    .await;
             }
         }
     }
@@ -816,17 +975,25 @@ async fn sync_loop(fleet: Arc<Fleet>, engine: std::sync::Weak<Engine>) {
             }
             continue;
         }
-        if exchange_batch(&fleet, store, &batch).await {
+        let round = exchange_batch(&fleet, store, &batch).await;
+        if round.completed {
             fleet.syncs.fetch_add(1, Ordering::Relaxed);
-        } else if fleet.on_failure == OnFailure::Local {
-            charge_peers_share(&fleet, store, &batch, fleet.clock.now());
+        }
+        if fleet.on_failure == OnFailure::Local && !round.unshared.is_empty() {
+            let unshared = round.unshared.iter().filter_map(|&i| batch.get(i));
+            charge_peers_share(&fleet, store, unshared, fleet.clock.now());
         }
     }
 }
 
 /// Degraded `local`: every key pays `(N − 1)×` its own consumption, so each gateway keeps
 /// to `1/N` of the quota.
-fn charge_peers_share(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pending)], now: Nanos) {
+fn charge_peers_share<'b>(
+    fleet: &Fleet,
+    store: &Store,
+    batch: impl IntoIterator<Item = &'b (Box<str>, Pending)>,
+    now: Nanos,
+) {
     let others = fleet.gateways.load(Ordering::Relaxed).saturating_sub(1);
     if others == 0 {
         return;
@@ -837,12 +1004,24 @@ fn charge_peers_share(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pending)
     }
 }
 
+/// What one exchange round did.
+struct Round {
+    /// Every chunk got its answers (some keys may still have failed).
+    completed: bool,
+    /// Indices (in the batch) of the keys whose usage did not reach Redis.
+    unshared: Vec<usize>,
+}
+
 /// One exchange: charge the batch to the fleet buckets, raise the local ones to them.
 /// Keys go in chunks of [`EXCHANGE_CHUNK`], each pipelined on the one connection under its
-/// own call budget, so a round with many keys is not one call over budget. False when a
-/// chunk failed (timeout, Redis down); the rest of the round is then skipped.
-async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pending)]) -> bool {
-    for chunk in batch.chunks(EXCHANGE_CHUNK) {
+/// own call budget, so a round with many keys is not one call over budget. Each key's
+/// script answers on its own: a key-scoped error reply (`WRONGTYPE`) leaves that key
+/// unshared and the breaker alone; any other error reply (`OOM`…) or a timeout is a failed
+/// call for the breaker, and the rest of the round is then skipped (unshared).
+async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pending)]) -> Round {
+    let mut unshared = Vec::new();
+    for (c, chunk) in batch.chunks(EXCHANGE_CHUNK).enumerate() {
+        let base = c * EXCHANGE_CHUNK;
         let calls = chunk.iter().map(|(key, p)| {
             let mut inv = fleet.sync.prepare_invoke();
             for bw in p.bandwidths.iter() {
@@ -856,30 +1035,52 @@ async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pendin
             async move { inv.invoke_async::<Vec<i64>>(&mut conn).await }
         });
         let all = futures_util::future::join_all(calls);
-        let Some(results) = fleet
-            .call(async { Ok::<_, redis::RedisError>(all.await) })
-            .await
-        else {
-            return false;
+        fleet.calls.fetch_add(1, Ordering::Relaxed);
+        let Ok(results) = tokio::time::timeout(fleet.timeout, all).await else {
+            fleet.failed(&format!("no answer within {:?}", fleet.timeout), 1);
+            unshared.extend(base..batch.len());
+            return Round {
+                completed: false,
+                unshared,
+            };
         };
         let now = fleet.clock.now();
-        let mut failed = 0u64;
-        for ((key, p), result) in chunk.iter().zip(results) {
-            let Ok(ahead_us) = result else {
-                failed += 1;
-                continue;
-            };
-            raise(store, key, &p.bandwidths, now, |i| {
-                ahead_us
-                    .get(i)
-                    .map_or(0, |&us| u64::try_from(us).unwrap_or(0).saturating_mul(1000))
-            });
+        let mut backend_error = None;
+        for (i, ((key, p), result)) in chunk.iter().zip(results).enumerate() {
+            match result {
+                Ok(ahead_us) => raise(store, key, &p.bandwidths, now, |i| {
+                    ahead_us
+                        .get(i)
+                        .map_or(0, |&us| u64::try_from(us).unwrap_or(0).saturating_mul(1000))
+                }),
+                Err(e) if key_scoped(&e) => {
+                    fleet.key_failed(key, &e);
+                    unshared.push(base + i);
+                }
+                Err(e) => {
+                    unshared.push(base + i);
+                    let (_, n) = backend_error.get_or_insert((e, 0u64));
+                    *n += 1;
+                }
+            }
         }
-        if failed > 0 {
-            fleet.errors.fetch_add(failed, Ordering::Relaxed);
+        match backend_error {
+            Some((e, n)) => {
+                // Counted once per key; the breaker hears of it once per chunk.
+                fleet.failed(&e.to_string(), n);
+                unshared.extend(base + chunk.len()..batch.len());
+                return Round {
+                    completed: false,
+                    unshared,
+                };
+            }
+            None => fleet.succeeded(),
         }
     }
-    true
+    Round {
+        completed: true,
+        unshared,
+    }
 }
 
 /// Raises bandwidth `i` of `key` to `TAT ≥ now + ahead(i)`.

@@ -1,7 +1,8 @@
 //! The Redis state backend against a real `redis-server` (started on a free loopback port
-//! by `fairgate_tests::redis`): the exact-mode script, the async exchange, and the failure
-//! modes. Engines run on a manual clock standing still, so local buckets only hold their
-//! burst; Redis time moves, but the quotas here refill once a minute.
+//! by `fairgate_tests::redis`): the exact-mode script, the async exchange, the failure
+//! modes, error replies (OOM, WRONGTYPE: F4 (b), (c)) and a 3-node Redis Cluster. Engines
+//! run on a manual clock standing still, so local buckets only hold their burst; Redis time
+//! moves, but the quotas here refill once a minute.
 
 mod common;
 
@@ -12,7 +13,7 @@ use common::Req;
 use fairgate_middleware::engine::Begun;
 use fairgate_middleware::fleet::{self, FleetHandle, BREAKER_THRESHOLD};
 use fairgate_middleware::{Decision, Engine, HttpHeaders, RequestFacts};
-use fairgate_tests::redis::RedisServer;
+use fairgate_tests::redis::{RedisCluster, RedisServer};
 use fairgate_tests::{eventually, DEADLINE};
 
 fn policy(url: &str, mode: &str, on_failure: &str, bandwidths: &str) -> String {
@@ -289,4 +290,238 @@ async fn exact_mode_leases_hold_concurrency_fleet_wide_and_expire_with_their_gat
     .await;
     assert_eq!(status(&decide(&b, &r).await), 200);
     drop((a1, b2));
+}
+
+// === Redis Cluster ===
+
+/// [`policy`] on the seed nodes of `cluster` instead of one url.
+fn cluster_policy(
+    cluster: &RedisCluster,
+    mode: &str,
+    on_failure: &str,
+    bandwidths: &str,
+) -> String {
+    policy("SEEDS", mode, on_failure, bandwidths)
+        .replace("url: SEEDS", &format!("cluster: {}", cluster.yaml_list()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_holds_one_quota_per_client_and_spreads_clients_over_its_nodes() {
+    let cluster = RedisCluster::start(3);
+    // exact: two gateways share one burst, as on one server.
+    let yaml = cluster_policy(
+        &cluster,
+        "exact",
+        "closed",
+        "['1/min burst 5', '1/min burst 8']",
+    );
+    let (a, _ha) = gateway(&yaml);
+    let (b, _hb) = gateway(&yaml);
+    let r = Req::from("192.0.2.1");
+    let mut admitted = 0;
+    for i in 0..20 {
+        let e = if i % 2 == 0 { &a } else { &b };
+        match status(&decide(e, &r).await) {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected status {other}: {:?}", a.fleet()),
+        }
+    }
+    assert_eq!(admitted, 5, "one burst across both gateways");
+    // Many clients: each client's keys share one slot (one script per decision works: no
+    // CROSSSLOT), and the clients land on more than one node.
+    for i in 0..40 {
+        let d = decide(&a, &Req::from(&format!("198.51.100.{i}"))).await;
+        assert_eq!(status(&d), 200, "client {i}: {:?}", a.fleet());
+    }
+    let sizes = cluster.dbsizes();
+    assert!(
+        sizes.iter().filter(|&&n| n > 0).count() >= 2,
+        "keys on one node only: {sizes:?}"
+    );
+    assert_eq!(
+        sizes.iter().sum::<u64>(),
+        2 * 41 + 1,
+        "2 TAT keys per client + the registry: {sizes:?}"
+    );
+    // The registry (its own slot) counts both gateways.
+    wait_for("both gateways registered", || {
+        a.fleet().unwrap().gateways == 2 && b.fleet().unwrap().gateways == 2
+    })
+    .await;
+    assert_eq!(a.fleet().unwrap().errors + b.fleet().unwrap().errors, 0);
+
+    // async: a second gateway picks up the first one's usage through the cluster.
+    let yaml = cluster_policy(&cluster, "async", "local", "['1/min burst 10']");
+    let (c, _hc) = gateway(&yaml);
+    let (d, _hd) = gateway(&yaml);
+    let r = Req::from("192.0.2.77");
+    assert_eq!(common::admit_n(&c, &r, 15), 10);
+    wait_for("c's exchange", || c.fleet().unwrap().syncs >= 1).await;
+    assert!(common::admit(&d, &r));
+    wait_for("d's exchange", || d.fleet().unwrap().syncs >= 1).await;
+    assert_eq!(common::admit_n(&d, &r, 10), 0, "d sees the fleet's usage");
+    assert_eq!(c.fleet().unwrap().errors + d.fleet().unwrap().errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_is_down_follows_on_failure_without_waiting() {
+    let seeds = format!("['{}', '{}']", dead_url(), dead_url());
+    let yaml = policy("SEEDS", "exact", "closed", "['1/min burst 5']")
+        .replace("url: SEEDS", &format!("cluster: {seeds}"));
+    let (e, _h) = gateway(&yaml);
+    let r = Req::from("192.0.2.1");
+    let mut worst = Duration::ZERO;
+    for _ in 0..BREAKER_THRESHOLD + 5 {
+        let t = Instant::now();
+        assert_eq!(status(&decide(&e, &r).await), 503);
+        worst = worst.max(t.elapsed());
+    }
+    assert!(
+        worst < Duration::from_millis(150),
+        "worst decision took {worst:?}"
+    );
+    let s = e.fleet().unwrap();
+    assert!(s.degraded, "{s:?}");
+    assert_eq!(s.failure_mode_rejects, u64::from(BREAKER_THRESHOLD) + 5);
+}
+
+// === F4 (b) and (c): error replies ===
+
+/// The TAT key of `client`'s first bandwidth (after one decision made it).
+fn tat_key(redis: &RedisServer, client: &str) -> String {
+    let keys = redis.cli(&["--raw", "KEYS", &format!("fairgate:{{{client}}}:t:*")]);
+    keys.lines().next().expect("a TAT key").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_type_key_sends_only_its_client_to_on_failure_and_never_opens_the_breaker() {
+    let redis = RedisServer::start();
+    let yaml = policy(&redis.url(), "exact", "closed", "['1/min burst 100']");
+    let (e, _h) = gateway(&yaml);
+    let bad = Req::from("192.0.2.66");
+    let good = Req::from("192.0.2.1");
+    assert_eq!(status(&decide(&e, &bad).await), 200);
+    let key = tat_key(&redis, "192.0.2.66");
+    // A list where the TAT (a string) should be: WRONGTYPE from Redis itself.
+    redis.cli(&["DEL", &key]);
+    redis.cli(&["LPUSH", &key, "x"]);
+    for _ in 0..3 * BREAKER_THRESHOLD {
+        assert_eq!(
+            status(&decide(&e, &bad).await),
+            503,
+            "closed: 503 for the bad key"
+        );
+        assert_eq!(status(&decide(&e, &good).await), 200, "others unaffected");
+    }
+    // Only the bad client, many times in a row: still not degraded.
+    for _ in 0..3 * BREAKER_THRESHOLD {
+        assert_eq!(status(&decide(&e, &bad).await), 503);
+    }
+    let s = e.fleet().unwrap();
+    assert!(!s.degraded, "one client's key degraded the fleet: {s:?}");
+    assert_eq!(s.errors, 6 * u64::from(BREAKER_THRESHOLD), "{s:?}");
+    assert_eq!(s.failure_mode_rejects, 6 * u64::from(BREAKER_THRESHOLD));
+    // A string that is not a number: the script answers WRONGTYPE too.
+    redis.cli(&["DEL", &key]);
+    redis.cli(&["SET", &key, "garbage"]);
+    assert_eq!(status(&decide(&e, &bad).await), 503);
+    assert!(!e.fleet().unwrap().degraded);
+    // Fixing the key restores fleet-wide decisions for the client.
+    redis.cli(&["DEL", &key]);
+    assert_eq!(status(&decide(&e, &bad).await), 200);
+
+    // async mode: the bad key stays unshared, the others keep exchanging.
+    let yaml = policy(&redis.url(), "async", "local", "['1/min burst 100']");
+    let (e, _h) = gateway(&yaml);
+    redis.cli(&["DEL", &key]);
+    redis.cli(&["LPUSH", &key, "x"]);
+    let good = Req::from("192.0.2.2");
+    for _ in 0..3 {
+        assert!(common::admit(&e, &bad), "local limits for the bad key");
+        assert!(common::admit(&e, &good));
+    }
+    let good_tat = key.replace("192.0.2.66", "192.0.2.2");
+    wait_for(
+        "an exchange that reports the bad key and shares the good one",
+        || {
+            let s = e.fleet().unwrap();
+            s.errors >= 1 && !redis.cli(&["GET", &good_tat]).trim().is_empty()
+        },
+    )
+    .await;
+    let s = e.fleet().unwrap();
+    assert!(!s.degraded, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_opens_the_breaker_without_stalling_and_recovers() {
+    let redis = RedisServer::start();
+    let r = Req::from("192.0.2.1");
+    // exact / open: OOM replies are failures: admitted and counted, then the breaker opens.
+    let (e, _h) = gateway(&policy(
+        &redis.url(),
+        "exact",
+        "open",
+        "['1/min burst 1000']",
+    ));
+    assert_eq!(status(&decide(&e, &r).await), 200);
+    let oom = || {
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+        redis.cli(&["DEBUG", "POPULATE", "20000", "filler", "64"]);
+        redis.cli(&["CONFIG", "SET", "maxmemory", "1mb"]);
+        assert!(
+            redis.cli(&["SET", "probe", "x"]).contains("OOM"),
+            "redis is not out of memory"
+        );
+    };
+    oom();
+    let mut worst = Duration::ZERO;
+    for _ in 0..50 {
+        let t = Instant::now();
+        assert_eq!(
+            status(&decide(&e, &r).await),
+            200,
+            "on_failure: open admits"
+        );
+        worst = worst.max(t.elapsed());
+    }
+    assert!(
+        worst < Duration::from_millis(150),
+        "worst decision took {worst:?}"
+    );
+    let s = e.fleet().unwrap();
+    assert!(s.degraded, "{s:?}");
+    assert!(s.errors >= u64::from(BREAKER_THRESHOLD), "{s:?}");
+    assert_eq!(s.failure_mode_admits, 50);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let recovered = eventually(Duration::from_secs(5), || async {
+        decide(&e, &r).await;
+        !e.fleet().unwrap().degraded
+    })
+    .await;
+    assert!(recovered, "still degraded 5 s after memory came back");
+
+    // async / local: the exchanges fail with OOM, so the fleet goes degraded (not only
+    // counted), then back once writes succeed.
+    let (e, _h) = gateway(&policy(
+        &redis.url(),
+        "async",
+        "local",
+        "['1/min burst 100000']",
+    ));
+    oom();
+    let degraded = eventually(DEADLINE, || async {
+        common::admit(&e, &r);
+        e.fleet().unwrap().degraded
+    })
+    .await;
+    assert!(degraded, "{:?}", e.fleet());
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let recovered = eventually(Duration::from_secs(5), || async {
+        common::admit(&e, &r);
+        !e.fleet().unwrap().degraded
+    })
+    .await;
+    assert!(recovered, "still degraded 5 s after memory came back");
 }

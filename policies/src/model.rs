@@ -883,14 +883,27 @@ pub enum Backend {
 
 /// The Redis backend: where, how decisions use it, and what happens when it fails.
 ///
-/// `Debug` hides the password of `url`.
+/// Exactly one of `url` (one server) and `cluster` (seed nodes of a Redis Cluster) is set
+/// (the decoder refuses both or neither). `Debug` hides their passwords.
 #[derive(Clone, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisState {
-    /// `redis://[user:password@]host:port[/db]`. Serialised (the admin API's `/policy`, the
-    /// canonical form) with the password replaced by `***`.
-    #[serde(serialize_with = "serialize_redacted_url")]
-    pub url: String,
+    /// `redis://[user:password@]host:port[/db]` of one server. Serialised (the admin API's
+    /// `/policy`, the canonical form) with the password replaced by `***`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_redacted_opt_url"
+    )]
+    pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`redis://[user:password@]host:port` each); the rest of
+    /// the cluster is discovered from them. Serialised with passwords replaced by `***`.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_redacted_urls"
+    )]
+    pub cluster: Vec<String>,
     /// `async` (default) or `exact`.
     #[serde(default)]
     pub mode: FleetMode,
@@ -911,7 +924,15 @@ pub struct RedisState {
 impl std::fmt::Debug for RedisState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisState")
-            .field("url", &redact_url(&self.url))
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field(
+                "cluster",
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("mode", &self.mode)
             .field("sync_interval", &self.sync_interval)
             .field("timeout", &self.timeout)
@@ -936,8 +957,32 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-fn serialize_redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_url(url))
+impl RedisState {
+    /// Where Redis is, for logs: the redacted `url`, or the redacted seed nodes of the
+    /// cluster (`cluster[a, b]`).
+    pub fn target_redacted(&self) -> String {
+        match &self.url {
+            Some(url) => redact_url(url),
+            None => {
+                let nodes: Vec<String> = self.cluster.iter().map(|u| redact_url(u)).collect();
+                format!("cluster[{}]", nodes.join(", "))
+            }
+        }
+    }
+}
+
+fn serialize_redacted_opt_url<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_some(&redact_url(url)),
+        None => s.serialize_none(),
+    }
+}
+
+fn serialize_redacted_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| redact_url(u)))
 }
 
 /// Default `state.redis.sync_interval`.
@@ -986,7 +1031,8 @@ mod tests {
     #[test]
     fn a_redis_password_never_leaves_through_serialisation_or_debug() {
         let r = RedisState {
-            url: "redis://app:s3cret@127.0.0.1:6379/0".to_owned(),
+            url: Some("redis://app:s3cret@127.0.0.1:6379/0".to_owned()),
+            cluster: Vec::new(),
             mode: FleetMode::default(),
             sync_interval: default_sync_interval(),
             timeout: default_redis_timeout(),
@@ -1002,5 +1048,72 @@ mod tests {
             "redis://127.0.0.1:6379"
         );
         assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
+    }
+
+    #[test]
+    fn a_cluster_is_decoded_from_its_seed_nodes() {
+        let p = crate::decode::parse_policy(
+            "version: 1
+state:
+  backend: redis
+  redis: {cluster: ['redis://127.0.0.1:7000', 'redis://127.0.0.1:7001'], mode: exact}
+",
+            "p.yaml",
+        )
+        .unwrap();
+        let r = p.state.redis.unwrap();
+        assert_eq!(r.url, None);
+        assert_eq!(
+            r.cluster,
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        assert_eq!(r.mode, FleetMode::Exact);
+        let p = crate::decode::parse_policy(
+            "version: 1\nstate: {backend: redis, redis: {url: 'redis://h:1'}}\n",
+            "p.yaml",
+        )
+        .unwrap();
+        let r = p.state.redis.unwrap();
+        assert_eq!(
+            (r.url.as_deref(), r.cluster.len()),
+            (Some("redis://h:1"), 0)
+        );
+    }
+
+    #[test]
+    fn cluster_passwords_never_leave_through_serialisation_or_debug() {
+        let r = RedisState {
+            url: None,
+            cluster: vec![
+                "redis://app:s3cret@10.0.0.1:7000".to_owned(),
+                "redis://:hunter2@10.0.0.2:7000".to_owned(),
+            ],
+            mode: FleetMode::default(),
+            sync_interval: default_sync_interval(),
+            timeout: default_redis_timeout(),
+            on_failure: OnFailure::default(),
+            key_prefix: default_key_prefix(),
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            !json.contains("s3cret") && !json.contains("hunter2"),
+            "{json}"
+        );
+        assert!(
+            json.contains(
+                r#""cluster":["redis://app:***@10.0.0.1:7000","redis://:***@10.0.0.2:7000"]"#
+            ),
+            "{json}"
+        );
+        assert!(!json.contains("\"url\""), "{json}");
+        let debug = format!("{r:?}");
+        assert!(
+            !debug.contains("s3cret") && !debug.contains("hunter2"),
+            "{debug}"
+        );
+        assert_eq!(
+            r.target_redacted(),
+            "cluster[redis://app:***@10.0.0.1:7000, redis://:***@10.0.0.2:7000]"
+        );
     }
 }

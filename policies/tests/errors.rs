@@ -586,8 +586,29 @@ state:
             "p.yaml:4:64: state.redis.timeout: duration must be longer than 0",
             "p.yaml:4:81: state.redis.on_failure: unknown value `maybe` (expected one of `local`, `open`, `closed`)",
             "p.yaml:4:100: state.redis.key_prefix: a key prefix must be non-empty, without braces or spaces",
-            "p.yaml:4:108: state.redis.pool: unknown field `pool` (expected one of `url`, `mode`, `sync_interval`, `timeout`, `on_failure`, `key_prefix`)",
+            "p.yaml:4:108: state.redis.pool: unknown field `pool` (expected one of `url`, `cluster`, `mode`, `sync_interval`, `timeout`, `on_failure`, `key_prefix`)",
         ],
+    );
+    // Redis Cluster: seed nodes instead of `url`, exactly one of the two.
+    fails(
+        "version: 1
+state:
+  backend: redis
+  redis: {url: 'redis://h:1', cluster: ['redis://a:1']}
+",
+        &["p.yaml:4:40: state.redis.cluster: set either `url` (one server) or `cluster` (seed nodes of a Redis Cluster), not both"],
+    );
+    fails(
+        "version: 1\nstate: {backend: redis, redis: {mode: exact}}\n",
+        &["p.yaml:2:32: state.redis: missing field `url` (one server) or `cluster` (seed nodes of a Redis Cluster)"],
+    );
+    fails(
+        "version: 1\nstate: {backend: redis, redis: {cluster: []}}\n",
+        &["p.yaml:2:42: state.redis.cluster: a cluster needs at least one seed node (`redis://host:port`)"],
+    );
+    fails(
+        "version: 1\nstate: {backend: redis, redis: {cluster: ['redis://a:1', 'http://u:pw@b:2']}}\n",
+        &["p.yaml:2:58: state.redis.cluster[1]: `http://u:***@b:2` is not a redis url (expected `redis://host:port`)"],
     );
     fails(
         "version: 1\nstate: {redis: {url: 'redis://127.0.0.1:6379'}}\n",

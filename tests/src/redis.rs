@@ -6,8 +6,10 @@
 //! --save '' --appendonly no --enable-debug-command local` as a child, and waits for
 //! `PING`. Faults: [`RedisServer::kill`] (SIGKILL), [`RedisServer::stop`] /
 //! [`RedisServer::cont`] (SIGSTOP / SIGCONT), [`RedisServer::restart`] (same port, empty).
-//! The child is killed by PID on drop. The fleet scenarios' shared pieces (a gateway config
-//! on Redis, one client spread over every gateway, waiting for the fleet to form) are here too.
+//! The child is killed by PID on drop. [`RedisCluster::start`] runs `n` such servers with
+//! `--cluster-enabled yes` and joins them into a Redis Cluster (`redis-cli --cluster create`,
+//! no replicas). The fleet scenarios' shared pieces (a gateway config on Redis, one client
+//! spread over every gateway, waiting for the fleet to form) are here too.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -22,6 +24,8 @@ pub struct RedisServer {
     /// Its port on 127.0.0.1.
     pub port: u16,
     child: Option<Child>,
+    /// Extra `redis-server` arguments (cluster mode).
+    extra: Vec<String>,
 }
 
 static INSTALL: Mutex<()> = Mutex::new(());
@@ -98,6 +102,7 @@ impl RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             child: None,
+            extra: Vec::new(),
         };
         server.spawn();
         server
@@ -117,6 +122,7 @@ impl RedisServer {
                 "--protected-mode",
                 "no",
             ])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -198,6 +204,126 @@ impl Drop for RedisServer {
     }
 }
 
+// === cluster ===
+
+/// A Redis Cluster of `redis-server` children on 127.0.0.1 (masters only), each killed by
+/// PID on drop.
+pub struct RedisCluster {
+    /// The nodes (masters), in creation order.
+    pub nodes: Vec<RedisServer>,
+    /// Holds the nodes' `nodes-<port>.conf` files.
+    _dir: tempfile::TempDir,
+}
+
+/// A free port below 55535 whose cluster bus port (+ 10000) is free too.
+fn free_cluster_port() -> u16 {
+    let start = Instant::now();
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = l.local_addr().expect("local addr").port();
+        if port < 55535 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+        assert!(start.elapsed() < DEADLINE, "no free cluster port pair");
+    }
+}
+
+impl RedisCluster {
+    /// Starts `n` (at least 3) cluster-enabled servers, creates the cluster over them (slots
+    /// spread evenly, no replicas) and waits until every node says `cluster_state:ok`.
+    ///
+    /// # Panics
+    ///
+    /// When a node cannot start, the cluster cannot be created, or it is not ok within
+    /// [`DEADLINE`].
+    pub fn start(n: usize) -> RedisCluster {
+        assert!(
+            n >= 3,
+            "redis-cli --cluster create needs at least 3 masters"
+        );
+        ensure_installed();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut ports: Vec<u16> = Vec::with_capacity(n);
+        while ports.len() < n {
+            let p = free_cluster_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let nodes: Vec<RedisServer> = ports
+            .iter()
+            .map(|&port| {
+                let conf = dir.path().join(format!("nodes-{port}.conf"));
+                let mut server = RedisServer {
+                    port,
+                    child: None,
+                    extra: vec![
+                        "--cluster-enabled".into(),
+                        "yes".into(),
+                        "--cluster-config-file".into(),
+                        conf.to_string_lossy().into_owned(),
+                        "--dir".into(),
+                        dir.path().to_string_lossy().into_owned(),
+                    ],
+                };
+                server.spawn();
+                server
+            })
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes, _dir: dir };
+        let start = Instant::now();
+        while !cluster
+            .nodes
+            .iter()
+            .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(start.elapsed() < DEADLINE, "the cluster is not ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// The seed node urls (`redis://127.0.0.1:<port>` each).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The seed nodes as a YAML flow list, for `state.redis.cluster`.
+    pub fn yaml_list(&self) -> String {
+        let urls: Vec<String> = self.urls().iter().map(|u| format!("'{u}'")).collect();
+        format!("[{}]", urls.join(", "))
+    }
+
+    /// Keys held by each node (`DBSIZE`), in node order.
+    pub fn dbsizes(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|n| n.cli(&["DBSIZE"]).trim().parse().unwrap_or(0))
+            .collect()
+    }
+
+    /// Runs `redis-cli -c` (following redirects) against the first node.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        self.nodes[0].cli(&all)
+    }
+}
+
 // === fleet scenarios ===
 
 /// A gateway config for the fleet scenarios: one upstream, clients keyed by `x-api-key`, one
@@ -205,6 +331,24 @@ impl Drop for RedisServer {
 pub fn fleet_config(
     upstream: &crate::Upstream,
     redis: &str,
+    mode: &str,
+    on_failure: &str,
+    quota: &str,
+) -> String {
+    fleet_config_on(
+        upstream,
+        &format!("url: '{redis}'"),
+        mode,
+        on_failure,
+        quota,
+    )
+}
+
+/// [`fleet_config`] with the Redis target given as YAML: `url: '…'`, or
+/// `cluster: [...]` ([`RedisCluster::yaml_list`]).
+pub fn fleet_config_on(
+    upstream: &crate::Upstream,
+    target: &str,
     mode: &str,
     on_failure: &str,
     quota: &str,
@@ -223,7 +367,7 @@ policy:
   default_plan: free
   state:
     backend: redis
-    redis: {{url: '{redis}', mode: {mode}, sync_interval: 20ms, timeout: 25ms, on_failure: {on_failure}}}
+    redis: {{{target}, mode: {mode}, sync_interval: 20ms, timeout: 25ms, on_failure: {on_failure}}}
 ",
         upstream.addr
     )

@@ -1,5 +1,6 @@
 //! Fleet-wide quotas through real `fairgate` processes sharing one real `redis-server`
-//! (SCENARIOS.md F4 (a) and F5, shortened for the ci tier; F6/F7 run in `nightly_redis.rs`).
+//! (SCENARIOS.md F4 (a)–(c) and F5, shortened for the ci tier; F6/F7 run in
+//! `nightly_redis.rs`), and on a real 3-node Redis Cluster.
 //!
 //! One client (one API key) spreads its requests over every gateway; the quota must hold
 //! for the fleet, not per gateway. The scenarios share the machine's 2 cores, so they run
@@ -8,7 +9,10 @@
 use std::time::Duration;
 
 use fairgate_tests::load::{run_all, LoadReport, Sample};
-use fairgate_tests::redis::{admitted, fleet_config as config, spread, wait_fleet, RedisServer};
+use fairgate_tests::redis::{
+    admitted, fleet_config as config, fleet_config_on, spread, wait_fleet, RedisCluster,
+    RedisServer,
+};
 use fairgate_tests::{eventually, metric, Client, Gateway, Upstream};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -258,4 +262,248 @@ async fn a_gateway_killed_holding_a_lease_frees_the_clients_concurrency_within_t
         after <= Duration::from_millis(4500),
         "freed after {after:?}"
     );
+}
+
+// === Redis Cluster ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_holds_the_global_quota_in_exact_and_async_mode() {
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start(3);
+    let up = Upstream::start().await;
+    let target = format!("cluster: {}", cluster.yaml_list());
+    // Accuracy, not latency, is under test: a 250 ms budget keeps a loaded 2-core machine's
+    // scheduling hiccups from turning into `on_failure` decisions.
+    let budget = |cfg: String| cfg.replace("timeout: 25ms", "timeout: 250ms");
+
+    // exact: the same bound as on one server.
+    let cfg = budget(fleet_config_on(
+        &up,
+        &target,
+        "exact",
+        "closed",
+        "20/s burst 5",
+    ));
+    let gws = vec![Gateway::start(&cfg), Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+    let reports = run_all(spread(&gws, 40, 4)).await;
+    only_200_or_429(&reports);
+    let got = admitted(&reports);
+    let elapsed = reports.iter().map(|r| r.elapsed).max().unwrap_or_default();
+    let bound = (20.0 * elapsed.as_secs_f64()).floor() as u64 + 5 + 1;
+    eprintln!("cluster exact 2 gateways: admitted {got}, bound {bound} over {elapsed:?}");
+    assert!(got <= bound, "admitted {got} > {bound}");
+    assert!(got >= 20 * 4, "admitted {got} < the quota over 4 s");
+    // Many clients land on more than one node.
+    let client = Client::new();
+    for i in 0..30 {
+        let key = format!("client-{i}");
+        let r = client
+            .get_with(&gws[i % 2].url("/q"), &[("x-api-key", &key)])
+            .await;
+        assert_eq!(r.status, 200, "{key}");
+    }
+    let sizes = cluster.dbsizes();
+    eprintln!("cluster keys per node: {sizes:?}");
+    assert!(sizes.iter().filter(|&&n| n > 0).count() >= 2, "{sizes:?}");
+    for g in &gws {
+        let m = scrape(g).await;
+        let errors = metric(&m, "fairgate_redis_errors_total").unwrap_or(0.0);
+        let calls = metric(&m, "fairgate_redis_calls_total").unwrap_or(0.0);
+        eprintln!("cluster exact: {errors} redis errors in {calls} calls");
+        assert!(
+            calls > 0.0 && errors <= calls / 100.0,
+            "{errors} errors in {calls} calls"
+        );
+    }
+    drop(gws);
+
+    // async: within 5 % of the global quota, as on one server.
+    let cfg = budget(fleet_config_on(
+        &up,
+        &target,
+        "async",
+        "local",
+        "50/s burst 10",
+    ));
+    let gws = vec![Gateway::start(&cfg), Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+    let reports = run_all(spread(&gws, 75, 6)).await;
+    only_200_or_429(&reports);
+    let got = admitted(&reports) as f64;
+    let want = 50.0 * 6.0 + 10.0;
+    eprintln!(
+        "cluster async 2 gateways: admitted {got} of {} (global quota {want})",
+        reports.iter().map(|r| r.sent).sum::<u64>()
+    );
+    assert!(
+        (got - want).abs() <= want * 0.05,
+        "admitted {got}, global quota {want} ± 5%"
+    );
+}
+
+// === F4 (b), (c): error replies ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_mid_run_degrades_to_local_limits_and_recovers() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let cfg = config(&up, &redis.url(), "async", "local", "100/s burst 20");
+    let gws = vec![Gateway::start(&cfg), Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+    let load = tokio::spawn(run_all(spread(&gws, 100, 8)));
+    tokio::time::sleep(Duration::from_secs(2)).await; // the fault's schedule, not a sync
+                                                      // Fill Redis past a 1 MB limit that refuses writes.
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis.cli(&["DEBUG", "POPULATE", "20000", "filler", "64"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1mb"]);
+    assert!(redis.cli(&["SET", "probe", "x"]).contains("OOM"));
+    let degraded = eventually(Duration::from_secs(2), || async {
+        health(&gws[0]).await.trim() == "degraded"
+    })
+    .await;
+    assert!(degraded, "/health does not say degraded under OOM");
+    tokio::time::sleep(Duration::from_secs(3)).await; // the fault's length
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let reports = load.await.expect("load");
+    only_200_or_429(&reports);
+    let baseline = p99_between(&reports, Duration::ZERO, Duration::from_secs(2));
+    let oom = p99_between(&reports, Duration::from_secs(3), Duration::from_secs(5));
+    eprintln!(
+        "F4(b): p99 before {baseline:?}, during OOM {oom:?}; {}",
+        reports[0].summary()
+    );
+    assert!(
+        oom <= baseline + Duration::from_millis(25).max(baseline),
+        "p99 {oom:?} under OOM, {baseline:?} before"
+    );
+    // Local limits meanwhile: 100/s for the fleet (÷ 2 gateways), 2 s window.
+    let during: u64 = reports
+        .iter()
+        .map(|r| {
+            r.window(Duration::from_secs(3), Duration::from_secs(5))
+                .get(&200)
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    eprintln!("F4(b): admitted {during} in 2 s of OOM");
+    assert!(
+        (150..=260).contains(&during),
+        "admitted {during} in 2 s of OOM"
+    );
+    for g in &gws {
+        let ok = eventually(Duration::from_secs(3), || async {
+            health(g).await.trim() == "ok"
+        })
+        .await;
+        assert!(ok, "still degraded after memory came back:\n{}", g.stderr());
+        let m = scrape(g).await;
+        assert!(
+            metric(&m, "fairgate_redis_errors_total").unwrap_or(0.0) > 0.0,
+            "{m}"
+        );
+        assert!(metric(&m, "fairgate_redis_breaker_opens_total").unwrap_or(0.0) >= 1.0);
+    }
+    // The fleet holds one global quota again.
+    let reports = run_all(spread(&gws, 60, 3)).await;
+    only_200_or_429(&reports);
+    let got = admitted(&reports) as f64;
+    eprintln!("F4(b): admitted {got} in 3 s after recovery (120 rps offered)");
+    assert!(
+        got <= 100.0 * 3.0 + 20.0 + 2.0 * 20.0,
+        "admitted {got} after recovery"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_type_key_sends_only_its_client_to_on_failure() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let cfg = config(&up, &redis.url(), "exact", "closed", "1000/s burst 100");
+    let gws = vec![Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+    let client = Client::new();
+    let url = gws[0].url("/q");
+    assert_eq!(
+        client
+            .get_with(&url, &[("x-api-key", "victim")])
+            .await
+            .status,
+        200
+    );
+    let keys = redis.cli(&["--raw", "KEYS", "fairgate:{victim}:t:*"]);
+    let key = keys
+        .lines()
+        .next()
+        .expect("the victim's TAT key")
+        .to_owned();
+    redis.cli(&["DEL", &key]);
+    redis.cli(&["LPUSH", &key, "planted"]);
+    let victim = fairgate_tests::load::LoadSpec::get_with(
+        &url,
+        &[("x-api-key", "victim")],
+        50,
+        Duration::from_secs(3),
+    );
+    let other = fairgate_tests::load::LoadSpec::get_with(
+        &url,
+        &[("x-api-key", "bystander")],
+        50,
+        Duration::from_secs(3),
+    );
+    let reports = run_all(vec![victim, other]).await;
+    eprintln!(
+        "F4(c): victim {}; bystander {}",
+        reports[0].summary(),
+        reports[1].summary()
+    );
+    // The victim follows on_failure (closed: 503, the declared status); nobody else notices.
+    assert_eq!(reports[0].errors, 0);
+    assert_eq!(
+        reports[0].count(503),
+        reports[0].sent,
+        "{}",
+        reports[0].summary()
+    );
+    assert_eq!(reports[1].errors, 0);
+    assert_eq!(
+        reports[1].count(200),
+        reports[1].sent,
+        "{}",
+        reports[1].summary()
+    );
+    assert_eq!(health(&gws[0]).await.trim(), "ok");
+    let m = scrape(&gws[0]).await;
+    assert!(
+        metric(&m, "fairgate_redis_errors_total").unwrap_or(0.0) >= reports[0].sent as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "fairgate_redis_breaker_opens_total").unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+    // The log names the key (rate-limited: one line a second at most).
+    let stderr = gws[0].stderr();
+    let lines = stderr
+        .lines()
+        .filter(|l| l.contains("fairgate:{victim}"))
+        .count();
+    assert!(
+        (1..=5).contains(&lines),
+        "{lines} log lines name the key:\n{stderr}"
+    );
+    // Fixing the key restores fleet-wide decisions for the victim.
+    redis.cli(&["DEL", &key]);
+    assert_eq!(
+        client
+            .get_with(&url, &[("x-api-key", "victim")])
+            .await
+            .status,
+        200
+    );
+    assert!(!gws[0].stderr().contains("panicked"));
 }

@@ -1594,23 +1594,54 @@ fn state(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<State> {
     })
 }
 
+/// One `redis://` url (of `url` or of a `cluster` seed node).
+fn redis_url(c: &mut Ctx, n: &Node, p: &Path<'_>) -> Option<String> {
+    let s = scalar(c, n, p, "a redis url")?;
+    if !s.starts_with("redis://") {
+        c.error(
+            n,
+            p,
+            format!(
+                "`{}` is not a redis url (expected `redis://host:port`)",
+                crate::yaml::shorten(&crate::model::redact_url(s))
+            ),
+        );
+        return None;
+    }
+    Some(s.to_owned())
+}
+
 fn redis_state(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<RedisState> {
     let mut m = MapReader::new(ctx, node, path)?;
-    let url = m.required_with(ctx, "url", |c, n, p| {
-        let s = scalar(c, n, p, "a redis url")?;
-        if !s.starts_with("redis://") {
+    // Exactly one of `url` (one server) and `cluster` (seed nodes of a Redis Cluster).
+    let url_given = m.entry("url").is_some();
+    let url = m.present_with(ctx, "url", redis_url);
+    let cluster_at = m.entry("cluster").map(|e| e.value.mark);
+    let cluster = m.present_with(ctx, "cluster", |c, n, p| {
+        let nodes = list(c, n, p, redis_url)?;
+        if nodes.is_empty() {
             c.error(
                 n,
                 p,
-                format!(
-                    "`{}` is not a redis url (expected `redis://host:port`)",
-                    crate::yaml::shorten(&crate::model::redact_url(s))
-                ),
+                "a cluster needs at least one seed node (`redis://host:port`)",
             );
             return None;
         }
-        Some(s.to_owned())
+        Some(nodes)
     });
+    match (url_given, cluster_at) {
+        (true, Some(at)) => ctx.error_at(
+            at,
+            &path.key("cluster"),
+            "set either `url` (one server) or `cluster` (seed nodes of a Redis Cluster), not both",
+        ),
+        (false, None) => ctx.error(
+            node,
+            path,
+            "missing field `url` (one server) or `cluster` (seed nodes of a Redis Cluster)",
+        ),
+        _ => {}
+    }
     let mode = m.optional_with(ctx, "mode", |c, n, p| {
         choice(
             c,
@@ -1646,8 +1677,12 @@ fn redis_state(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<RedisState
         Some(s.to_owned())
     });
     m.finish(ctx);
+    if url.is_none() && cluster.is_none() {
+        return None;
+    }
     Some(RedisState {
-        url: url?,
+        url,
+        cluster: cluster.unwrap_or_default(),
         mode: mode.unwrap_or_default(),
         sync_interval: sync_interval.unwrap_or_else(crate::model::default_sync_interval),
         timeout: timeout.unwrap_or_else(crate::model::default_redis_timeout),
