@@ -10,6 +10,10 @@
 # upstream and the load generator share core 1. Unpinned mode: proxies get two workers, nothing
 # is pinned.
 #
+# The contenders fairgate-redis-async and fairgate-redis-exact (group "backends") keep their
+# state in a redis-server the script starts on 127.0.0.1 (a free port, no persistence), on the
+# load generator's core in pinned mode; its CPU time per request is reported beside the proxy's.
+#
 # Every process this script starts is stopped by its PID on exit; every point is bounded
 # (--duration, at most 20 s).
 set -euo pipefail
@@ -19,6 +23,7 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 
 ALL_CONTENDERS="direct hyper pingora nginx nginx-limit fairgate-empty fairgate-full fairgate-reject30 fairgate-full-mt"
 AXUM_CONTENDERS="axum axum-fairgate axum-fairgate-reject30 axum-governor"
+REDIS_CONTENDERS="fairgate-redis-async fairgate-redis-exact"
 
 usage() {
     cat <<EOF
@@ -33,7 +38,9 @@ usage: benches/load/run.sh [options]
   --contenders LIST      comma-separated subset of:
                            $ALL_CONTENDERS
                            $AXUM_CONTENDERS
-                         or the group names "proxies" (default) and "axum"
+                           $REDIS_CONTENDERS
+                         or the group names "proxies" (default), "axum", "backends"
+                         (fairgate-full and the two Redis backends) and "all"
   --modes LIST           pinned,unpinned (default both; --quick: pinned)
   --nice N               niceness of the measured processes, wrk and the upstream (default -10
                          as root, so that other tenants' builds interfere less; 0 otherwise)
@@ -41,7 +48,7 @@ usage: benches/load/run.sh [options]
                          machine to drop below 15% (default 60; 0 = don't wait); the load seen
                          is recorded with every point either way
   --profile LIST         after the rounds, load these contenders once more under
-                         `perf record -e cpu-clock` and write flat and call-graph profiles to
+                         'perf record -e cpu-clock' and write flat and call-graph profiles to
                          the run directory (perf-<mode>-<name>.txt); not part of the table
   --max-other F          a point during which other tenants used more than this share of the
                          machine (0..1, default 0.10) is measured again, up to --attempts times
@@ -106,9 +113,10 @@ for c in ${CONTENDERS//,/ }; do
     case "$c" in
         proxies) expanded="$expanded $ALL_CONTENDERS" ;;
         axum) expanded="$expanded $AXUM_CONTENDERS" ;;
-        all) expanded="$expanded $ALL_CONTENDERS $AXUM_CONTENDERS" ;;
+        backends) expanded="$expanded fairgate-full $REDIS_CONTENDERS" ;;
+        all) expanded="$expanded $ALL_CONTENDERS $AXUM_CONTENDERS $REDIS_CONTENDERS" ;;
         *)
-            case " $ALL_CONTENDERS $AXUM_CONTENDERS " in
+            case " $ALL_CONTENDERS $AXUM_CONTENDERS $REDIS_CONTENDERS " in
                 *" $c "*) expanded="$expanded $c" ;;
                 *) echo "unknown contender: $c" >&2; exit 2 ;;
             esac ;;
@@ -141,6 +149,12 @@ install_missing() {
     command -v python3 >/dev/null || need+=(python3)
     if [ -n "$PROFILE" ]; then command -v perf >/dev/null || need+=(linux-perf); fi
     if wants pingora; then command -v cmake >/dev/null || need+=(cmake); fi
+    if wants 'fairgate-redis*'; then
+        # redis-cli comes with redis-server (its dependency redis-tools).
+        if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+            need+=(redis-server)
+        fi
+    fi
     [ ${#need[@]} -eq 0 ] && return 0
     if [ "$INSTALL" = 0 ]; then
         echo "missing tools (${need[*]}); run without --no-install to apt-get them" >&2
@@ -149,7 +163,7 @@ install_missing() {
     log "installing ${need[*]} from Debian"
     local sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
-    # Keep the packages' services (nginx) from starting on install.
+    # Keep the packages' services (nginx, redis-server) from starting on install.
     local made_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
@@ -205,9 +219,9 @@ stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
     wait "$pid" 2>/dev/null || true
 }
 
-cleanup() {
-    local pid
-    for pid in "${STARTED_PIDS[@]}"; do stop_pid "$pid"; done
+cleanup() { # newest first: the proxies before the upstream and redis-server they use
+    local i
+    for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${STARTED_PIDS[$i]}"; done
     STARTED_PIDS=()
 }
 trap cleanup EXIT
@@ -238,6 +252,67 @@ wait_ready() { # wait_ready NAME PORT PID: poll until HTTP answers, 60 s deadlin
 pids_of() {
     echo "$1"
     pgrep -P "$1" || true
+}
+
+REDIS_PID=""
+REDIS_PORT=""
+
+# start_redis PIN: a redis-server on 127.0.0.1 and a free port, no persistence; waits for PING
+# (60 s deadline).
+start_redis() {
+    local pin="$1" deadline=$((SECONDS + 60))
+    REDIS_PORT=$(free_port)
+    # shellcheck disable=SC2086
+    $pin redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
+        --protected-mode no --daemonize no --loglevel warning >"$RUN/redis.log" 2>&1 &
+    REDIS_PID=$!
+    STARTED_PIDS+=("$REDIS_PID")
+    while [ $SECONDS -lt $deadline ]; do
+        if ! kill -0 "$REDIS_PID" 2>/dev/null; then
+            echo "redis-server exited during start-up; its log:" >&2
+            cat "$RUN/redis.log" >&2 || true
+            exit 1
+        fi
+        if [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" PING 2>/dev/null)" = PONG ]; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "redis-server did not answer PING on 127.0.0.1:$REDIS_PORT within 60 s" >&2
+    exit 1
+}
+
+# redis_drain: after a point of a Redis contender, wait (up to 20 s) until redis-server is idle
+# (under 2 ticks in 0.5 s) and print the CPU ticks it used meanwhile: its deferred work for the
+# point, mostly expiring the keys the point wrote (they live about 1 s past their bucket's TAT,
+# the leases' sets 6 s), which otherwise would land in the next contender's point.
+redis_drain() {
+    local start prev now deadline=$((SECONDS + 20))
+    start=$(cpu_ticks "$REDIS_PID")
+    prev=$start
+    now=$start
+    while [ $SECONDS -lt $deadline ]; do
+        sleep 0.5
+        now=$(cpu_ticks "$REDIS_PID")
+        [ $((now - prev)) -lt 2 ] && break
+        prev=$now
+    done
+    echo $((now - start))
+}
+
+redis_commands() { # redis_commands: commands redis-server has processed so far (0: none running)
+    local n=""
+    if [ -n "$REDIS_PID" ]; then
+        n=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" INFO stats 2>/dev/null \
+            | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p')
+    fi
+    echo "${n:-0}"
+}
+
+redis_failures() { # redis_failures NAME: `redis call failed` warnings (at most 1/s) logged so far
+    local n
+    n=$(grep -c 'redis call failed' "$RUN/$1.log" 2>/dev/null || true)
+    echo "${n:-0}"
 }
 
 cpu_ticks() { # cpu_ticks PID...: utime+stime summed over the processes (all their threads)
@@ -328,6 +403,7 @@ write_nginx_proxy_conf() { # write_nginx_proxy_conf NAME PORT WORKERS LIMIT(0|1)
         if [ "$limit" = 1 ]; then
             # Per API key, like fairgate's full policy; 100,000 keys fit in 64 MB with room.
             # The rate and burst are far above what any one key is sent: limits never hit.
+            # shellcheck disable=SC2016 # nginx variables, not the shell's
             echo '    limit_req_zone $http_x_api_key zone=per_key:64m rate=1000r/s;'
             echo '    limit_req_status 429;'
         fi
@@ -361,6 +437,28 @@ write_policies() {
     cp "$HERE/policy-empty.yaml" "$HERE/policy-full.yaml" "$RUN/"
 }
 
+# write_redis_policy MODE(async|exact): policy-full.yaml with its `state` section (the last
+# top-level key) replaced by the same max_keys on the Redis backend. `on_failure: closed`: a
+# Redis call that fails or times out answers 503, so a struggling Redis shows in the non-2xx
+# column instead of being hidden by local decisions. Each mode has its own key prefix, so the
+# two gateways do not see each other as one fleet.
+write_redis_policy() {
+    local mode="$1" out="$RUN/policy-redis-$1.yaml"
+    grep -q '^state:' "$HERE/policy-full.yaml" \
+        || { echo "policy-full.yaml has no top-level state section" >&2; exit 1; }
+    sed '/^state:/,$d' "$HERE/policy-full.yaml" >"$out"
+    cat >>"$out" <<EOF
+state:
+  max_keys: 250000
+  backend: redis
+  redis:
+    url: redis://127.0.0.1:$REDIS_PORT
+    mode: $mode
+    on_failure: closed
+    key_prefix: fairgate-bench-$mode
+EOF
+}
+
 # ---------------------------------------------------------------------------------------------
 # Contenders
 
@@ -391,6 +489,12 @@ start_contender() { # start_contender NAME THREADS PIN(cmd prefix)
             [ "$name" = fairgate-empty ] && policy=empty
             [ "$name" = fairgate-full-mt ] && runtime=multi_thread
             write_fairgate_conf "$name" "$port" "$threads" "$policy" "$runtime"
+            $pin "$FAIRGATE_BIN" run --config "$RUN/$name.gateway.yaml" >"$RUN/$name.log" 2>&1 &
+            pid=$! ;;
+        fairgate-redis-async|fairgate-redis-exact)
+            local backend="${name#fairgate-redis-}"
+            write_redis_policy "$backend"
+            write_fairgate_conf "$name" "$port" "$threads" "redis-$backend" default
             $pin "$FAIRGATE_BIN" run --config "$RUN/$name.gateway.yaml" >"$RUN/$name.log" 2>&1 &
             pid=$! ;;
         axum)
@@ -464,7 +568,7 @@ run_point() {
 # ending in other=<share of the machine other tenants used during the point>.
 measure_point() {
     local name="$1" mode="$2" runno="$3" secs="$4" pinwrk="$5" wthreads="$6" attempt="$7"
-    local port="${PORT[$name]}" pids=() upids=() out c0 c1 u0 u1 b0 b1
+    local port="${PORT[$name]}" pids=() upids=() out c0 c1 u0 u1 r0 r1 b0 b1
     mapfile -t upids < <(pids_of "$UPSTREAM_PID")
     if [ -n "${PID[$name]}" ]; then
         mapfile -t pids < <(pids_of "${PID[$name]}")
@@ -477,6 +581,10 @@ measure_point() {
     bg=$(wait_quiet)
     c0=$(cpu_ticks "${pids[@]}")
     u0=$(cpu_ticks "${upids[@]}")
+    r0=$(cpu_ticks ${REDIS_PID:+"$REDIS_PID"})
+    local f0 f1 k0 k1
+    f0=$(redis_failures "$name")
+    k0=$(redis_commands)
     b0=$(core_busy)
     # wrk runs under a small bash that reports, after wrk has exited, its children's CPU
     # ticks (cutime + cstime): with the proxy's and the upstream's, that is all of our own
@@ -489,22 +597,31 @@ measure_point() {
         || { echo "wrk failed against $name:" >&2; cat "$out" >&2; exit 1; }
     c1=$(cpu_ticks "${pids[@]}")
     u1=$(cpu_ticks "${upids[@]}")
+    r1=$(cpu_ticks ${REDIS_PID:+"$REDIS_PID"})
     b1=$(core_busy)
-    local result wt ut ct
+    f1=$(redis_failures "$name")
+    local tail=0
+    case "$name" in fairgate-redis-*) tail=$(redis_drain) ;; esac
+    # Commands over the point and its drain, less the first INFO call (counted by the second).
+    k1=$(redis_commands)
+    local result wt ut ct rt
     result=$(grep '^RESULT ' "$out" | tail -1)
     [ -n "$result" ] || { echo "no RESULT line from wrk for $name" >&2; cat "$out" >&2; exit 1; }
     wt=$(cat "$out.ticks")
     ct=$((c1 - c0))
     ut=$((u1 - u0))
+    # redis-server's CPU: the cost of the Redis backends (near 0 for the others, but counted
+    # as ours for every point so that it is never taken for other tenants' load).
+    rt=$((r1 - r0))
     [ -n "${PID[$name]}" ] || ut=0
     # Other tenants' share: all busy jiffies of both cores less ours, over all jiffies.
     local other
-    other=$(echo "$b0 $b1" | awk -v ours=$((ct + ut + wt)) '{
+    other=$(echo "$b0 $b1" | awk -v ours=$((ct + ut + wt + rt)) '{
         busy = ($5 - $1) + ($7 - $3); total = ($6 - $2) + ($8 - $4);
         o = total > 0 ? (busy - ours) / total : 0; if (o < 0) o = 0; printf "%.3f", o }')
     local clk
     clk=$(getconf CLK_TCK)
-    echo "$mode\t$runno\t$name\t${result#RESULT } cpu_ticks=$ct upstream_ticks=$ut wrk_ticks=$wt clk_tck=$clk bg_busy=$bg attempt=$attempt core_jiffies=${b0// /,},${b1// /,} other=$other"
+    printf '%s\t%s\t%s\t%s\n' "$mode" "$runno" "$name" "${result#RESULT } cpu_ticks=$ct upstream_ticks=$ut redis_ticks=$rt redis_tail_ticks=$tail redis_failed=$((f1 - f0)) redis_commands=$((k1 > k0 ? k1 - k0 - 1 : 0)) wrk_ticks=$wt clk_tck=$clk bg_busy=$bg attempt=$attempt core_jiffies=${b0// /,},${b1// /,} other=$other"
 }
 
 # profile_point NAME MODE SECONDS PINWRK WRKTHREADS: perf profile of a contender under load
@@ -569,8 +686,12 @@ write_policies
     echo "kernel: $(uname -sr)"
     echo "nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"
     echo "wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}')"
+    if wants 'fairgate-redis*'; then
+        echo "redis: $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')"
+    fi
+    echo "loadavg: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "git: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "command: benches/load/run.sh --runs $RUNS --nice $NICE --max-other $MAX_OTHER --attempts $ATTEMPTS --duration $DURATION --warmup $WARMUP --connections $CONNECTIONS --keys $KEYS --contenders ${LIST// /,} --modes $MODES"
+    echo "command: benches/load/run.sh --runs $RUNS --nice $NICE --quiet-wait $QUIET_WAIT --max-other $MAX_OTHER --attempts $ATTEMPTS --duration $DURATION --warmup $WARMUP --connections $CONNECTIONS --keys $KEYS --contenders ${LIST// /,} --modes $MODES"
     echo "contenders: $LIST"
     echo "modes: $MODES"
 } >"$RUN/machine.txt"
@@ -588,6 +709,8 @@ for mode in ${MODES//,/ }; do
     UPSTREAM_PID=$!
     STARTED_PIDS+=("$UPSTREAM_PID")
     wait_ready upstream "$UPSTREAM_PORT" "$UPSTREAM_PID"
+    REDIS_PID=""
+    if wants 'fairgate-redis*'; then start_redis "$PINSIDE"; fi
 
     for c in $LIST; do
         start_contender "$c" "$THREADS" "$PIN"
@@ -601,9 +724,12 @@ for mode in ${MODES//,/ }; do
                 "http://127.0.0.1:${PORT[$c]}/" -- "$(reject_percent "$c")" "$KEYS" \
                 >"$RUN/raw/$mode-warmup-$c.txt" 2>&1
         done
+        # The warm-up's keys expire in redis-server over the next seconds: not in a point.
+        if [ -n "$REDIS_PID" ]; then redis_drain >/dev/null; fi
     fi
     # Interleaved rounds: each round measures every contender once, in a rotated order, so
     # slow drifts of the machine (other tenants, thermal) spread over all of them.
+    # shellcheck disable=SC2086 # one positional parameter per contender
     set -- $LIST
     n=$#
     for r in $(seq "$RUNS"); do
@@ -623,6 +749,8 @@ for mode in ${MODES//,/ }; do
         esac
     done
     cleanup
+    REDIS_PID=""
 done
+echo "loadavg-end: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RUN/machine.txt"
 
 python3 "$HERE/report.py" "$RUN" | tee "$RUN/summary.md"
