@@ -36,6 +36,7 @@ use tower_http::trace::TraceLayer;
 use crate::admin::{self, AdminState};
 use crate::admission::GatewayObserver;
 use crate::config::{LoadedConfig, PolicySource, RuntimeModel, TargetSpec};
+use crate::conn_limits::ConnLimits;
 use crate::decision_log::DecisionLog;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -344,6 +345,8 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
     };
 
     let builder = Arc::new(server::http_builder(&config.limits));
+    // One per-source table for every listener and thread.
+    let conn_limits = ConnLimits::new(&config.limits, metrics.client_counters());
     let (stop, stop_rx) = watch::channel(false);
     let servers = match config.runtime {
         RuntimeModel::MultiThread => {
@@ -355,14 +358,23 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
                     stack.clone(),
                     builder.clone(),
                     spec.tls,
+                    conn_limits.clone(),
                     stop_rx.clone(),
                 ));
             }
             Servers::Tasks(servers)
         }
         RuntimeModel::ThreadPerCore => {
-            let workers = Workers::start(per_core, &specs, listeners, stack, builder, &stop_rx)
-                .map_err(StartError::PerCore)?;
+            let workers = Workers::start(
+                per_core,
+                &specs,
+                listeners,
+                stack,
+                builder,
+                &conn_limits,
+                &stop_rx,
+            )
+            .map_err(StartError::PerCore)?;
             tracing::info!(
                 threads = workers.len(),
                 "thread_per_core: serving on per-core threads"

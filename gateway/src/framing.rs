@@ -648,6 +648,18 @@ fn target_len(uri: &http::Uri) -> usize {
         + uri.authority().map_or(0, |a| a.as_str().len())
 }
 
+/// An HTTP/2 request whose `host` header (any of them) names another authority than its
+/// `:authority` (compared without case). Without `:authority`, `host` stands alone.
+fn h2_authority_conflict<B>(req: &Request<B>) -> bool {
+    let Some(authority) = req.uri().authority() else {
+        return false;
+    };
+    req.headers().get_all(header::HOST).iter().any(|h| {
+        !h.as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    })
+}
+
 /// The 400 answer to an ambiguous head (`Connection: close`: hyper closes after it).
 pub fn ambiguous_response() -> Response<ProxyBody> {
     let mut res = problem::response(StatusCode::BAD_REQUEST, "ambiguous request framing");
@@ -678,8 +690,19 @@ where
             };
         }
         // HTTP/2 requests are never flagged (the scanner stops at the preface), but they
-        // must not advance the HTTP/1 request count either.
+        // must not advance the HTTP/1 request count either. Their own ambiguity is a `host`
+        // header naming another authority than `:authority` (RFC 9113 §8.3.1: malformed):
+        // routing reads one and the upstream would get the other.
         if req.version() == http::Version::HTTP_2 {
+            if h2_authority_conflict(&req) {
+                tracing::debug!(uri = %req.uri(), "`host` differs from `:authority`: 400");
+                return ResponseFuture::Refused {
+                    res: Some(problem::response(
+                        StatusCode::BAD_REQUEST,
+                        "the host header differs from :authority",
+                    )),
+                };
+            }
             return ResponseFuture::Inner {
                 inner: self.inner.call(req),
             };
@@ -825,6 +848,30 @@ mod tests {
             (None, None)
         );
         assert_eq!(scan(b"\x16\x03\x01 not http", 4), (None, None));
+    }
+
+    #[test]
+    fn an_h2_host_header_must_name_the_authority() {
+        let req = |host: Option<&str>| {
+            let mut b = Request::builder()
+                .version(http::Version::HTTP_2)
+                .uri("http://a.example:8080/x");
+            if let Some(h) = host {
+                b = b.header(header::HOST, h);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(!h2_authority_conflict(&req(None)));
+        assert!(!h2_authority_conflict(&req(Some("A.Example:8080"))));
+        assert!(h2_authority_conflict(&req(Some("b.example"))));
+        assert!(h2_authority_conflict(&req(Some("a.example"))));
+        let origin_form = Request::builder()
+            .version(http::Version::HTTP_2)
+            .uri("/x")
+            .header(header::HOST, "b.example")
+            .body(())
+            .unwrap();
+        assert!(!h2_authority_conflict(&origin_form));
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod conn_limits;
 pub mod decision_log;
 pub mod echo;
 pub mod fleet;

@@ -47,6 +47,29 @@ struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// The counters of [`crate::conn_limits`]: connections refused by the per-source cap
+/// (`fairgate_connections_refused_total{reason="per_source"}`) and slow clients cut off
+/// (`fairgate_slow_clients_total{kind="body"|"read"}`).
+#[derive(Clone, Debug, Default)]
+pub struct ClientCounters {
+    /// Connections closed at accept: the source had `max_connections_per_source` open.
+    pub refused_per_source: Counter,
+    /// Request bodies failed for arriving slower than `body_min_rate`.
+    pub slow_body: Counter,
+    /// Connections closed because the client read nothing for `write_timeout`.
+    pub slow_read: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -142,6 +165,7 @@ pub struct Metrics {
     decision_log_dropped: Counter,
     fleet: crate::fleet::FleetMetrics,
     outbound: crate::outbound::OutboundMetrics,
+    clients: ClientCounters,
 }
 
 fn duration_histogram() -> Histogram {
@@ -239,6 +263,25 @@ impl Metrics {
         );
         let fleet = crate::fleet::FleetMetrics::register(&mut registry);
         let outbound = crate::outbound::OutboundMetrics::register(&mut registry);
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed right after accept, by reason (per_source)",
+            refused.clone(),
+        );
+        let slow = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "slow_clients",
+            "Slow clients cut off, by kind (body: request body under body_min_rate; read: nothing read for write_timeout)",
+            slow.clone(),
+        );
+        let clients = ClientCounters {
+            refused_per_source: refused.get_or_create_owned(&ReasonLabels {
+                reason: "per_source",
+            }),
+            slow_body: slow.get_or_create_owned(&KindLabels { kind: "body" }),
+            slow_read: slow.get_or_create_owned(&KindLabels { kind: "read" }),
+        };
         last_reload_success.set(1);
         // Make the reload series visible before the first reload.
         let _ = reloads.get_or_create_owned(&ReloadLabels { result: "ok" });
@@ -262,7 +305,13 @@ impl Metrics {
             decision_log_dropped,
             fleet,
             outbound,
+            clients,
         }
+    }
+
+    /// The counters of the connection limits (see [`ClientCounters`]).
+    pub fn client_counters(&self) -> ClientCounters {
+        self.clients.clone()
     }
 
     /// The outbound-layer counters of upstream pool `name` (creates its series).
@@ -416,6 +465,9 @@ mod tests {
             "fairgate_tracked_keys 3",
             "fairgate_evictions_total 9",
             "fairgate_near_limit_total 0",
+            r#"fairgate_connections_refused_total{reason="per_source"} 0"#,
+            r#"fairgate_slow_clients_total{kind="body"} 0"#,
+            r#"fairgate_slow_clients_total{kind="read"} 0"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

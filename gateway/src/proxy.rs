@@ -277,6 +277,18 @@ impl Proxy {
                         .insert(fairgate_middleware::outbound::ConnectFailed);
                     return (res, None);
                 }
+                // The client's body was too slow (see `crate::conn_limits`): the upstream
+                // request is aborted, the client is at fault.
+                Ok(Err(e)) if crate::conn_limits::is_slow_body(&e) => {
+                    tracing::debug!(upstream = %pool.name(), error = %e, "request body too slow");
+                    return (
+                        problem::response(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "the request body arrived too slowly",
+                        ),
+                        None,
+                    );
+                }
                 Ok(Err(e)) => {
                     if let Some(m) = &metrics {
                         m.error(UpstreamErrorKind::Protocol);

@@ -38,7 +38,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -47,7 +46,8 @@ use tokio::task::JoinSet;
 use tower::Service;
 
 use crate::body::BoxError;
-use crate::server;
+use crate::conn_limits::ConnLimits;
+use crate::server::{self, RequestBody};
 use crate::tls::Tls;
 
 /// How long a per-core runtime may take to drop its remaining tasks once told to stop.
@@ -102,7 +102,8 @@ impl Workers {
     /// Starts `n` per-core threads. Each builds a current-thread runtime, binds its own socket
     /// for every listener in `specs` (with `SO_REUSEPORT`), and serves `service` on them until
     /// `stop` turns true. `bound` are already-bound sockets for thread 0 (the ones that
-    /// resolved port 0), in the order of `specs`.
+    /// resolved port 0), in the order of `specs`. Every thread shares `limits` (one
+    /// per-source connection table for the whole gateway).
     ///
     /// Returns once every socket is bound and every runtime built, or the first error.
     pub fn start<S, B>(
@@ -111,10 +112,11 @@ impl Workers {
         bound: Vec<std::net::TcpListener>,
         service: S,
         builder: Arc<auto::Builder<TokioExecutor>>,
+        limits: &ConnLimits,
         stop: &watch::Receiver<bool>,
     ) -> io::Result<Workers>
     where
-        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
             + Clone
             + Send
             + 'static,
@@ -156,6 +158,7 @@ impl Workers {
         for (i, (rt, listeners)) in prepared.into_iter().enumerate() {
             let service = service.clone();
             let builder = builder.clone();
+            let limits = limits.clone();
             let stop = stop.clone();
             let mut force = workers.force.subscribe();
             let done_tx = done_tx.clone();
@@ -172,6 +175,7 @@ impl Workers {
                                 service.clone(),
                                 builder.clone(),
                                 spec.tls,
+                                limits.clone(),
                                 stop.clone(),
                             ));
                         }

@@ -1,7 +1,9 @@
 //! Listeners and connections: binding with `SO_REUSEPORT`, serving HTTP/1.1 and h2c on one
 //! port (hyper-util `auto`), HTTP/1.1 and HTTP/2 over TLS (see [`crate::tls`]), request-head
 //! limits, the framing check on every connection (see [`crate::framing`]: ambiguous HTTP/1
-//! framing is answered 400 + `Connection: close`), and graceful shutdown.
+//! framing is answered 400 + `Connection: close`), the connection limits of
+//! [`crate::conn_limits`] (per-source cap at accept, first-bytes and write deadlines on the
+//! stream, minimum request-body rate), and graceful shutdown.
 //!
 //! `SO_REUSEPORT` lets a new gateway process bind the same port while the old one drains:
 //! start the new one, then SIGTERM the old one (see `docs/gateway.md`). On stop a server
@@ -37,6 +39,7 @@ use tower::Service;
 
 use crate::body::BoxError;
 use crate::config::Limits;
+use crate::conn_limits::{ConnLimits, MinRate};
 use crate::framing::{FramingCheck, FramingIo, Verdicts};
 use crate::routing::ConnInfo;
 use crate::tls::Tls;
@@ -78,17 +81,39 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         // hyper requires at least 8 KiB; the config decoder enforces it.
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
-    builder
-        .http2()
+    // `limits.http2` (docs/gateway.md, "HTTP/2 limits"): every bound is set explicitly, so
+    // a hyper/h2 upgrade that changes a default cannot loosen them.
+    let h2 = &limits.http2;
+    let mut http2 = builder.http2();
+    http2
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_header_list_size(h2.header_list_size(limits.max_header_bytes))
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(h2.max_local_error_reset_streams)
+        .keep_alive_interval(h2.keep_alive_interval)
+        .initial_stream_window_size(h2.initial_stream_window)
+        .initial_connection_window_size(h2.initial_connection_window);
+    if let Some(timeout) = h2.keep_alive_timeout {
+        http2.keep_alive_timeout(timeout);
+    }
+    if let Some(max) = h2.max_send_buf_size {
+        // The decoder bounds it to 1GiB, below hyper's `u32::MAX` assertion.
+        http2.max_send_buf_size(max as usize);
+    }
     builder
 }
+
+/// The request body the data-plane service receives: hyper's, under `limits.body_min_rate`.
+pub type RequestBody = MinRate<Incoming>;
 
 /// Accepts connections on `listener` and serves each with a clone of `service` until `stop`
 /// turns true (or its sender is dropped); then stops accepting (closing the listener), asks
 /// every connection to finish its in-flight requests and returns when they have.
+///
+/// `limits` applies the connection limits (shared by every listener of the gateway): a
+/// connection over its source's cap is closed before anything is read, the stream gets the
+/// write deadline and every request body the minimum rate.
 ///
 /// With `tls`, each connection first completes a TLS handshake (bounded by its timeout, and
 /// abandoned when `stop` turns true) on its own task, so a slow handshake never delays the
@@ -98,9 +123,10 @@ pub async fn serve<S, B>(
     service: S,
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<Tls>,
+    limits: ConnLimits,
     mut stop: watch::Receiver<bool>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -135,6 +161,11 @@ pub async fn serve<S, B>(
                 continue;
             }
         };
+        // Over the source's cap: closed before any read (no hyper, no admission, no permit).
+        let Some(slot) = limits.admit(peer) else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         // Ambiguous HTTP/1 framing is found on the bytes (see `crate::framing`).
         let verdicts = Verdicts::new();
@@ -143,11 +174,12 @@ pub async fn serve<S, B>(
                 inner: service.clone(),
                 info: ConnInfo { peer, scheme },
                 draining: draining.clone(),
+                limits: limits.clone(),
             },
             verdicts.clone(),
         ));
         let Some(tls) = &tls else {
-            let io = FramingIo::new(stream, MAX_SCANNED_HEAD, verdicts);
+            let io = FramingIo::new(limits.client_io(stream), MAX_SCANNED_HEAD, verdicts);
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .into_owned();
@@ -156,6 +188,7 @@ pub async fn serve<S, B>(
                 if let Err(e) = watched.await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
+                drop(slot);
             });
             continue;
         };
@@ -165,7 +198,10 @@ pub async fn serve<S, B>(
         // Taken now, so that a shutdown starting during the handshake still reaches the
         // connection (hyper-util's `Watcher` sees the shutdown signal sent after it was made).
         let watcher = graceful.watcher();
+        let limits = limits.clone();
         tokio::spawn(async move {
+            // Held for the connection's life, handshake included.
+            let _slot = slot;
             let stream = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return,
@@ -177,7 +213,7 @@ pub async fn serve<S, B>(
                     }
                 },
             };
-            let io = FramingIo::new(stream, MAX_SCANNED_HEAD, verdicts);
+            let io = FramingIo::new(limits.client_io(stream), MAX_SCANNED_HEAD, verdicts);
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), svc)
                 .into_owned();
@@ -190,18 +226,20 @@ pub async fn serve<S, B>(
     graceful.shutdown().await;
 }
 
-/// Inserts the connection's [`ConnInfo`] (and the engine's peer address) into each request;
-/// while the server drains, marks HTTP/1.1 responses `Connection: close`.
+/// Inserts the connection's [`ConnInfo`] (and the engine's peer address) into each request
+/// and puts its body under the minimum rate; while the server drains, marks HTTP/1.1
+/// responses `Connection: close`.
 #[derive(Clone, Debug)]
 struct WithConn<S> {
     inner: S,
     info: ConnInfo,
     draining: Arc<AtomicBool>,
+    limits: ConnLimits,
 }
 
 impl<S, B, RB> Service<Request<B>> for WithConn<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<MinRate<B>>, Response = Response<RB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -215,6 +253,7 @@ where
         let close = req.version() == Version::HTTP_11 && self.draining.load(Ordering::Relaxed);
         crate::admission::tag_peer(&mut req, self.info.peer);
         req.extensions_mut().insert(self.info);
+        let req = req.map(|b| self.limits.min_rate(b));
         Closing {
             inner: self.inner.call(req),
             close,

@@ -650,6 +650,11 @@ fn limits(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Limits> {
     });
     let header_read_timeout = m.optional_with(ctx, "header_read_timeout", positive_duration);
     let handshake_timeout = m.optional_with(ctx, "handshake_timeout", positive_duration);
+    let max_connections_per_source =
+        m.optional_with(ctx, "max_connections_per_source", conn::per_source);
+    let body_min_rate = m.optional_with(ctx, "body_min_rate", conn::body_min_rate);
+    let write_timeout = m.optional_with(ctx, "write_timeout", positive_duration);
+    let http2 = m.optional_with(ctx, "http2", http2::http2);
     m.finish(ctx);
     Some(Limits {
         max_header_bytes: max_header_bytes.unwrap_or(d.max_header_bytes),
@@ -657,6 +662,11 @@ fn limits(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Limits> {
         max_body: max_body.unwrap_or(d.max_body),
         header_read_timeout: header_read_timeout.unwrap_or(d.header_read_timeout),
         handshake_timeout: handshake_timeout.unwrap_or(d.handshake_timeout),
+        max_connections_per_source: max_connections_per_source
+            .unwrap_or(d.max_connections_per_source),
+        body_min_rate: body_min_rate.unwrap_or(d.body_min_rate),
+        write_timeout: write_timeout.unwrap_or(d.write_timeout),
+        http2: http2.unwrap_or(d.http2),
     })
 }
 
@@ -722,6 +732,8 @@ fn log(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<Log
     })
 }
 
+mod conn;
+mod http2;
 mod outbound;
 
 #[cfg(test)]

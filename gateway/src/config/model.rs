@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -194,6 +195,10 @@ impl Default for HealthCheck {
     }
 }
 
+/// `limits.max_connections_per_source: off`: no cap (connections are still counted per
+/// source, so the table is bounded by the open connections).
+pub const NO_SOURCE_CAP: NonZeroU32 = NonZeroU32::MAX;
+
 /// Request limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -207,6 +212,28 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Time allowed for a TLS handshake (default 10s); then the connection closes.
     pub handshake_timeout: Duration,
+    /// HTTP/2 connection limits (`limits.http2:`).
+    pub http2: Http2Limits,
+    /// At most this many open connections from one source (an IPv4 address or an IPv6 /64);
+    /// one more is closed right after `accept` (see [`crate::conn_limits`]). Default `off`
+    /// ([`NO_SOURCE_CAP`]): behind a load balancer every client shares its address.
+    pub max_connections_per_source: NonZeroU32,
+    /// The slowest a request body may arrive (default 10KiB per 10s; `off`: no minimum);
+    /// slower fails the request with 408 (see [`crate::conn_limits`]).
+    pub body_min_rate: Option<BodyMinRate>,
+    /// How long the client may accept no response bytes while the gateway has some to
+    /// write (default 30s); then the connection closes.
+    pub write_timeout: Duration,
+}
+
+/// A minimum request-body rate: at least `bytes` bytes in every `per` window the gateway
+/// spends waiting for the body (`limits.body_min_rate: {bytes: 10KiB, per: 10s}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyMinRate {
+    /// Bytes each window must deliver (at least 1).
+    pub bytes: u64,
+    /// The window (greater than zero).
+    pub per: Duration,
 }
 
 impl Default for Limits {
@@ -217,6 +244,13 @@ impl Default for Limits {
             max_body: 10 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            http2: Http2Limits::default(),
+            max_connections_per_source: NO_SOURCE_CAP,
+            body_min_rate: Some(BodyMinRate {
+                bytes: 10 * 1024,
+                per: Duration::from_secs(10),
+            }),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -285,4 +319,64 @@ pub enum LogFormat {
     Pretty,
     /// One JSON object per line.
     Json,
+}
+
+/// HTTP/2 connection limits (`limits.http2:`), applied to hyper's HTTP/2 server on every
+/// listener (h2c and h2 over TLS). The defaults are the hardened ones: they bound what one
+/// connection can make the gateway do against rapid-reset, reset-provoking and stream-flood
+/// attacks (CVE-2023-44487, RUSTSEC-2024-0003). See `docs/gateway.md`, "HTTP/2 limits".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    /// Streams a client may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`, default
+    /// 100, 1..=10000); a stream beyond it is refused with `REFUSED_STREAM`.
+    pub max_concurrent_streams: u32,
+    /// Largest decoded header list of one request (`SETTINGS_MAX_HEADER_LIST_SIZE`, 1KiB..16MiB).
+    /// Absent (the default): `limits.max_header_bytes`, see
+    /// [`Http2Limits::header_list_size`].
+    pub max_header_list_size: Option<u32>,
+    /// Streams the client may reset before the gateway has accepted them; one more and the
+    /// connection gets `GOAWAY(ENHANCE_YOUR_CALM)` (default 20, h2's; 1..=10000).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the gateway may reset because the client misbehaved on them; one more and the
+    /// connection gets `GOAWAY` (default 1024, hyper's; 1..=1000000).
+    pub max_local_error_reset_streams: usize,
+    /// Interval of the gateway's keep-alive PINGs. Absent (the default): no PINGs.
+    pub keep_alive_interval: Option<Duration>,
+    /// Time a keep-alive PING may go unanswered before the connection is closed (absent:
+    /// hyper's 20s; only with `keep_alive_interval`).
+    pub keep_alive_timeout: Option<Duration>,
+    /// Initial flow-control window of each stream (`SETTINGS_INITIAL_WINDOW_SIZE`, 1KiB..1GiB).
+    /// Absent (the default): hyper's 1MiB.
+    pub initial_stream_window: Option<u32>,
+    /// Initial flow-control window of the connection (64KiB..1GiB). Absent (the default):
+    /// hyper's 1MiB.
+    pub initial_connection_window: Option<u32>,
+    /// Response bytes buffered per stream for a client that does not read (1KiB..1GiB).
+    /// Absent (the default): hyper's (about 400KiB).
+    pub max_send_buf_size: Option<u32>,
+}
+
+impl Http2Limits {
+    /// The header-list limit to advertise: [`Http2Limits::max_header_list_size`], else
+    /// `max_header_bytes` (saturated to `u32`).
+    pub fn header_list_size(&self, max_header_bytes: usize) -> u32 {
+        self.max_header_list_size
+            .unwrap_or_else(|| u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+    }
+}
+
+impl Default for Http2Limits {
+    fn default() -> Self {
+        Http2Limits {
+            max_concurrent_streams: 100,
+            max_header_list_size: None,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+            keep_alive_interval: None,
+            keep_alive_timeout: None,
+            initial_stream_window: None,
+            initial_connection_window: None,
+            max_send_buf_size: None,
+        }
+    }
 }
