@@ -6,8 +6,11 @@
 //!
 //! - **`async`** (default): decisions stay local, at memory speed. Each admitted request's
 //!   cost is added to a per-key batch (one entry per client key per interval, so a hot key
-//!   costs Redis one call per interval, not one per request). Every `sync_interval` each
-//!   key of the batch is exchanged with Redis by one script: it adds the batch's cost to the
+//!   costs Redis one update per interval, not one per request). Every `sync_interval` each
+//!   key of the batch is exchanged with Redis by a script — on one server one call carries
+//!   up to [`EXCHANGE_CHUNK`] clients (a call per client cost the gateway about one call per
+//!   request when most clients send one request per interval); on a Cluster, whose clients
+//!   live in different slots, one call per client. The script adds the batch's cost to the
 //!   fleet's GCRA bucket of each bandwidth (`TAT ← max(TAT, now) + units·T` on Redis time,
 //!   key `<prefix>:{<key>}:t:<bandwidth id>`, the same key exact mode uses) and answers how
 //!   far ahead of now that TAT is; the local bucket is then raised to at least that
@@ -333,6 +336,52 @@ end
 return out
 "#;
 
+/// Async mode on one Redis server: [`SYNC_LUA`] for many clients in one call, so a round
+/// costs one call per chunk of [`EXCHANGE_CHUNK`] clients instead of one per client.
+/// KEYS: every client's TAT keys, client after client. ARGV: per client, its number of
+/// bandwidths n, its units, then T (µs) per bandwidth. Answer: per client a status (0, or
+/// 1 when one of its keys holds something else than a number: that client only) then n
+/// values (µs ahead of now; zeros after a status 1). Not for Redis Cluster: the clients'
+/// keys live in different slots there.
+const SYNC_MANY_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+local a, k = 1, 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local units = tonumber(ARGV[a + 1])
+  local tats = {}
+  local bad = false
+  for i = 1, n do
+    local ok, v = pcall(redis.call, 'GET', KEYS[k + i - 1])
+    local tat = nil
+    if ok then tat = tonumber(v or now) end
+    if not tat then bad = true end
+    tats[i] = tat
+  end
+  if bad then
+    out[#out + 1] = 1
+    for i = 1, n do out[#out + 1] = 0 end
+  else
+    out[#out + 1] = 0
+    for i = 1, n do
+      local T = tonumber(ARGV[a + 1 + i])
+      local tat = tats[i]
+      if tat < now then tat = now end
+      if units > 0 then
+        tat = tat + units * T
+        redis.call('SET', KEYS[k + i - 1], tostring(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+      end
+      out[#out + 1] = math.floor(tat - now)
+    end
+  end
+  a = a + 2 + n
+  k = k + n
+end
+return out
+"#;
+
 /// Registers this gateway until now + ttl and counts the registered ones.
 /// KEYS: the registry zset (`<prefix>:{gateways}`: its own hash tag). ARGV: gateway id, ttl ms.
 const HEARTBEAT_LUA: &str = r#"
@@ -398,6 +447,7 @@ pub struct Fleet {
     breaker: Breaker,
     exact: Script,
     sync: Script,
+    sync_many: Script,
     heartbeat: Script,
     renew: Script,
     /// Concurrency leases this gateway holds: id → client key.
@@ -567,6 +617,7 @@ impl Fleet {
             ),
             exact: Script::new(EXACT_LUA),
             sync: Script::new(SYNC_LUA),
+            sync_many: Script::new(SYNC_MANY_LUA),
             heartbeat: Script::new(HEARTBEAT_LUA),
             renew: Script::new(RENEW_LUA),
             leases: Mutex::new(HashMap::new()),
@@ -714,7 +765,7 @@ impl Fleet {
 
     /// Counts a key-scoped error reply (logged at most once a second, with the key); the
     /// breaker does not move: Redis answered.
-    fn key_failed(&self, client: &str, e: &redis::RedisError) {
+    fn key_failed(&self, client: &str, e: &dyn std::fmt::Display) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let now = self.breaker.clock.now();
         let last = self.last_key_error_log.load(Ordering::Relaxed);
@@ -1019,6 +1070,9 @@ struct Round {
 /// unshared and the breaker alone; any other error reply (`OOM`…) or a timeout is a failed
 /// call for the breaker, and the rest of the round is then skipped (unshared).
 async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pending)]) -> Round {
+    if matches!(fleet.conn, Conn::Single(_)) {
+        return exchange_batch_one_call_per_chunk(fleet, store, batch).await;
+    }
     let mut unshared = Vec::new();
     for (c, chunk) in batch.chunks(EXCHANGE_CHUNK).enumerate() {
         let base = c * EXCHANGE_CHUNK;
@@ -1076,6 +1130,93 @@ async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pendin
             }
             None => fleet.succeeded(),
         }
+    }
+    Round {
+        completed: true,
+        unshared,
+    }
+}
+
+/// [`exchange_batch`] on one Redis server: each chunk is one [`SYNC_MANY_LUA`] call (the
+/// same per-key semantics: a key holding something else leaves that client unshared and the
+/// breaker alone; an error reply or a timeout fails the call for the breaker). A client-side
+/// call costs the gateway far more CPU than the few keys it carries, and with many distinct
+/// clients per interval a call per client was about one call per request (BENCHMARKS.md,
+/// "Gateway throughput per state backend").
+async fn exchange_batch_one_call_per_chunk(
+    fleet: &Fleet,
+    store: &Store,
+    batch: &[(Box<str>, Pending)],
+) -> Round {
+    let mut unshared = Vec::new();
+    for (c, chunk) in batch.chunks(EXCHANGE_CHUNK).enumerate() {
+        let base = c * EXCHANGE_CHUNK;
+        let mut inv = fleet.sync_many.prepare_invoke();
+        for (key, p) in chunk {
+            for bw in p.bandwidths.iter() {
+                inv.key(fleet.key(key, "t", bw));
+            }
+            inv.arg(p.bandwidths.len()).arg(p.units);
+            for bw in p.bandwidths.iter() {
+                inv.arg(bw.t_ns as f64 / 1000.0);
+            }
+        }
+        let mut conn = fleet.conn.clone();
+        fleet.calls.fetch_add(1, Ordering::Relaxed);
+        let answer =
+            tokio::time::timeout(fleet.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
+        let values = match answer {
+            Err(_) => {
+                fleet.failed(&format!("no answer within {:?}", fleet.timeout), 1);
+                unshared.extend(base..batch.len());
+                return Round {
+                    completed: false,
+                    unshared,
+                };
+            }
+            Ok(Err(e)) => {
+                fleet.failed(&e.to_string(), chunk.len() as u64);
+                unshared.extend(base..batch.len());
+                return Round {
+                    completed: false,
+                    unshared,
+                };
+            }
+            Ok(Ok(values)) => values,
+        };
+        let expected: usize = chunk.iter().map(|(_, p)| 1 + p.bandwidths.len()).sum();
+        if values.len() != expected {
+            fleet.failed(
+                &format!("sync answered {} values, expected {expected}", values.len()),
+                chunk.len() as u64,
+            );
+            unshared.extend(base..batch.len());
+            return Round {
+                completed: false,
+                unshared,
+            };
+        }
+        let now = fleet.clock.now();
+        let mut at = 0;
+        for (i, (key, p)) in chunk.iter().enumerate() {
+            let n = p.bandwidths.len();
+            let (status, ahead_us) = (values[at], &values[at + 1..at + 1 + n]);
+            at += 1 + n;
+            if status == 0 {
+                raise(store, key, &p.bandwidths, now, |i| {
+                    ahead_us
+                        .get(i)
+                        .map_or(0, |&us| u64::try_from(us).unwrap_or(0).saturating_mul(1000))
+                });
+            } else {
+                fleet.key_failed(
+                    key,
+                    &"WRONGTYPE a limiter key holds something else than a number",
+                );
+                unshared.push(base + i);
+            }
+        }
+        fleet.succeeded();
     }
     Round {
         completed: true,
