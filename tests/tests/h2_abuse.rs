@@ -235,7 +235,7 @@ pub(crate) fn status_of(block: &[u8]) -> u16 {
 pub(crate) struct Raw {
     w: OwnedWriteHalf,
     seen: Arc<Mutex<Seen>>,
-    reading: Arc<AtomicBool>,
+    reading: tokio::sync::watch::Sender<bool>,
     reader: JoinHandle<()>,
 }
 
@@ -247,14 +247,15 @@ impl Raw {
         stream.set_nodelay(true).expect("nodelay");
         let (mut r, w) = stream.into_split();
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let reading = Arc::new(AtomicBool::new(true));
-        let (s2, reading2) = (seen.clone(), reading.clone());
+        let (reading, mut reading2) = tokio::sync::watch::channel(true);
+        let s2 = seen.clone();
         let reader = tokio::spawn(async move {
             let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
             let mut chunk = vec![0u8; 64 * 1024];
             loop {
-                while !reading2.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                // Paused: wait until reading is on again (or the connection is gone).
+                if reading2.wait_for(|on| *on).await.is_err() {
+                    return;
                 }
                 match r.read(&mut chunk).await {
                     Ok(0) | Err(_) => {
@@ -336,7 +337,7 @@ impl Raw {
 
     /// Stops reading (the kernel buffers fill, then the gateway's writes block).
     pub(crate) fn pause_reading(&self) {
-        self.reading.store(false, Ordering::SeqCst);
+        self.reading.send_replace(false);
     }
 
     /// Waits up to `timeout` for `check` on what was seen.
