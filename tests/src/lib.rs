@@ -40,6 +40,66 @@ pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// How long any harness wait may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+// === Debian packages ===
+
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// Makes sure every one of `binaries` is on the `PATH`, installing the Debian `package` with
+/// `apt-get install -y` when one is missing (running `apt-get update` once if the first
+/// attempt fails). While it installs, a `/usr/sbin/policy-rc.d` that exits 101 keeps the
+/// package's service from starting (removed afterwards if it was not there). Installs are
+/// serialised within the test process.
+///
+/// # Panics
+///
+/// When the install fails (not root, no package index).
+pub fn ensure_package(package: &str, binaries: &[&str]) {
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if binaries.iter().all(|b| which(b)) {
+        return;
+    }
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let had_policy = policy.exists();
+    if !had_policy {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n").expect("write policy-rc.d");
+        let _ = Command::new("chmod").arg("+x").arg(policy).status();
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-o", "DPkg::Lock::Timeout=300", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let ok = install() || {
+        let _ = Command::new("apt-get")
+            .args(["update", "-o", "DPkg::Lock::Timeout=300"])
+            .stdout(Stdio::null())
+            .status();
+        install()
+    };
+    if !had_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    assert!(
+        ok && binaries.iter().all(|b| which(b)),
+        "cannot install {package}"
+    );
+}
+
+/// Whether `bin` is on the `PATH`.
+pub fn which(bin: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 // === binary ===
 
 /// The `fairgate` binary built next to this test executable (`target/<profile>/fairgate`).

@@ -12,9 +12,7 @@
 //! spread over every gateway, waiting for the fleet to form) are here too.
 
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::DEADLINE;
@@ -28,60 +26,14 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
-static INSTALL: Mutex<()> = Mutex::new(());
-
-/// Makes sure `redis-server` and `redis-cli` exist, installing the Debian package if not.
+/// Makes sure `redis-server` and `redis-cli` exist, installing the Debian package if not
+/// (see [`crate::ensure_package`]).
 ///
 /// # Panics
 ///
 /// When the install fails (not root, no package index).
 pub fn ensure_installed() {
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    if which("redis-server") && which("redis-cli") {
-        return;
-    }
-    let policy = Path::new("/usr/sbin/policy-rc.d");
-    let had_policy = policy.exists();
-    if !had_policy {
-        std::fs::write(policy, "#!/bin/sh\nexit 101\n").expect("write policy-rc.d");
-        let _ = Command::new("chmod").arg("+x").arg(policy).status();
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-o",
-                "DPkg::Lock::Timeout=300",
-                "redis-server",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    let ok = install() || {
-        let _ = Command::new("apt-get")
-            .args(["update", "-o", "DPkg::Lock::Timeout=300"])
-            .stdout(Stdio::null())
-            .status();
-        install()
-    };
-    if !had_policy {
-        let _ = std::fs::remove_file(policy);
-    }
-    assert!(ok && which("redis-server"), "cannot install redis-server");
-}
-
-fn which(bin: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    crate::ensure_package("redis-server", &["redis-server", "redis-cli"]);
 }
 
 fn free_port() -> u16 {

@@ -11,7 +11,7 @@
 #![cfg(feature = "nightly")]
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use fairgate_tests::load::{self, LoadReport, LoadSpec};
@@ -19,43 +19,8 @@ use fairgate_tests::{metric, proc, Client, Gateway, Upstream};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn which(bin: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 fn ensure_slowhttptest() {
-    if which("slowhttptest") {
-        return;
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-o",
-                "DPkg::Lock::Timeout=300",
-                "slowhttptest",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    let ok = install() || {
-        let _ = Command::new("apt-get")
-            .args(["update", "-o", "DPkg::Lock::Timeout=300"])
-            .stdout(Stdio::null())
-            .status();
-        install()
-    };
-    assert!(ok && which("slowhttptest"), "cannot install slowhttptest");
+    fairgate_tests::ensure_package("slowhttptest", &["slowhttptest"]);
 }
 
 /// One `slowhttptest` CSV row: second, closed, pending, connected, service available.
