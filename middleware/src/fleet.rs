@@ -339,7 +339,7 @@ return out
 /// Async mode on one Redis server: [`SYNC_LUA`] for many clients in one call, so a round
 /// costs one call per chunk of [`EXCHANGE_CHUNK`] clients instead of one per client.
 /// KEYS: every client's TAT keys, client after client. ARGV: per client, its number of
-/// bandwidths n, its units, then T (µs) per bandwidth. Answer: per client a status (0, or
+/// bandwidths n, its units, then T (ns, an integer) per bandwidth. Answer: per client a status (0, or
 /// 1 when one of its keys holds something else than a number: that client only) then n
 /// values (µs ahead of now; zeros after a status 1). Not for Redis Cluster: the clients'
 /// keys live in different slots there.
@@ -366,7 +366,7 @@ while a <= #ARGV do
   else
     out[#out + 1] = 0
     for i = 1, n do
-      local T = tonumber(ARGV[a + 1 + i])
+      local T = tonumber(ARGV[a + 1 + i]) / 1000
       local tat = tats[i]
       if tat < now then tat = now end
       if units > 0 then
@@ -712,14 +712,31 @@ impl Fleet {
     fn take_batch(&self) -> Vec<(Box<str>, Pending)> {
         let mut out = Vec::new();
         for shard in &self.batch {
-            let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
-            out.extend(taken);
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            // Drained, not replaced: the map keeps its table for the next interval, so the
+            // request path does not grow a new one every interval. A table far larger than
+            // this interval needed (after a burst of new keys) is shrunk.
+            let len = map.len();
+            out.extend(map.drain());
+            if map.capacity() > 64 && map.capacity() > len.saturating_mul(4) {
+                map.shrink_to(len.saturating_mul(2));
+            }
         }
         out
     }
 
     fn key(&self, client: &str, kind: &str, bw: &CompiledBandwidth) -> String {
-        format!("{}:{{{client}}}:{kind}:{}", self.prefix, bw.id)
+        let mut name = String::new();
+        self.write_key(&mut name, client, kind, bw);
+        name
+    }
+
+    /// Writes [`Fleet::key`] into `name` (cleared first), reusing its allocation.
+    fn write_key(&self, name: &mut String, client: &str, kind: &str, bw: &CompiledBandwidth) {
+        name.clear();
+        for part in [&*self.prefix, ":{", client, "}:", kind, ":", &*bw.id] {
+            name.push_str(part);
+        }
     }
 
     /// The registry of gateways (one sorted set, with its own hash tag).
@@ -1149,22 +1166,42 @@ async fn exchange_batch_one_call_per_chunk(
     batch: &[(Box<str>, Pending)],
 ) -> Round {
     let mut unshared = Vec::new();
+    // One reusable buffer for the key names: each is copied into the command's own
+    // contiguous argument buffer, so a chunk allocates no per-key or per-argument strings
+    // (redis's `ScriptInvocation` keeps a `Vec<u8>` per argument: that and the key strings
+    // were most of this function's cost, see docs/architecture.md).
+    let mut name = String::with_capacity(fleet.prefix.len() + 64);
     for (c, chunk) in batch.chunks(EXCHANGE_CHUNK).enumerate() {
         let base = c * EXCHANGE_CHUNK;
-        let mut inv = fleet.sync_many.prepare_invoke();
+        let keys: usize = chunk.iter().map(|(_, p)| p.bandwidths.len()).sum();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(fleet.sync_many.get_hash()).arg(keys);
         for (key, p) in chunk {
             for bw in p.bandwidths.iter() {
-                inv.key(fleet.key(key, "t", bw));
+                fleet.write_key(&mut name, key, "t", bw);
+                cmd.arg(name.as_bytes());
             }
-            inv.arg(p.bandwidths.len()).arg(p.units);
+        }
+        for (_, p) in chunk {
+            cmd.arg(p.bandwidths.len()).arg(p.units);
             for bw in p.bandwidths.iter() {
-                inv.arg(bw.t_ns as f64 / 1000.0);
+                cmd.arg(bw.t_ns);
             }
         }
         let mut conn = fleet.conn.clone();
         fleet.calls.fetch_add(1, Ordering::Relaxed);
-        let answer =
-            tokio::time::timeout(fleet.timeout, inv.invoke_async::<Vec<i64>>(&mut conn)).await;
+        let answer = tokio::time::timeout(fleet.timeout, async {
+            match cmd.query_async::<Vec<i64>>(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    fleet.sync_many.load_async(&mut conn).await?;
+                    cmd.query_async::<Vec<i64>>(&mut conn).await
+                }
+                other => other,
+            }
+        })
+        .await;
         let values = match answer {
             Err(_) => {
                 fleet.failed(&format!("no answer within {:?}", fleet.timeout), 1);

@@ -8,12 +8,14 @@
 //! Every scenario holds `SERIAL`, so two of them never load the 2-core box at once.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fairgate_tests::load::{self, LoadSpec};
 use fairgate_tests::{eventually, full, metric, proc, Client, Gateway, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -70,18 +72,29 @@ async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
 
 /// One slowloris client: connects, sends a partial head a byte every 100 ms, and records
 /// how long each connection lived until the gateway closed it; reconnects until `until`.
-async fn slowloris(source: &'static str, addr: SocketAddr, until: Instant) -> Vec<Duration> {
+/// Adds one permit to `connected` once its first connection has sent the start of its head.
+async fn slowloris(
+    source: &'static str,
+    addr: SocketAddr,
+    until: Instant,
+    connected: Arc<Semaphore>,
+) -> Vec<Duration> {
     let mut lives = Vec::new();
+    let mut first = Some(connected);
     while Instant::now() < until {
         let s = connect_from(source, addr, None).await;
         let opened = Instant::now();
         let (mut r, mut w) = s.into_split();
+        let announce = first.take();
         let writer = async move {
             if w.write_all(b"GET / HTTP/1.1\r\nhost: slow\r\nx-a: ")
                 .await
                 .is_err()
             {
                 return;
+            }
+            if let Some(connected) = announce {
+                connected.add_permits(1);
             }
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -130,13 +143,20 @@ async fn p4_slowloris_connections_close_at_the_header_timeout_while_legit_traffi
 
         // 200 slowloris connections from four sources (50 each, under the cap of 100).
         let until = Instant::now() + Duration::from_millis(5500);
+        let connected = Arc::new(Semaphore::new(0));
         let mut attackers = Vec::new();
         for source in ["127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24"] {
             for _ in 0..50 {
-                attackers.push(tokio::spawn(slowloris(source, addr, until)));
+                attackers.push(tokio::spawn(slowloris(
+                    source,
+                    addr,
+                    until,
+                    Arc::clone(&connected),
+                )));
             }
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The legitimate load starts once all 200 attackers are connected and sending.
+        let _all = connected.acquire_many(200).await.expect("semaphore open");
         let attacked =
             load::run(LoadSpec::get(&url, 200, Duration::from_secs(5)).from_ip("127.0.0.2")).await;
         let mut lives = Vec::new();
