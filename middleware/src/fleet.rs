@@ -43,7 +43,8 @@
 //! is down), follows `MOVED`/`ASK` and reconnects lost nodes with exponential backoff; each
 //! call keeps the same budget and feeds the same breaker as with one server.
 //!
-//! **Failures.** Every call has the `timeout` budget. A [`Breaker`] opens after
+//! **Failures.** Every call has the `timeout` budget (an `async` exchange, off the request
+//! path, at least [`EXCHANGE_MIN_BUDGET`]: Redis's own expire cycle can take 25 ms). A [`Breaker`] opens after
 //! [`BREAKER_THRESHOLD`] consecutive failures; while open, Redis sees at most
 //! [`PROBES_PER_SEC`] probes per second and the first success closes it. While it is open
 //! decisions follow `on_failure`: `local` keeps deciding locally and charges each key
@@ -100,6 +101,14 @@ const LEASE_TTL_MS: u64 = 3_000;
 const LEASE_RENEW_EVERY: Duration = Duration::from_secs(1);
 /// Keys exchanged under one call budget (async mode).
 const EXCHANGE_CHUNK: usize = 128;
+
+/// The least budget of an `async` exchange call. An exchange is off the request path, so
+/// it need not fit a request's `timeout`, and redis-server's own housekeeping can hold it
+/// longer: its slow active-expire cycle may run for up to 25 ms (measured with
+/// `latency-monitor-threshold` under the load harness, where every bucket key expires 1 s
+/// after its TAT), which failed chunks, and lost their interval's usage, at the 25 ms
+/// default `timeout`.
+const EXCHANGE_MIN_BUDGET: Duration = Duration::from_millis(50);
 /// Batch shards (a decision locks one, briefly).
 const SHARDS: usize = 16;
 
@@ -439,6 +448,8 @@ pub struct Fleet {
     mode: FleetMode,
     on_failure: OnFailure,
     timeout: Duration,
+    /// Budget of one `async` exchange call: `timeout`, at least [`EXCHANGE_MIN_BUDGET`].
+    exchange_timeout: Duration,
     sync_interval: Duration,
     prefix: String,
     url_redacted: String,
@@ -583,7 +594,9 @@ impl Fleet {
                     .map_err(|e| FleetError::Url(format!("{url_redacted}: {e}")))?;
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
-                    .set_response_timeout(Some(timeout))
+                    // The connection's own limit fits the longest call (an exchange); each
+                    // call keeps its own budget on top (`Fleet::call`, the exchanges).
+                    .set_response_timeout(Some(timeout.max(EXCHANGE_MIN_BUDGET)))
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_secs(2))
                     .set_number_of_retries(3);
@@ -603,6 +616,7 @@ impl Fleet {
             mode: settings.mode,
             on_failure: settings.on_failure,
             timeout,
+            exchange_timeout: timeout.max(EXCHANGE_MIN_BUDGET),
             sync_interval: settings.sync_interval.0,
             prefix: settings.key_prefix.clone(),
             url_redacted,
@@ -939,7 +953,7 @@ fn connect_cluster(
     let connect_timeout = timeout.max(Duration::from_millis(100));
     let client = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
         .connection_timeout(connect_timeout)
-        .response_timeout(timeout)
+        .response_timeout(timeout.max(EXCHANGE_MIN_BUDGET))
         .retries(3)
         .min_retry_wait(50)
         .max_retry_wait(2_000)
@@ -947,7 +961,7 @@ fn connect_cluster(
         .map_err(|e| FleetError::Cluster(format!("{redacted}: {e}")))?;
     let config = redis::cluster::ClusterConfig::new()
         .set_connection_timeout(connect_timeout)
-        .set_response_timeout(timeout);
+        .set_response_timeout(timeout.max(EXCHANGE_MIN_BUDGET));
     Ok(client.get_pending_async_connection_with_config(config))
 }
 
@@ -1107,8 +1121,8 @@ async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pendin
         });
         let all = futures_util::future::join_all(calls);
         fleet.calls.fetch_add(1, Ordering::Relaxed);
-        let Ok(results) = tokio::time::timeout(fleet.timeout, all).await else {
-            fleet.failed(&format!("no answer within {:?}", fleet.timeout), 1);
+        let Ok(results) = tokio::time::timeout(fleet.exchange_timeout, all).await else {
+            fleet.failed(&format!("no answer within {:?}", fleet.exchange_timeout), 1);
             unshared.extend(base..batch.len());
             return Round {
                 completed: false,
@@ -1190,7 +1204,7 @@ async fn exchange_batch_one_call_per_chunk(
         }
         let mut conn = fleet.conn.clone();
         fleet.calls.fetch_add(1, Ordering::Relaxed);
-        let answer = tokio::time::timeout(fleet.timeout, async {
+        let answer = tokio::time::timeout(fleet.exchange_timeout, async {
             match cmd.query_async::<Vec<i64>>(&mut conn).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
@@ -1204,7 +1218,7 @@ async fn exchange_batch_one_call_per_chunk(
         .await;
         let values = match answer {
             Err(_) => {
-                fleet.failed(&format!("no answer within {:?}", fleet.timeout), 1);
+                fleet.failed(&format!("no answer within {:?}", fleet.exchange_timeout), 1);
                 unshared.extend(base..batch.len());
                 return Round {
                     completed: false,

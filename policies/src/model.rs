@@ -910,7 +910,8 @@ pub struct RedisState {
     /// How often `async` mode exchanges usage with Redis (default 20ms).
     #[serde(default = "default_sync_interval")]
     pub sync_interval: HumanDuration,
-    /// Budget of one Redis call (default 25ms); a request never waits longer on Redis.
+    /// Budget of one Redis call (default 25ms); a request never waits longer on Redis. An
+    /// `async` exchange, off the request path, gets at least 50 ms.
     #[serde(default = "default_redis_timeout")]
     pub timeout: HumanDuration,
     /// What decisions do while Redis is unreachable (default `local`).
