@@ -1,5 +1,12 @@
 //! The `fairgate` binary; see [`fairgate_gateway::cli`].
 
+/// mimalloc instead of glibc's malloc: per-thread free lists without arena locks or
+/// consolidation passes. Under the load harness malloc/free were 9 % of the gateway's CPU
+/// with glibc (BENCHMARKS.md, "Fourth session"); the binary only, so the library crates
+/// leave the choice to the application that embeds them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     fairgate_gateway::cli::main()
 }
