@@ -44,8 +44,8 @@
 //! call keeps the same budget and feeds the same breaker as with one server.
 //!
 //! **Failures.** Every call has the `timeout` budget (an `async` exchange, off the request
-//! path, at least [`EXCHANGE_MIN_BUDGET`]: Redis's own expire cycle can take 25 ms). A [`Breaker`] opens after
-//! [`BREAKER_THRESHOLD`] consecutive failures; while open, Redis sees at most
+//! path, at least [`EXCHANGE_MIN_BUDGET`]: Redis's own expire cycle can take 25 ms). A
+//! [`Breaker`] opens after [`BREAKER_THRESHOLD`] consecutive failures; while open, Redis sees at most
 //! [`PROBES_PER_SEC`] probes per second and the first success closes it. While it is open
 //! decisions follow `on_failure`: `local` keeps deciding locally and charges each key
 //! `(N − 1)×` its own consumption as debt, which scales every local limit by `1/N`, N being
@@ -109,6 +109,14 @@ const EXCHANGE_CHUNK: usize = 128;
 /// after its TAT), which failed chunks, and lost their interval's usage, at the 25 ms
 /// default `timeout`.
 const EXCHANGE_MIN_BUDGET: Duration = Duration::from_millis(50);
+
+/// The budget of an `async` exchange call for a `timeout`: at least [`EXCHANGE_MIN_BUDGET`].
+/// Also the connections' own response limit, so that they fit the longest call; each call
+/// keeps its own budget on top (`Fleet::call`, the exchanges).
+fn exchange_budget(timeout: Duration) -> Duration {
+    timeout.max(EXCHANGE_MIN_BUDGET)
+}
+
 /// Batch shards (a decision locks one, briefly).
 const SHARDS: usize = 16;
 
@@ -275,7 +283,8 @@ impl Breaker {
 /// Exact mode: GCRA over every bandwidth, all or nothing, on Redis time (µs), and a
 /// concurrency lease when a limit is given.
 /// KEYS: one TAT key per bandwidth, then the lease set. ARGV: cost, n (bandwidths), T and C
-/// (µs) per bandwidth, then the concurrency limit (0: none), the lease id, the lease ttl (ms).
+/// (integer ns, as every script takes them; the script works in µs) per bandwidth, then the
+/// concurrency limit (0: none), the lease id, the lease ttl (ms).
 /// Returns `{1}` when admitted, `{0, i, wait_us, tat_minus_now_us}` when bandwidth `i`
 /// (1-based) rejects, `{2}` when the concurrency limit is reached.
 const EXACT_LUA: &str = r#"
@@ -292,8 +301,8 @@ if limit > 0 then
 end
 local tats = {}
 for i = 1, n do
-  local T = tonumber(ARGV[1 + 2 * i])
-  local C = tonumber(ARGV[2 + 2 * i])
+  local T = tonumber(ARGV[1 + 2 * i]) / 1000
+  local C = tonumber(ARGV[2 + 2 * i]) / 1000
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if not tat then return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' does not hold a number') end
   if tat < now then tat = now end
@@ -325,14 +334,14 @@ return 1
 
 /// Async mode: charges this gateway's batch to the fleet bucket of each bandwidth and
 /// answers how far ahead of now each TAT is (µs). KEYS: one TAT key per bandwidth.
-/// ARGV: units, then T (µs) per bandwidth.
+/// ARGV: units, then T (integer ns) per bandwidth.
 const SYNC_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local units = tonumber(ARGV[1])
 local out = {}
 for i = 1, #KEYS do
-  local T = tonumber(ARGV[1 + i])
+  local T = tonumber(ARGV[1 + i]) / 1000
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if not tat then return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' does not hold a number') end
   if tat < now then tat = now end
@@ -348,9 +357,9 @@ return out
 /// Async mode on one Redis server: [`SYNC_LUA`] for many clients in one call, so a round
 /// costs one call per chunk of [`EXCHANGE_CHUNK`] clients instead of one per client.
 /// KEYS: every client's TAT keys, client after client. ARGV: per client, its number of
-/// bandwidths n, its units, then T (ns, an integer) per bandwidth. Answer: per client a status (0, or
-/// 1 when one of its keys holds something else than a number: that client only) then n
-/// values (µs ahead of now; zeros after a status 1). Not for Redis Cluster: the clients'
+/// bandwidths n, its units, then T (integer ns) per bandwidth. Answer: per client a status
+/// (0, or 1 when one of its keys holds something else than a number: that client only) then
+/// n values (µs ahead of now; zeros after a status 1). Not for Redis Cluster: the clients'
 /// keys live in different slots there.
 const SYNC_MANY_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -448,8 +457,6 @@ pub struct Fleet {
     mode: FleetMode,
     on_failure: OnFailure,
     timeout: Duration,
-    /// Budget of one `async` exchange call: `timeout`, at least [`EXCHANGE_MIN_BUDGET`].
-    exchange_timeout: Duration,
     sync_interval: Duration,
     prefix: String,
     url_redacted: String,
@@ -594,9 +601,7 @@ impl Fleet {
                     .map_err(|e| FleetError::Url(format!("{url_redacted}: {e}")))?;
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout.max(Duration::from_millis(100))))
-                    // The connection's own limit fits the longest call (an exchange); each
-                    // call keeps its own budget on top (`Fleet::call`, the exchanges).
-                    .set_response_timeout(Some(timeout.max(EXCHANGE_MIN_BUDGET)))
+                    .set_response_timeout(Some(exchange_budget(timeout)))
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_secs(2))
                     .set_number_of_retries(3);
@@ -616,7 +621,6 @@ impl Fleet {
             mode: settings.mode,
             on_failure: settings.on_failure,
             timeout,
-            exchange_timeout: timeout.max(EXCHANGE_MIN_BUDGET),
             sync_interval: settings.sync_interval.0,
             prefix: settings.key_prefix.clone(),
             url_redacted,
@@ -855,8 +859,7 @@ impl Fleet {
         inv.key(self.leases_key(client));
         inv.arg(cost).arg(bandwidths.len());
         for bw in bandwidths {
-            inv.arg(bw.t_ns as f64 / 1000.0)
-                .arg(bw.c_ns as f64 / 1000.0);
+            inv.arg(bw.t_ns).arg(bw.c_ns);
         }
         let (limit, lease) = concurrency.unwrap_or((0, 0));
         inv.arg(limit)
@@ -953,7 +956,7 @@ fn connect_cluster(
     let connect_timeout = timeout.max(Duration::from_millis(100));
     let client = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
         .connection_timeout(connect_timeout)
-        .response_timeout(timeout.max(EXCHANGE_MIN_BUDGET))
+        .response_timeout(exchange_budget(timeout))
         .retries(3)
         .min_retry_wait(50)
         .max_retry_wait(2_000)
@@ -961,7 +964,7 @@ fn connect_cluster(
         .map_err(|e| FleetError::Cluster(format!("{redacted}: {e}")))?;
     let config = redis::cluster::ClusterConfig::new()
         .set_connection_timeout(connect_timeout)
-        .set_response_timeout(timeout.max(EXCHANGE_MIN_BUDGET));
+        .set_response_timeout(exchange_budget(timeout));
     Ok(client.get_pending_async_connection_with_config(config))
 }
 
@@ -1114,15 +1117,18 @@ async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pendin
             }
             inv.arg(p.units);
             for bw in p.bandwidths.iter() {
-                inv.arg(bw.t_ns as f64 / 1000.0);
+                inv.arg(bw.t_ns);
             }
             let mut conn = fleet.conn.clone();
             async move { inv.invoke_async::<Vec<i64>>(&mut conn).await }
         });
         let all = futures_util::future::join_all(calls);
         fleet.calls.fetch_add(1, Ordering::Relaxed);
-        let Ok(results) = tokio::time::timeout(fleet.exchange_timeout, all).await else {
-            fleet.failed(&format!("no answer within {:?}", fleet.exchange_timeout), 1);
+        let Ok(results) = tokio::time::timeout(exchange_budget(fleet.timeout), all).await else {
+            fleet.failed(
+                &format!("no answer within {:?}", exchange_budget(fleet.timeout)),
+                1,
+            );
             unshared.extend(base..batch.len());
             return Round {
                 completed: false,
@@ -1204,7 +1210,7 @@ async fn exchange_batch_one_call_per_chunk(
         }
         let mut conn = fleet.conn.clone();
         fleet.calls.fetch_add(1, Ordering::Relaxed);
-        let answer = tokio::time::timeout(fleet.exchange_timeout, async {
+        let answer = tokio::time::timeout(exchange_budget(fleet.timeout), async {
             match cmd.query_async::<Vec<i64>>(&mut conn).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
@@ -1218,7 +1224,10 @@ async fn exchange_batch_one_call_per_chunk(
         .await;
         let values = match answer {
             Err(_) => {
-                fleet.failed(&format!("no answer within {:?}", fleet.exchange_timeout), 1);
+                fleet.failed(
+                    &format!("no answer within {:?}", exchange_budget(fleet.timeout)),
+                    1,
+                );
                 unshared.extend(base..batch.len());
                 return Round {
                     completed: false,
