@@ -6,6 +6,10 @@
 //! recorded is given back (GCRA refund `TAT ← max(TAT − c·T, now)`, sketch counts
 //! decremented, permits released), so a rejected request consumes nothing anywhere.
 //!
+//! Every decision event carries the request's priority class as known at that stage
+//! (`normal`, or what a `tag` rule before it said, or `borrowed`), so shed requests are
+//! counted under their own class.
+//!
 //! Burst sharing: a request over a plan bandwidth, while burst sharing is on and global
 //! utilisation (`in_flight / shed limit`) is under `below_utilization`, is admitted as
 //! *borrowed*: priority class `borrowed` (the first shed after `sheddable`), marked on its
@@ -421,6 +425,7 @@ impl Engine {
             cost,
             observer,
             headers: pol.responses.ratelimit_headers,
+            priority: Priority::Normal,
         };
         let mut charges = Charges::default();
 
@@ -445,7 +450,7 @@ impl Engine {
                     plan: None,
                     bandwidth: hit.bandwidth.map(|(bw, _)| &*bw.name),
                     cost,
-                    priority: Priority::Normal,
+                    priority: hit.priority.unwrap_or(Priority::Normal),
                     retry_after: None,
                     status: 0,
                     limit: info.as_ref(),
@@ -463,13 +468,15 @@ impl Engine {
             &mut on_shadow,
         ) {
             Ok(o) => o,
-            Err(r) => {
+            Err((r, tagged)) => {
                 charges.rollback_from(0, &sh.state, now);
+                d.priority = tagged.unwrap_or(Priority::Normal);
                 return d.reject_rule(pol, &prep, r);
             }
         };
         let shadow_hits = rules_out.shadow_hits;
         let mut priority = rules_out.priority.unwrap_or(Priority::Normal);
+        d.priority = priority;
 
         // 3. Per-client quota.
         let q = quota::resolve(pol, ck, rules_out.plan);
@@ -536,6 +543,7 @@ impl Engine {
                         if can_borrow {
                             borrowed = true;
                             priority = Priority::Borrowed;
+                            d.priority = priority;
                         } else {
                             charges.rollback_from(0, &sh.state, now);
                             let info = (d.headers != HeaderMode::Never)
@@ -1012,11 +1020,7 @@ impl RemoteCheck {
                 plan: self.plan.as_deref(),
                 bandwidth,
                 cost: self.cost,
-                priority: if kind == DecisionKind::Admit {
-                    self.priority
-                } else {
-                    Priority::Normal
-                },
+                priority: self.priority,
                 retry_after,
                 status,
                 limit,
@@ -1055,6 +1059,9 @@ struct Deciding<'d> {
     cost: u64,
     observer: Option<&'d Arc<dyn Observer>>,
     headers: HeaderMode,
+    /// The request's priority class as known so far (`normal` until a `tag` rule or
+    /// burst sharing says otherwise): what a rejection event reports.
+    priority: Priority,
 }
 
 impl Deciding<'_> {
@@ -1069,7 +1076,7 @@ impl Deciding<'_> {
                 plan: r.plan.as_deref(),
                 bandwidth: r.bandwidth.as_deref(),
                 cost: self.cost,
-                priority: Priority::Normal,
+                priority: self.priority,
                 retry_after: r.retry_after,
                 status: r.status,
                 limit: r.ratelimit.as_ref(),
