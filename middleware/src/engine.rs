@@ -10,8 +10,8 @@
 //! (`normal`, or what a `tag` rule before it said, or `borrowed`), so shed requests are
 //! counted under their own class.
 //!
-//! Burst sharing: a request over a plan bandwidth, while burst sharing is on and global
-//! utilisation (`in_flight / shed limit`) is under `below_utilization`, is admitted as
+//! Burst sharing: a request over a plan bandwidth, while burst sharing is on and fewer than
+//! `max(1, ⌊below_utilization × shed limit⌋)` requests are in flight, is admitted as
 //! *borrowed*: priority class `borrowed` (the first shed after `sheddable`), marked on its
 //! ticket, and it does **not** consume the client's bucket (the capacity it uses is the
 //! service's spare, not the client's quota; charging it as debt would punish the client
