@@ -9,7 +9,7 @@
 //! | POST | `/reload` | reload the policy now |
 //! | GET | `/metrics` | Prometheus text |
 //! | GET | `/clients/top?n=20` | clients using the largest share of a quota |
-//! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight |
+//! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight (the plan it is charged to; 404 when no plan applies and it has no state) |
 //! | PUT | `/clients/{key}/override` | set a client's override (persisted, applied live) |
 //!
 //! With a token configured, every endpoint but `/health` needs `Authorization: Bearer
@@ -282,6 +282,7 @@ fn usage_json(u: &ClientUsage) -> Value {
         "concurrency_limit": u.concurrency_limit,
         "bandwidths": u.bandwidths.iter().map(|b| json!({
             "id": &*b.id,
+            "plan": b.plan.as_deref(),
             "name": &*b.limit.policy,
             "quota": b.limit.quota,
             "window_seconds": b.limit.window_secs,
@@ -308,7 +309,7 @@ async fn client(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -
         Some(u) => Json(usage_json(&u)).into_response(),
         None => problem(
             StatusCode::NOT_FOUND,
-            "no quota and no state for this client",
+            "no plan applies to this client and it has no state",
         ),
     }
 }

@@ -6,8 +6,12 @@
 //! recorded is given back (GCRA refund `TAT ← max(TAT − c·T, now)`, sketch counts
 //! decremented, permits released), so a rejected request consumes nothing anywhere.
 //!
-//! Burst sharing: a request over a plan bandwidth, while burst sharing is on and global
-//! utilisation (`in_flight / shed limit`) is under `below_utilization`, is admitted as
+//! Every decision event carries the request's priority class as known at that stage
+//! (`normal`, or what a `tag` rule before it said, or `borrowed`), so shed requests are
+//! counted under their own class.
+//!
+//! Burst sharing: a request over a plan bandwidth, while burst sharing is on and fewer than
+//! `max(1, ⌊below_utilization × shed limit⌋)` requests are in flight, is admitted as
 //! *borrowed*: priority class `borrowed` (the first shed after `sheddable`), marked on its
 //! ticket, and it does **not** consume the client's bucket (the capacity it uses is the
 //! service's spare, not the client's quota; charging it as debt would punish the client
@@ -78,9 +82,10 @@ pub struct RequestFacts<'a> {
 pub struct ClientUsage {
     /// The client key.
     pub key: String,
-    /// The plan (override or default plan; `tag` rules are per request and not shown).
+    /// The plan charged: an override's plan, else the most used of the plans the client
+    /// has buckets in (`tag` rules choose plans per request), else the default plan.
     pub plan: Option<Arc<str>>,
-    /// One entry per bandwidth of the quota.
+    /// One entry per bandwidth of each plan shown (see [`Engine::client_usage`]).
     pub bandwidths: Vec<BandwidthUsage>,
     /// Requests in flight (tracked when the quota has a concurrency limit).
     pub in_flight: u64,
@@ -103,6 +108,8 @@ impl ClientUsage {
 pub struct BandwidthUsage {
     /// Bucket id.
     pub id: Arc<str>,
+    /// The plan the bandwidth belongs to (`None` for an override's own bandwidths).
+    pub plan: Option<Arc<str>>,
     /// RateLimit numbers now.
     pub limit: RateLimitInfo,
     /// Fill fraction `f` (1 = full bucket, nothing used).
@@ -421,6 +428,7 @@ impl Engine {
             cost,
             observer,
             headers: pol.responses.ratelimit_headers,
+            priority: Priority::Normal,
         };
         let mut charges = Charges::default();
 
@@ -445,7 +453,7 @@ impl Engine {
                     plan: None,
                     bandwidth: hit.bandwidth.map(|(bw, _)| &*bw.name),
                     cost,
-                    priority: Priority::Normal,
+                    priority: hit.priority.unwrap_or(Priority::Normal),
                     retry_after: None,
                     status: 0,
                     limit: info.as_ref(),
@@ -463,13 +471,15 @@ impl Engine {
             &mut on_shadow,
         ) {
             Ok(o) => o,
-            Err(r) => {
+            Err((r, tagged)) => {
                 charges.rollback_from(0, &sh.state, now);
+                d.priority = tagged.unwrap_or(Priority::Normal);
                 return d.reject_rule(pol, &prep, r);
             }
         };
         let shadow_hits = rules_out.shadow_hits;
         let mut priority = rules_out.priority.unwrap_or(Priority::Normal);
+        d.priority = priority;
 
         // 3. Per-client quota.
         let q = quota::resolve(pol, ck, rules_out.plan);
@@ -536,6 +546,7 @@ impl Engine {
                         if can_borrow {
                             borrowed = true;
                             priority = Priority::Borrowed;
+                            d.priority = priority;
                         } else {
                             charges.rollback_from(0, &sh.state, now);
                             let info = (d.headers != HeaderMode::Never)
@@ -681,8 +692,14 @@ impl Engine {
         Begun::Decided(Decision::Admit(Admitted { ticket, ratelimit }))
     }
 
-    /// One client's usage against its quota (override or default plan). `None` when the
-    /// client has no quota and no tracked state.
+    /// One client's usage against its quota. `None` when no plan applies to the client
+    /// (no override, no `default_plan`) and it has no tracked state.
+    ///
+    /// The plan shown is the one the client's requests are charged to: an override's plan;
+    /// else, because `tag` rules choose a plan per request, every plan the client has
+    /// buckets in (each bandwidth names its plan; [`ClientUsage::plan`] is the most used
+    /// one); else `default_plan`, with full buckets (a client with no state has used
+    /// nothing).
     pub fn client_usage(&self, key: &str) -> Option<ClientUsage> {
         let prep = self.prepared();
         let now = self.shared.clock.now();
@@ -691,43 +708,85 @@ impl Engine {
 
     fn usage_of(&self, pol: &CompiledPolicy, key: &str, now: Nanos) -> Option<ClientUsage> {
         let sh = &*self.shared;
-        let q = quota::resolve(pol, key, None);
         let in_flight = sh
             .state
             .with_existing(CLIENT_SCOPE, key, |e| e.in_flight())
             .unwrap_or(0);
-        let bandwidths: Vec<BandwidthUsage> = q
-            .bandwidths
-            .map(|bws| {
-                bws.iter()
-                    .map(|bw| {
-                        let tat = sh
-                            .state
-                            .with_client_slot(key, &bw.id, |b| b.peek(now, bw.c_ns))
-                            .or_else(|| {
-                                sh.state
-                                    .with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns))
-                            })
-                            .unwrap_or(0);
-                        BandwidthUsage {
-                            id: Arc::clone(&bw.id),
-                            limit: quota::ratelimit_info(bw, tat, now),
-                            fill_fraction: gcra::fill_fraction(tat, now, quota::params(bw)),
-                        }
+        let mut quotas: Vec<quota::Quota<'_>> = Vec::new();
+        // An override decides the quota whatever `tag` rules say.
+        if pol.clients.is_empty() || !pol.clients.contains_key(key) {
+            // The default plan first, so that it wins a tie for "most used".
+            let order = pol
+                .default_plan
+                .into_iter()
+                .chain((0..pol.plans.len()).filter(|&i| Some(i) != pol.default_plan));
+            for i in order {
+                let Some(plan) = pol.plans.get(i) else {
+                    continue;
+                };
+                if plan.bandwidths.iter().any(|bw| self.has_bucket(key, bw)) {
+                    quotas.push(quota::resolve(pol, key, Some(i)));
+                }
+            }
+        }
+        if quotas.is_empty() {
+            quotas.push(quota::resolve(pol, key, None));
+        }
+        let mut bandwidths: Vec<BandwidthUsage> = Vec::new();
+        let mut shown = quotas[0];
+        let mut most = -1.0f64;
+        for q in &quotas {
+            // An override's own bandwidths belong to no plan.
+            let plan = q
+                .plan
+                .filter(|p| q.bandwidths.is_some_and(|b| Arc::ptr_eq(b, &p.bandwidths)))
+                .map(|p| Arc::clone(&p.name));
+            let mut used = 0.0f64;
+            for bw in q.bandwidths.map_or(&[][..], |b| &b[..]) {
+                let tat = sh
+                    .state
+                    .with_client_slot(key, &bw.id, |b| b.peek(now, bw.c_ns))
+                    .or_else(|| {
+                        sh.state
+                            .with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns))
                     })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if q.plan.is_none() && q.bandwidths.is_none() && q.concurrency.is_none() && in_flight == 0 {
+                    .unwrap_or(0);
+                let fill_fraction = gcra::fill_fraction(tat, now, quota::params(bw));
+                used = used.max(1.0 - fill_fraction);
+                bandwidths.push(BandwidthUsage {
+                    id: Arc::clone(&bw.id),
+                    plan: plan.clone(),
+                    limit: quota::ratelimit_info(bw, tat, now),
+                    fill_fraction,
+                });
+            }
+            if used > most {
+                most = used;
+                shown = *q;
+            }
+        }
+        if shown.plan.is_none()
+            && shown.bandwidths.is_none()
+            && shown.concurrency.is_none()
+            && in_flight == 0
+        {
             return None;
         }
         Some(ClientUsage {
             key: key.to_owned(),
-            plan: q.plan.map(|p| Arc::clone(&p.name)),
+            plan: shown.plan.map(|p| Arc::clone(&p.name)),
             bandwidths,
             in_flight,
-            concurrency_limit: q.concurrency,
+            concurrency_limit: shown.concurrency,
         })
+    }
+
+    /// Whether `key` has a bucket of `bw` (a slot of its client entry, or an entry of its
+    /// own).
+    fn has_bucket(&self, key: &str, bw: &CompiledBandwidth) -> bool {
+        let state = &self.shared.state;
+        state.with_client_slot(key, &bw.id, |_| ()).is_some()
+            || state.with_existing(&bw.id, key, |_| ()).is_some()
     }
 
     /// The `n` clients using the largest fraction of a quota bucket right now. One pass
@@ -1012,11 +1071,7 @@ impl RemoteCheck {
                 plan: self.plan.as_deref(),
                 bandwidth,
                 cost: self.cost,
-                priority: if kind == DecisionKind::Admit {
-                    self.priority
-                } else {
-                    Priority::Normal
-                },
+                priority: self.priority,
                 retry_after,
                 status,
                 limit,
@@ -1055,6 +1110,9 @@ struct Deciding<'d> {
     cost: u64,
     observer: Option<&'d Arc<dyn Observer>>,
     headers: HeaderMode,
+    /// The request's priority class as known so far (`normal` until a `tag` rule or
+    /// burst sharing says otherwise): what a rejection event reports.
+    priority: Priority,
 }
 
 impl Deciding<'_> {
@@ -1069,7 +1127,7 @@ impl Deciding<'_> {
                 plan: r.plan.as_deref(),
                 bandwidth: r.bandwidth.as_deref(),
                 cost: self.cost,
-                priority: Priority::Normal,
+                priority: self.priority,
                 retry_after: r.retry_after,
                 status: r.status,
                 limit: r.ratelimit.as_ref(),

@@ -69,9 +69,12 @@ pub(crate) enum RuleReject<'x> {
 pub(crate) struct ShadowHit<'x> {
     pub(crate) rule: &'x CompiledRule,
     pub(crate) bandwidth: Option<(&'x CompiledBandwidth, Nanos)>,
+    /// The priority class `tag` rules gave the request before this rule, if any.
+    pub(crate) priority: Option<Priority>,
 }
 
-/// Evaluates every matching rule in order.
+/// Evaluates every matching rule in order. A rejection comes with the priority class
+/// `tag` rules gave the request before the rejecting rule (for the rejection's event).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn evaluate<'x>(
     pol: &'x CompiledPolicy,
@@ -82,7 +85,7 @@ pub(crate) fn evaluate<'x>(
     now: Nanos,
     charges: &mut Charges<'x>,
     on_shadow: &mut dyn FnMut(ShadowHit<'x>),
-) -> Result<RulesOutcome, RuleReject<'x>> {
+) -> Result<RulesOutcome, (RuleReject<'x>, Option<Priority>)> {
     let mut out = RulesOutcome::default();
     let mut reject: Option<RuleReject<'x>> = None;
     let rules: &'x [CompiledRule] = &pol.rules;
@@ -98,6 +101,7 @@ pub(crate) fn evaluate<'x>(
                     on_shadow(ShadowHit {
                         rule,
                         bandwidth: None,
+                        priority: out.priority,
                     });
                 } else {
                     reject = Some(RuleReject::Deny {
@@ -178,6 +182,7 @@ pub(crate) fn evaluate<'x>(
                         on_shadow(ShadowHit {
                             rule,
                             bandwidth: Some((bandwidth, tat.unwrap_or(now))),
+                            priority: out.priority,
                         });
                     } else {
                         reject = Some(RuleReject::Limit {
@@ -194,7 +199,7 @@ pub(crate) fn evaluate<'x>(
         ControlFlow::Continue(())
     });
     match reject {
-        Some(r) => Err(r),
+        Some(r) => Err((r, out.priority)),
         None => Ok(out),
     }
 }

@@ -1,11 +1,29 @@
 //! Global load shedding: an in-flight limit (static or adaptive), priority-class
 //! thresholds, and reject-delay bookkeeping.
 //!
-//! A request of class `c` is admitted only while `in_flight < threshold(c) × limit`
-//! (defaults: critical 1.0, normal 0.9, borrowed 0.7, sheddable 0.5), so lower classes are
-//! shed first and critical traffic keeps the last 10 % to itself. The check increments the
-//! global in-flight counter first and undoes it when over, so two racing requests cannot
-//! both take the last slot.
+//! # Slots
+//! Each priority class may fill a number of the limit's slots; a request of class `c` is
+//! admitted only while `in_flight < slots(c)`. With the classes in order critical (0),
+//! normal (1), borrowed (2), sheddable (3), thresholds `t` and the current limit `L`:
+//!
+//! ```text
+//! slots(0) = max(1, ⌊t₀ · L⌋)
+//! slots(c) = slots(c−1)                                   if t_c = t_{c−1}
+//!          = max(1, min(⌊t_c · L⌋, slots(c−1) − 1))       if t_c < t_{c−1}
+//! ```
+//!
+//! So a class with a lower threshold always leaves at least one slot to the class above
+//! it when the limit allows (higher classes' headroom first), and every class can be
+//! admitted at least when nothing is in flight. With the defaults (critical 1.0, normal
+//! 0.9, borrowed 0.7, sheddable 0.5) that is `L, ⌊0.9 L⌋, ⌊0.7 L⌋, ⌊0.5 L⌋` for large
+//! limits (1000: 1000, 900, 700, 500; 10: 10, 9, 7, 5) and for small ones 4: 4, 3, 2, 1;
+//! 3: 3, 2, 1, 1; 2: 2, 1, 1, 1; 1: 1, 1, 1, 1. The products are floored with a relative
+//! tolerance of 10⁻¹² so that a decimal threshold such as 0.29 × 100 counts as 29.
+//! Adaptive limits use the same arithmetic on the limit of the moment.
+//!
+//! The check increments the global in-flight counter first and undoes it when over, so two
+//! racing requests cannot both take the last slot. Burst sharing's `below_utilization`
+//! uses the same floor: borrowing is allowed while `in_flight < max(1, ⌊u · L⌋)`.
 //!
 //! # Adaptive limits
 //! Fed by `Ticket::complete` with each request's latency; deterministic for a given
@@ -88,6 +106,27 @@ impl ShedConfig {
     pub fn threshold(&self, p: Priority) -> f64 {
         self.thresholds[class_index(p)]
     }
+
+    /// The slots class `p` may fill under `limit` (see the module doc).
+    pub fn slots(&self, p: Priority, limit: u64) -> u64 {
+        let target = class_index(p);
+        let mut slots = fraction_of(self.thresholds[0], limit);
+        for c in 1..=target {
+            if self.thresholds[c] < self.thresholds[c - 1] {
+                let own = fraction_of(self.thresholds[c], limit);
+                slots = own.min(slots - 1).max(1);
+            }
+        }
+        slots
+    }
+}
+
+/// `max(1, ⌊fraction × limit⌋)`, floored with a relative tolerance of 10⁻¹² so that a
+/// decimal fraction whose binary value is a hair low (0.29 × 100 = 28.999…) still counts
+/// the whole slot it names.
+fn fraction_of(fraction: f64, limit: u64) -> u64 {
+    let exact = fraction * limit as f64;
+    ((exact * (1.0 + 1e-12)).floor() as u64).clamp(1, limit.max(1))
 }
 
 fn class_index(p: Priority) -> usize {
@@ -217,11 +256,11 @@ impl Shedder {
         }
     }
 
-    /// True while utilisation (`in_flight / limit`) is below `fraction`. False without a
-    /// limit.
+    /// True while fewer than `max(1, ⌊fraction × limit⌋)` requests are in flight (the slot
+    /// arithmetic of the module doc). False without a limit.
     pub fn below_utilization(&self, fraction: f64) -> bool {
         match self.limit() {
-            Some(l) => (self.in_flight() as f64) < fraction * l as f64,
+            Some(l) => self.in_flight() < fraction_of(fraction, l),
             None => false,
         }
     }
@@ -230,8 +269,7 @@ impl Shedder {
     pub fn try_enter(&self, priority: Priority, cfg: Option<&ShedConfig>) -> bool {
         let prev = self.in_flight.fetch_add(1, Ordering::AcqRel);
         if let (Some(cfg), Some(limit)) = (cfg, self.limit()) {
-            let allowed = cfg.threshold(priority) * limit as f64;
-            if (prev as f64) >= allowed {
+            if prev >= cfg.slots(priority, limit) {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
                 return false;
             }
@@ -408,6 +446,143 @@ mod tests {
         s.exit();
         assert!(!s.try_enter(Priority::Normal, Some(&c)));
         assert!(s.try_enter(Priority::Critical, Some(&c)));
+    }
+
+    const CLASSES: [Priority; 4] = [
+        Priority::Critical,
+        Priority::Normal,
+        Priority::Borrowed,
+        Priority::Sheddable,
+    ];
+
+    fn with_thresholds(limit: ShedLimit, t: [f64; 4]) -> ShedConfig {
+        let mut c = cfg(limit);
+        c.thresholds = t;
+        c
+    }
+
+    /// Fills the shedder with class `p` until it is shed; returns how many got in.
+    fn fill(s: &Shedder, c: &ShedConfig, p: Priority) -> u64 {
+        let mut n = 0;
+        while s.try_enter(p, Some(c)) {
+            n += 1;
+            assert!(n <= 1 << 20, "never shed");
+        }
+        n
+    }
+
+    #[test]
+    fn every_limit_keeps_a_slot_for_each_higher_class() {
+        let sets = [
+            [1.0, 0.9, 0.7, 0.5],
+            [1.0, 0.85, 0.6, 0.4],
+            [1.0, 0.99, 0.98, 0.97],
+            [0.8, 0.5, 0.5, 0.1],
+            [1.0, 1.0, 0.7, 0.7],
+        ];
+        for t in sets {
+            for limit in 1..=20u32 {
+                let c = with_thresholds(ShedLimit::Static(limit), t);
+                let l = u64::from(limit);
+                let slots: Vec<u64> = CLASSES.iter().map(|&p| c.slots(p, l)).collect();
+                let ctx = format!("thresholds {t:?}, limit {limit}: slots {slots:?}");
+                if t[0] == 1.0 {
+                    assert_eq!(slots[0], l, "critical may fill the limit: {ctx}");
+                }
+                for i in 0..4 {
+                    let own = ((t[i] * l as f64 + 1e-9).floor() as u64).max(1);
+                    assert!((1..=own).contains(&slots[i]), "1 ≤ slots ≤ ⌊t·L⌋: {ctx}");
+                }
+                for i in 1..4 {
+                    if t[i] == t[i - 1] {
+                        assert_eq!(slots[i], slots[i - 1], "same threshold: {ctx}");
+                    } else if slots[i - 1] > 1 {
+                        assert!(
+                            slots[i] < slots[i - 1],
+                            "a slot above each lower class: {ctx}"
+                        );
+                    } else {
+                        assert_eq!(slots[i], 1, "every class fits an idle gateway: {ctx}");
+                    }
+                }
+                // What the shedder admits is exactly the slot count, and the class above
+                // still gets in whenever it has more slots.
+                for i in 0..4 {
+                    let s = Shedder::default();
+                    s.configure(Some(&c));
+                    assert_eq!(
+                        fill(&s, &c, CLASSES[i]),
+                        slots[i],
+                        "{:?}: {ctx}",
+                        CLASSES[i]
+                    );
+                    if i > 0 {
+                        assert_eq!(
+                            s.try_enter(CLASSES[i - 1], Some(&c)),
+                            slots[i - 1] > slots[i],
+                            "{:?} after {:?} filled: {ctx}",
+                            CLASSES[i - 1],
+                            CLASSES[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_slots_at_small_and_large_limits() {
+        let table: [(u32, [u64; 4]); 8] = [
+            (1, [1, 1, 1, 1]),
+            (2, [2, 1, 1, 1]),
+            (3, [3, 2, 1, 1]),
+            (4, [4, 3, 2, 1]),
+            (5, [5, 4, 3, 2]),
+            (10, [10, 9, 7, 5]),
+            (20, [20, 18, 14, 10]),
+            (1000, [1000, 900, 700, 500]),
+        ];
+        for (limit, want) in table {
+            let c = cfg(ShedLimit::Static(limit));
+            let got = CLASSES.map(|p| c.slots(p, u64::from(limit)));
+            assert_eq!(got, want, "limit {limit}");
+        }
+        // A decimal threshold counts the slots it names (0.29 × 100 is 28.999… in f64).
+        let c = with_thresholds(ShedLimit::Static(100), [1.0, 0.29, 0.2, 0.1]);
+        assert_eq!(c.slots(Priority::Normal, 100), 29);
+    }
+
+    #[test]
+    fn adaptive_limits_use_the_same_slots() {
+        let s = Shedder::default();
+        let c = cfg(ShedLimit::Adaptive(AdaptiveLimit {
+            algorithm: AdaptiveAlgorithm::Aimd,
+            min: 1,
+            max: 100,
+            initial: Some(4),
+            target_latency: Some(HumanDuration(Duration::from_millis(100))),
+        }));
+        s.configure(Some(&c));
+        assert_eq!(s.limit(), Some(4));
+        assert_eq!(fill(&s, &c, Priority::Normal), 3);
+        assert!(s.try_enter(Priority::Critical, Some(&c)), "critical's slot");
+        assert!(!s.try_enter(Priority::Critical, Some(&c)));
+    }
+
+    #[test]
+    fn borrowing_uses_the_same_floor() {
+        let s = Shedder::default();
+        s.configure(Some(&cfg(ShedLimit::Static(4))));
+        // ⌊0.9 × 4⌋ = 3.
+        for _ in 0..3 {
+            assert!(s.below_utilization(0.9));
+            s.in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+        assert!(!s.below_utilization(0.9));
+        // At limit 1 an idle gateway still lets a client borrow.
+        let s = Shedder::default();
+        s.configure(Some(&cfg(ShedLimit::Static(1))));
+        assert!(s.below_utilization(0.9));
     }
 
     #[test]

@@ -608,7 +608,9 @@ pub struct BurstSharing {
     #[serde(default)]
     pub enabled: bool,
     /// Borrowing is allowed while global utilisation (in flight / shedding limit) is below this
-    /// fraction (default 0.7). Without a shedding limit nobody borrows.
+    /// fraction (default 0.9, the `normal` threshold's default). Without a shedding limit
+    /// nobody borrows. A borrowed request must also fit under the `borrowed` threshold
+    /// (default 0.7): between the two it is shed (503), above this it gets the quota's 429.
     #[serde(default = "default_borrow_below")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub below_utilization: f64,
@@ -623,9 +625,11 @@ impl Default for BurstSharing {
     }
 }
 
-/// Default burst-sharing utilisation threshold.
+/// Default burst-sharing utilisation threshold: above the default `borrowed` shedding
+/// threshold (0.7), so that borrowed requests are admitted while there is room and are the
+/// first shed as load rises, instead of borrowing stopping where their shedding would start.
 pub fn default_borrow_below() -> f64 {
-    0.7
+    0.9
 }
 
 // === shedding ===
