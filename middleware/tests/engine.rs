@@ -208,7 +208,7 @@ default_plan: p
 }
 
 #[test]
-fn burst_sharing_admits_while_spare_and_sheds_borrowed_first() {
+fn burst_sharing_admits_while_spare_and_stops_at_below_utilization() {
     let (e, _clock, _) = engine(
         "version: 1
 plans:
