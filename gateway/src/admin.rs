@@ -7,7 +7,7 @@
 //! | GET | `/status` | gateway version, policy version and hash, last reload, uptime |
 //! | GET | `/policy` | the active policy as JSON |
 //! | POST | `/reload` | reload the policy now |
-//! | GET | `/metrics` | Prometheus text |
+//! | GET | `/metrics` | Prometheus text 0.0.4, or OpenMetrics when `Accept` prefers it |
 //! | GET | `/clients/top?n=20` | clients using the largest share of a quota |
 //! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight (the plan it is charged to; 404 when no plan applies and it has no state) |
 //! | PUT | `/clients/{key}/override` | set a client's override (persisted, applied live) |
@@ -39,7 +39,7 @@ use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::decision_log::rfc3339;
-use crate::metrics::{EngineSnapshot, Metrics};
+use crate::metrics::{EngineSnapshot, Format, Metrics};
 use crate::reload::Reloader;
 
 const MAX_CONCURRENT: usize = 16;
@@ -251,7 +251,7 @@ async fn reload(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+async fn metrics(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
     let e = &state.engine;
     state.metrics.refresh(EngineSnapshot {
         in_flight: e.in_flight(),
@@ -260,11 +260,15 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         evictions: e.evictions(),
     });
     state.metrics.refresh_fleet(e.backend_snapshot());
-    let mut res = state.metrics.encode().into_response();
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
+    let mut res = state.metrics.encode_as(format).into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(format.content_type()),
     );
+    res.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept"));
     res
 }
 

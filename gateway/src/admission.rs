@@ -155,17 +155,25 @@ impl LabelView for LabelRef<'_> {
 }
 
 impl DecisionCounters {
+    /// Counts one request's decision in `fairgate_requests_total`.
     fn count(&self, metrics: &Metrics, labels: &LabelRef<'_>) {
+        self.count_with(labels, || {
+            metrics.decision_counter(&DecisionLabels {
+                stage: Arc::from(labels.stage),
+                decision: Arc::from(labels.decision),
+                rule: Arc::from(labels.rule),
+                plan: Arc::from(labels.plan),
+            })
+        });
+    }
+
+    /// Increments the counter of `labels`, resolving it with `resolve` the first time.
+    fn count_with(&self, labels: &LabelRef<'_>, resolve: impl FnOnce() -> Counter) {
         if let Some(c) = self.map.load().get(labels as &dyn LabelView) {
             c.inc();
             return;
         }
-        let counter = metrics.decision_counter(&DecisionLabels {
-            stage: Arc::from(labels.stage),
-            decision: Arc::from(labels.decision),
-            rule: Arc::from(labels.rule),
-            plan: Arc::from(labels.plan),
-        });
+        let counter = resolve();
         counter.inc();
         let key = OwnedLabels {
             stage: labels.stage,
@@ -187,7 +195,12 @@ impl DecisionCounters {
 pub struct GatewayObserver {
     metrics: Arc<Metrics>,
     log: DecisionLog,
+    /// `fairgate_requests_total`: each request once, by the decision that settled it.
     counters: DecisionCounters,
+    /// `fairgate_shadow_rejects_total`: shadow rule hits (keyed by rule only), apart from
+    /// the requests they did not stop, so that `fairgate_requests_total` counts each
+    /// request once.
+    shadow: DecisionCounters,
     /// The clock of audit-mode `mono_ns` stamps.
     clock: Arc<dyn Clock>,
 }
@@ -202,6 +215,7 @@ impl GatewayObserver {
             metrics,
             log,
             counters: DecisionCounters::default(),
+            shadow: DecisionCounters::default(),
             clock: Arc::new(MonotonicClock::new()),
         }
     }
@@ -257,15 +271,28 @@ impl GatewayObserver {
 
 impl Observer for GatewayObserver {
     fn on_decision(&self, e: &DecisionEvent<'_>) {
-        self.counters.count(
-            &self.metrics,
-            &LabelRef {
-                stage: e.stage.map_or("none", |s| s.as_str()),
-                decision: e.kind.as_str(),
-                rule: e.rule.unwrap_or(""),
-                plan: e.plan.unwrap_or(""),
-            },
-        );
+        if e.kind == DecisionKind::ShadowReject {
+            // Not the request's decision: the request goes on to one.
+            let rule = e.rule.unwrap_or("");
+            let labels = LabelRef {
+                stage: "rule",
+                decision: "shadow_reject",
+                rule,
+                plan: "",
+            };
+            self.shadow
+                .count_with(&labels, || self.metrics.shadow_reject_counter(rule));
+        } else {
+            self.counters.count(
+                &self.metrics,
+                &LabelRef {
+                    stage: e.stage.map_or("none", |s| s.as_str()),
+                    decision: e.kind.as_str(),
+                    rule: e.rule.unwrap_or(""),
+                    plan: e.plan.unwrap_or(""),
+                },
+            );
+        }
         let audit = self.log.is_audit();
         match e.kind {
             DecisionKind::Reject => {

@@ -44,7 +44,7 @@ use crate::reload::Reloader;
 use crate::request_id::RequestIdLayer;
 use crate::routing::{Route, RouteTable, RoutingLayer};
 use crate::runtime::{self, ListenSpec, Workers};
-use crate::server;
+use crate::server::{self, Sharing};
 use crate::tls::{Tls, TlsError};
 use crate::upstream::Pool;
 
@@ -55,10 +55,14 @@ pub enum StartError {
     #[error("{0}")]
     Policy(PolicyErrors),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} (the {listener} listener): {source}{hint}", hint = bind_hint(source, *sharing))]
     Bind {
+        /// Which listener: `data` or `admin`.
+        listener: &'static str,
         /// The address.
         addr: SocketAddr,
+        /// Whether it was to share the address (`--reuse-port`).
+        sharing: Sharing,
         /// Why.
         source: std::io::Error,
     },
@@ -90,6 +94,29 @@ pub enum StartError {
     /// Something else failed (echo upstream, decision log file).
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What an "address in use" means, for the operator.
+fn bind_hint(source: &std::io::Error, sharing: Sharing) -> &'static str {
+    match (source.kind(), sharing) {
+        (std::io::ErrorKind::AddrInUse, Sharing::Exclusive) => {
+            "; another process listens there (to share the port with a running fairgate \
+             during an upgrade, start this one with --reuse-port)"
+        }
+        (std::io::ErrorKind::AddrInUse, Sharing::Shared) => {
+            "; the process listening there does not share it (SO_REUSEPORT)"
+        }
+        _ => "",
+    }
+}
+
+/// How to start: what the command line adds to the config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Whether the listeners (data and admin) may join sockets already listening on their
+    /// addresses (`--reuse-port`, for a zero-downtime upgrade); by default an address
+    /// something listens on is an error.
+    pub sharing: Sharing,
 }
 
 /// A started gateway.
@@ -127,8 +154,17 @@ pub fn last_good_path(policy: &std::path::Path) -> std::path::PathBuf {
     policy.with_file_name(format!(".{name}.last-good"))
 }
 
-/// Starts everything `loaded` describes; returns once every listener is bound.
+/// Starts everything `loaded` describes; returns once every listener is bound. Listeners
+/// do not share their addresses (see [`start_with`]).
 pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
+    start_with(loaded, StartOptions::default()).await
+}
+
+/// [`start`] with `options`.
+pub async fn start_with(
+    loaded: LoadedConfig,
+    options: StartOptions,
+) -> Result<Running, StartError> {
     let LoadedConfig {
         config,
         inline_policy,
@@ -153,8 +189,13 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
             }
             store
         }
-        (PolicySource::Inline { .. }, Some(p)) => {
-            PolicyStore::from_policy(p).map_err(StartError::Policy)?
+        (PolicySource::Inline { config_file }, Some(p)) => {
+            PolicyStore::from_policy(p).map_err(|e| {
+                StartError::Policy(crate::config::decode::locate_inline(
+                    e,
+                    &config_file.display().to_string(),
+                ))
+            })?
         }
         (PolicySource::Inline { config_file }, None) => {
             return Err(StartError::Policy(PolicyErrors::unlocated(
@@ -293,10 +334,12 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
             ),
         };
         let bind_error = |source| StartError::Bind {
+            listener: "data",
             addr: l.address,
+            sharing: options.sharing,
             source,
         };
-        let socket = server::bind_std(l.address).map_err(bind_error)?;
+        let socket = server::bind_std(l.address, options.sharing).map_err(bind_error)?;
         let addr = socket.local_addr().map_err(bind_error)?;
         listeners.push(socket);
         specs.push(ListenSpec { addr, tls });
@@ -322,10 +365,13 @@ pub async fn start(loaded: LoadedConfig) -> Result<Running, StartError> {
                 }
                 (None, None) => None,
             };
-            let listener = server::bind(a.listen).map_err(|source| StartError::Bind {
-                addr: a.listen,
-                source,
-            })?;
+            let listener =
+                server::bind(a.listen, options.sharing).map_err(|source| StartError::Bind {
+                    listener: "admin",
+                    addr: a.listen,
+                    sharing: options.sharing,
+                    source,
+                })?;
             let addr = listener.local_addr()?;
             let state = AdminState::new(
                 engine.clone(),

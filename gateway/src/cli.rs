@@ -1,4 +1,5 @@
-//! The command line: `fairgate run --config FILE` (also `fairgate --config FILE`),
+//! The command line: `fairgate run --config FILE [--reuse-port]` (also
+//! `fairgate --config FILE`),
 //! `fairgate check [--gateway] FILE`, `fairgate audit DECISIONS --policy POLICY [--json]`
 //! (see [`crate::audit`]), `fairgate schema`, `fairgate version`.
 //!
@@ -24,6 +25,10 @@ pub struct Cli {
     /// Gateway config file (same as `fairgate run --config FILE`).
     #[arg(long, short, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Share the listen addresses with the fairgate already listening there (same as
+    /// `fairgate run --reuse-port`).
+    #[arg(long, requires = "config")]
+    pub reuse_port: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -37,6 +42,11 @@ pub enum Command {
         /// Gateway config file.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Share the listen addresses (data and admin) with the fairgate already listening
+        /// there, for a zero-downtime upgrade: the kernel spreads new connections over both
+        /// until the old one is stopped. Without it, an address in use is an error.
+        #[arg(long)]
+        reuse_port: bool,
     },
     /// Validate a policy file (or, with --gateway, a gateway config) and print a summary.
     Check {
@@ -71,7 +81,8 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match (cli.command, cli.config) {
-        (Some(Command::Run { config }), _) | (None, Some(config)) => run(&config),
+        (Some(Command::Run { config, reuse_port }), _) => run(&config, reuse_port),
+        (None, Some(config)) => run(&config, cli.reuse_port),
         (Some(Command::Check { gateway, file }), _) => check(&file, gateway),
         (
             Some(Command::Audit {
@@ -139,8 +150,18 @@ pub fn check(file: &Path, gateway: bool) -> ExitCode {
                         check(p, false)
                     }
                     (_, Some(p)) => {
-                        print!("{}", fairgate_policies::summary::summary(p));
-                        ExitCode::SUCCESS
+                        // Compiling catches what decoding cannot, as for a policy file.
+                        match fairgate_policies::PolicyStore::from_policy(p.clone()) {
+                            Ok(_) => {
+                                print!("{}", fairgate_policies::summary::summary(p));
+                                ExitCode::SUCCESS
+                            }
+                            Err(e) => {
+                                let file = file.display().to_string();
+                                eprintln!("{}", config::decode::locate_inline(e, &file));
+                                ExitCode::from(1)
+                            }
+                        }
                     }
                     _ => ExitCode::SUCCESS,
                 }
@@ -179,8 +200,9 @@ pub fn check(file: &Path, gateway: bool) -> ExitCode {
 }
 
 /// `fairgate run`: loads the config, builds the runtime (a multi-thread one, or under
-/// `thread_per_core` a current-thread control runtime), serves until SIGTERM/SIGINT.
-pub fn run(path: &Path) -> ExitCode {
+/// `thread_per_core` a current-thread control runtime), serves until SIGTERM/SIGINT. With
+/// `reuse_port`, the listeners join the sockets already listening on their addresses.
+pub fn run(path: &Path, reuse_port: bool) -> ExitCode {
     let loaded = match config::load(path) {
         Ok(l) => l,
         Err(e) => {
@@ -212,7 +234,14 @@ pub fn run(path: &Path) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
-        let running = match crate::app::start(loaded).await {
+        let options = crate::app::StartOptions {
+            sharing: if reuse_port {
+                crate::server::Sharing::Shared
+            } else {
+                crate::server::Sharing::Exclusive
+            },
+        };
+        let running = match crate::app::start_with(loaded, options).await {
             Ok(r) => r,
             Err(crate::app::StartError::Policy(e)) => {
                 eprintln!("{e}");

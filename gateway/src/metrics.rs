@@ -1,4 +1,6 @@
-//! Prometheus metrics (prometheus-client), served as text on the admin port at `/metrics`.
+//! Prometheus metrics (prometheus-client), served on the admin port at `/metrics` in the
+//! format the scraper asks for ([`Format::negotiate`]): OpenMetrics 1.0.0 when its `Accept`
+//! prefers it (Prometheus does), otherwise the Prometheus text format 0.0.4.
 //!
 //! Label values are bounded by design: stages, decisions, priorities and reload results are
 //! fixed sets; rule, plan and upstream names come from the config and the policy. No label
@@ -6,6 +8,7 @@
 //! limit, tracked keys, evictions) are refreshed when `/metrics` is scraped
 //! ([`Metrics::refresh`]), so the request path never touches them.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,11 @@ pub struct DecisionLabels {
     pub rule: Arc<str>,
     /// Plan name, empty when none applied.
     pub plan: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,6 +157,7 @@ pub struct EngineSnapshot {
 pub struct Metrics {
     registry: Registry,
     requests: Family<DecisionLabels, Counter>,
+    shadow_rejects: Family<RuleLabels, Counter>,
     shed: Family<PriorityLabels, Counter>,
     in_flight: Gauge,
     shed_limit: Gauge,
@@ -182,8 +191,14 @@ impl Metrics {
         let requests = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "requests",
-            "Admission decisions by stage, decision, rule and plan",
+            "Requests by the admission decision that settled them (one per request): stage, decision, rule and plan",
             requests.clone(),
+        );
+        let shadow_rejects = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "shadow_rejects",
+            "Shadow rules that would have rejected a request that went on, by rule",
+            shadow_rejects.clone(),
         );
         let shed = Family::<PriorityLabels, Counter>::default();
         registry.register("shed", "Requests shed by priority class", shed.clone());
@@ -289,6 +304,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            shadow_rejects,
             shed,
             in_flight,
             shed_limit,
@@ -355,6 +371,16 @@ impl Metrics {
         self.requests.get_or_create(labels).clone()
     }
 
+    /// The `fairgate_shadow_rejects_total` counter of shadow rule `rule`, to be held and
+    /// incremented without a label lookup per request (it stays part of the family).
+    pub fn shadow_reject_counter(&self, rule: &str) -> Counter {
+        self.shadow_rejects
+            .get_or_create(&RuleLabels {
+                rule: Arc::from(rule),
+            })
+            .clone()
+    }
+
     /// Counts one shed request (`priority`: `critical`, `normal`, `borrowed`, `sheddable`).
     pub fn shed(&self, priority: &'static str) {
         self.shed.get_or_create(&PriorityLabels { priority }).inc();
@@ -406,13 +432,117 @@ impl Metrics {
         }
     }
 
-    /// Encodes everything in the Prometheus text format.
+    /// Encodes everything in OpenMetrics 1.0.0 text (what prometheus-client writes).
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// Encodes everything in `format`.
+    pub fn encode_as(&self, format: Format) -> String {
+        let openmetrics = self.encode();
+        match format {
+            Format::OpenMetrics => openmetrics,
+            Format::Text => openmetrics_to_text(&openmetrics),
+        }
+    }
+}
+
+/// An exposition format of `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0 text.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (the default).
+    Text,
+}
+
+impl Format {
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+
+    /// The format to answer a request with `Accept` header `accept` in, as Prometheus'
+    /// own exporters choose: the acceptable media range with the highest `q` (the first
+    /// listed on a tie) among `application/openmetrics-text` (version 1.0.0 or none) and
+    /// `text/plain` (version 0.0.4 or none); ranges naming other types or versions
+    /// (protobuf, OpenMetrics 0.0.1, text 1.0.0) are skipped. Without an acceptable one
+    /// (no header, `*/*`), the 0.0.4 text.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let mut best: Option<(f32, Format)> = None;
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim();
+            let mut q = 1.0_f32;
+            let mut version = None;
+            for param in parts {
+                let Some((k, v)) = param.split_once('=') else {
+                    continue;
+                };
+                let v = v.trim().trim_matches('"');
+                if k.trim().eq_ignore_ascii_case("q") {
+                    q = v.parse().unwrap_or(0.0);
+                } else if k.trim().eq_ignore_ascii_case("version") {
+                    version = Some(v);
+                }
+            }
+            let format = if media.eq_ignore_ascii_case("application/openmetrics-text")
+                && matches!(version, None | Some("1.0.0"))
+            {
+                Format::OpenMetrics
+            } else if media.eq_ignore_ascii_case("text/plain")
+                && matches!(version, None | Some("0.0.4"))
+            {
+                Format::Text
+            } else {
+                continue;
+            };
+            if q > 0.0 && best.is_none_or(|(b, _)| q > b) {
+                best = Some((q, format));
+            }
+        }
+        best.map_or(Format::Text, |(_, f)| f)
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4. The samples are
+/// the same; the metadata differs: a 0.0.4 `TYPE`/`HELP` line names the sample (a counter
+/// family `x` has the sample `x_total`, an info family `x` the gauge sample `x_info`),
+/// `unknown` is `untyped`, and there are no `UNIT` lines and no `# EOF`.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // prometheus-client writes `HELP` before `TYPE`; the name is known at `TYPE`.
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').map_or("", |(_, text)| text));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.rsplit_once(' ').unwrap_or((rest, "unknown"));
+            let (suffix, kind) = match kind {
+                "counter" if !name.ends_with("_total") => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "unknown" => ("", "untyped"),
+                other => ("", other),
+            };
+            // Writing into a String cannot fail.
+            if let Some(text) = help.take() {
+                let _ = writeln!(out, "# HELP {name}{suffix} {text}");
+            }
+            let _ = writeln!(out, "# TYPE {name}{suffix} {kind}");
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 impl Default for Metrics {
@@ -471,5 +601,76 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn negotiates_like_prometheus() {
+        // Prometheus 2.x's scrape `Accept`.
+        let prom2 = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prom2)), Format::OpenMetrics);
+        // Prometheus 3.x: protobuf first, which is skipped.
+        let prom3 = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.6,application/openmetrics-text;version=1.0.0;escaping=underscores;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=underscores;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prom3)), Format::OpenMetrics);
+        // Prometheus with `scrape_protocols: [PrometheusText0.0.4]`.
+        assert_eq!(
+            Format::negotiate(Some("text/plain;version=0.0.4;q=0.5,*/*;q=0.1")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some(
+                "text/plain; version=0.0.4, application/openmetrics-text; version=1.0.0; q=0.5"
+            )),
+            Format::Text
+        );
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; q=0")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;version=0.0.1")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("APPLICATION/OpenMetrics-Text")),
+            Format::OpenMetrics
+        );
+    }
+
+    #[test]
+    fn text_format_names_the_samples_in_its_metadata() {
+        let m = Metrics::new();
+        m.shed("critical");
+        m.upstream(&Arc::from("api"))
+            .observe(Duration::from_millis(2));
+        let om = m.encode();
+        assert!(om.contains("# TYPE fairgate_shed counter\n"));
+        assert!(om.ends_with("# EOF\n"));
+        let text = m.encode_as(Format::Text);
+        assert!(text.contains("# HELP fairgate_shed_total Requests shed by priority class.\n"));
+        assert!(text.contains("# TYPE fairgate_shed_total counter\n"));
+        assert!(text.contains("# TYPE fairgate_in_flight gauge\n"));
+        assert!(text.contains("# TYPE fairgate_upstream_duration_seconds histogram\n"));
+        assert!(text.contains("fairgate_shed_total{priority=\"critical\"} 1\n"));
+        assert!(!text.contains("# EOF"));
+        assert!(!text.contains("# UNIT"));
+        // Every sample line is kept as it was.
+        let samples = |s: &str| -> Vec<String> {
+            s.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&om), samples(&text));
+    }
+
+    #[test]
+    fn text_format_rewrites_info_unknown_and_units() {
+        let om = "# HELP build Build.\n# TYPE build info\nbuild_info{v=\"1\"} 1\n# HELP odd Odd.\n# TYPE odd unknown\nodd 3\n# HELP t_seconds T.\n# TYPE t_seconds counter\n# UNIT t_seconds seconds\nt_seconds_total 2\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP build_info Build.\n# TYPE build_info gauge\nbuild_info{v=\"1\"} 1\n# HELP odd Odd.\n# TYPE odd untyped\nodd 3\n# HELP t_seconds_total T.\n# TYPE t_seconds_total counter\nt_seconds_total 2\n"
+        );
     }
 }

@@ -138,7 +138,7 @@ impl Workers {
                 Some(b) if i == 0 => b,
                 _ => specs
                     .iter()
-                    .map(|s| server::bind_std(s.addr))
+                    .map(|s| server::bind_another(s.addr))
                     .collect::<io::Result<Vec<_>>>()?,
             };
             let listeners = {

@@ -5,8 +5,15 @@
 //! [`crate::conn_limits`] (per-source cap at accept, first-bytes and write deadlines on the
 //! stream, minimum request-body rate), and graceful shutdown.
 //!
-//! `SO_REUSEPORT` lets a new gateway process bind the same port while the old one drains:
-//! start the new one, then SIGTERM the old one (see `docs/gateway.md`). On stop a server
+//! Every listening socket sets `SO_REUSEPORT`, so that a new gateway process can bind the
+//! same port while the old one drains: start the new one with `--reuse-port`, then SIGTERM
+//! the old one (see `docs/gateway.md`). Without `--reuse-port` ([`Sharing::Exclusive`]) a
+//! listener first checks that nothing listens on its address, so a second gateway started by
+//! mistake fails with "address in use" instead of silently taking half the connections.
+//!
+//! hyper serves h2c by prior knowledge only. An HTTP/1.1 request offering `Upgrade: h2c` is
+//! answered in HTTP/1.1, and the offer is removed from it before anything else sees it (see
+//! [`decline_h2c`]). On stop a server
 //! first *drains* for [`DRAIN_WINDOW`]: it keeps accepting, and answers every HTTP/1.1
 //! request with `Connection: close`, so keep-alive clients learn to reconnect (to the new
 //! process) from a response instead of finding their idle connection closed under a request
@@ -25,7 +32,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, Version};
+use http::header::HeaderName;
+use http::{header, HeaderMap, HeaderValue, Request, Response, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -53,15 +61,50 @@ const MAX_SCANNED_HEAD: usize = 16 * 1024 * 1024;
 /// it closes its listener (see the module docs). Short against any sane `shutdown_grace`.
 pub const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 
-/// Binds a listening socket with `SO_REUSEADDR` and `SO_REUSEPORT` (must be called inside a
-/// tokio runtime, which the listener is registered with).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::from_std(bind_std(addr)?)
+/// Whether a listener may share its address with sockets that already listen there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sharing {
+    /// Fail with [`io::ErrorKind::AddrInUse`] when another socket listens on the address
+    /// (the default).
+    #[default]
+    Exclusive,
+    /// Join the `SO_REUSEPORT` sockets listening there: the kernel spreads new connections
+    /// over all of them (`fairgate run --reuse-port`, for an upgrade).
+    Shared,
+}
+
+/// Binds a listening socket with `SO_REUSEADDR` and `SO_REUSEPORT`, after checking that no
+/// other socket listens on `addr` unless `sharing` is [`Sharing::Shared`] (must be called
+/// inside a tokio runtime, which the listener is registered with).
+pub fn bind(addr: SocketAddr, sharing: Sharing) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, sharing)?)
 }
 
 /// [`bind`] without a runtime: a non-blocking std listener, to be handed to a runtime later
 /// with `TcpListener::from_std`.
-pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub fn bind_std(addr: SocketAddr, sharing: Sharing) -> io::Result<std::net::TcpListener> {
+    // Port 0 picks a port nobody listens on.
+    if addr.port() != 0 {
+        match sharing {
+            Sharing::Exclusive => ensure_unused(addr)?,
+            Sharing::Shared => {
+                if ensure_unused(addr).is_err() {
+                    tracing::warn!(
+                        %addr,
+                        "--reuse-port: joining the sockets already listening on this address; \
+                         new connections are spread over every process listening there until \
+                         the others stop"
+                    );
+                }
+            }
+        }
+    }
+    bind_another(addr)
+}
+
+/// Binds one more `SO_REUSEPORT` socket on `addr`, joining whatever listens there (the
+/// per-core threads' sockets on the address the first one checked and bound).
+pub fn bind_another(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -69,6 +112,17 @@ pub fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+/// Fails with `AddrInUse` when a socket listens on `addr`: a probe socket without
+/// `SO_REUSEPORT` cannot bind an address a listening socket holds (`SO_REUSEADDR` only lets
+/// it past connections of an earlier process still in `TIME_WAIT`). The probe is closed
+/// before it ever listens. Two gateways started at the same instant could both pass the
+/// check; one started by mistake next to a running one cannot.
+fn ensure_unused(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())
 }
 
 /// The HTTP/1.1 + HTTP/2 connection builder with the configured request-head limits.
@@ -251,6 +305,9 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let close = req.version() == Version::HTTP_11 && self.draining.load(Ordering::Relaxed);
+        if req.version() < Version::HTTP_2 {
+            decline_h2c(req.headers_mut());
+        }
         crate::admission::tag_peer(&mut req, self.info.peer);
         req.extensions_mut().insert(self.info);
         let req = req.map(|b| self.limits.min_rate(b));
@@ -287,6 +344,72 @@ where
         }
         Poll::Ready(out)
     }
+}
+
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Declines an HTTP/1.1 request's offer to upgrade to h2c (RFC 7230 §6.7 lets a server
+/// ignore `Upgrade`; RFC 9113 dropped this upgrade): hyper answers it in HTTP/1.1, and the
+/// offer is removed so that the upstream never sees it either — an upstream accepting it
+/// with a `101` would turn the connection into an HTTP/2 tunnel that bypasses admission.
+/// Removes the `h2c` token of `Upgrade` (the header, and the `upgrade` token of
+/// `Connection`, when it offered nothing else) and `HTTP2-Settings` with its `Connection`
+/// token. Other upgrades (websocket) are left alone.
+fn decline_h2c(headers: &mut HeaderMap) {
+    let offers_h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(tokens)
+        .any(|t| t.eq_ignore_ascii_case("h2c"));
+    if !offers_h2c && !headers.contains_key(&HTTP2_SETTINGS) {
+        return;
+    }
+    if offers_h2c {
+        let rest = join_tokens(headers, &header::UPGRADE, |t| {
+            !t.eq_ignore_ascii_case("h2c")
+        });
+        headers.remove(header::UPGRADE);
+        if let Some(rest) = rest {
+            headers.insert(header::UPGRADE, rest);
+        }
+    }
+    headers.remove(&HTTP2_SETTINGS);
+    let upgrading = headers.contains_key(header::UPGRADE);
+    let connection = join_tokens(headers, &header::CONNECTION, |t| {
+        !t.eq_ignore_ascii_case("http2-settings")
+            && (upgrading || !t.eq_ignore_ascii_case("upgrade"))
+    });
+    headers.remove(header::CONNECTION);
+    if let Some(connection) = connection {
+        headers.insert(header::CONNECTION, connection);
+    }
+}
+
+/// The comma-separated tokens of one header value (none when it is not visible ASCII).
+fn tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
+    v.to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// The tokens of every `name` line that `keep` keeps, as one value; `None` when none is kept.
+fn join_tokens(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    keep: impl Fn(&str) -> bool,
+) -> Option<HeaderValue> {
+    let kept: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .flat_map(tokens)
+        .filter(|t| keep(t))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
 /// Waits for SIGTERM or SIGINT (Ctrl-C).
@@ -335,4 +458,70 @@ where
     }
     #[cfg(not(unix))]
     let _ = f;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn declines_an_h2c_upgrade() {
+        let mut h = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings, keep-alive"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ("x-other", "1"),
+        ]);
+        decline_h2c(&mut h);
+        assert!(h.get(header::UPGRADE).is_none());
+        assert!(h.get("http2-settings").is_none());
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "keep-alive");
+        assert_eq!(h.get("x-other").unwrap(), "1");
+
+        let mut h = headers(&[("connection", "upgrade"), ("upgrade", "h2c")]);
+        decline_h2c(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn keeps_other_upgrades() {
+        let mut h = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c, websocket"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        decline_h2c(&mut h);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "Upgrade");
+        assert!(h.get("http2-settings").is_none());
+
+        let ws = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let mut h = ws.clone();
+        decline_h2c(&mut h);
+        assert_eq!(h, ws);
+    }
+
+    #[test]
+    fn exclusive_bind_refuses_a_listening_address_and_shared_joins_it() {
+        let first = bind_std("127.0.0.1:0".parse().unwrap(), Sharing::Exclusive).unwrap();
+        let addr = first.local_addr().unwrap();
+        let err = bind_std(addr, Sharing::Exclusive).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        let second = bind_std(addr, Sharing::Shared).unwrap();
+        assert_eq!(second.local_addr().unwrap(), addr);
+        drop((first, second));
+        // Free again: an exclusive bind succeeds.
+        bind_std(addr, Sharing::Exclusive).unwrap();
+    }
 }

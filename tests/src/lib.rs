@@ -54,8 +54,18 @@ static INSTALL: Mutex<()> = Mutex::new(());
 ///
 /// When the install fails (not root, no package index).
 pub fn ensure_package(package: &str, binaries: &[&str]) {
+    ensure_package_for(package, || binaries.iter().all(|b| which(b)));
+}
+
+/// [`ensure_package`] for a package without a binary to look for (a library, a Python
+/// module): `present` tells whether what the test needs of it is there.
+///
+/// # Panics
+///
+/// When the install fails, or `present` is still false after it.
+pub fn ensure_package_for(package: &str, present: impl Fn() -> bool) {
     let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    if binaries.iter().all(|b| which(b)) {
+    if present() {
         return;
     }
     let policy = Path::new("/usr/sbin/policy-rc.d");
@@ -83,10 +93,7 @@ pub fn ensure_package(package: &str, binaries: &[&str]) {
     if !had_policy {
         let _ = std::fs::remove_file(policy);
     }
-    assert!(
-        ok && binaries.iter().all(|b| which(b)),
-        "cannot install {package}"
-    );
+    assert!(ok && present(), "cannot install {package}");
 }
 
 /// Whether `bin` is on the `PATH`.
@@ -171,12 +178,23 @@ impl Gateway {
     ///
     /// When the process exits or prints no listening line within [`DEADLINE`].
     pub fn start_in(dir: Arc<tempfile::TempDir>, config: &str) -> Gateway {
+        Self::start_with_args(dir, config, &[])
+    }
+
+    /// [`start_in`](Self::start_in) with more arguments after `run --config FILE` (such as
+    /// `--reuse-port`).
+    ///
+    /// # Panics
+    ///
+    /// When the process exits or prints no listening line within [`DEADLINE`].
+    pub fn start_with_args(dir: Arc<tempfile::TempDir>, config: &str, args: &[&str]) -> Gateway {
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write gateway.yaml");
         let mut child = Command::new(fairgate_bin())
             .arg("run")
             .arg("--config")
             .arg(&path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -361,7 +361,7 @@ clients:
 
 /// F8: `upgrades` graceful upgrades, one every `every` from `every` on, of a gateway under
 /// `rate` requests per second for `run_for`. Each upgrade starts a new process on the same
-/// port (SO_REUSEPORT) with 20 requests of 2 s in flight on the old one, then SIGTERMs the
+/// port (`--reuse-port`) with 20 requests of 2 s in flight on the old one, then SIGTERMs the
 /// old one.
 pub(crate) async fn f8(rate: u32, upgrades: u32, every: Duration, run_for: Duration) {
     let up = Upstream::start_counting().await;
@@ -371,11 +371,12 @@ pub(crate) async fn f8(rate: u32, upgrades: u32, every: Duration, run_for: Durat
             up.addr
         )
     };
+    // Every process shares the port it is given (`--reuse-port`), as an upgrade does.
     let start = |listen: String| {
         let dir = Gateway::tempdir();
         std::fs::write(dir.path().join("policy.yaml"), F8_POLICY).unwrap();
         let cfg = config(&listen);
-        tokio::task::spawn_blocking(move || Gateway::start_in(dir, &cfg))
+        tokio::task::spawn_blocking(move || Gateway::start_with_args(dir, &cfg, &["--reuse-port"]))
     };
     let mut old = start("127.0.0.1:0".into()).await.unwrap();
     let addr = old.data;

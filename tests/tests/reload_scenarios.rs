@@ -68,15 +68,6 @@ fn reloads(m: &str, result: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-/// The sum of every `fairgate_requests_total` series whose labels contain all of `labels`.
-fn requests_with(m: &str, labels: &[&str]) -> f64 {
-    m.lines()
-        .filter(|l| l.starts_with("fairgate_requests_total{"))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 async fn policy_hash(c: &Client, gw: &Gateway) -> String {
     admin(c, gw, "GET", "/status").await.json()["policy"]["hash"]
         .as_str()
@@ -545,7 +536,8 @@ async fn r6_shadow_mode_counts_what_enforce_would_reject() {
     let shadowed = run_trace(&gw).await;
     let c = Client::new();
     let m = metrics(&c, &gw).await;
-    let would_reject = requests_with(&m, &[r#"decision="shadow_reject""#, r#"rule="r6""#]);
+    let would_reject =
+        fairgate_tests::metric(&m, r#"fairgate_shadow_rejects_total{rule="r6"}"#).unwrap_or(0.0);
     eprintln!("R6 enforce {enforced:?}, shadow {shadowed:?}, would_reject {would_reject}");
     assert_eq!(
         shadowed.get(&200).copied(),

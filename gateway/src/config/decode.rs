@@ -8,7 +8,8 @@ use std::path::Path as FsPath;
 use std::time::Duration;
 
 use fairgate_policies::decode::{
-    choice, expected, from_str, one_or_many, scalar, uint, variant, Ctx, Decode, MapReader, Path,
+    choice, decode_policy_in, expected, from_str, one_or_many, scalar, uint, variant, Ctx, Decode,
+    MapReader, Path,
 };
 use fairgate_policies::model::{ByteSize, HumanDuration};
 use fairgate_policies::yaml::{self, Limits as YamlLimits, Node};
@@ -74,13 +75,31 @@ pub fn inline_policy(source: &str, file: &str) -> Result<Policy, PolicyErrors> {
     let node = m.as_mut().and_then(|m| m.entry("policy")).map(|e| e.value);
     match node {
         Some(n) if matches!(n.kind, yaml::NodeKind::Map(_)) => {
-            fairgate_policies::decode::decode_policy(n, file)
+            // A fresh context: the rest of the file was checked when the gateway started.
+            let mut ctx = Ctx::new(file);
+            let policy = decode_policy_in(&mut ctx, n, &Path::Root.key("policy"));
+            ctx.finish(policy)
         }
         _ => Err(PolicyErrors::unlocated(
             file,
             "policy: the file no longer has an inline policy map",
         )),
     }
+}
+
+/// Errors of compiling an inline policy (`PolicyStore::from_policy` names them after the
+/// file `policy`, with paths from the policy's root), located in the gateway config `file`
+/// under its `policy` key: `policy.rules[0].when.path`.
+pub fn locate_inline(mut errors: PolicyErrors, file: &str) -> PolicyErrors {
+    for e in &mut errors.0 {
+        file.clone_into(&mut e.file);
+        e.path = if e.path.is_empty() {
+            "policy".to_owned()
+        } else {
+            format!("policy.{}", e.path)
+        };
+    }
+    errors
 }
 
 fn config(
@@ -160,7 +179,11 @@ fn config(
         Some(e) if e.value.is_null() => None,
         Some(e) => match &e.value.kind {
             yaml::NodeKind::Map(_) => {
-                match fairgate_policies::decode::decode_policy(e.value, ctx.file()) {
+                // Decoded in its own context (its errors are merged into the file's by
+                // `parse`), with full paths: `policy.default_plan`, not `default_plan`.
+                let mut pctx = Ctx::new(ctx.file());
+                let policy = decode_policy_in(&mut pctx, e.value, &Path::Root.key("policy"));
+                match pctx.finish(policy) {
                     Ok(p) => inline_policy = Some(p),
                     Err(errs) => *inline_errors = Some(errs),
                 }

@@ -189,8 +189,43 @@ fn inline_policy_errors_point_into_the_gateway_file() {
         "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\npolicy:\n  version: 1\n  default_plan: nope\n",
     );
     assert!(
-        errors.starts_with("gw.yaml:6:17: policy.default_plan") || errors.contains("gw.yaml:6:"),
+        errors.starts_with("gw.yaml:6:17: policy.default_plan: unknown plan `nope`"),
         "{errors}"
+    );
+    // The section alone, as a reload of the inline policy reads it.
+    let errors = inline_policy(
+        "listen: 127.0.0.1:0\npolicy:\n  version: 1\n  rules: [{name: x, action: bogus}]\n",
+        "gw.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.starts_with("gw.yaml:4:29: policy.rules[0].action: unknown value `bogus`"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn inline_policy_compile_errors_are_located_under_policy() {
+    let compiled = fairgate_policies::PolicyErrors(vec![
+        fairgate_policies::PolicyError {
+            file: "policy".into(),
+            line: 0,
+            column: 0,
+            path: "rules[0].when".into(),
+            message: "too large".into(),
+        },
+        fairgate_policies::PolicyError {
+            file: "policy".into(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: "whole".into(),
+        },
+    ]);
+    assert_eq!(
+        locate_inline(compiled, "gw.yaml").to_string(),
+        "gw.yaml: policy.rules[0].when: too large\ngw.yaml: policy: whole"
     );
 }
 
