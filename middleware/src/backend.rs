@@ -589,7 +589,7 @@ rules:
         let (e, b) = with(Fixed::new(Route::Reject));
         for _ in 0..3 {
             let s = seen(&e.decide(&facts(&ip(1), "/")));
-            assert_eq!((s.0, s.1, s.2), (false, Some(Stage::Quota), 503));
+            assert_eq!((s.0, s.1, s.2), (false, Some(Stage::Backend), 503));
         }
         // `allow` bypasses the quota: the backend is not asked.
         assert!(e.decide(&facts(&ip(1), "/health")).is_admit());
