@@ -615,7 +615,7 @@ impl Engine {
         if rules_shared.degraded && !matches!(route, Route::Degraded | Route::Admit) {
             sh.backend().count_failure_admit();
         }
-        let remote_rules = std::mem::take(&mut rules_shared.remote);
+        let remote_rules = std::mem::take(&mut rules_shared.remote).into_boxed_slice();
         if !remote_rules.is_empty() && route != Route::Remote {
             // Only rules' buckets go to the remote check (the quota, if any, was decided
             // here, concurrency included).
@@ -839,6 +839,9 @@ fn backend_unavailable(
 }
 
 /// What [`Engine::begin`] returns.
+// `Remote` (exact mode, about to wait for a network round trip) is the large one; boxing it
+// would add an allocation to every exact decision to shrink the local ones' return value.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Begun {
     /// The decision.
@@ -854,7 +857,7 @@ pub struct RemoteCheck {
     backend: Arc<dyn StateBackend>,
     admitted: Admitted,
     /// `limit` rules' buckets checked first (their verdict indices come first).
-    rules: Vec<RuleBucket>,
+    rules: Box<[RuleBucket]>,
     bandwidths: Arc<[CompiledBandwidth]>,
     cost: u64,
     concurrency: Option<u32>,
