@@ -33,6 +33,13 @@
 //!
 //! Keys are hash-tagged per client (`{<key>}`), so a client's bandwidths share one slot.
 //!
+//! **`limit` rules** with exact buckets are held the same way, their bucket at
+//! `<prefix>:{<rule key>}:t:rule:<name>` (the rule key: aggregated IP, client key, header
+//! value, or empty for `key: global`): `async` mode batches and exchanges them per (rule, key)
+//! like a client's quota; `exact` mode puts an enforced rule's bucket in the request's one
+//! script ([`crate::backend::RuleBucket`]), except on a Cluster (other slot) and for shadow
+//! rules, which are decided locally and exchanged as in `async` mode.
+//!
 //! **Redis Cluster.** `state.redis.cluster` (seed nodes) instead of `url` connects with the
 //! `redis` crate's async cluster client, behind the same [`redis::aio::ConnectionLike`]
 //! handle, so every call site is the same. Each script touches the keys of one slot only:
@@ -51,7 +58,9 @@
 //! `(N − 1)×` its own consumption as debt, which scales every local limit by `1/N`, N being
 //! the gateways last seen registered in Redis (each gateway refreshes a heartbeat every
 //! second with a 3 s lease); `open` admits what the local limits admit (exact mode: skips
-//! the quota) and counts it; `closed` rejects requests that have a quota with 503.
+//! the quota and exact rule limits) and counts it; `closed` rejects requests that have a
+//! quota bandwidth or an enforced exact rule limit with 503 (stage `backend`); requests with
+//! neither never ask Redis.
 //! Transitions are logged once each and counted ([`FleetSnapshot`]); error lines are rate
 //! limited to one a second.
 //!
