@@ -16,7 +16,7 @@
 //!   [`crate::engine::RemoteCheck`]; a degraded backend answers by its `on_failure`
 //!   setting ([`Route::Degraded`], [`Route::Admit`], [`Route::Reject`]).
 //!
-//! `limit` rules with exact buckets go through the same backend ([`LazyRoute`]: asked at
+//! `limit` rules with exact buckets go through the same backend (its route asked at
 //! most once per decision, by the first rule or quota that needs it): `Route::Shared` and
 //! `Route::Degraded` decide on the local bucket and [`StateBackend::record_rule`] the
 //! admitted count, [`Route::Remote`] adds the rule's [`RuleBucket`] to the remote check
