@@ -624,7 +624,8 @@ fn parse(
             (Some("reject"), Some("quota")) => Kind::Reject(Stage::Quota),
             (Some("reject"), Some("rule")) => Kind::Reject(Stage::Rule),
             (Some("reject"), Some("concurrency")) => Kind::Reject(Stage::Concurrency),
-            (Some("reject"), Some("shed")) => Kind::Reject(Stage::Shed),
+            // An unavailable state backend is reduced capacity, counted with the sheds.
+            (Some("reject"), Some("shed" | "backend")) => Kind::Reject(Stage::Shed),
             (Some("reject"), s) => {
                 return Err(err(format!(
                     "a rejection with an unknown stage `{}`",

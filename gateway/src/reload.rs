@@ -6,6 +6,7 @@
 //! `policy` section; other sections of the gateway config need a restart.
 //! A failed reload keeps the current policy; every error is logged by the store.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -31,6 +32,9 @@ pub struct Reloader {
     source: PolicySource,
     metrics: Arc<Metrics>,
     early_failure: Arc<ArcSwapOption<EarlyFailure>>,
+    /// Reloads that failed before the store saw them: the store's `failed` does not count
+    /// them, the metric and `/status` do.
+    early_failures: AtomicU64,
 }
 
 /// The last reload's result, for `/status`.
@@ -42,7 +46,8 @@ pub struct LastReload {
     pub at: Option<SystemTime>,
     /// Its errors, one `file:line:col: path: message` per entry.
     pub errors: Vec<String>,
-    /// The store's counters and active version.
+    /// The store's counters (`failed` also counting reloads that failed before the store
+    /// saw them) and active version.
     pub status: ReloadStatus,
 }
 
@@ -69,6 +74,7 @@ impl Reloader {
             source,
             metrics,
             early_failure,
+            early_failures: AtomicU64::new(0),
         })
     }
 
@@ -106,6 +112,7 @@ impl Reloader {
                             tracing::warn!("{e}");
                         }
                         self.metrics.reload(false, 0);
+                        self.early_failures.fetch_add(1, Ordering::Relaxed);
                         self.early_failure.store(Some(Arc::new(EarlyFailure {
                             at: SystemTime::now(),
                             errors: errors.clone(),
@@ -128,7 +135,8 @@ impl Reloader {
 
     /// The last reload's result.
     pub fn last(&self) -> LastReload {
-        let status = self.store.last_reload();
+        let mut status = self.store.last_reload();
+        status.failed += self.early_failures.load(Ordering::Relaxed);
         if let Some(early) = self.early_failure.load_full() {
             return LastReload {
                 ok: false,

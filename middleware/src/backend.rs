@@ -16,6 +16,14 @@
 //!   [`crate::engine::RemoteCheck`]; a degraded backend answers by its `on_failure`
 //!   setting ([`Route::Degraded`], [`Route::Admit`], [`Route::Reject`]).
 //!
+//! `limit` rules with exact buckets go through the same backend (its route asked at
+//! most once per decision, by the first rule or quota that needs it): `Route::Shared` and
+//! `Route::Degraded` decide on the local bucket and [`StateBackend::record_rule`] the
+//! admitted count, [`Route::Remote`] adds the rule's [`RuleBucket`] to the remote check
+//! (the same all-or-nothing script as the quota), [`Route::Admit`] skips the rule and
+//! [`Route::Reject`] answers 503. A request with neither a quota bandwidth nor such a rule
+//! never asks the backend, so it is never affected by its failures.
+//!
 //! A third backend implements the same contract: a cheap, non-blocking
 //! [`route`](StateBackend::route) (it runs on every decision that has quota bandwidths), a
 //! [`record`](StateBackend::record) that never waits, and, if it can decide remotely, a
@@ -41,6 +49,65 @@ pub type BackendSnapshot = fleet::FleetSnapshot;
 
 /// The future of [`StateBackend::remote_check`].
 pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
+
+/// A `limit` rule's bucket checked by a remote check: the rule's bandwidth and the key the
+/// rule counts by (the aggregated IP, the client key, a header value, or `""` for
+/// `key: global`). Each matching request costs 1.
+#[derive(Debug, Clone)]
+pub struct RuleBucket {
+    /// The rule's name.
+    pub rule: Arc<str>,
+    /// The rule's bandwidth (`id` is `rule:<name>`).
+    pub bandwidth: CompiledBandwidth,
+    /// The key counted by.
+    pub key: Box<str>,
+}
+
+/// The backend's [`Route`] for one decision, asked at most once (the first `limit` rule or
+/// quota that needs it): a request that needs neither never asks, and an open breaker's
+/// probe is not spent twice on one request.
+pub(crate) struct LazyRoute<'a> {
+    backend: Option<&'a Arc<dyn StateBackend>>,
+    remote_ok: bool,
+    got: Option<Route>,
+}
+
+impl<'a> LazyRoute<'a> {
+    /// `backend`: the attached backend (`None`: [`Embedded`], called statically).
+    #[inline]
+    pub(crate) fn new(backend: Option<&'a Arc<dyn StateBackend>>, remote_ok: bool) -> Self {
+        LazyRoute {
+            backend,
+            remote_ok,
+            got: None,
+        }
+    }
+
+    /// The route, asking the backend on the first call.
+    #[inline]
+    pub(crate) fn get(&mut self) -> Route {
+        if let Some(r) = self.got {
+            return r;
+        }
+        let r = match self.backend {
+            Some(b) => b.route(self.remote_ok),
+            None => Embedded.route(self.remote_ok),
+        };
+        self.got = Some(r);
+        r
+    }
+
+    /// The route for an enforced `limit` rule: as [`LazyRoute::get`], except that a
+    /// backend that cannot check rule buckets remotely ([`StateBackend::remote_rules`])
+    /// decides them locally and shares them ([`Route::Shared`]).
+    #[inline]
+    pub(crate) fn for_rule(&mut self) -> Route {
+        match self.get() {
+            Route::Remote if !self.backend.is_some_and(|b| b.remote_rules()) => Route::Shared,
+            r => r,
+        }
+    }
+}
 
 /// How the engine decides one request's quota bandwidths (see [`StateBackend::route`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,12 +167,23 @@ pub trait StateBackend: Send + Sync + std::fmt::Debug + 'static {
     /// ([`Route::Shared`], [`Route::Degraded`]).
     fn record(&self, client: &str, bandwidths: &Arc<[CompiledBandwidth]>, cost: u64);
 
-    /// [`Route::Remote`]: checks and charges every bandwidth all-or-nothing, taking a
-    /// concurrency lease `(limit, lease id)` when one is given. Finishes within the
-    /// backend's own budget; [`Verdict::Unavailable`] on failure.
+    /// Reports 1 admitted on the local bucket of `limit` rule `bandwidth` for `key`
+    /// ([`Route::Shared`], [`Route::Degraded`]).
+    fn record_rule(&self, key: &str, bandwidth: &CompiledBandwidth);
+
+    /// Can [`StateBackend::remote_check`] take [`RuleBucket`]s? (Not on a Redis Cluster: a
+    /// rule's key and a client's keys live in different slots, and the check is one script.)
+    fn remote_rules(&self) -> bool;
+
+    /// [`Route::Remote`]: checks and charges every rule bucket (cost 1 each) and every
+    /// bandwidth (cost `cost`) all-or-nothing, taking a concurrency lease `(limit, lease
+    /// id)` when one is given. Finishes within the backend's own budget;
+    /// [`Verdict::Unavailable`] on failure. A [`Verdict::Reject`] index counts the rule
+    /// buckets first, then the bandwidths.
     fn remote_check<'a>(
         &'a self,
         client: &'a str,
+        rules: &'a [RuleBucket],
         bandwidths: &'a [CompiledBandwidth],
         cost: u64,
         lease: Option<(u32, u64)>,
@@ -144,10 +222,18 @@ impl StateBackend for Embedded {
     #[inline]
     fn record(&self, _client: &str, _bandwidths: &Arc<[CompiledBandwidth]>, _cost: u64) {}
 
+    #[inline]
+    fn record_rule(&self, _key: &str, _bandwidth: &CompiledBandwidth) {}
+
+    fn remote_rules(&self) -> bool {
+        false
+    }
+
     /// Never routed to; answers [`Verdict::Unavailable`], so the engine decides locally.
     fn remote_check<'a>(
         &'a self,
         _client: &'a str,
+        _rules: &'a [RuleBucket],
         _bandwidths: &'a [CompiledBandwidth],
         _cost: u64,
         _lease: Option<(u32, u64)>,
@@ -194,15 +280,24 @@ impl StateBackend for Fleet {
         Fleet::record(self, client, bandwidths, cost);
     }
 
+    fn record_rule(&self, key: &str, bandwidth: &CompiledBandwidth) {
+        Fleet::record_rule(self, key, bandwidth);
+    }
+
+    fn remote_rules(&self) -> bool {
+        Fleet::remote_rules(self)
+    }
+
     fn remote_check<'a>(
         &'a self,
         client: &'a str,
+        rules: &'a [RuleBucket],
         bandwidths: &'a [CompiledBandwidth],
         cost: u64,
         lease: Option<(u32, u64)>,
     ) -> CheckFuture<'a> {
         Box::pin(async move {
-            match self.exact(client, bandwidths, cost, lease).await {
+            match self.exact(client, rules, bandwidths, cost, lease).await {
                 Some(fleet::ExactVerdict::Admit) => Verdict::Admit,
                 Some(fleet::ExactVerdict::Busy) => Verdict::Busy,
                 Some(fleet::ExactVerdict::Reject {
@@ -430,9 +525,16 @@ rules:
                 .push((client.to_owned(), bandwidths.len(), cost));
         }
 
+        fn record_rule(&self, _key: &str, _bandwidth: &CompiledBandwidth) {}
+
+        fn remote_rules(&self) -> bool {
+            true
+        }
+
         fn remote_check<'a>(
             &'a self,
             client: &'a str,
+            _rules: &'a [RuleBucket],
             _bandwidths: &'a [CompiledBandwidth],
             cost: u64,
             lease: Option<(u32, u64)>,
@@ -487,7 +589,7 @@ rules:
         let (e, b) = with(Fixed::new(Route::Reject));
         for _ in 0..3 {
             let s = seen(&e.decide(&facts(&ip(1), "/")));
-            assert_eq!((s.0, s.1, s.2), (false, Some(Stage::Quota), 503));
+            assert_eq!((s.0, s.1, s.2), (false, Some(Stage::Backend), 503));
         }
         // `allow` bypasses the quota: the backend is not asked.
         assert!(e.decide(&facts(&ip(1), "/health")).is_admit());

@@ -60,6 +60,9 @@ pub enum Stage {
     Concurrency,
     /// Global load shedding (also: the state table is full of in-flight keys).
     Shed,
+    /// The state backend (Redis) holding the request's quota or rule limit is unavailable
+    /// and fails closed (`state.redis.on_failure: closed`): 503, not a quota overrun.
+    Backend,
 }
 
 impl Stage {
@@ -70,6 +73,7 @@ impl Stage {
             Stage::Quota => "quota",
             Stage::Concurrency => "concurrency",
             Stage::Shed => "shed",
+            Stage::Backend => "backend",
         }
     }
 }

@@ -46,7 +46,9 @@ use fairgate_policies::compiled::{CompiledBandwidth, CompiledPolicy, RequestView
 use fairgate_policies::model::{HeaderMode, OnFailure, PostHoc, Priority};
 use fairgate_policies::PolicyStore;
 
-use crate::backend::{BackendSnapshot, Embedded, Route, StateBackend, Verdict};
+use crate::backend::{
+    BackendSnapshot, Embedded, LazyRoute, Route, RuleBucket, StateBackend, Verdict,
+};
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
 use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket};
 use crate::decision::{
@@ -55,7 +57,7 @@ use crate::decision::{
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
 use crate::quota::{self, Charges, Consumed, Permit};
-use crate::rules::{self, RuleKeys, RuleReject, ShadowHit, Sketch};
+use crate::rules::{self, RuleKeys, RuleReject, RulesShared, ShadowHit, Sketch};
 use crate::shed::{ShedConfig, Shedder};
 use crate::state::{LiveScopes, Store, CLIENT_SCOPE};
 
@@ -154,16 +156,6 @@ impl Shared {
     #[inline]
     fn backend(&self) -> &Arc<dyn StateBackend> {
         self.backend.get().unwrap_or(&self.embedded)
-    }
-
-    /// The backend's [`StateBackend::route`]. Until a backend is attached this is
-    /// [`Embedded`]'s, called statically: no virtual call on the default hot path.
-    #[inline]
-    fn route(&self, remote_ok: bool) -> Route {
-        match self.backend.get() {
-            Some(b) => b.route(remote_ok),
-            None => Embedded.route(remote_ok),
-        }
     }
 }
 
@@ -460,6 +452,9 @@ impl Engine {
                 });
             }
         };
+        // The state backend is asked at most once, by the first rule or quota needing it.
+        let mut backend_route = LazyRoute::new(sh.backend.get(), remote_ok);
+        let mut rules_shared = RulesShared::default();
         let rules_out = match rules::evaluate(
             pol,
             &prep.sketches,
@@ -469,6 +464,8 @@ impl Engine {
             now,
             &mut charges,
             &mut on_shadow,
+            &mut backend_route,
+            &mut rules_shared,
         ) {
             Ok(o) => o,
             Err((r, tagged)) => {
@@ -490,9 +487,10 @@ impl Engine {
         // The concurrency permit still to take (the quota check takes it on the way when
         // it can: one lookup of the client's entry for both).
         let mut concurrency = q.concurrency;
-        // The state backend routes requests that have quota bandwidths.
-        let route = if !rules_out.allowed && q.bandwidths.is_some() {
-            sh.route(remote_ok)
+        // The state backend routes requests that have quota bandwidths: a request without
+        // (no plan, `bandwidths: []`, `allow`) is not affected by the backend's failures.
+        let route = if !rules_out.allowed && q.bandwidths.is_some_and(|b| !b.is_empty()) {
+            backend_route.get()
         } else {
             Route::Local
         };
@@ -622,6 +620,43 @@ impl Engine {
             }),
             _ => None,
         };
+        for &(bw, key) in &rules_shared.record {
+            sh.backend().record_rule(key, bw);
+        }
+        if rules_shared.degraded && !matches!(route, Route::Degraded | Route::Admit) {
+            sh.backend().count_failure_admit();
+        }
+        let remote_rules = std::mem::take(&mut rules_shared.remote).into_boxed_slice();
+        if !remote_rules.is_empty() && route != Route::Remote {
+            // Only rules' buckets go to the remote check (the quota, if any, was decided
+            // here, concurrency included).
+            let headers = d.headers;
+            let ticket = Ticket::new(
+                Arc::clone(&self.shared),
+                client_key.clone(),
+                permit,
+                priority,
+                borrowed,
+                post_hoc,
+            );
+            return Begun::Remote(RemoteCheck {
+                shared: Arc::clone(&self.shared),
+                backend: Arc::clone(sh.backend()),
+                admitted: Admitted { ticket, ratelimit },
+                rules: remote_rules,
+                bandwidths: Arc::from([]),
+                cost,
+                concurrency: None,
+                client_key,
+                plan: plan_name.cloned(),
+                operation: op_name.map(Arc::from),
+                quota_status: pol.responses.quota_status,
+                shed_retry_after: shed_retry_after(pol),
+                headers,
+                priority,
+                shadow_hits,
+            });
+        }
         if let Some(bws) = q.bandwidths.filter(|_| route != Route::Local) {
             match route {
                 Route::Shared | Route::Degraded if !borrowed => sh.backend().record(ck, bws, cost),
@@ -642,6 +677,7 @@ impl Engine {
                             ticket,
                             ratelimit: None,
                         },
+                        rules: remote_rules,
                         bandwidths: Arc::clone(bws),
                         cost,
                         concurrency: q.concurrency,
@@ -862,6 +898,9 @@ fn backend_unavailable(
 }
 
 /// What [`Engine::begin`] returns.
+// `Remote` (exact mode, about to wait for a network round trip) is the large one; boxing it
+// would add an allocation to every exact decision to shrink the local ones' return value.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Begun {
     /// The decision.
@@ -876,6 +915,8 @@ pub struct RemoteCheck {
     shared: Arc<Shared>,
     backend: Arc<dyn StateBackend>,
     admitted: Admitted,
+    /// `limit` rules' buckets checked first (their verdict indices come first).
+    rules: Box<[RuleBucket]>,
     bandwidths: Arc<[CompiledBandwidth]>,
     cost: u64,
     concurrency: Option<u32>,
@@ -907,7 +948,13 @@ impl RemoteCheck {
         let lease = self.concurrency.map(|l| (l, self.backend.new_lease_id()));
         let verdict = self
             .backend
-            .remote_check(self.client_key.as_str(), &self.bandwidths, self.cost, lease)
+            .remote_check(
+                self.client_key.as_str(),
+                &self.rules,
+                &self.bandwidths,
+                self.cost,
+                lease,
+            )
             .await;
         let now = self.shared.clock.now();
         match verdict {
@@ -940,7 +987,10 @@ impl RemoteCheck {
                 tat_ahead,
             } => {
                 let tat = now.saturating_add(tat_ahead);
-                self.reject_quota(index, wait, tat, now)
+                match index.checked_sub(self.rules.len()) {
+                    Some(index) => self.reject_quota(index, wait, tat, now),
+                    None => self.reject_rule(index, wait, tat, now),
+                }
             }
             Verdict::Unavailable => match self.backend.on_failure() {
                 OnFailure::Open => {
@@ -967,18 +1017,58 @@ impl RemoteCheck {
         let store = &self.shared.state;
         let key = self.client_key.as_str();
         let mut charges = Charges::default();
-        let out = quota::consume(
-            store,
-            &self.bandwidths,
-            None,
-            key,
-            self.cost,
-            now,
-            &mut charges,
-        );
+        // The rules' buckets first, as the rules stage would have.
+        for (i, r) in self.rules.iter().enumerate() {
+            let p = quota::params(&r.bandwidth);
+            let got = store.with_entry(&r.bandwidth.id, &r.key, now, r.bandwidth.c_ns, |e| {
+                (e.consume(now, p, 1), e.tat())
+            });
+            match got {
+                Ok((gcra::Verdict::Admit { .. }, _)) => charges.push(quota::Charge::Bucket {
+                    scope: &r.bandwidth.id,
+                    key: &r.key,
+                    amount: p.t,
+                }),
+                Ok((gcra::Verdict::Reject { wait }, tat)) => {
+                    charges.rollback_from(0, store, now);
+                    return self.reject_rule(i, wait, tat, now);
+                }
+                Err(_) => {
+                    charges.rollback_from(0, store, now);
+                    let r = backend_unavailable_owned(
+                        self.plan.clone(),
+                        &self.client_key,
+                        self.shed_retry_after,
+                        self.shadow_hits,
+                    );
+                    return self.finish_reject(r);
+                }
+            }
+        }
+        let out = if self.bandwidths.is_empty() {
+            Ok(Consumed::Admitted {
+                tightest: None,
+                permit: quota::Permit::NotTried,
+            })
+        } else {
+            quota::consume(
+                store,
+                &self.bandwidths,
+                None,
+                key,
+                self.cost,
+                now,
+                &mut charges,
+            )
+        };
         match out {
             Ok(Consumed::Admitted { .. }) => {
-                self.backend.record(key, &self.bandwidths, self.cost);
+                for r in &self.rules {
+                    self.backend.record_rule(&r.key, &r.bandwidth);
+                }
+                if !self.bandwidths.is_empty() {
+                    self.backend.record(key, &self.bandwidths, self.cost);
+                }
                 self.backend.count_failure_admit();
                 drop(charges);
                 self.admit()
@@ -993,11 +1083,11 @@ impl RemoteCheck {
                     .iter()
                     .position(|b| std::ptr::eq(b, bandwidth))
                     .unwrap_or(0);
-                drop(charges);
+                charges.rollback_from(0, store, now);
                 self.reject_quota(index, wait, tat, now)
             }
             Err(_) => {
-                drop(charges);
+                charges.rollback_from(0, store, now);
                 let r = backend_unavailable_owned(
                     self.plan.clone(),
                     &self.client_key,
@@ -1025,6 +1115,29 @@ impl RemoteCheck {
             rule: None,
             plan: self.plan.clone(),
             bandwidth: bw.map(|b| Arc::clone(&b.name)),
+            client_key: self.client_key.clone(),
+            retry_after: Some(gcra::retry_after(wait)),
+            ratelimit: info,
+            delay: None,
+            delay_guard: None,
+            shadow_hits: self.shadow_hits,
+        };
+        self.finish_reject(r)
+    }
+
+    /// Rule bucket `index` rejected (a 429 of stage `rule`, as the rules stage answers).
+    fn reject_rule(self, index: usize, wait: Nanos, tat: Nanos, now: Nanos) -> Decision {
+        let Some(bucket) = self.rules.get(index) else {
+            return self.reject_quota(0, wait, tat, now);
+        };
+        let info = (self.headers != HeaderMode::Never)
+            .then(|| quota::ratelimit_info(&bucket.bandwidth, tat, now));
+        let r = Rejection {
+            status: self.quota_status,
+            stage: Stage::Rule,
+            rule: Some(Arc::clone(&bucket.rule)),
+            plan: None,
+            bandwidth: Some(Arc::clone(&bucket.bandwidth.name)),
             client_key: self.client_key.clone(),
             retry_after: Some(gcra::retry_after(wait)),
             ratelimit: info,
@@ -1088,7 +1201,7 @@ fn backend_unavailable_owned(
 ) -> Rejection {
     Rejection {
         status: 503,
-        stage: Stage::Quota,
+        stage: Stage::Backend,
         rule: None,
         plan,
         bandwidth: None,
@@ -1220,6 +1333,10 @@ impl Deciding<'_> {
                 })
             }
             RuleReject::Full => self.reject_full(pol, None, 0),
+            RuleReject::Unavailable => {
+                self.sh.backend().count_failure_reject();
+                self.reject(backend_unavailable(pol, None, self.client_key, 0))
+            }
         }
     }
 }

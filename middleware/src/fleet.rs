@@ -33,6 +33,13 @@
 //!
 //! Keys are hash-tagged per client (`{<key>}`), so a client's bandwidths share one slot.
 //!
+//! **`limit` rules** with exact buckets are held the same way, their bucket at
+//! `<prefix>:{<rule key>}:t:rule:<name>` (the rule key: aggregated IP, client key, header
+//! value, or empty for `key: global`): `async` mode batches and exchanges them per (rule, key)
+//! like a client's quota; `exact` mode puts an enforced rule's bucket in the request's one
+//! script ([`crate::backend::RuleBucket`]), except on a Cluster (other slot) and for shadow
+//! rules, which are decided locally and exchanged as in `async` mode.
+//!
 //! **Redis Cluster.** `state.redis.cluster` (seed nodes) instead of `url` connects with the
 //! `redis` crate's async cluster client, behind the same [`redis::aio::ConnectionLike`]
 //! handle, so every call site is the same. Each script touches the keys of one slot only:
@@ -51,7 +58,9 @@
 //! `(N − 1)×` its own consumption as debt, which scales every local limit by `1/N`, N being
 //! the gateways last seen registered in Redis (each gateway refreshes a heartbeat every
 //! second with a 3 s lease); `open` admits what the local limits admit (exact mode: skips
-//! the quota) and counts it; `closed` rejects requests that have a quota with 503.
+//! the quota and exact rule limits) and counts it; `closed` rejects requests that have a
+//! quota bandwidth or an enforced exact rule limit with 503 (stage `backend`); requests with
+//! neither never ask Redis.
 //! Transitions are logged once each and counted ([`FleetSnapshot`]); error lines are rate
 //! limited to one a second.
 //!
@@ -82,6 +91,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 
+use crate::backend::RuleBucket;
 use crate::clock::{Clock, Nanos, TokioClock};
 use crate::engine::Engine;
 use crate::gcra::Params;
@@ -280,20 +290,19 @@ impl Breaker {
 
 // === scripts ===
 
-/// Exact mode: GCRA over every bandwidth, all or nothing, on Redis time (µs), and a
-/// concurrency lease when a limit is given.
-/// KEYS: one TAT key per bandwidth, then the lease set. ARGV: cost, n (bandwidths), T and C
-/// (integer ns, as every script takes them; the script works in µs) per bandwidth, then the
-/// concurrency limit (0: none), the lease id, the lease ttl (ms).
-/// Returns `{1}` when admitted, `{0, i, wait_us, tat_minus_now_us}` when bandwidth `i`
+/// Exact mode: GCRA over every bucket (a `limit` rule's, a quota bandwidth's), all or
+/// nothing, on Redis time (µs), and a concurrency lease when a limit is given.
+/// KEYS: one TAT key per bucket, then the lease set. ARGV: n (buckets), then per bucket T
+/// and C (integer ns, as every script takes them; the script works in µs) and its cost,
+/// then the concurrency limit (0: none), the lease id, the lease ttl (ms).
+/// Returns `{1}` when admitted, `{0, i, wait_us, tat_minus_now_us}` when bucket `i`
 /// (1-based) rejects, `{2}` when the concurrency limit is reached.
 const EXACT_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now / 1000)
-local cost = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3 + 2 * n])
+local n = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2 + 3 * n])
 local leases = KEYS[n + 1]
 if limit > 0 then
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
@@ -301,8 +310,9 @@ if limit > 0 then
 end
 local tats = {}
 for i = 1, n do
-  local T = tonumber(ARGV[1 + 2 * i]) / 1000
-  local C = tonumber(ARGV[2 + 2 * i]) / 1000
+  local T = tonumber(ARGV[3 * i - 1]) / 1000
+  local C = tonumber(ARGV[3 * i]) / 1000
+  local cost = tonumber(ARGV[3 * i + 1])
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if not tat then return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' does not hold a number') end
   if tat < now then tat = now end
@@ -316,8 +326,8 @@ for i = 1, n do
   redis.call('SET', KEYS[i], tostring(tats[i]), 'PX', math.ceil((tats[i] - now) / 1000) + 1000)
 end
 if limit > 0 then
-  local ttl = tonumber(ARGV[5 + 2 * n])
-  redis.call('ZADD', leases, now_ms + ttl, ARGV[4 + 2 * n])
+  local ttl = tonumber(ARGV[4 + 3 * n])
+  redis.call('ZADD', leases, now_ms + ttl, ARGV[3 + 3 * n])
   redis.call('PEXPIRE', leases, ttl * 2)
 end
 return {1}
@@ -446,10 +456,25 @@ pub(crate) enum Route {
 /// A lease given back: (client key, lease id).
 type Released = (Box<str>, u64);
 
-/// One consumption batch entry.
+/// One consumption batch entry: a client's quota bandwidths, or one `limit` rule's bucket
+/// (`rule`: then `bandwidths` is the rule's one bandwidth and the entry's key the rule's).
 struct Pending {
     bandwidths: Arc<[CompiledBandwidth]>,
     units: u64,
+    rule: bool,
+}
+
+/// A `limit` rule's batch entry: (bandwidth id `rule:<name>`, key).
+type RuleEntry = (Arc<str>, Box<str>);
+
+/// Looks a [`RuleEntry`] up without building one (hashes as the tuple does).
+#[derive(Hash)]
+struct RuleEntryRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<RuleEntry> for RuleEntryRef<'_> {
+    fn equivalent(&self, key: &RuleEntry) -> bool {
+        *key.0 == *self.0 && *key.1 == *self.1
+    }
 }
 
 /// The Redis state backend attached to an engine. See the module docs.
@@ -474,6 +499,8 @@ pub struct Fleet {
     release_tx: tokio::sync::mpsc::UnboundedSender<Released>,
     release_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Released>>>,
     batch: [Mutex<HashMap<Box<str>, Pending>>; SHARDS],
+    /// `limit` rules' batch: one entry per (rule, key) per interval.
+    rule_batch: [Mutex<hashbrown::HashMap<RuleEntry, Pending, ahash::RandomState>>; SHARDS],
     batch_cap: usize,
     hasher: ahash::RandomState,
     gateways: AtomicU64,
@@ -643,6 +670,9 @@ impl Fleet {
             release_tx,
             release_rx: Mutex::new(Some(release_rx)),
             batch: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            rule_batch: std::array::from_fn(|_| {
+                Mutex::new(hashbrown::HashMap::with_hasher(ahash::RandomState::new()))
+            }),
             batch_cap: usize::try_from(max_keys / SHARDS as u64 + 1).unwrap_or(usize::MAX),
             hasher: ahash::RandomState::new(),
             gateways: AtomicU64::new(1),
@@ -722,9 +752,41 @@ impl Fleet {
                 Pending {
                     bandwidths: Arc::clone(bandwidths),
                     units: cost,
+                    rule: false,
                 },
             );
         }
+    }
+
+    /// Adds 1 to the batch entry of `limit` rule `bandwidth` for `key` (async mode, degraded
+    /// local decisions, shadow rules and rules on a Cluster in exact mode).
+    pub(crate) fn record_rule(&self, key: &str, bandwidth: &CompiledBandwidth) {
+        let probe = RuleEntryRef(&bandwidth.id, key);
+        let shard = (self.hasher.hash_one(&probe) as usize) % SHARDS;
+        let mut map = self.rule_batch[shard]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = map.get_mut(&probe) {
+            p.units = p.units.saturating_add(1);
+            return;
+        }
+        if map.len() < self.batch_cap {
+            map.insert(
+                (Arc::clone(&bandwidth.id), key.into()),
+                Pending {
+                    bandwidths: Arc::from([bandwidth.clone()]),
+                    units: 1,
+                    rule: true,
+                },
+            );
+        }
+    }
+
+    /// Exact mode checks `limit` rules' buckets in the same script as the quota on one
+    /// server; a Cluster cannot (a rule's key and a client's keys are in different slots),
+    /// so there rules are decided locally and exchanged as in `async` mode.
+    pub(crate) fn remote_rules(&self) -> bool {
+        matches!(self.conn, Conn::Single(_))
     }
 
     fn take_batch(&self) -> Vec<(Box<str>, Pending)> {
@@ -736,6 +798,14 @@ impl Fleet {
             // this interval needed (after a burst of new keys) is shrunk.
             let len = map.len();
             out.extend(map.drain());
+            if map.capacity() > 64 && map.capacity() > len.saturating_mul(4) {
+                map.shrink_to(len.saturating_mul(2));
+            }
+        }
+        for shard in &self.rule_batch {
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let len = map.len();
+            out.extend(map.drain().map(|((_, key), p)| (key, p)));
             if map.capacity() > 64 && map.capacity() > len.saturating_mul(4) {
                 map.shrink_to(len.saturating_mul(2));
             }
@@ -843,23 +913,31 @@ impl Fleet {
         }
     }
 
-    /// Exact mode: one script over every bandwidth, plus a concurrency lease of id `lease`
-    /// when `concurrency` is set. `None` on failure or timeout.
+    /// Exact mode: one script over every rule bucket (cost 1 each) and bandwidth (cost
+    /// `cost`), plus a concurrency lease of id `lease` when `concurrency` is set. The
+    /// verdict's index counts the rule buckets first. `None` on failure or timeout.
     pub(crate) async fn exact(
         &self,
         client: &str,
+        rules: &[RuleBucket],
         bandwidths: &[CompiledBandwidth],
         cost: u64,
         concurrency: Option<(u32, u64)>,
     ) -> Option<ExactVerdict> {
         let mut inv = self.exact.prepare_invoke();
+        for r in rules {
+            inv.key(self.key(&r.key, "t", &r.bandwidth));
+        }
         for bw in bandwidths {
             inv.key(self.key(client, "t", bw));
         }
         inv.key(self.leases_key(client));
-        inv.arg(cost).arg(bandwidths.len());
+        inv.arg(rules.len() + bandwidths.len());
+        for r in rules {
+            inv.arg(r.bandwidth.t_ns).arg(r.bandwidth.c_ns).arg(1u64);
+        }
         for bw in bandwidths {
-            inv.arg(bw.t_ns).arg(bw.c_ns);
+            inv.arg(bw.t_ns).arg(bw.c_ns).arg(cost);
         }
         let (limit, lease) = concurrency.unwrap_or((0, 0));
         inv.arg(limit)
@@ -1053,9 +1131,21 @@ async fn sync_loop(fleet: Arc<Fleet>, engine: std::sync::Weak<Engine>) {
             continue;
         }
         let store = engine.state_store();
-        let exchange = fleet.mode == FleetMode::Async && fleet.breaker.allow();
-        if !exchange {
-            if fleet.breaker.is_open() && fleet.on_failure == OnFailure::Local {
+        // Exact mode exchanges only `limit` rules' entries (shadow rules, rules on a
+        // Cluster): its quotas are decided by Redis, its batch is for the degraded share.
+        let (batch, local_only): (Vec<_>, Vec<_>) = match fleet.mode {
+            FleetMode::Async => (batch, Vec::new()),
+            FleetMode::Exact => batch.into_iter().partition(|(_, p)| p.rule),
+        };
+        let peers_share = fleet.breaker.is_open() && fleet.on_failure == OnFailure::Local;
+        if peers_share && !local_only.is_empty() {
+            charge_peers_share(&fleet, store, &local_only, fleet.clock.now());
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if !fleet.breaker.allow() {
+            if peers_share {
                 charge_peers_share(&fleet, store, &batch, fleet.clock.now());
             }
             continue;
@@ -1085,7 +1175,7 @@ fn charge_peers_share<'b>(
     }
     for (key, p) in batch {
         let units = p.units.saturating_mul(others);
-        charge(store, key, &p.bandwidths, now, |_| units);
+        charge(store, key, p, now, |_| units);
     }
 }
 
@@ -1139,7 +1229,7 @@ async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pendin
         let mut backend_error = None;
         for (i, ((key, p), result)) in chunk.iter().zip(results).enumerate() {
             match result {
-                Ok(ahead_us) => raise(store, key, &p.bandwidths, now, |i| {
+                Ok(ahead_us) => raise(store, key, p, now, |i| {
                     ahead_us
                         .get(i)
                         .map_or(0, |&us| u64::try_from(us).unwrap_or(0).saturating_mul(1000))
@@ -1263,7 +1353,7 @@ async fn exchange_batch_one_call_per_chunk(
             let (status, ahead_us) = (values[at], &values[at + 1..at + 1 + n]);
             at += 1 + n;
             if status == 0 {
-                raise(store, key, &p.bandwidths, now, |i| {
+                raise(store, key, p, now, |i| {
                     ahead_us
                         .get(i)
                         .map_or(0, |&us| u64::try_from(us).unwrap_or(0).saturating_mul(1000))
@@ -1284,18 +1374,25 @@ async fn exchange_batch_one_call_per_chunk(
     }
 }
 
-/// Raises bandwidth `i` of `key` to `TAT ≥ now + ahead(i)`.
-fn raise(
-    store: &Store,
-    key: &str,
-    bandwidths: &[CompiledBandwidth],
-    now: Nanos,
-    ahead: impl Fn(usize) -> Nanos,
-) {
+/// Raises bandwidth `i` of `key`'s entry `p` to `TAT ≥ now + ahead(i)`.
+fn raise(store: &Store, key: &str, p: &Pending, now: Nanos, ahead: impl Fn(usize) -> Nanos) {
+    let bandwidths = &*p.bandwidths;
     let missing = |i: usize, tat: Nanos, t: Nanos| {
         let want = now.saturating_add(ahead(i));
         want.saturating_sub(tat.max(now)) / t.max(1)
     };
+    if p.rule {
+        // A rule's bucket is its own entry (scope `rule:<name>`), not a client's slot.
+        for (i, bw) in bandwidths.iter().enumerate() {
+            let _ = store.with_entry(&bw.id, key, now, bw.c_ns, |e| {
+                let units = missing(i, e.peek(now, bw.c_ns), bw.t_ns);
+                if units > 0 {
+                    e.charge_debt(now, params(bw), units);
+                }
+            });
+        }
+        return;
+    }
     let _ = store
         .with_client(key, now, bandwidths, |e, map| {
             for (i, (bw, &s)) in bandwidths.iter().zip(map).enumerate() {
@@ -1331,14 +1428,20 @@ fn params(bw: &CompiledBandwidth) -> Params {
     }
 }
 
-/// Charges `units(i)` of debt to bandwidth `i` of `key`.
-fn charge(
-    store: &Store,
-    key: &str,
-    bandwidths: &[CompiledBandwidth],
-    now: Nanos,
-    units: impl Fn(usize) -> u64,
-) {
+/// Charges `units(i)` of debt to bandwidth `i` of `key`'s entry `p`.
+fn charge(store: &Store, key: &str, p: &Pending, now: Nanos, units: impl Fn(usize) -> u64) {
+    let bandwidths = &*p.bandwidths;
+    if p.rule {
+        for (i, bw) in bandwidths.iter().enumerate() {
+            let u = units(i);
+            if u > 0 {
+                let _ = store.with_entry(&bw.id, key, now, bw.c_ns, |e| {
+                    e.charge_debt(now, params(bw), u)
+                });
+            }
+        }
+        return;
+    }
     // A full table cannot take new debt; the key is then at worst as it was.
     let Ok(map) = store.with_client(key, now, bandwidths, |e, map| {
         for (i, (bw, &s)) in bandwidths.iter().zip(map).enumerate() {

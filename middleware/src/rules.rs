@@ -9,6 +9,14 @@
 //!   count-min [`Sketch`] instead of exact buckets.
 //! - `tag` sets the priority class and/or the plan, and evaluation goes on.
 //!
+//! With a state backend that shares state (Redis), a `limit` rule with exact buckets is
+//! held fleet-wide like a plan bandwidth (same key layout, `<prefix>:{<key>}:t:rule:<name>`):
+//! in `async` mode it decides locally and its admitted counts join the next exchange; in
+//! `exact` mode an enforced rule's bucket joins the request's one remote check (on a Redis
+//! Cluster, and for shadow rules, it is decided locally and exchanged as in `async` mode);
+//! while Redis is unreachable it follows `on_failure` (`local`: local bucket scaled by 1/N,
+//! `open`: `exact` skips it, `closed`: 503). A `sketch` rule always counts per gateway.
+//!
 //! A `shadow` rule never acts. A shadow `deny`, or a shadow `limit` whose bucket is empty,
 //! is reported to the observer as `shadow_reject` and counted; a shadow `limit` still counts
 //! the requests it would admit in its own bucket, so its would-reject count equals what
@@ -26,6 +34,7 @@ use fairgate_policies::compiled::{
 use fairgate_policies::model::{Estimator as EstimatorKind, LimitKey, Mode, Priority};
 use pingora_limits::estimator::Estimator;
 
+use crate::backend::{LazyRoute, Route, RuleBucket};
 use crate::clock::Nanos;
 use crate::gcra::Verdict;
 use crate::identify::{HeaderValues, LazyIpKey};
@@ -63,6 +72,20 @@ pub(crate) enum RuleReject<'x> {
         tat: Option<Nanos>,
     },
     Full,
+    /// An enforced rule's bucket lives in the state backend, which is degraded and fails
+    /// closed (`on_failure: closed`).
+    Unavailable,
+}
+
+/// What `limit` rules with exact buckets did with the state backend, for one request.
+#[derive(Default)]
+pub(crate) struct RulesShared<'x> {
+    /// Buckets left to the remote check ([`Route::Remote`]).
+    pub(crate) remote: Vec<RuleBucket>,
+    /// Buckets charged locally, to report to the backend if the request is admitted.
+    pub(crate) record: Vec<(&'x CompiledBandwidth, &'x str)>,
+    /// A rule was decided (or skipped) while the backend is degraded.
+    pub(crate) degraded: bool,
 }
 
 /// A shadow rule that would have rejected.
@@ -85,6 +108,8 @@ pub(crate) fn evaluate<'x>(
     now: Nanos,
     charges: &mut Charges<'x>,
     on_shadow: &mut dyn FnMut(ShadowHit<'x>),
+    route: &mut LazyRoute<'_>,
+    shared: &mut RulesShared<'x>,
 ) -> Result<RulesOutcome, (RuleReject<'x>, Option<Priority>)> {
     let mut out = RulesOutcome::default();
     let mut reject: Option<RuleReject<'x>> = None;
@@ -155,6 +180,32 @@ pub(crate) fn evaluate<'x>(
                         Err(wait) => Some((wait, None)),
                     },
                     None => {
+                        // Where the bucket lives: shadow rules never wait for Redis.
+                        let route = match route.for_rule() {
+                            Route::Remote if shadow => Route::Shared,
+                            r => r,
+                        };
+                        match route {
+                            Route::Local | Route::Shared => {}
+                            Route::Degraded => shared.degraded = true,
+                            Route::Remote => {
+                                shared.remote.push(RuleBucket {
+                                    rule: std::sync::Arc::clone(&rule.name),
+                                    bandwidth: bandwidth.clone(),
+                                    key: key.into(),
+                                });
+                                return ControlFlow::Continue(());
+                            }
+                            Route::Admit => {
+                                shared.degraded = true;
+                                return ControlFlow::Continue(());
+                            }
+                            Route::Reject if shadow => return ControlFlow::Continue(()),
+                            Route::Reject => {
+                                reject = Some(RuleReject::Unavailable);
+                                return ControlFlow::Break(());
+                            }
+                        }
                         let p = params(bandwidth);
                         let r = store.with_entry(&bandwidth.id, key, now, bandwidth.c_ns, |e| {
                             (e.consume(now, p, 1), e.tat())
@@ -170,6 +221,9 @@ pub(crate) fn evaluate<'x>(
                                     key,
                                     amount: p.t,
                                 });
+                                if route != Route::Local {
+                                    shared.record.push((bandwidth, key));
+                                }
                                 None
                             }
                             Ok((Verdict::Reject { wait }, tat)) => Some((wait, Some(tat))),

@@ -525,3 +525,128 @@ async fn redis_out_of_memory_opens_the_breaker_without_stalling_and_recovers() {
     .await;
     assert!(recovered, "still degraded 5 s after memory came back");
 }
+
+// === limit rules (issue 13, item 10) ===
+
+/// [`policy`] with a `limit` rule counting every request in one global bucket.
+fn global_rule_policy(url: &str, mode: &str, on_failure: &str, rule: &str) -> String {
+    policy(url, mode, on_failure, "['1000/min burst 1000']").replace(
+        "default_plan: free\n",
+        &format!(
+            "default_plan: free\nrules:\n  - {{name: signups, action: {{limit: {{{rule}, key: global}}}}}}\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_holds_a_global_limit_rule_across_two_gateways_in_redis() {
+    let redis = RedisServer::start();
+    let yaml = global_rule_policy(&redis.url(), "exact", "closed", "rate: 1/min, burst: 5");
+    let (a, _ha) = gateway(&yaml);
+    let (b, _hb) = gateway(&yaml);
+    let mut admitted = 0;
+    for i in 0..20u8 {
+        let e = if i % 2 == 0 { &a } else { &b };
+        // A different client each time: the rule, not a quota, is what limits them.
+        let d = decide(e, &Req::from(format!("192.0.2.{}", i + 1).as_str())).await;
+        match &d {
+            Decision::Admit(_) => admitted += 1,
+            Decision::Reject(r) => {
+                assert_eq!(r.status, 429);
+                assert_eq!(r.rule.as_deref(), Some("signups"));
+                assert_eq!(r.stage, fairgate_middleware::Stage::Rule);
+                assert!(r.retry_after.is_some_and(|w| w >= Duration::from_secs(1)));
+            }
+        }
+    }
+    assert_eq!(admitted, 5, "one burst across both gateways");
+    let keys = redis.cli(&["--raw", "KEYS", "fairgate:{}:t:rule:signups"]);
+    assert_eq!(
+        keys.lines().count(),
+        1,
+        "the rule's bucket is in redis: {keys}"
+    );
+    assert_eq!(a.fleet().unwrap().errors + b.fleet().unwrap().errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_exchanges_a_global_limit_rule_between_gateways() {
+    let redis = RedisServer::start();
+    let yaml = global_rule_policy(&redis.url(), "async", "local", "rate: 1/min, burst: 10");
+    let (a, _ha) = gateway(&yaml);
+    let (b, _hb) = gateway(&yaml);
+    // A spends the rule's whole burst (many clients), then shares it.
+    let admitted = (1..=15u8)
+        .filter(|i| common::admit(&a, &Req::from(format!("192.0.2.{i}").as_str())))
+        .count();
+    assert_eq!(admitted, 10);
+    wait_for("a's exchange", || a.fleet().unwrap().syncs >= 1).await;
+    // B's first request is decided on its own (full) bucket, and its exchange brings the
+    // fleet's usage in.
+    assert!(common::admit(&b, &Req::from("198.51.100.1")));
+    wait_for("b's exchange", || b.fleet().unwrap().syncs >= 1).await;
+    let admitted = (2..=11u8)
+        .filter(|i| common::admit(&b, &Req::from(format!("198.51.100.{i}").as_str())))
+        .count();
+    assert_eq!(admitted, 0, "b now sees the fleet's use of the rule");
+    let keys = redis.cli(&["--raw", "KEYS", "fairgate:{}:t:rule:signups"]);
+    assert_eq!(
+        keys.lines().count(),
+        1,
+        "the rule's bucket is in redis: {keys}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_rule_follows_on_failure_when_redis_is_unreachable() {
+    let url = dead_url();
+    // closed: 503 of stage `backend`, in both modes (async once the breaker is open).
+    for mode in ["exact", "async"] {
+        let (e, _h) = gateway(&global_rule_policy(
+            &url,
+            mode,
+            "closed",
+            "rate: 1/min, burst: 5",
+        ));
+        let r = Req::from("192.0.2.1");
+        if mode == "async" {
+            // Decided locally until the exchanges (of the usage recorded here) open the
+            // breaker.
+            assert!(common::admit(&e, &r));
+            wait_for("the breaker to open", || e.fleet().unwrap().degraded).await;
+        }
+        for _ in 0..3 {
+            let d = decide(&e, &r).await;
+            let Decision::Reject(rej) = &d else {
+                panic!("{mode}: admitted with redis down and on_failure: closed");
+            };
+            assert_eq!(rej.status, 503, "{mode}");
+            assert_eq!(rej.stage, fairgate_middleware::Stage::Backend, "{mode}");
+        }
+        assert!(e.fleet().unwrap().failure_mode_rejects >= 3, "{mode}");
+    }
+    // open, exact: the rule is skipped (admitted and counted).
+    let (e, _h) = gateway(&global_rule_policy(
+        &url,
+        "exact",
+        "open",
+        "rate: 1/min, burst: 5",
+    ));
+    let r = Req::from("192.0.2.1");
+    for _ in 0..20 {
+        assert_eq!(status(&decide(&e, &r).await), 200);
+    }
+    assert_eq!(e.fleet().unwrap().failure_mode_admits, 20);
+    // local, exact: the local bucket decides.
+    let (e, _h) = gateway(&global_rule_policy(
+        &url,
+        "exact",
+        "local",
+        "rate: 1/min, burst: 5",
+    ));
+    let mut admitted = 0;
+    for _ in 0..20 {
+        admitted += u32::from(status(&decide(&e, &r).await) == 200);
+    }
+    assert_eq!(admitted, 5);
+}

@@ -18,8 +18,8 @@
 use std::fmt::Write;
 
 use crate::model::{
-    Action, AdaptiveAlgorithm, Bandwidth, HeaderMode, KeyExtractor, Mode, Policy, PostHoc,
-    ShedLimit,
+    Action, AdaptiveAlgorithm, Backend, Bandwidth, Estimator, FleetMode, HeaderMode, KeyExtractor,
+    Mode, OnFailure, Policy, PostHoc, ShedLimit,
 };
 
 /// Plans and operations listed before "… and N more".
@@ -196,7 +196,53 @@ fn write_summary(out: &mut String, p: &Policy) -> std::fmt::Result {
         },
         r.shed_retry_after
     )?;
-    writeln!(out, "state: local, at most {} keys", p.state.max_keys)
+    write_state(out, p)
+}
+
+/// The state backend as the gateway will run it: local, or Redis with its target, mode,
+/// budget and `on_failure`, and where `limit` rules keep their counts.
+fn write_state(out: &mut String, p: &Policy) -> std::fmt::Result {
+    let redis = p
+        .state
+        .redis
+        .as_ref()
+        .filter(|_| p.state.backend == Backend::Redis);
+    let Some(r) = redis else {
+        return writeln!(out, "state: local, at most {} keys", p.state.max_keys);
+    };
+    let mode = match r.mode {
+        FleetMode::Async => format!("async mode, exchange every {}", r.sync_interval),
+        FleetMode::Exact => "exact mode".to_owned(),
+    };
+    let on_failure = match r.on_failure {
+        OnFailure::Local => "local",
+        OnFailure::Open => "open",
+        OnFailure::Closed => "closed",
+    };
+    writeln!(
+        out,
+        "state: redis {} ({mode}, timeout {}, on_failure {on_failure}, key prefix {}), at most {} local keys",
+        r.target_redacted(),
+        r.timeout,
+        r.key_prefix,
+        p.state.max_keys
+    )?;
+    let (mut shared, mut local) = (0usize, 0usize);
+    for rule in &p.rules {
+        if let Action::Limit(l) = &rule.action {
+            match l.estimator {
+                Estimator::Exact => shared += 1,
+                Estimator::Sketch => local += 1,
+            }
+        }
+    }
+    if shared + local > 0 {
+        writeln!(
+            out,
+            "  limit rules: {shared} held in redis (estimator exact), {local} per gateway (estimator sketch)"
+        )?;
+    }
+    Ok(())
 }
 
 fn bandwidth(b: &Bandwidth) -> String {

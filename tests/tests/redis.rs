@@ -507,3 +507,75 @@ async fn a_wrong_type_key_sends_only_its_client_to_on_failure() {
     );
     assert!(!gws[0].stderr().contains("panicked"));
 }
+
+// === limit rules (issue 13, item 10) ===
+
+/// [`config`] with a `limit` rule of `rule` counting every request in one global bucket
+/// (the plan's quota far above it).
+fn global_rule_config(up: &Upstream, redis: &str, mode: &str, rule: &str) -> String {
+    config(up, redis, mode, "closed", "10000/s burst 10000").replace(
+        "  default_plan: free\n",
+        &format!(
+            "  default_plan: free\n  rules: [{{name: signups, action: {{limit: {{{rule}, key: global}}}}}}]\n"
+        ),
+    )
+}
+
+/// A different client (API key) on each gateway, `rate_each` requests/s for `secs`.
+fn two_clients(gws: &[Gateway], rate_each: u32, secs: u64) -> Vec<fairgate_tests::load::LoadSpec> {
+    gws.iter()
+        .enumerate()
+        .map(|(i, g)| {
+            fairgate_tests::load::LoadSpec::get_with(
+                &g.url("/q"),
+                &[("x-api-key", &format!("client-{i}"))],
+                rate_each,
+                Duration::from_secs(secs),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_limit_rule_holds_for_the_fleet_in_exact_and_async_mode() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+
+    // exact: the bound of a plan bandwidth, rate × elapsed + burst (+ 1 interval).
+    let cfg = global_rule_config(&up, &redis.url(), "exact", "rate: 20/s, burst: 5");
+    let gws = vec![Gateway::start(&cfg), Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+    let reports = run_all(two_clients(&gws, 40, 5)).await;
+    only_200_or_429(&reports);
+    let got = admitted(&reports);
+    let elapsed = reports.iter().map(|r| r.elapsed).max().unwrap_or_default();
+    let bound = (20.0 * elapsed.as_secs_f64()).floor() as u64 + 5 + 1;
+    eprintln!("exact rule, 2 gateways: admitted {got}, bound {bound} over {elapsed:?}");
+    assert!(got <= bound, "admitted {got} > {bound}");
+    assert!(got >= 20 * 5, "admitted {got} < the rule's rate over 5 s");
+    let keys = redis.cli(&["--raw", "KEYS", "fairgate:{}:t:rule:signups"]);
+    assert_eq!(
+        keys.lines().count(),
+        1,
+        "the rule's bucket in redis: {keys}"
+    );
+    drop(gws);
+
+    // async: within 5 % of rate × W + burst, as for a plan bandwidth.
+    let cfg = global_rule_config(&up, &redis.url(), "async", "rate: 50/s, burst: 10");
+    let gws = vec![Gateway::start(&cfg), Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+    let reports = run_all(two_clients(&gws, 75, 10)).await;
+    only_200_or_429(&reports);
+    let got = admitted(&reports) as f64;
+    let want = 50.0 * 10.0 + 10.0;
+    eprintln!(
+        "async rule, 2 gateways: admitted {got} of {} (rule {want})",
+        reports.iter().map(|r| r.sent).sum::<u64>()
+    );
+    assert!(
+        (got - want).abs() <= want * 0.05,
+        "admitted {got}, the rule's global limit {want} ± 5%"
+    );
+}

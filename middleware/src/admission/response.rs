@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | quota, concurrency, rule `limit` | 429 | `https://iana.org/assignments/http-problem-types#quota-exceeded` |
 //! | shed (and a full state table) | 503 | `https://iana.org/assignments/http-problem-types#temporary-reduced-capacity` |
+//! | backend (Redis unavailable, `on_failure: closed`) | 503 | the same |
 //! | rule `deny` | 403 | `about:blank` |
 //!
 //! Every rejection has an `application/problem+json` body with `type`, `title`,
@@ -169,7 +170,7 @@ struct BodyTemplate {
 impl BodyTemplate {
     fn new(r: &Rejection, status: StatusCode) -> BodyTemplate {
         let (problem_type, title) = match r.stage {
-            Stage::Shed => (CAPACITY_TYPE, "temporary reduced capacity"),
+            Stage::Shed | Stage::Backend => (CAPACITY_TYPE, "temporary reduced capacity"),
             Stage::Rule if r.bandwidth.is_none() => ("about:blank", "request denied"),
             _ => (QUOTA_TYPE, "quota exceeded"),
         };
@@ -200,6 +201,9 @@ impl BodyTemplate {
                 head.extend_from_slice(b"too many requests in flight for this client")
             }
             Stage::Shed => head.extend_from_slice(b"the service is shedding load"),
+            Stage::Backend => {
+                head.extend_from_slice(b"the state backend holding this quota is unavailable")
+            }
         }
         let mut tail = Vec::with_capacity(64);
         tail.extend_from_slice(b"\",\"violated-policies\":[");
