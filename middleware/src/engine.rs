@@ -435,7 +435,7 @@ impl Engine {
             if let Some(obs) = observer {
                 let info = hit
                     .bandwidth
-                    .map(|(bw, tat)| quota::ratelimit_info(bw, tat, now));
+                    .map(|(bw, tat)| quota::ratelimit_info(bw, None, tat, now));
                 obs.on_decision(&DecisionEvent {
                     client_key: ck,
                     operation: op_name,
@@ -521,8 +521,8 @@ impl Engine {
                             }
                         }
                         if d.headers == HeaderMode::Always {
-                            ratelimit =
-                                tightest.map(|(bw, tat)| quota::ratelimit_info(bw, tat, now));
+                            ratelimit = tightest
+                                .map(|(bw, tat)| quota::ratelimit_info(bw, Some(bws), tat, now));
                         }
                     }
                     Ok(Consumed::Rejected {
@@ -536,10 +536,16 @@ impl Engine {
                         if can_borrow {
                             borrowed = true;
                             priority = Priority::Borrowed;
+                            // Over quota: the exceeded bandwidth (nothing left), so the
+                            // fields do not vanish exactly when the client runs out.
+                            if d.headers == HeaderMode::Always {
+                                ratelimit =
+                                    Some(quota::ratelimit_info(bandwidth, Some(bws), tat, now));
+                            }
                         } else {
                             charges.rollback_from(0, &sh.state, now);
                             let info = (d.headers != HeaderMode::Never)
-                                .then(|| quota::ratelimit_info(bandwidth, tat, now));
+                                .then(|| quota::ratelimit_info(bandwidth, Some(bws), tat, now));
                             return d.reject(Rejection {
                                 status: pol.responses.quota_status,
                                 stage: Stage::Quota,
@@ -711,7 +717,7 @@ impl Engine {
                             .unwrap_or(0);
                         BandwidthUsage {
                             id: Arc::clone(&bw.id),
-                            limit: quota::ratelimit_info(bw, tat, now),
+                            limit: quota::ratelimit_info(bw, Some(bws), tat, now),
                             fill_fraction: gcra::fill_fraction(tat, now, quota::params(bw)),
                         }
                     })
@@ -959,7 +965,7 @@ impl RemoteCheck {
         let bw = self.bandwidths.get(index).or(self.bandwidths.first());
         let info = bw
             .filter(|_| self.headers != HeaderMode::Never)
-            .map(|bw| quota::ratelimit_info(bw, tat, now));
+            .map(|bw| quota::ratelimit_info(bw, Some(&self.bandwidths), tat, now));
         let r = Rejection {
             status: self.quota_status,
             stage: Stage::Quota,
@@ -1145,8 +1151,9 @@ impl Deciding<'_> {
                 wait,
                 tat,
             } => {
-                let info = (self.headers != HeaderMode::Never)
-                    .then(|| quota::ratelimit_info(bandwidth, tat.unwrap_or(self.now), self.now));
+                let info = (self.headers != HeaderMode::Never).then(|| {
+                    quota::ratelimit_info(bandwidth, None, tat.unwrap_or(self.now), self.now)
+                });
                 self.reject(Rejection {
                     status: pol.responses.quota_status,
                     stage: Stage::Rule,
