@@ -311,8 +311,8 @@ impl Observer for GatewayObserver {
             }
             DecisionKind::Admit | DecisionKind::Borrowed => {
                 if let Some(l) = e.limit {
-                    // Under 20% of the quota left after this admit.
-                    if l.quota > 0 && l.remaining.saturating_mul(5) < l.quota {
+                    // Under 20% of the bucket (its burst) left after this admit.
+                    if l.burst > 0 && l.remaining.saturating_mul(5) < l.burst {
                         self.metrics.near_limit();
                     }
                 }

@@ -10,7 +10,8 @@
 //!    response),
 //! 3. `Trace` (one span per request, at `debug`),
 //! 4. [`RoutingLayer`] (404 / 405 here, before admission; tags route and operation),
-//! 5. `RequestBodyLimit` (413 over `limits.max_body`),
+//! 5. [`BodyLimit`](crate::body::BodyLimit) (413 over `limits.max_body`, also for streamed
+//!    bodies),
 //! 6. `AdmissionLayer` (the engine: 403 / 429 / 503),
 //! 7. [`Proxy`].
 //!
@@ -29,12 +30,12 @@ use http::header::{self, HeaderName};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::admin::{self, AdminState};
 use crate::admission::GatewayObserver;
+use crate::body::BodyLimitLayer;
 use crate::config::{LoadedConfig, PolicySource, RuntimeModel, TargetSpec};
 use crate::conn_limits::ConnLimits;
 use crate::decision_log::DecisionLog;
@@ -310,7 +311,7 @@ pub async fn start_with(
         .layer(RequestIdLayer::new(fastrand::u32(..)))
         .layer(TraceLayer::new_for_http())
         .layer(RoutingLayer::new(table))
-        .layer(RequestBodyLimitLayer::new(
+        .layer(BodyLimitLayer::new(
             usize::try_from(config.limits.max_body).unwrap_or(usize::MAX),
         ))
         .layer(AdmissionLayer::new(engine.clone()))

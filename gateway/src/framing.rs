@@ -35,6 +35,9 @@
 //! not checked is never served. HTTP/2 (the `PRI` preface) and upgraded connections are not
 //! HTTP/1 messages: the scanner stops there and flags nothing.
 //!
+//! [`FramingIo`] also closes a connection shut down in the middle of a request body
+//! lingeringly (see its docs), so a response sent before the body was read is not lost.
+//!
 //! Cost: one extra `httparse` pass per head (the head bytes are copied only when a head spans
 //! reads), a counter per chunk line, no allocation per request after the first head buffer.
 
@@ -44,11 +47,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Either;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 use tower::Service;
 
 use crate::body::ProxyBody;
@@ -203,6 +208,11 @@ impl Scanner {
             verdicts,
             first: None,
         }
+    }
+
+    /// Whether the stream stands inside a request body (one hyper has not read to its end).
+    fn in_body(&self) -> bool {
+        matches!(self.state, State::Length(_) | State::Chunk(_))
     }
 
     /// The first ambiguity found on this connection.
@@ -547,15 +557,37 @@ fn absolute_form_authority(target: &str) -> Option<&str> {
 
 // === FramingIo ===
 
+/// Lingering close: at most this long spent discarding a request body nobody read...
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// ...and at most this many bytes of it.
+const LINGER_BYTES: u64 = 8 << 20;
+
 pin_project! {
     /// A connection stream that runs every byte the client sends through a [`Scanner`].
     /// Writes pass through untouched.
+    ///
+    /// Lingering close: when the connection is shut down in the middle of a request body
+    /// (a response was sent without reading all of it: a 413 for `limits.max_body`, or any
+    /// early answer), closing the socket with the client's bytes unread would make the
+    /// kernel send a reset, and a client still writing its body would lose the response it
+    /// was sent. So the shutdown first closes the write side (the response and a FIN reach
+    /// the client), then reads and discards what the client still sends until it stops, at
+    /// most [`LINGER_TIME`] and [`LINGER_BYTES`], and only then lets the socket close.
     #[derive(Debug)]
     pub struct FramingIo<T> {
         #[pin]
         inner: T,
         scanner: Scanner,
+        linger: Option<Linger>,
     }
+}
+
+/// The state of a lingering close.
+#[derive(Debug)]
+struct Linger {
+    deadline: Pin<Box<Sleep>>,
+    left: u64,
+    write_closed: bool,
 }
 
 impl<T> FramingIo<T> {
@@ -564,6 +596,7 @@ impl<T> FramingIo<T> {
         FramingIo {
             inner,
             scanner: Scanner::new(max_head, verdicts),
+            linger: None,
         }
     }
 }
@@ -587,7 +620,7 @@ impl<T: AsyncRead> AsyncRead for FramingIo<T> {
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for FramingIo<T> {
+impl<T: AsyncRead + AsyncWrite> AsyncWrite for FramingIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -601,7 +634,37 @@ impl<T: AsyncWrite> AsyncWrite for FramingIo<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let mut this = self.project();
+        if this.linger.is_none() && this.scanner.in_body() {
+            *this.linger = Some(Linger {
+                deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
+                left: LINGER_BYTES,
+                write_closed: false,
+            });
+        }
+        let Some(l) = this.linger.as_mut() else {
+            return this.inner.poll_shutdown(cx);
+        };
+        if !l.write_closed {
+            std::task::ready!(this.inner.as_mut().poll_shutdown(cx))?;
+            l.write_closed = true;
+        }
+        let mut discard = [0u8; 8192];
+        loop {
+            if l.left == 0 || l.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut discard);
+            match this.inner.as_mut().poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    l.left = l.left.saturating_sub(buf.filled().len() as u64);
+                }
+                // The client is gone: nothing left to protect.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -762,6 +825,40 @@ mod tests {
         }
         let bad = v.0.bad.load(Ordering::Acquire);
         ((bad != NONE).then_some(bad), s.first_ambiguity())
+    }
+
+    /// A shutdown in the middle of a body drains what the client still sends (so a client
+    /// still writing does not get a reset), then completes when the client stops.
+    #[tokio::test]
+    async fn a_shutdown_inside_a_body_drains_the_rest_first() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (server, mut client) = tokio::io::duplex(4096);
+        let mut io = FramingIo::new(server, 64 * 1024, Verdicts::new());
+        let head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        let mut buf = vec![0u8; head.len()];
+        io.read_exact(&mut buf).await.unwrap();
+        assert!(matches!(io.scanner.state, State::Length(_)));
+        // The server answers and shuts down without reading the body; the client writes
+        // all of it (far more than the pipe holds) and only then reads the answer.
+        let server = tokio::spawn(async move {
+            io.write_all(b"HTTP/1.1 413 Payload Too Large\r\n\r\n")
+                .await
+                .unwrap();
+            io.shutdown().await.unwrap();
+        });
+        let mut answer = String::new();
+        let exchange = async {
+            client.write_all(&vec![b'x'; 100_000]).await.unwrap();
+            client.read_to_string(&mut answer).await.unwrap();
+        };
+        // Without the drain the client's writes block for ever.
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("the body was drained");
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        drop(client);
+        server.await.unwrap();
     }
 
     fn verdict(head: &str) -> Option<Ambiguity> {

@@ -12,7 +12,8 @@
 //! - `X-Request-Id` is set by the tower-http layer in front and forwarded like any header.
 //!
 //! Failures answer `application/problem+json`: connect failure or broken upstream → 502,
-//! no response head within the route timeout → 504. A connect failure is retried once on
+//! no response head within the route timeout → 504, a streamed request body that outgrew
+//! `limits.max_body` on the way → 413 (not an upstream error; see [`crate::body::BodyLimit`]). A connect failure is retried once on
 //! another target of the pool when there is one; the request body is reclaimed for that
 //! (it cannot have been sent, since no connection existed).
 //!
@@ -288,6 +289,12 @@ impl Proxy {
                         ),
                         None,
                     );
+                }
+                // The client's body outgrew `limits.max_body` on the way (a streamed body:
+                // one with a length over the limit never gets here): the client is at fault.
+                Ok(Err(e)) if body::is_too_large(&e) => {
+                    tracing::debug!(upstream = %pool.name(), error = %e, "request body too large");
+                    return (body::too_large(), None);
                 }
                 Ok(Err(e)) => {
                     if let Some(m) = &metrics {

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 pub use fairgate_policies::model::Priority;
 
+use fairgate_policies::compiled::CompiledBandwidth;
+
 pub use crate::concurrency::Ticket;
 pub use crate::identify::ClientKey;
 
@@ -105,24 +107,35 @@ pub struct Rejection {
     pub shadow_hits: u32,
 }
 
-/// The IETF RateLimit numbers of one bandwidth.
+/// The IETF RateLimit numbers of one bandwidth (draft-ietf-httpapi-ratelimit-headers),
+/// and the bandwidths advertised with it.
 ///
-/// GCRA reading: the quota `q` is the burst (what a full bucket holds) and the window `w`
-/// the time to refill it, `C` in whole seconds (so `"10/s burst 10"` is `q=10;w=1`);
-/// `r` is `floor((C − (max(TAT, now) − now)) / T)` and `t` the seconds until the bucket is
-/// full again (rounded up).
+/// A bandwidth "r per P, burst b" is advertised as its sustained rate, `q` units per `w`
+/// seconds, plus its burst: `w` is `P` when `P` is whole seconds (`q` = r: `10/s` is
+/// `q=10;w=1`, `100000/day` is `q=100000;w=86400`), else `P` rounded up to whole seconds
+/// with `q` = r · w / P rounded down (`5/250ms` is `q=20;w=1`), so `q` never promises more
+/// than the rate. `burst` is b, what a full bucket admits at once.
+///
+/// GCRA reading of the live numbers: `remaining` is `floor((C − (max(TAT, now) − now)) / T)`
+/// (at most the burst: what may be sent now) and `reset_secs` the seconds until the bucket
+/// is full again (rounded up).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitInfo {
     /// Policy name (the bandwidth name).
     pub policy: Arc<str>,
-    /// Quota units.
+    /// Quota units per window (`q`): the sustained rate.
     pub quota: u64,
-    /// Window in seconds.
+    /// Window in seconds (`w`).
     pub window_secs: u64,
+    /// Burst: units a full bucket admits at once.
+    pub burst: u64,
     /// Units left.
     pub remaining: u64,
     /// Seconds until full.
     pub reset_secs: u64,
+    /// Every bandwidth of the client's quota (this one among them), all advertised in
+    /// `RateLimit-Policy`; `None` for a rule's `limit`, advertised alone.
+    pub bandwidths: Option<Arc<[CompiledBandwidth]>>,
 }
 
 /// How a request completed, for [`Ticket::complete`].

@@ -435,7 +435,7 @@ impl Engine {
             if let Some(obs) = observer {
                 let info = hit
                     .bandwidth
-                    .map(|(bw, tat)| quota::ratelimit_info(bw, tat, now));
+                    .map(|(bw, tat)| quota::ratelimit_info(bw, None, tat, now));
                 obs.on_decision(&DecisionEvent {
                     client_key: ck,
                     operation: op_name,
@@ -529,8 +529,8 @@ impl Engine {
                             }
                         }
                         if d.headers == HeaderMode::Always {
-                            ratelimit =
-                                tightest.map(|(bw, tat)| quota::ratelimit_info(bw, tat, now));
+                            ratelimit = tightest
+                                .map(|(bw, tat)| quota::ratelimit_info(bw, Some(bws), tat, now));
                         }
                     }
                     Ok(Consumed::Rejected {
@@ -545,10 +545,16 @@ impl Engine {
                             borrowed = true;
                             priority = Priority::Borrowed;
                             d.priority = priority;
+                            // Over quota: the exceeded bandwidth (nothing left), so the
+                            // fields do not vanish exactly when the client runs out.
+                            if d.headers == HeaderMode::Always {
+                                ratelimit =
+                                    Some(quota::ratelimit_info(bandwidth, Some(bws), tat, now));
+                            }
                         } else {
                             charges.rollback_from(0, &sh.state, now);
                             let info = (d.headers != HeaderMode::Never)
-                                .then(|| quota::ratelimit_info(bandwidth, tat, now));
+                                .then(|| quota::ratelimit_info(bandwidth, Some(bws), tat, now));
                             return d.reject(Rejection {
                                 status: pol.responses.quota_status,
                                 stage: Stage::Quota,
@@ -792,7 +798,7 @@ impl Engine {
                 bandwidths.push(BandwidthUsage {
                     id: Arc::clone(&bw.id),
                     plan: plan.clone(),
-                    limit: quota::ratelimit_info(bw, tat, now),
+                    limit: quota::ratelimit_info(bw, q.bandwidths, tat, now),
                     fill_fraction,
                 });
             }
@@ -1108,7 +1114,7 @@ impl RemoteCheck {
         let bw = self.bandwidths.get(index).or(self.bandwidths.first());
         let info = bw
             .filter(|_| self.headers != HeaderMode::Never)
-            .map(|bw| quota::ratelimit_info(bw, tat, now));
+            .map(|bw| quota::ratelimit_info(bw, Some(&self.bandwidths), tat, now));
         let r = Rejection {
             status: self.quota_status,
             stage: Stage::Quota,
@@ -1131,7 +1137,7 @@ impl RemoteCheck {
             return self.reject_quota(0, wait, tat, now);
         };
         let info = (self.headers != HeaderMode::Never)
-            .then(|| quota::ratelimit_info(&bucket.bandwidth, tat, now));
+            .then(|| quota::ratelimit_info(&bucket.bandwidth, None, tat, now));
         let r = Rejection {
             status: self.quota_status,
             stage: Stage::Rule,
@@ -1316,8 +1322,9 @@ impl Deciding<'_> {
                 wait,
                 tat,
             } => {
-                let info = (self.headers != HeaderMode::Never)
-                    .then(|| quota::ratelimit_info(bandwidth, tat.unwrap_or(self.now), self.now));
+                let info = (self.headers != HeaderMode::Never).then(|| {
+                    quota::ratelimit_info(bandwidth, None, tat.unwrap_or(self.now), self.now)
+                });
                 self.reject(Rejection {
                     status: pol.responses.quota_status,
                     stage: Stage::Rule,

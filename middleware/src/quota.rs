@@ -14,6 +14,7 @@ use std::sync::Arc;
 use fairgate_policies::compiled::{
     ClientQuota, CompiledBandwidth, CompiledPlan, CompiledPolicy, PlanId,
 };
+use fairgate_policies::units::Rate;
 
 use crate::clock::Nanos;
 use crate::decision::RateLimitInfo;
@@ -61,16 +62,38 @@ pub(crate) fn params(bw: &CompiledBandwidth) -> Params {
     }
 }
 
-/// The RateLimit numbers of `bw` for a bucket at `tat`.
-pub(crate) fn ratelimit_info(bw: &CompiledBandwidth, tat: Nanos, now: Nanos) -> RateLimitInfo {
+/// The RateLimit numbers of `bw` for a bucket at `tat`; `all` is the client's whole quota
+/// (`None` for a rule's `limit`), advertised with it.
+pub(crate) fn ratelimit_info(
+    bw: &CompiledBandwidth,
+    all: Option<&Arc<[CompiledBandwidth]>>,
+    tat: Nanos,
+    now: Nanos,
+) -> RateLimitInfo {
     let p = params(bw);
+    let (quota, window_secs) = quota_window(bw.rate);
     RateLimitInfo {
         policy: Arc::clone(&bw.name),
-        quota: bw.burst,
-        window_secs: p.c.div_ceil(1_000_000_000).max(1),
+        quota,
+        window_secs,
+        burst: bw.burst,
         remaining: gcra::remaining(tat, now, p),
         reset_secs: gcra::until_full(tat, now).div_ceil(1_000_000_000),
+        bandwidths: all.cloned(),
     }
+}
+
+/// A rate as `q` units per `w` whole seconds (see [`RateLimitInfo`]): exact when the period
+/// is whole seconds, else over the period rounded up, `q` rounded down.
+pub(crate) fn quota_window(rate: Rate) -> (u64, u64) {
+    const SEC: u64 = 1_000_000_000;
+    let period = rate.period_ns();
+    if period % SEC == 0 {
+        return (rate.count(), period / SEC);
+    }
+    let w = period.div_ceil(SEC);
+    let q = u128::from(rate.count()) * u128::from(w) * u128::from(SEC) / u128::from(period);
+    (u64::try_from(q).unwrap_or(u64::MAX), w)
 }
 
 // === charges ===

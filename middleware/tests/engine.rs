@@ -598,8 +598,16 @@ responses: {ratelimit_headers: always}
     };
     let info = a.ratelimit.unwrap();
     assert_eq!(&*info.policy, "free-1", "the tightest bandwidth");
-    assert_eq!((info.quota, info.remaining), (3, 2));
-    assert_eq!(info.window_secs, 2, "3 × 0.6 s, rounded up");
+    assert_eq!(
+        (info.quota, info.window_secs, info.burst, info.remaining),
+        (100, 60, 3, 2),
+        "the rate as q per w, the burst apart"
+    );
+    let all = info.bandwidths.as_deref().expect("the whole plan");
+    assert_eq!(
+        all.iter().map(|b| &*b.name).collect::<Vec<_>>(),
+        ["free-0", "free-1"]
+    );
 }
 
 #[test]

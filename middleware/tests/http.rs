@@ -83,7 +83,10 @@ async fn real_server_answers_429_with_headers_and_problem_json() {
     let h = resp.headers();
     assert_eq!(h["retry-after"], "60", "1/min burst 3: next unit in 60 s");
     assert_eq!(h["content-type"], "application/problem+json");
-    assert_eq!(h["ratelimit-policy"], "\"free-0\";q=3;w=180");
+    assert_eq!(
+        h["ratelimit-policy"],
+        "\"free-0\";q=1;w=60;fairgate-burst=3"
+    );
     assert_eq!(h["ratelimit"], "\"free-0\";r=0;t=180");
     let body = std::str::from_utf8(resp.body()).unwrap();
     assert!(

@@ -44,7 +44,8 @@ async fn quota_rejects_with_429_retry_after_and_ratelimit_headers() {
         .expect("Retry-After seconds");
     assert!((1..=60).contains(&retry), "{retry}");
     assert!(
-        r.header("ratelimit-policy").contains("q=5"),
+        r.header("ratelimit-policy")
+            .contains("\"free-0\";q=1;w=60;fairgate-burst=5"),
         "{:?}",
         r.headers
     );

@@ -278,7 +278,8 @@ async fn the_example_config_serves_with_nothing_else_running() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["path"], "/hello");
     assert!(
-        r.header("ratelimit-policy").contains("q=10"),
+        r.header("ratelimit-policy")
+            .contains("\"free-0\";q=5;w=1;fairgate-burst=10"),
         "{:?}",
         r.headers
     );

@@ -7,11 +7,19 @@
 //! | backend (Redis unavailable, `on_failure: closed`) | 503 | the same |
 //! | rule `deny` | 403 | `about:blank` |
 //!
-//! Every rejection has an `application/problem+json` body with `type`, `title`,
-//! `status`, `detail` and `violated-policies`, and `Retry-After` in whole seconds (not for
-//! `deny`). When the rejection carries RateLimit numbers, it also has the IETF fields
-//! (draft-ietf-httpapi-ratelimit-headers-10):
-//! `RateLimit-Policy: "free-0";q=10;w=1` and `RateLimit: "free-0";r=0;t=1`.
+//! Every rejection has an `application/problem+json` body with `type`, `title`, `status`
+//! and `detail`, plus `violated-policies` naming the exceeded bandwidth or the rule when
+//! there is one (not for concurrency and shed rejections, which have no policy to name),
+//! and `Retry-After` in whole seconds (not for `deny`: it is not retryable). When the
+//! decision carries RateLimit numbers, the response also has the IETF fields
+//! (draft-ietf-httpapi-ratelimit-headers-10/-11): `RateLimit-Policy` lists every bandwidth
+//! of the client's quota (a rule's `limit` alone) as its sustained rate `q` per `w` seconds
+//! and its burst, and `RateLimit` names the bandwidth closest to running out:
+//!
+//! ```text
+//! RateLimit-Policy: "free-0";q=10;w=1;fairgate-burst=20, "free-1";q=100000;w=86400;fairgate-burst=100000
+//! RateLimit: "free-0";r=0;t=2
+//! ```
 //!
 //! # Cost
 //!
@@ -24,12 +32,13 @@
 //! - the problem+json body around the `retry after Ns` part of its `detail` (per stage,
 //!   status, rule and bandwidth), and the whole body with the last retry value seen, so a
 //!   repeated rejection (shed, deny, the same wait) clones a shared buffer instead of building one;
-//! - the `RateLimit-Policy` value per (bandwidth, quota, window), and the bandwidth name as a
-//!   structured-field string, so `RateLimit` is the name plus two integers (and the last
-//!   value rendered is reused when the two integers repeat).
+//! - the `RateLimit-Policy` value per (bandwidth, its numbers, the advertised set of
+//!   bandwidths), and the bandwidth name as a structured-field string, so `RateLimit` is the
+//!   name plus two integers (and the last value rendered is reused when the two integers
+//!   repeat).
 //!
-//! A cache entry holds a clone of the names it is keyed by, so an address cannot be reused
-//! by another name while the entry exists. Each cache holds at most [`CACHE_ENTRIES`]
+//! A cache entry holds a clone of the names (and bandwidth sets) it is keyed by, so an
+//! address cannot be reused by another name while the entry exists. Each cache holds at most [`CACHE_ENTRIES`]
 //! entries per thread (replaced round-robin), so its memory is bounded whatever the policy.
 //! Small `Retry-After` values are pre-rendered static header values.
 
@@ -40,8 +49,11 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
 
+use fairgate_policies::compiled::CompiledBandwidth;
+
 use super::body::AdmissionBody;
 use crate::decision::{RateLimitInfo, Rejection, Stage};
+use crate::quota;
 
 /// `RateLimit-Policy`.
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -53,6 +65,9 @@ const QUOTA_TYPE: &str = "https://iana.org/assignments/http-problem-types#quota-
 const CAPACITY_TYPE: &str =
     "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity";
 const RETRY_TEXT: &[u8] = b"; retry after ";
+/// The burst of a `RateLimit-Policy` item: the draft reserves unprefixed parameters and
+/// asks for a vendor prefix on the others (its own example is `acme-burst`).
+const BURST_PARAM: &[u8] = b"fairgate-burst";
 
 /// Entries per cache and thread (bodies; RateLimit names).
 const CACHE_ENTRIES: usize = 32;
@@ -206,11 +221,15 @@ impl BodyTemplate {
             }
         }
         let mut tail = Vec::with_capacity(64);
-        tail.extend_from_slice(b"\",\"violated-policies\":[");
+        tail.push(b'"');
+        // Only a named policy can be violated: concurrency and shed rejections have none,
+        // and an empty list would claim that nothing was.
         if let Some(name) = r.bandwidth.as_deref().or(r.rule.as_deref()) {
+            tail.extend_from_slice(b",\"violated-policies\":[");
             json_string(&mut tail, name);
+            tail.push(b']');
         }
-        tail.extend_from_slice(b"]}");
+        tail.push(b'}');
         BodyTemplate {
             stage: r.stage,
             status: status.as_u16(),
@@ -254,12 +273,34 @@ impl BodyTemplate {
     }
 }
 
-/// One RateLimit policy (bandwidth) rendered: its name as a structured-field string and
-/// its `RateLimit-Policy` value.
+/// The largest integer a structured field carries (RFC 9651: at most 15 digits).
+const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
+
+/// Appends `;key=n`, `n` capped to what a structured-field integer holds.
+fn push_param(out: &mut Vec<u8>, key: &[u8], n: u64) {
+    out.push(b';');
+    out.extend_from_slice(key);
+    out.push(b'=');
+    push_u64(out, n.min(SF_INTEGER_MAX));
+}
+
+/// Appends one `RateLimit-Policy` item: `"name";q=Q;w=W;fairgate-burst=B`.
+fn push_policy_item(out: &mut Vec<u8>, sf_name: &[u8], quota: u64, window: u64, burst: u64) {
+    out.extend_from_slice(sf_name);
+    push_param(out, b"q", quota);
+    push_param(out, b"w", window);
+    push_param(out, BURST_PARAM, burst);
+}
+
+/// The RateLimit fields of one bandwidth rendered: its name as a structured-field string
+/// and the `RateLimit-Policy` value of the bandwidths advertised with it.
 struct PolicyTemplate {
     name: Arc<str>,
     quota: u64,
     window_secs: u64,
+    burst: u64,
+    /// The advertised set (a clone: its address cannot be reused while the entry lives).
+    bandwidths: Option<Arc<[CompiledBandwidth]>>,
     sf_name: Box<[u8]>,
     policy_value: Option<HeaderValue>,
     /// The last `RateLimit` value rendered, with its (remaining, reset) numbers: clients
@@ -270,17 +311,25 @@ struct PolicyTemplate {
 impl PolicyTemplate {
     fn new(info: &RateLimitInfo) -> PolicyTemplate {
         let sf_name = sf_string(&info.policy);
-        let mut v =
-            Vec::with_capacity(sf_name.len() + 6 + digits(info.quota) + digits(info.window_secs));
-        v.extend_from_slice(&sf_name);
-        v.extend_from_slice(b";q=");
-        push_u64(&mut v, info.quota);
-        v.extend_from_slice(b";w=");
-        push_u64(&mut v, info.window_secs);
+        let mut v = Vec::with_capacity(64);
+        match &info.bandwidths {
+            Some(all) => {
+                for (i, bw) in all.iter().enumerate() {
+                    if i > 0 {
+                        v.extend_from_slice(b", ");
+                    }
+                    let (q, w) = quota::quota_window(bw.rate);
+                    push_policy_item(&mut v, &sf_string(&bw.name), q, w, bw.burst);
+                }
+            }
+            None => push_policy_item(&mut v, &sf_name, info.quota, info.window_secs, info.burst),
+        }
         PolicyTemplate {
             name: Arc::clone(&info.policy),
             quota: info.quota,
             window_secs: info.window_secs,
+            burst: info.burst,
+            bandwidths: info.bandwidths.clone(),
             sf_name: sf_name.into_boxed_slice(),
             policy_value: HeaderValue::from_maybe_shared(Bytes::from(v)).ok(),
             last_limit: None,
@@ -291,6 +340,12 @@ impl PolicyTemplate {
         Arc::ptr_eq(&self.name, &info.policy)
             && self.quota == info.quota
             && self.window_secs == info.window_secs
+            && self.burst == info.burst
+            && match (&self.bandwidths, &info.bandwidths) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
     }
 
     /// `RateLimit`: `"name";r=R;t=T` (the last one again when the numbers repeat).
@@ -309,10 +364,8 @@ impl PolicyTemplate {
         let mut v =
             Vec::with_capacity(self.sf_name.len() + 6 + digits(remaining) + digits(reset_secs));
         v.extend_from_slice(&self.sf_name);
-        v.extend_from_slice(b";r=");
-        push_u64(&mut v, remaining);
-        v.extend_from_slice(b";t=");
-        push_u64(&mut v, reset_secs);
+        push_param(&mut v, b"r", remaining);
+        push_param(&mut v, b"t", reset_secs);
         HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
     }
 }
@@ -432,8 +485,10 @@ mod tests {
                 policy: Arc::from("free-0"),
                 quota: 10,
                 window_secs: 1,
+                burst: 20,
                 remaining: 0,
                 reset_secs: 1,
+                bandwidths: None,
             }),
             delay: None,
             delay_guard: None,
@@ -463,7 +518,10 @@ mod tests {
         let h = r.headers();
         assert_eq!(h["retry-after"], "3");
         assert_eq!(h["content-type"], "application/problem+json");
-        assert_eq!(h["ratelimit-policy"], "\"free-0\";q=10;w=1");
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"free-0\";q=10;w=1;fairgate-burst=20"
+        );
         assert_eq!(h["ratelimit"], "\"free-0\";r=0;t=1");
         let body = body_of(r);
         assert_eq!(
@@ -529,18 +587,87 @@ mod tests {
             policy: Arc::from("free-0"),
             quota: 20,
             window_secs: 60,
+            burst: 5,
             remaining: 7,
             reset_secs: 12,
+            bandwidths: None,
         });
         let resp = rejection_response::<String>(&r);
-        assert_eq!(resp.headers()["ratelimit-policy"], "\"free-0\";q=20;w=60");
+        assert_eq!(
+            resp.headers()["ratelimit-policy"],
+            "\"free-0\";q=20;w=60;fairgate-burst=5"
+        );
         assert_eq!(resp.headers()["ratelimit"], "\"free-0\";r=7;t=12");
         // The same name `Arc` with changed numbers (a reload that kept the id) too.
         if let Some(info) = &mut r.ratelimit {
             info.quota = 30;
         }
         let resp = rejection_response::<String>(&r);
-        assert_eq!(resp.headers()["ratelimit-policy"], "\"free-0\";q=30;w=60");
+        assert_eq!(
+            resp.headers()["ratelimit-policy"],
+            "\"free-0\";q=30;w=60;fairgate-burst=5"
+        );
+    }
+
+    fn bandwidth(name: &str, rate: &str, burst: u64) -> CompiledBandwidth {
+        CompiledBandwidth::new(
+            Arc::from(name),
+            Arc::from(name),
+            rate.parse().unwrap(),
+            burst,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_policy_lists_every_bandwidth_of_the_set() {
+        let all: Arc<[CompiledBandwidth]> = Arc::from(vec![
+            bandwidth("free-0", "10/s", 20),
+            bandwidth("free-1", "100000/day", 100_000),
+            bandwidth("odd", "5/250ms", 7),
+            bandwidth("huge", "2000000000000000/200000day", 1),
+        ]);
+        let info = RateLimitInfo {
+            policy: Arc::clone(&all[1].name),
+            quota: 100_000,
+            window_secs: 86_400,
+            burst: 100_000,
+            remaining: 99_999,
+            reset_secs: 1,
+            bandwidths: Some(Arc::clone(&all)),
+        };
+        let mut h = HeaderMap::new();
+        admitted_headers(&mut h, &info);
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"free-0\";q=10;w=1;fairgate-burst=20, \
+             \"free-1\";q=100000;w=86400;fairgate-burst=100000, \
+             \"odd\";q=20;w=1;fairgate-burst=7, \
+             \"huge\";q=999999999999999;w=17280000000;fairgate-burst=1"
+        );
+        assert_eq!(h["ratelimit"], "\"free-1\";r=99999;t=1");
+        // Another set with the same names renders its own value.
+        let other: Arc<[CompiledBandwidth]> = Arc::from(vec![bandwidth("free-0", "10/s", 20)]);
+        let info = RateLimitInfo {
+            bandwidths: Some(other),
+            ..info
+        };
+        admitted_headers(&mut h, &info);
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"free-0\";q=10;w=1;fairgate-burst=20"
+        );
+    }
+
+    #[test]
+    fn concurrency_and_shed_name_no_violated_policy() {
+        for (stage, status) in [(Stage::Concurrency, 429), (Stage::Shed, 503)] {
+            let mut r = rejection(stage, status);
+            r.rule = None;
+            let body = body_of(rejection_response::<String>(&r));
+            assert!(!body.contains("violated-policies"), "{body}");
+            assert!(body.ends_with("s\"}"), "{body}");
+        }
     }
 
     #[test]
@@ -565,11 +692,16 @@ mod tests {
             policy: Arc::from("pro \"1\""),
             quota: 100,
             window_secs: 60,
+            burst: 50,
             remaining: 50,
             reset_secs: 30,
+            bandwidths: None,
         };
         admitted_headers(&mut h, &info);
-        assert_eq!(h["ratelimit-policy"], "\"pro \\\"1\\\"\";q=100;w=60");
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"pro \\\"1\\\"\";q=100;w=60;fairgate-burst=50"
+        );
         assert_eq!(h["ratelimit"], "\"pro \\\"1\\\"\";r=50;t=30");
         // Repeated numbers (the cached value), then new ones.
         admitted_headers(&mut h, &info);
