@@ -43,7 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "policy: {} not found, using the inline example policy",
             path.display()
         );
-        AdmissionLayer::from_store(PolicyStore::from_yaml_str(INLINE_POLICY, "inline.yaml")?)
+        AdmissionLayer::from_store(PolicyStore::from_yaml_str(INLINE_POLICY, "inline.yaml")?)?
     };
 
     let app = Router::new()

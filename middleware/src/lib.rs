@@ -28,6 +28,7 @@
 
 pub mod admission;
 pub mod backend;
+pub mod builder;
 pub mod clock;
 pub mod concurrency;
 pub mod decision;
@@ -44,6 +45,7 @@ pub mod state;
 pub use admission::{
     Admission, AdmissionBody, AdmissionLayer, HttpHeaders, Operation, PeerAddr, ResponseFuture,
 };
+pub use builder::{BuildError, EngineBuilder};
 pub use clock::{Clock, ManualClock, MonotonicClock, Nanos, TokioClock};
 pub use decision::{
     Admitted, ClientKey, CompletionEvent, Decision, DecisionEvent, DecisionKind, DelayGuard,

@@ -815,7 +815,10 @@ policy:
     assert_eq!(lines + suppressed, 20_000, "every denial counted once");
     // Each window with a summary spent its whole budget; the windows are the summaries plus
     // at most the one still open.
-    assert!(summaries >= 1, "a flood of 20000 in {took:?} had no summary");
+    assert!(
+        summaries >= 1,
+        "a flood of 20000 in {took:?} had no summary"
+    );
     assert!(
         lines >= 10 && lines <= 10 * (summaries + 1),
         "{lines} lines over {summaries} summarised windows (budget 10 each)"
