@@ -36,6 +36,7 @@ pub mod engine;
 pub mod fleet;
 pub mod gcra;
 pub mod identify;
+#[cfg(feature = "outbound")]
 pub mod outbound;
 pub mod quota;
 pub mod rules;
