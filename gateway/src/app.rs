@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fairgate_middleware::{AdmissionLayer, Engine};
+use fairgate_middleware::{AdmissionLayer, Engine, EngineBuilder};
 use fairgate_policies::{PolicyErrors, PolicyStore};
 use http::header::{self, HeaderName};
 use tokio::sync::watch;
@@ -89,9 +89,9 @@ pub enum StartError {
     /// The `thread_per_core` threads could not be started (runtime, socket or thread).
     #[error("cannot start the per-core threads: {0}")]
     PerCore(#[source] std::io::Error),
-    /// The fleet (Redis) state backend cannot be set up.
+    /// The engine cannot start what the policy asks for (e.g. the Redis backend).
     #[error("{0}")]
-    Fleet(#[from] fairgate_middleware::fleet::FleetError),
+    Engine(#[from] fairgate_middleware::BuildError),
     /// Something else failed (echo upstream, decision log file).
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -135,7 +135,6 @@ pub struct Running {
     servers: Servers,
     draining: Arc<AtomicBool>,
     grace: Duration,
-    _watcher: Option<fairgate_policies::watch::WatchHandle>,
 }
 
 /// Where the data-plane listeners are served.
@@ -205,28 +204,17 @@ pub async fn start_with(
             )))
         }
     };
-    let engine = Engine::new(store.clone());
+    // The engine and everything its policy asks for (state backend, pruning, file
+    // watching) start exactly as they do for an app that embeds the layer.
+    let mut builder = EngineBuilder::new(store.clone());
+    if let PolicySource::File(path) = &config.policy {
+        builder = builder.watch_file(path, fairgate_policies::watch::DEFAULT_DEBOUNCE);
+    }
+    let engine = builder.start()?;
     engine.set_observer(Arc::new(
         GatewayObserver::new(metrics.clone(), log).with_clock(engine.clock().clone()),
     ));
-    // Fleet-wide quotas (`state.backend: redis`); kept alive by the engine.
-    crate::fleet::start(&engine)?;
     let reloader = Reloader::new(store.clone(), config.policy.clone(), metrics.clone());
-    let watcher = match &config.policy {
-        PolicySource::File(_) => {
-            match fairgate_policies::watch::watch(
-                store.clone(),
-                fairgate_policies::watch::DEFAULT_DEBOUNCE,
-            ) {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the policy file; reload with SIGHUP or POST /reload");
-                    None
-                }
-            }
-        }
-        PolicySource::Inline { .. } => None,
-    };
     {
         let reloader = reloader.clone();
         server::on_sighup(move || {
@@ -237,19 +225,6 @@ pub async fn start_with(
             }
         });
     }
-    {
-        // Drop state that carries no information every few seconds.
-        let engine = engine.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                let e = engine.clone();
-                let _ = tokio::task::spawn_blocking(move || e.prune()).await;
-            }
-        });
-    }
-
     // Upstreams.
     let needs_echo = config
         .upstreams
@@ -438,7 +413,6 @@ pub async fn start_with(
         servers,
         draining,
         grace: config.shutdown_grace,
-        _watcher: watcher,
     })
 }
 

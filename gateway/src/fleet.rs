@@ -1,25 +1,11 @@
 //! Wiring of the fleet-wide (Redis) state backend into the gateway.
 //!
-//! The backend itself lives in `fairgate_middleware::fleet`; here the gateway starts it
-//! with the engine (when the policy says `state.backend: redis`), keeps it alive as long
-//! as the engine, and reports it: `/health` answers `degraded` (still 200) while Redis is
+//! The backend itself lives in `fairgate_middleware::fleet` and is started with the engine by
+//! `fairgate_middleware::EngineBuilder` (when the policy says `state.backend: redis`); here
+//! the gateway reports it: `/health` answers `degraded` (still 200) while Redis is
 //! unreachable, and `/metrics` carries the `fairgate_redis_*` series.
 
-use std::sync::Arc;
-
-use fairgate_middleware::fleet::{self, FleetError};
 use fairgate_middleware::Engine;
-
-/// Starts the Redis backend of `engine`'s policy, if it has one. Never waits for Redis.
-pub fn start(engine: &Arc<Engine>) -> Result<bool, FleetError> {
-    match fleet::start(engine)? {
-        Some(handle) => {
-            engine.keep_alive(Box::new(handle));
-            Ok(true)
-        }
-        None => Ok(false),
-    }
-}
 
 /// `ok`, or `degraded` while the fleet backend cannot reach Redis.
 pub fn health(engine: &Engine) -> &'static str {

@@ -1,12 +1,15 @@
 //! An axum app behind fairgate's admission layer.
 //!
 //! ```text
-//! cargo run -p fairgate-middleware --example axum_app -- [policy.yaml]
+//! cargo run -p fairgate-middleware --example axum_app -- [POLICY [LISTEN_ADDR]]
 //! ```
 //!
-//! The policy path defaults to `examples/policy.yaml` at the repository root; if that file
-//! does not exist, a small inline policy is used (5 requests burst, then 1/s, per client
-//! IP or `x-api-key`). Serves on 127.0.0.1:3000; try
+//! `POLICY` defaults to `examples/policy.yaml` at the repository root; if that file does not
+//! exist, a small inline policy is used (5 requests burst, then 1/s, per client IP or
+//! `x-api-key`). `LISTEN_ADDR` defaults to `127.0.0.1:3000` (`127.0.0.1:0` picks a free
+//! port); the app prints `listening on http://ADDR` once it serves, so several replicas can
+//! run side by side — with a policy whose `state.backend` is `redis` they share one quota,
+//! exactly as a fleet of gateways does. Try
 //! `for i in $(seq 8); do curl -si localhost:3000/ | head -1; done`.
 
 use std::net::SocketAddr;
@@ -29,12 +32,19 @@ responses:
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/policy.yaml")
-        });
+    let mut args = std::env::args_os().skip(1);
+    let path = args.next().map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/policy.yaml")
+    });
+    let listen: SocketAddr = match args.next() {
+        Some(a) => a
+            .to_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("LISTEN_ADDR {a:?} is not an address like 127.0.0.1:3000"))?,
+        None => SocketAddr::from(([127, 0, 0, 1], 3000)),
+    };
+    // The layer starts what the policy asks for, as the gateway does: the state backend
+    // (Redis included), pruning, and the file watcher.
     let layer = if path.exists() {
         println!("policy: {} (watched for changes)", path.display());
         AdmissionLayer::from_policy_file(&path)?
@@ -43,14 +53,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "policy: {} not found, using the inline example policy",
             path.display()
         );
-        AdmissionLayer::from_store(PolicyStore::from_yaml_str(INLINE_POLICY, "inline.yaml")?)
+        AdmissionLayer::from_store(PolicyStore::from_yaml_str(INLINE_POLICY, "inline.yaml")?)?
     };
 
     let app = Router::new()
         .route("/", get(|| async { "hello from behind fairgate\n" }))
         .layer(layer);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(
         listener,

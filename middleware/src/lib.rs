@@ -28,6 +28,7 @@
 
 pub mod admission;
 pub mod backend;
+pub mod builder;
 pub mod clock;
 pub mod concurrency;
 pub mod decision;
@@ -35,6 +36,7 @@ pub mod engine;
 pub mod fleet;
 pub mod gcra;
 pub mod identify;
+#[cfg(feature = "outbound")]
 pub mod outbound;
 pub mod quota;
 pub mod rules;
@@ -44,6 +46,7 @@ pub mod state;
 pub use admission::{
     Admission, AdmissionBody, AdmissionLayer, HttpHeaders, Operation, PeerAddr, ResponseFuture,
 };
+pub use builder::{BuildError, EngineBuilder};
 pub use clock::{Clock, ManualClock, MonotonicClock, Nanos, TokioClock};
 pub use decision::{
     Admitted, ClientKey, CompletionEvent, Decision, DecisionEvent, DecisionKind, DelayGuard,

@@ -29,7 +29,7 @@ async fn serve() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let store = PolicyStore::from_yaml_str(POLICY, "policy.yaml").unwrap_or_else(|e| panic!("{e}"));
     let app = Router::new()
         .route("/", get(|| async { "ok" }))
-        .layer(AdmissionLayer::from_store(store));
+        .layer(AdmissionLayer::from_store(store).expect("a local policy builds"));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {

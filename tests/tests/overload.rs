@@ -1093,10 +1093,9 @@ state: {{max_keys: {MAX_KEYS}}}
             "heavy hitter admitted {}",
             heavy.count(200)
         );
-        assert!(
-            normal_ok as f64 >= 0.99 * normal_sent as f64,
-            "normals {normal_ok}/{normal_sent}"
-        );
+        // Normal clients send at half their rate: every one of their requests is admitted
+        // (before second-chance eviction, the flood evicted them and a full shard shed them).
+        assert_eq!(normal_ok, normal_sent, "normals {normal_ok}/{normal_sent}");
         assert!(rss_peak <= rss_base + 64 * MIB, "RSS {} MiB", rss_peak / MIB);
         assert!(worst_size <= 256 * 1024, "/metrics {worst_size} B");
     })

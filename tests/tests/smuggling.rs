@@ -166,7 +166,7 @@ async fn smuggling_corpus_against_the_layer_records_hyper_verdicts() {
                 "ok"
             }
         })
-        .layer(AdmissionLayer::from_store(store));
+        .layer(AdmissionLayer::from_store(store).expect("a local policy builds"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {

@@ -4,10 +4,11 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use fairgate_policies::{PolicyErrors, PolicyStore};
+use fairgate_policies::PolicyStore;
 use tower::Layer;
 
 use super::service::Admission;
+use crate::builder::{BuildError, EngineBuilder};
 use crate::engine::Engine;
 
 /// Adds admission control to a service. Holds the shared engine: every service built from
@@ -23,28 +24,21 @@ impl AdmissionLayer {
         AdmissionLayer { engine }
     }
 
-    /// A layer over a policy store (and a new engine with the production clock).
-    pub fn from_store(store: PolicyStore) -> Self {
-        Self::new(Engine::new(store))
+    /// A layer over a policy store: a new engine with the production clock, started by
+    /// [`EngineBuilder`] like the gateway's (the policy's state backend, pruning); the store
+    /// is not watched (reload it yourself). A policy this build cannot honour is an error.
+    pub fn from_store(store: PolicyStore) -> Result<Self, BuildError> {
+        Ok(Self::new(EngineBuilder::new(store).start()?))
     }
 
-    /// Loads, validates and compiles a policy file, and watches it: a valid change goes
-    /// live within about a second; an invalid one is logged and the old policy stays.
-    pub fn from_policy_file(path: impl AsRef<Path>) -> Result<Self, PolicyErrors> {
-        let path = path.as_ref();
-        let store = PolicyStore::from_file(path)?;
-        let engine = Engine::new(store.clone());
-        // The engine keeps the watcher alive: axum drops the layer once it has wrapped
-        // the routes, but the services (and so the engine) live on.
-        match fairgate_policies::watch::watch(store, fairgate_policies::watch::DEFAULT_DEBOUNCE) {
-            Ok(handle) => engine.keep_alive(Box::new(handle)),
-            Err(e) => tracing::warn!(
-                error = %e,
-                path = %path.display(),
-                "policy file watch unavailable; reload through the store only"
-            ),
-        }
-        Ok(AdmissionLayer { engine })
+    /// Loads, validates and compiles a policy file, and starts what it asks for exactly as
+    /// the gateway does ([`EngineBuilder`]): the state backend (Redis included, with the
+    /// `redis` feature), pruning, and a watcher: a valid change goes live within about a
+    /// second; an invalid one is logged and the old policy stays.
+    pub fn from_policy_file(path: impl AsRef<Path>) -> Result<Self, BuildError> {
+        Ok(Self::new(
+            EngineBuilder::from_policy_file(path.as_ref())?.start()?,
+        ))
     }
 
     /// The engine (for metrics, the admin API, or deciding outside tower).
