@@ -475,6 +475,7 @@ impl Engine {
             }
         };
         let shadow_hits = rules_out.shadow_hits;
+        let allow_rule = rules_out.allow_rule.and_then(|i| pol.rules.get(i));
         let mut priority = rules_out.priority.unwrap_or(Priority::Normal);
         d.priority = priority;
 
@@ -712,9 +713,14 @@ impl Engine {
                 } else {
                     DecisionKind::Admit
                 },
-                stage: None,
-                rule: None,
-                plan: plan_name.map(|p| &**p),
+                // An `allow` rule settled it: no plan was involved.
+                stage: allow_rule.map(|_| Stage::Rule),
+                rule: allow_rule.map(|r| &*r.name),
+                plan: if allow_rule.is_some() {
+                    None
+                } else {
+                    plan_name.map(|p| &**p)
+                },
                 bandwidth: ratelimit.as_ref().map(|r: &RateLimitInfo| &*r.policy),
                 cost,
                 priority,

@@ -52,6 +52,8 @@ pub(crate) struct RuleKeys<'x> {
 #[derive(Debug, Default)]
 pub(crate) struct RulesOutcome {
     pub(crate) allowed: bool,
+    /// The `allow` rule that admitted the request (index into the policy's rules).
+    pub(crate) allow_rule: Option<usize>,
     pub(crate) priority: Option<Priority>,
     pub(crate) plan: Option<PlanId>,
     pub(crate) shadow_hits: u32,
@@ -139,6 +141,7 @@ pub(crate) fn evaluate<'x>(
             CompiledAction::Allow => {
                 if !shadow {
                     out.allowed = true;
+                    out.allow_rule = Some(i);
                     return ControlFlow::Break(());
                 }
             }

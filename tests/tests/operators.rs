@@ -277,6 +277,28 @@ async fn request_counter_labels_partition_the_requests() {
             by_labels.keys().all(|l| !l.contains("shadow_reject")),
             "{by_labels:#?}"
         );
+        // The 4 allowed requests are counted as settled by their rule, not as plan admits
+        // (no plan was involved); the 5 plain ones as quota admits and rejections of `free`.
+        let allowed: f64 = by_labels
+            .iter()
+            .filter(|(l, _)| l.contains("rule=trusted"))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(allowed, 4.0, "{format}: {by_labels:#?}");
+        for (labels, _) in by_labels.iter().filter(|(l, _)| l.contains("rule=trusted")) {
+            assert!(
+                labels.contains("stage=rule")
+                    && labels.contains("decision=admit")
+                    && !labels.contains("plan=free"),
+                "{format}: an allowed request labelled {labels}"
+            );
+        }
+        let free: f64 = by_labels
+            .iter()
+            .filter(|(l, _)| l.contains("plan=free"))
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(free, 5.0, "{format}: {by_labels:#?}");
         // The shadow rule would have rejected all but the first request of each of the two
         // keys it saw under its limit (the allowed and denied ones stop before it).
         let shadow = family(&families, "fairgate_shadow_rejects");
