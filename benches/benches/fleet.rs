@@ -116,7 +116,7 @@ fn bench(c: &mut Criterion) {
     // Calls over the 25 ms budget on a loaded machine are admitted (`on_failure: open`)
     // and counted: report them with the figures.
     for (name, e) in [("async", &async_), ("exact", &exact)] {
-        eprintln!("{name}: {:?}", e.fleet().expect("fleet"));
+        eprintln!("{name}: {:?}", e.backend_snapshot().expect("fleet"));
     }
 }
 

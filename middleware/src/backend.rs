@@ -7,7 +7,8 @@
 //!
 //! - [`Embedded`] (the default): the local store decides, alone. Every method is trivial
 //!   and nothing is allocated; [`StateBackend::route`] answers [`Route::Local`].
-//! - the Redis backend ([`crate::fleet::Fleet`], attached by [`crate::fleet::start`]):
+//! - the Redis backend (`fleet::Fleet`, with the `redis` feature; started by
+//!   [`crate::EngineBuilder`]):
 //!   `async` mode still decides on the local store ([`Route::Shared`]: memory speed, no
 //!   network wait on the request) and [`StateBackend::record`]s each admitted cost for the
 //!   next exchange, which pulls every gateway's buckets down to the fleet's consumption;
@@ -38,14 +39,32 @@ use fairgate_policies::compiled::CompiledBandwidth;
 use fairgate_policies::model::OnFailure;
 
 use crate::clock::Nanos;
-use crate::fleet::{self, Fleet};
 
 #[cfg(doc)]
 use crate::engine::Engine;
 
 /// The counters and state of a backend that shares state (for metrics and `/health`);
 /// a backend fills the fields that apply to it.
-pub type BackendSnapshot = fleet::FleetSnapshot;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendSnapshot {
+    /// True while the backend is unreachable (decisions follow `on_failure`).
+    pub degraded: bool,
+    /// Failed or timed-out calls to the backend.
+    pub errors: u64,
+    /// Calls made to the backend.
+    pub calls: u64,
+    /// Times the breaker opened.
+    pub breaker_opens: u64,
+    /// Requests admitted under `on_failure` while degraded.
+    pub failure_mode_admits: u64,
+    /// Requests rejected under `on_failure: closed` while degraded.
+    pub failure_mode_rejects: u64,
+    /// Gateways (or app replicas) registered with the backend when last seen (1 until
+    /// the first heartbeat).
+    pub gateways: u64,
+    /// Usage exchanges completed (async mode).
+    pub syncs: u64,
+}
 
 /// The future of [`StateBackend::remote_check`].
 pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
@@ -261,81 +280,6 @@ impl StateBackend for Embedded {
 
     fn snapshot(&self) -> Option<BackendSnapshot> {
         None
-    }
-}
-
-/// The Redis backend, delegating to [`Fleet`]'s own methods.
-impl StateBackend for Fleet {
-    fn route(&self, remote_ok: bool) -> Route {
-        match Fleet::route(self, remote_ok) {
-            fleet::Route::Local => Route::Shared,
-            fleet::Route::LocalDegraded => Route::Degraded,
-            fleet::Route::Remote => Route::Remote,
-            fleet::Route::Admit => Route::Admit,
-            fleet::Route::Reject => Route::Reject,
-        }
-    }
-
-    fn record(&self, client: &str, bandwidths: &Arc<[CompiledBandwidth]>, cost: u64) {
-        Fleet::record(self, client, bandwidths, cost);
-    }
-
-    fn record_rule(&self, key: &str, bandwidth: &CompiledBandwidth) {
-        Fleet::record_rule(self, key, bandwidth);
-    }
-
-    fn remote_rules(&self) -> bool {
-        Fleet::remote_rules(self)
-    }
-
-    fn remote_check<'a>(
-        &'a self,
-        client: &'a str,
-        rules: &'a [RuleBucket],
-        bandwidths: &'a [CompiledBandwidth],
-        cost: u64,
-        lease: Option<(u32, u64)>,
-    ) -> CheckFuture<'a> {
-        Box::pin(async move {
-            match self.exact(client, rules, bandwidths, cost, lease).await {
-                Some(fleet::ExactVerdict::Admit) => Verdict::Admit,
-                Some(fleet::ExactVerdict::Busy) => Verdict::Busy,
-                Some(fleet::ExactVerdict::Reject {
-                    index,
-                    wait,
-                    tat_ahead,
-                }) => Verdict::Reject {
-                    index,
-                    wait,
-                    tat_ahead,
-                },
-                None => Verdict::Unavailable,
-            }
-        })
-    }
-
-    fn on_failure(&self) -> OnFailure {
-        self.on_failure_mode()
-    }
-
-    fn new_lease_id(&self) -> u64 {
-        Fleet::new_lease_id(self)
-    }
-
-    fn hold_lease(self: Arc<Self>, id: u64, client: &str) -> Box<dyn Send + Sync> {
-        Box::new(self.hold(id, client))
-    }
-
-    fn count_failure_admit(&self) {
-        Fleet::count_failure_admit(self);
-    }
-
-    fn count_failure_reject(&self) {
-        Fleet::count_failure_reject(self);
-    }
-
-    fn snapshot(&self) -> Option<BackendSnapshot> {
-        Some(Fleet::snapshot(self))
     }
 }
 
@@ -599,7 +543,7 @@ rules:
             (snap.failure_mode_rejects, snap.failure_mode_admits),
             (3, 0)
         );
-        assert_eq!(e.fleet(), Some(snap));
+        assert_eq!(e.backend_snapshot(), Some(snap));
         assert!(b.recorded.lock().unwrap().is_empty());
         assert_eq!(e.in_flight(), 0, "a rejection holds nothing");
     }

@@ -293,11 +293,6 @@ impl Engine {
         self.shared.backend.set(backend).is_ok()
     }
 
-    /// [`Engine::attach_backend`] for a concrete backend (what `fleet::start` calls).
-    pub(crate) fn attach_fleet<B: StateBackend>(&self, backend: Arc<B>) -> bool {
-        self.attach_backend(backend)
-    }
-
     /// The state backend: the attached one, else [`Embedded`].
     pub fn backend(&self) -> &Arc<dyn StateBackend> {
         self.shared.backend()
@@ -308,12 +303,8 @@ impl Engine {
         self.shared.backend().snapshot()
     }
 
-    /// The same as [`Engine::backend_snapshot`] (the Redis backend is "the fleet").
-    pub fn fleet(&self) -> Option<BackendSnapshot> {
-        self.backend_snapshot()
-    }
-
     /// The state store (the fleet exchange charges it).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn state_store(&self) -> &Store {
         &self.shared.state
     }

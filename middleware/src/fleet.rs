@@ -61,7 +61,7 @@
 //! the quota and exact rule limits) and counts it; `closed` rejects requests that have a
 //! quota bandwidth or an enforced exact rule limit with 503 (stage `backend`); requests with
 //! neither never ask Redis.
-//! Transitions are logged once each and counted ([`FleetSnapshot`]); error lines are rate
+//! Transitions are logged once each and counted ([`BackendSnapshot`]); error lines are rate
 //! limited to one a second.
 //!
 //! **Error replies.** A Redis error reply counts in `errors` like a timeout. Most (`OOM
@@ -91,7 +91,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 
-use crate::backend::RuleBucket;
+use crate::backend::{BackendSnapshot, CheckFuture, Route, RuleBucket, StateBackend, Verdict};
 use crate::clock::{Clock, Nanos, TokioClock};
 use crate::engine::Engine;
 use crate::gcra::Params;
@@ -181,27 +181,6 @@ impl ConnectionLike for Conn {
 /// Is this error reply about one client's keys (rather than about the backend)?
 fn key_scoped(e: &redis::RedisError) -> bool {
     e.code() == Some("WRONGTYPE")
-}
-
-/// Counters and state of the fleet backend, for metrics and `/health`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct FleetSnapshot {
-    /// True while the breaker is open (decisions follow `on_failure`).
-    pub degraded: bool,
-    /// Failed or timed-out Redis calls.
-    pub errors: u64,
-    /// Redis calls made (scripts).
-    pub calls: u64,
-    /// Times the breaker opened.
-    pub breaker_opens: u64,
-    /// Requests admitted under `on_failure` while degraded.
-    pub failure_mode_admits: u64,
-    /// Requests rejected under `on_failure: closed` while degraded.
-    pub failure_mode_rejects: u64,
-    /// Gateways registered in Redis when last seen (1 until the first heartbeat).
-    pub gateways: u64,
-    /// Batch exchanges (async mode) completed.
-    pub syncs: u64,
 }
 
 // === Breaker ===
@@ -421,36 +400,6 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return redis.call('ZCARD', KEYS[1])
 "#;
 
-/// What the exact script decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ExactVerdict {
-    /// Every bandwidth admitted and was charged (and the lease, if asked for, taken).
-    Admit,
-    /// The fleet-wide concurrency limit is reached.
-    Busy,
-    /// Bandwidth `index` rejected: wait `wait` ns; its TAT is `tat_ahead` ns after now.
-    Reject {
-        index: usize,
-        wait: Nanos,
-        tat_ahead: Nanos,
-    },
-}
-
-/// How a decision uses the fleet (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Route {
-    /// Decide on the local store; record the cost in the batch.
-    Local,
-    /// Decide on the local store while degraded (`on_failure: local` or `open`).
-    LocalDegraded,
-    /// Ask Redis (exact mode).
-    Remote,
-    /// Skip the quota bandwidths (exact mode, degraded, `on_failure: open`).
-    Admit,
-    /// Reject with 503 (degraded, `on_failure: closed`).
-    Reject,
-}
-
 // === Fleet ===
 
 /// A lease given back: (client key, lease id).
@@ -584,7 +533,7 @@ pub fn start(engine: &Arc<Engine>) -> Result<Option<FleetHandle>, FleetError> {
         Arc::clone(engine.clock()),
         policy.state.max_keys,
     )?);
-    if !engine.attach_fleet(Arc::clone(&fleet)) {
+    if !engine.attach_backend(Arc::clone(&fleet) as Arc<dyn crate::backend::StateBackend>) {
         tracing::warn!("a fleet backend is already attached to this engine");
     }
     let releases = fleet
@@ -688,8 +637,8 @@ impl Fleet {
     }
 
     /// Counters and state now.
-    pub fn snapshot(&self) -> FleetSnapshot {
-        FleetSnapshot {
+    pub fn snapshot(&self) -> BackendSnapshot {
+        BackendSnapshot {
             degraded: self.breaker.is_open(),
             errors: self.errors.load(Ordering::Relaxed),
             calls: self.calls.load(Ordering::Relaxed),
@@ -710,15 +659,15 @@ impl Fleet {
     pub(crate) fn route(&self, remote_ok: bool) -> Route {
         let exact = self.mode == FleetMode::Exact && remote_ok;
         if !self.breaker.is_open() {
-            return if exact { Route::Remote } else { Route::Local };
+            return if exact { Route::Remote } else { Route::Shared };
         }
         if exact && self.breaker.allow() {
             return Route::Remote;
         }
         match self.on_failure {
-            OnFailure::Local => Route::LocalDegraded,
+            OnFailure::Local => Route::Degraded,
             OnFailure::Open if exact => Route::Admit,
-            OnFailure::Open => Route::LocalDegraded,
+            OnFailure::Open => Route::Degraded,
             OnFailure::Closed => Route::Reject,
         }
     }
@@ -915,7 +864,8 @@ impl Fleet {
 
     /// Exact mode: one script over every rule bucket (cost 1 each) and bandwidth (cost
     /// `cost`), plus a concurrency lease of id `lease` when `concurrency` is set. The
-    /// verdict's index counts the rule buckets first. `None` on failure or timeout.
+    /// verdict's index counts the rule buckets first. [`Verdict::Unavailable`] on failure or
+    /// timeout.
     pub(crate) async fn exact(
         &self,
         client: &str,
@@ -923,7 +873,7 @@ impl Fleet {
         bandwidths: &[CompiledBandwidth],
         cost: u64,
         concurrency: Option<(u32, u64)>,
-    ) -> Option<ExactVerdict> {
+    ) -> Verdict {
         let mut inv = self.exact.prepare_invoke();
         for r in rules {
             inv.key(self.key(&r.key, "t", &r.bandwidth));
@@ -944,13 +894,17 @@ impl Fleet {
             .arg(self.lease_member(lease))
             .arg(LEASE_TTL_MS);
         let mut conn = self.conn.clone();
-        let reply: Vec<i64> = self.call(Some(client), inv.invoke_async(&mut conn)).await?;
+        let Some(reply): Option<Vec<i64>> =
+            self.call(Some(client), inv.invoke_async(&mut conn)).await
+        else {
+            return Verdict::Unavailable;
+        };
         let us =
             |v: Option<&i64>| v.map_or(0, |&v| u64::try_from(v).unwrap_or(0).saturating_mul(1000));
         match reply.first() {
-            Some(1) => Some(ExactVerdict::Admit),
-            Some(2) => Some(ExactVerdict::Busy),
-            Some(0) => Some(ExactVerdict::Reject {
+            Some(1) => Verdict::Admit,
+            Some(2) => Verdict::Busy,
+            Some(0) => Verdict::Reject {
                 index: reply
                     .get(1)
                     .and_then(|&i| usize::try_from(i).ok())
@@ -958,8 +912,8 @@ impl Fleet {
                     .saturating_sub(1),
                 wait: us(reply.get(2)).max(1),
                 tat_ahead: us(reply.get(3)),
-            }),
-            _ => None,
+            },
+            _ => Verdict::Unavailable,
         }
     }
 
@@ -1461,6 +1415,62 @@ fn charge(store: &Store, key: &str, p: &Pending, now: Nanos, units: impl Fn(usiz
                 e.charge_debt(now, params(bw), u)
             });
         }
+    }
+}
+
+// === the StateBackend ===
+
+/// The Redis backend behind the engine's [`StateBackend`] trait.
+impl StateBackend for Fleet {
+    fn route(&self, remote_ok: bool) -> Route {
+        Fleet::route(self, remote_ok)
+    }
+
+    fn record(&self, client: &str, bandwidths: &Arc<[CompiledBandwidth]>, cost: u64) {
+        Fleet::record(self, client, bandwidths, cost);
+    }
+
+    fn record_rule(&self, key: &str, bandwidth: &CompiledBandwidth) {
+        Fleet::record_rule(self, key, bandwidth);
+    }
+
+    fn remote_rules(&self) -> bool {
+        Fleet::remote_rules(self)
+    }
+
+    fn remote_check<'a>(
+        &'a self,
+        client: &'a str,
+        rules: &'a [RuleBucket],
+        bandwidths: &'a [CompiledBandwidth],
+        cost: u64,
+        lease: Option<(u32, u64)>,
+    ) -> CheckFuture<'a> {
+        Box::pin(self.exact(client, rules, bandwidths, cost, lease))
+    }
+
+    fn on_failure(&self) -> OnFailure {
+        self.on_failure_mode()
+    }
+
+    fn new_lease_id(&self) -> u64 {
+        Fleet::new_lease_id(self)
+    }
+
+    fn hold_lease(self: Arc<Self>, id: u64, client: &str) -> Box<dyn Send + Sync> {
+        Box::new(self.hold(id, client))
+    }
+
+    fn count_failure_admit(&self) {
+        Fleet::count_failure_admit(self);
+    }
+
+    fn count_failure_reject(&self) {
+        Fleet::count_failure_reject(self);
+    }
+
+    fn snapshot(&self) -> Option<BackendSnapshot> {
+        Some(Fleet::snapshot(self))
     }
 }
 

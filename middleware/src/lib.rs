@@ -33,6 +33,7 @@ pub mod clock;
 pub mod concurrency;
 pub mod decision;
 pub mod engine;
+#[cfg(feature = "redis")]
 pub mod fleet;
 pub mod gcra;
 pub mod identify;

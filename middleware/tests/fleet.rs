@@ -111,7 +111,7 @@ async fn exact_mode_two_gateways_share_one_quota_exactly() {
     assert_eq!(admitted, 5, "one burst across both gateways");
     // Another client has its own bucket.
     assert_eq!(status(&decide(&b, &Req::from("192.0.2.2")).await), 200);
-    assert_eq!(a.fleet().unwrap().errors, 0);
+    assert_eq!(a.backend_snapshot().unwrap().errors, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,17 +159,20 @@ async fn async_mode_charges_what_the_other_gateways_used() {
     let r = Req::from("192.0.2.1");
     // A spends the whole burst locally, then shares it.
     assert_eq!(common::admit_n(&a, &r, 15), 10);
-    wait_for("a's exchange", || a.fleet().unwrap().syncs >= 1).await;
+    wait_for("a's exchange", || a.backend_snapshot().unwrap().syncs >= 1).await;
     // B has not seen the client: its first request is decided on its own (full) bucket…
     assert!(common::admit(&b, &r));
     // …and its exchange brings the fleet's usage in.
-    wait_for("b's exchange", || b.fleet().unwrap().syncs >= 1).await;
+    wait_for("b's exchange", || b.backend_snapshot().unwrap().syncs >= 1).await;
     assert_eq!(
         common::admit_n(&b, &r, 10),
         0,
         "b now sees the fleet's usage"
     );
-    assert_eq!(a.fleet().unwrap().errors + b.fleet().unwrap().errors, 0);
+    assert_eq!(
+        a.backend_snapshot().unwrap().errors + b.backend_snapshot().unwrap().errors,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +185,7 @@ async fn exact_mode_failure_modes_when_redis_is_unreachable() {
     for _ in 0..BREAKER_THRESHOLD + 5 {
         assert_eq!(status(&decide(&e, &r).await), 503);
     }
-    let s = e.fleet().unwrap();
+    let s = e.backend_snapshot().unwrap();
     assert!(
         s.degraded,
         "breaker open after {BREAKER_THRESHOLD} failures"
@@ -195,7 +198,7 @@ async fn exact_mode_failure_modes_when_redis_is_unreachable() {
     for _ in 0..20 {
         assert_eq!(status(&decide(&e, &r).await), 200);
     }
-    assert_eq!(e.fleet().unwrap().failure_mode_admits, 20);
+    assert_eq!(e.backend_snapshot().unwrap().failure_mode_admits, 20);
 
     // local: the local limits (one gateway registered: N = 1).
     let (e, _h) = gateway(&policy(&url, "exact", "local", "['1/min burst 5']"));
@@ -235,14 +238,14 @@ async fn a_hung_redis_costs_at_most_the_budget_and_recovery_is_automatic() {
         worst < Duration::from_millis(150),
         "worst decision took {worst:?}"
     );
-    let s = e.fleet().unwrap();
+    let s = e.backend_snapshot().unwrap();
     assert!(s.degraded);
     assert!(s.calls < 50, "the breaker stopped the calls: {s:?}");
     redis.cont();
     // Probes (≤ 5/s) find Redis again; the breaker closes on the first success.
     let recovered = eventually(Duration::from_secs(5), || async {
         decide(&e, &r).await;
-        !e.fleet().unwrap().degraded
+        !e.backend_snapshot().unwrap().degraded
     })
     .await;
     assert!(recovered, "still degraded 5 s after SIGCONT");
@@ -324,7 +327,7 @@ async fn a_redis_cluster_holds_one_quota_per_client_and_spreads_clients_over_its
         match status(&decide(e, &r).await) {
             200 => admitted += 1,
             429 => {}
-            other => panic!("unexpected status {other}: {:?}", a.fleet()),
+            other => panic!("unexpected status {other}: {:?}", a.backend_snapshot()),
         }
     }
     assert_eq!(admitted, 5, "one burst across both gateways");
@@ -332,7 +335,7 @@ async fn a_redis_cluster_holds_one_quota_per_client_and_spreads_clients_over_its
     // CROSSSLOT), and the clients land on more than one node.
     for i in 0..40 {
         let d = decide(&a, &Req::from(&format!("198.51.100.{i}"))).await;
-        assert_eq!(status(&d), 200, "client {i}: {:?}", a.fleet());
+        assert_eq!(status(&d), 200, "client {i}: {:?}", a.backend_snapshot());
     }
     let sizes = cluster.dbsizes();
     assert!(
@@ -346,10 +349,13 @@ async fn a_redis_cluster_holds_one_quota_per_client_and_spreads_clients_over_its
     );
     // The registry (its own slot) counts both gateways.
     wait_for("both gateways registered", || {
-        a.fleet().unwrap().gateways == 2 && b.fleet().unwrap().gateways == 2
+        a.backend_snapshot().unwrap().gateways == 2 && b.backend_snapshot().unwrap().gateways == 2
     })
     .await;
-    assert_eq!(a.fleet().unwrap().errors + b.fleet().unwrap().errors, 0);
+    assert_eq!(
+        a.backend_snapshot().unwrap().errors + b.backend_snapshot().unwrap().errors,
+        0
+    );
 
     // async: a second gateway picks up the first one's usage through the cluster.
     let yaml = cluster_policy(&cluster, "async", "local", "['1/min burst 10']");
@@ -357,11 +363,14 @@ async fn a_redis_cluster_holds_one_quota_per_client_and_spreads_clients_over_its
     let (d, _hd) = gateway(&yaml);
     let r = Req::from("192.0.2.77");
     assert_eq!(common::admit_n(&c, &r, 15), 10);
-    wait_for("c's exchange", || c.fleet().unwrap().syncs >= 1).await;
+    wait_for("c's exchange", || c.backend_snapshot().unwrap().syncs >= 1).await;
     assert!(common::admit(&d, &r));
-    wait_for("d's exchange", || d.fleet().unwrap().syncs >= 1).await;
+    wait_for("d's exchange", || d.backend_snapshot().unwrap().syncs >= 1).await;
     assert_eq!(common::admit_n(&d, &r, 10), 0, "d sees the fleet's usage");
-    assert_eq!(c.fleet().unwrap().errors + d.fleet().unwrap().errors, 0);
+    assert_eq!(
+        c.backend_snapshot().unwrap().errors + d.backend_snapshot().unwrap().errors,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,7 +390,7 @@ async fn a_cluster_that_is_down_follows_on_failure_without_waiting() {
         worst < Duration::from_millis(150),
         "worst decision took {worst:?}"
     );
-    let s = e.fleet().unwrap();
+    let s = e.backend_snapshot().unwrap();
     assert!(s.degraded, "{s:?}");
     assert_eq!(s.failure_mode_rejects, u64::from(BREAKER_THRESHOLD) + 5);
 }
@@ -418,7 +427,7 @@ async fn a_wrong_type_key_sends_only_its_client_to_on_failure_and_never_opens_th
     for _ in 0..3 * BREAKER_THRESHOLD {
         assert_eq!(status(&decide(&e, &bad).await), 503);
     }
-    let s = e.fleet().unwrap();
+    let s = e.backend_snapshot().unwrap();
     assert!(!s.degraded, "one client's key degraded the fleet: {s:?}");
     assert_eq!(s.errors, 6 * u64::from(BREAKER_THRESHOLD), "{s:?}");
     assert_eq!(s.failure_mode_rejects, 6 * u64::from(BREAKER_THRESHOLD));
@@ -426,7 +435,7 @@ async fn a_wrong_type_key_sends_only_its_client_to_on_failure_and_never_opens_th
     redis.cli(&["DEL", &key]);
     redis.cli(&["SET", &key, "garbage"]);
     assert_eq!(status(&decide(&e, &bad).await), 503);
-    assert!(!e.fleet().unwrap().degraded);
+    assert!(!e.backend_snapshot().unwrap().degraded);
     // Fixing the key restores fleet-wide decisions for the client.
     redis.cli(&["DEL", &key]);
     assert_eq!(status(&decide(&e, &bad).await), 200);
@@ -445,12 +454,12 @@ async fn a_wrong_type_key_sends_only_its_client_to_on_failure_and_never_opens_th
     wait_for(
         "an exchange that reports the bad key and shares the good one",
         || {
-            let s = e.fleet().unwrap();
+            let s = e.backend_snapshot().unwrap();
             s.errors >= 1 && !redis.cli(&["GET", &good_tat]).trim().is_empty()
         },
     )
     .await;
-    let s = e.fleet().unwrap();
+    let s = e.backend_snapshot().unwrap();
     assert!(!s.degraded, "{s:?}");
 }
 
@@ -490,14 +499,14 @@ async fn redis_out_of_memory_opens_the_breaker_without_stalling_and_recovers() {
         worst < Duration::from_millis(150),
         "worst decision took {worst:?}"
     );
-    let s = e.fleet().unwrap();
+    let s = e.backend_snapshot().unwrap();
     assert!(s.degraded, "{s:?}");
     assert!(s.errors >= u64::from(BREAKER_THRESHOLD), "{s:?}");
     assert_eq!(s.failure_mode_admits, 50);
     redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
     let recovered = eventually(Duration::from_secs(5), || async {
         decide(&e, &r).await;
-        !e.fleet().unwrap().degraded
+        !e.backend_snapshot().unwrap().degraded
     })
     .await;
     assert!(recovered, "still degraded 5 s after memory came back");
@@ -513,14 +522,14 @@ async fn redis_out_of_memory_opens_the_breaker_without_stalling_and_recovers() {
     oom();
     let degraded = eventually(DEADLINE, || async {
         common::admit(&e, &r);
-        e.fleet().unwrap().degraded
+        e.backend_snapshot().unwrap().degraded
     })
     .await;
-    assert!(degraded, "{:?}", e.fleet());
+    assert!(degraded, "{:?}", e.backend_snapshot());
     redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
     let recovered = eventually(Duration::from_secs(5), || async {
         common::admit(&e, &r);
-        !e.fleet().unwrap().degraded
+        !e.backend_snapshot().unwrap().degraded
     })
     .await;
     assert!(recovered, "still degraded 5 s after memory came back");
@@ -566,7 +575,10 @@ async fn exact_mode_holds_a_global_limit_rule_across_two_gateways_in_redis() {
         1,
         "the rule's bucket is in redis: {keys}"
     );
-    assert_eq!(a.fleet().unwrap().errors + b.fleet().unwrap().errors, 0);
+    assert_eq!(
+        a.backend_snapshot().unwrap().errors + b.backend_snapshot().unwrap().errors,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,11 +592,11 @@ async fn async_mode_exchanges_a_global_limit_rule_between_gateways() {
         .filter(|i| common::admit(&a, &Req::from(format!("192.0.2.{i}").as_str())))
         .count();
     assert_eq!(admitted, 10);
-    wait_for("a's exchange", || a.fleet().unwrap().syncs >= 1).await;
+    wait_for("a's exchange", || a.backend_snapshot().unwrap().syncs >= 1).await;
     // B's first request is decided on its own (full) bucket, and its exchange brings the
     // fleet's usage in.
     assert!(common::admit(&b, &Req::from("198.51.100.1")));
-    wait_for("b's exchange", || b.fleet().unwrap().syncs >= 1).await;
+    wait_for("b's exchange", || b.backend_snapshot().unwrap().syncs >= 1).await;
     let admitted = (2..=11u8)
         .filter(|i| common::admit(&b, &Req::from(format!("198.51.100.{i}").as_str())))
         .count();
@@ -613,7 +625,10 @@ async fn a_limit_rule_follows_on_failure_when_redis_is_unreachable() {
             // Decided locally until the exchanges (of the usage recorded here) open the
             // breaker.
             assert!(common::admit(&e, &r));
-            wait_for("the breaker to open", || e.fleet().unwrap().degraded).await;
+            wait_for("the breaker to open", || {
+                e.backend_snapshot().unwrap().degraded
+            })
+            .await;
         }
         for _ in 0..3 {
             let d = decide(&e, &r).await;
@@ -623,7 +638,10 @@ async fn a_limit_rule_follows_on_failure_when_redis_is_unreachable() {
             assert_eq!(rej.status, 503, "{mode}");
             assert_eq!(rej.stage, fairgate_middleware::Stage::Backend, "{mode}");
         }
-        assert!(e.fleet().unwrap().failure_mode_rejects >= 3, "{mode}");
+        assert!(
+            e.backend_snapshot().unwrap().failure_mode_rejects >= 3,
+            "{mode}"
+        );
     }
     // open, exact: the rule is skipped (admitted and counted).
     let (e, _h) = gateway(&global_rule_policy(
@@ -636,7 +654,7 @@ async fn a_limit_rule_follows_on_failure_when_redis_is_unreachable() {
     for _ in 0..20 {
         assert_eq!(status(&decide(&e, &r).await), 200);
     }
-    assert_eq!(e.fleet().unwrap().failure_mode_admits, 20);
+    assert_eq!(e.backend_snapshot().unwrap().failure_mode_admits, 20);
     // local, exact: the local bucket decides.
     let (e, _h) = gateway(&global_rule_policy(
         &url,
