@@ -290,6 +290,7 @@ fn usage_json(u: &ClientUsage) -> Value {
             "name": &*b.limit.policy,
             "quota": b.limit.quota,
             "window_seconds": b.limit.window_secs,
+            "burst": b.limit.burst,
             "remaining": b.limit.remaining,
             "reset_seconds": b.limit.reset_secs,
             "fill_fraction": b.fill_fraction,

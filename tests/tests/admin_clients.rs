@@ -79,6 +79,13 @@ async fn a_tagged_client_is_shown_on_its_tagged_plan() {
     assert_eq!(bws.len(), 1, "only the plan it has buckets in: {u}");
     assert_eq!(bws[0].0, "partner");
     assert_eq!(bws[0].1, 0, "nothing remaining: {u}");
+    // `1/min burst 2`: the numbers of RateLimit-Policy, rate and burst.
+    let bw = &u["bandwidths"][0];
+    assert_eq!(
+        (&bw["quota"], &bw["window_seconds"], &bw["burst"]),
+        (&Value::from(1), &Value::from(60), &Value::from(2)),
+        "{u}"
+    );
     assert!(u["usage"].as_f64().unwrap() > 0.9, "{u}");
 
     // Tagged and untagged requests: both plans, the most used one named.
