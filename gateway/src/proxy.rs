@@ -341,9 +341,8 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let this = self.clone();
-        // Admission decided on this thread just now; a sampled admit's log line waits for
-        // the response.
-        let pending = crate::admission::take_pending();
+        // Admission has decided; a sampled admit's log line waits for the response.
+        let pending = crate::admission::take_pending(&req);
         Box::pin(async move { Ok(this.forward(req, pending).await) })
     }
 }
