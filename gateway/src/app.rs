@@ -275,8 +275,10 @@ pub async fn start_with(
         .collect();
     let table = Arc::new(RouteTable::new(routes));
 
-    // The data-plane stack, over `proxy`.
+    // The data-plane stack, over `proxy` (each per-core thread has its own); the layers'
+    // state (request-id counter, routes, engine) is shared by every stack.
     let max_body = usize::try_from(config.limits.max_body).unwrap_or(usize::MAX);
+    let request_ids = RequestIdLayer::new(fastrand::u32(..));
     let stack = |proxy: Proxy| {
         ServiceBuilder::new()
             .layer(SetSensitiveRequestHeadersLayer::new([
@@ -285,7 +287,7 @@ pub async fn start_with(
                 header::COOKIE,
                 HeaderName::from_static("x-api-key"),
             ]))
-            .layer(RequestIdLayer::new(fastrand::u32(..)))
+            .layer(request_ids.clone())
             .layer(TraceLayer::new_for_http())
             .layer(RoutingLayer::new(table.clone()))
             .layer(BodyLimitLayer::new(max_body))

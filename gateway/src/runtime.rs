@@ -84,8 +84,9 @@ pub struct Workers {
 impl Workers {
     /// Starts `n` per-core threads. Each builds a current-thread runtime, binds its own socket
     /// for every listener in `specs` (with `SO_REUSEPORT`), and serves its own service,
-    /// `make_service(i)` for thread `i`, on them until `stop` turns true. `bound` are already-bound sockets for thread 0 (the ones that
-    /// resolved port 0), in the order of `specs`. Every thread shares `limits` (one
+    /// `make_service(i)` for thread `i`, on them until `stop` turns true. `bound` are
+    /// already-bound sockets for thread 0 (the ones that resolved port 0), in the order of
+    /// `specs`. Every thread shares `limits` (one
     /// per-source connection table for the whole gateway).
     ///
     /// Returns once every socket is bound and every runtime built, or the first error.

@@ -81,3 +81,46 @@ policy:
     assert_eq!(rejects[0]["stage"], "quota", "{}", rejects[0]);
     assert_eq!(rejects[0]["status"], 429, "{}", rejects[0]);
 }
+
+/// Each per-core thread serves its own stack (over its own proxy), but the state of the
+/// layers is the gateway's: request ids made on every core share the one per-process prefix
+/// and counter (distinct ids, one prefix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_stacks_share_the_request_id_counter() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        "listen: 127.0.0.1:0
+runtime: thread_per_core
+workers: 2
+routes: [{{upstream: u}}]
+upstreams:
+  u: {{targets: ['{}']}}
+log: {{decisions: off}}
+",
+        up.addr
+    ));
+    // Fresh connections, spread over both threads by the kernel (SO_REUSEPORT): the chance
+    // that 32 all land on one thread is 2^-31.
+    let mut ids = Vec::new();
+    for _ in 0..32 {
+        let out = fairgate_tests::raw_exchange(
+            gw.data,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        let id = out
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("x-request-id")
+                    .then(|| value.trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("no x-request-id in {out}"));
+        ids.push(id);
+    }
+    let prefixes: std::collections::BTreeSet<&str> = ids.iter().map(|i| &i[..8]).collect();
+    assert_eq!(prefixes.len(), 1, "{ids:?}");
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+}
