@@ -1,24 +1,26 @@
-//! The gateway's side of admission: tagging requests for the engine (peer address, operation),
-//! and the engine [`Observer`] that feeds metrics and the decision log.
+//! The gateway's side of admission: tagging requests for the engine (peer address, operation,
+//! route), and the engine [`Observer`] that feeds metrics and the decision log.
 //!
-//! The engine calls the observer inline, on the thread that runs `AdmissionLayer::call`;
-//! [`RoutingLayer`](crate::routing::RoutingLayer) runs on that same thread just before, and
-//! leaves the route name in a thread-local for the observer to pick up, so decision-log
-//! lines carry the route without the engine knowing about routes. A sampled admit's line is
-//! parked in a second thread-local ([`take_pending`]); the proxy, called by the admission
-//! layer on the same thread right after the decision, takes it and writes it when the
-//! response ends, with the status and latency. [`with_route`] clears it afterwards, so
-//! nothing leaks into the next request on the thread.
+//! What the observer needs of one request travels with the request, not with the thread
+//! that happens to run it: [`RoutingLayer`](crate::routing::RoutingLayer) puts a
+//! [`DecisionContext`] (the route name, and a slot for a sampled admit's line) in the
+//! request's [`RequestContext`] extension ([`tag_route`]), and the engine hands that context
+//! to the observer with every decision event of the request — also when the decision is
+//! finished later, in the response future (Redis `exact` mode). A sampled admit's line is
+//! parked in the context; the proxy takes it from the request it forwards ([`take_pending`])
+//! and writes it when the response ends, with the status and latency. A line nobody took
+//! (the request never reached the proxy) is written, without a status, when the context is
+//! dropped with the request.
 
 use std::borrow::Borrow;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use fairgate_middleware::decision::RequestContext;
 use fairgate_middleware::{
     Clock, CompletionEvent, DecisionEvent, DecisionKind, MonotonicClock, Observer, Operation,
     PeerAddr,
@@ -39,9 +41,63 @@ pub fn tag_operation<B>(req: &mut Request<B>, op: &Arc<str>) {
     req.extensions_mut().insert(Operation(op.clone()));
 }
 
-thread_local! {
-    static CURRENT_ROUTE: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
-    static PENDING: RefCell<Option<PendingAdmit>> = const { RefCell::new(None) };
+/// Tags a routed request with its [`DecisionContext`] (see the module docs).
+pub fn tag_route<B>(req: &mut Request<B>, route: &Arc<str>) {
+    req.extensions_mut()
+        .insert(RequestContext::new(DecisionContext {
+            route: route.clone(),
+            pending: Mutex::new(None),
+        }));
+}
+
+/// Takes the sampled admit of `req`, if its decision left one (the proxy calls this when
+/// it starts forwarding: admission has decided by then).
+pub fn take_pending<B>(req: &Request<B>) -> Option<PendingAdmit> {
+    req.extensions()
+        .get::<RequestContext>()?
+        .get::<DecisionContext>()?
+        .take()
+}
+
+/// What the decision log needs of one request, carried in its [`RequestContext`].
+#[derive(Debug)]
+pub struct DecisionContext {
+    /// The route the request matched.
+    route: Arc<str>,
+    /// A sampled admit's line, until the proxy takes it.
+    pending: Mutex<Option<PendingAdmit>>,
+}
+
+impl DecisionContext {
+    fn park(&self, p: PendingAdmit) {
+        let old = lock(&self.pending).replace(p);
+        if let Some(old) = old {
+            // One admit per request; a second would be an engine bug: log both anyway.
+            old.finish(None);
+        }
+    }
+
+    fn take(&self) -> Option<PendingAdmit> {
+        lock(&self.pending).take()
+    }
+}
+
+impl Drop for DecisionContext {
+    fn drop(&mut self) {
+        let pending = self
+            .pending
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(p) = pending {
+            p.finish(None);
+        }
+    }
+}
+
+/// Locks `m`, also when a panic poisoned it (the slot holds no invariant).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A sampled admit whose decision-log line waits for the response (status, latency).
@@ -59,28 +115,6 @@ impl PendingAdmit {
         self.record.latency_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
         self.log.log(self.record);
     }
-}
-
-/// Makes `route` the current route of this thread while `f` runs (see the module docs).
-/// A sampled admit nobody took (the request never reached the proxy) is logged here.
-pub fn with_route<T>(route: &Arc<str>, f: impl FnOnce() -> T) -> T {
-    CURRENT_ROUTE.with(|c| *c.borrow_mut() = Some(route.clone()));
-    let out = f();
-    CURRENT_ROUTE.with(|c| *c.borrow_mut() = None);
-    if let Some(p) = take_pending() {
-        p.finish(None);
-    }
-    out
-}
-
-/// Takes the sampled admit of the request being called on this thread, if any (the proxy
-/// calls this in `call`, right after admission decided on the same thread).
-pub fn take_pending() -> Option<PendingAdmit> {
-    PENDING.with(|p| p.borrow_mut().take())
-}
-
-fn current_route() -> Option<String> {
-    CURRENT_ROUTE.with(|c| c.borrow().as_deref().map(str::to_owned))
 }
 
 /// The pre-resolved `fairgate_requests_total` counters, one per label set seen, so counting a
@@ -250,7 +284,7 @@ impl GatewayObserver {
             time: rfc3339(SystemTime::now()),
             kind: "decision",
             client: e.client_key.to_owned(),
-            route: current_route(),
+            route: decision_context(e).map(|c| c.route.to_string()),
             operation: e.operation.map(str::to_owned),
             stage: e.stage.map(|s| s.as_str()),
             rule: e.rule.map(str::to_owned),
@@ -320,17 +354,16 @@ impl Observer for GatewayObserver {
                     self.log_audit(e);
                 } else if self.log.sample_admit() {
                     let record = self.record(e);
-                    if record.route.is_some() {
+                    match decision_context(e) {
                         // In the gateway stack: finish the line when the response ends.
-                        PENDING.with(|p| {
-                            *p.borrow_mut() = Some(PendingAdmit {
-                                record,
-                                log: self.log.clone(),
-                                started: Instant::now(),
-                            })
-                        });
-                    } else {
-                        self.log.log(record);
+                        Some(c) => c.park(PendingAdmit {
+                            record,
+                            log: self.log.clone(),
+                            started: Instant::now(),
+                        }),
+                        None => {
+                            self.log.log(record);
+                        }
                     }
                 }
             }
@@ -338,6 +371,11 @@ impl Observer for GatewayObserver {
     }
 
     fn on_complete(&self, _e: &CompletionEvent<'_>) {}
+}
+
+/// The gateway's context of the event's request, if it has one.
+fn decision_context<'a>(e: &DecisionEvent<'a>) -> Option<&'a DecisionContext> {
+    e.context?.get::<DecisionContext>()
 }
 
 fn priority_name(p: fairgate_middleware::Priority) -> &'static str {
@@ -375,12 +413,5 @@ mod tests {
         assert!(text.contains(
             r#"fairgate_requests_total{stage="rules",decision="reject",rule="other",plan=""} 1"#
         ));
-    }
-
-    #[test]
-    fn current_route_is_scoped() {
-        let r: Arc<str> = Arc::from("api");
-        assert_eq!(with_route(&r, current_route).as_deref(), Some("api"));
-        assert_eq!(current_route(), None);
     }
 }

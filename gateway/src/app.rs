@@ -275,22 +275,26 @@ pub async fn start_with(
         .collect();
     let table = Arc::new(RouteTable::new(routes));
 
-    // The data-plane stack.
-    let stack = ServiceBuilder::new()
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::PROXY_AUTHORIZATION,
-            header::COOKIE,
-            HeaderName::from_static("x-api-key"),
-        ]))
-        .layer(RequestIdLayer::new(fastrand::u32(..)))
-        .layer(TraceLayer::new_for_http())
-        .layer(RoutingLayer::new(table))
-        .layer(BodyLimitLayer::new(
-            usize::try_from(config.limits.max_body).unwrap_or(usize::MAX),
-        ))
-        .layer(AdmissionLayer::new(engine.clone()))
-        .service(Proxy::new(&pools, &metrics));
+    // The data-plane stack, over `proxy` (each per-core thread has its own); the layers'
+    // state (request-id counter, routes, engine) is shared by every stack.
+    let max_body = usize::try_from(config.limits.max_body).unwrap_or(usize::MAX);
+    let request_ids = RequestIdLayer::new(fastrand::u32(..));
+    let stack = |proxy: Proxy| {
+        ServiceBuilder::new()
+            .layer(SetSensitiveRequestHeadersLayer::new([
+                header::AUTHORIZATION,
+                header::PROXY_AUTHORIZATION,
+                header::COOKIE,
+                HeaderName::from_static("x-api-key"),
+            ]))
+            .layer(request_ids.clone())
+            .layer(TraceLayer::new_for_http())
+            .layer(RoutingLayer::new(table.clone()))
+            .layer(BodyLimitLayer::new(max_body))
+            .layer(AdmissionLayer::new(engine.clone()))
+            .service(proxy)
+    };
+    let proxy = Proxy::new(&pools, &metrics);
 
     // Listeners: load certificates and bind everything before serving anything. These
     // sockets resolve port 0; under thread_per_core they are the first thread's, and the
@@ -372,6 +376,7 @@ pub async fn start_with(
     let (stop, stop_rx) = watch::channel(false);
     let servers = match config.runtime {
         RuntimeModel::MultiThread => {
+            let stack = stack(proxy);
             let mut servers = JoinSet::new();
             for (socket, spec) in listeners.into_iter().zip(specs) {
                 let listener = tokio::net::TcpListener::from_std(socket)?;
@@ -391,7 +396,7 @@ pub async fn start_with(
                 per_core,
                 &specs,
                 listeners,
-                stack,
+                |core| stack(proxy.for_core(core)),
                 builder,
                 &conn_limits,
                 &stop_rx,

@@ -55,18 +55,31 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The proxy service. Cheap to clone.
+///
+/// A per-core thread (`runtime: thread_per_core`) serves a stack over its own proxy
+/// ([`Proxy::for_core`]), which sends through that core's client of each pool; the
+/// outbound stacks are shared by every core, so a request sent through one carries its
+/// core along ([`OnCore`]) to the forwarding underneath.
 #[derive(Clone)]
 pub struct Proxy {
     upstreams: Arc<[(Arc<Pool>, UpstreamMetrics)]>,
     /// The outbound stacks of pools that have one, with their refusal status.
     outbound: Arc<[(Arc<Pool>, crate::outbound::Stack, StatusCode)]>,
+    /// The per-core thread this proxy serves (`None`: any other thread).
+    core: Option<usize>,
 }
+
+/// The per-core thread a request sent through an outbound stack came from, as a request
+/// extension: the stack is shared, the client [`Direct`] uses is that core's.
+#[derive(Debug, Clone, Copy)]
+struct OnCore(usize);
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
             .field("upstreams", &self.upstreams)
             .field("outbound", &self.outbound.len())
+            .field("core", &self.core)
             .finish()
     }
 }
@@ -85,7 +98,10 @@ impl Service<Request<ProxyBody>> for Direct {
     }
 
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
-        let this = self.0.clone();
+        let mut this = self.0.clone();
+        if let Some(&OnCore(core)) = req.extensions().get::<OnCore>() {
+            this.core = Some(core);
+        }
         Box::pin(async move { Ok(this.forward(req, None).await) })
     }
 }
@@ -104,6 +120,7 @@ impl Proxy {
                 .map(|p| (p.clone(), metrics.upstream(p.name())))
                 .collect(),
             outbound: Arc::new([]),
+            core: None,
         };
         let mut outbound = Vec::new();
         for pool in pools {
@@ -139,6 +156,16 @@ impl Proxy {
         Proxy {
             upstreams: direct.upstreams,
             outbound: outbound.into(),
+            core: None,
+        }
+    }
+
+    /// This proxy for per-core thread `core`: it sends through that core's client of each
+    /// pool (see [`Pool::with_per_core_clients`]).
+    pub fn for_core(&self, core: usize) -> Proxy {
+        Proxy {
+            core: Some(core),
+            ..self.clone()
         }
     }
 
@@ -165,12 +192,19 @@ impl Proxy {
             .map(|(_, m)| m)
     }
 
-    async fn forward<B>(self, req: Request<B>, pending: Option<PendingAdmit>) -> Response<ProxyBody>
+    async fn forward<B>(
+        self,
+        mut req: Request<B>,
+        pending: Option<PendingAdmit>,
+    ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         if let Some((mut stack, throttle_status)) = self.outbound_of(&req) {
+            if let Some(core) = self.core {
+                req.extensions_mut().insert(OnCore(core));
+            }
             let res = match crate::outbound::call(&mut stack, req.map(body::boxed)).await {
                 Ok(res) => res,
                 Err(e) => crate::outbound::error_response(&e, throttle_status),
@@ -253,7 +287,7 @@ impl Proxy {
                 std::mem::take(&mut parts.headers)
             };
 
-            let sent = tokio::time::timeout_at(deadline, pool.client().request(up)).await;
+            let sent = tokio::time::timeout_at(deadline, pool.client(self.core).request(up)).await;
             match sent {
                 Ok(Ok(res)) => {
                     let latency = in_flight.head_received();
@@ -341,9 +375,8 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let this = self.clone();
-        // Admission decided on this thread just now; a sampled admit's log line waits for
-        // the response.
-        let pending = crate::admission::take_pending();
+        // Admission has decided; a sampled admit's log line waits for the response.
+        let pending = crate::admission::take_pending(&req);
         Box::pin(async move { Ok(this.forward(req, pending).await) })
     }
 }
@@ -632,6 +665,66 @@ impl Drop for Reclaim {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    /// A per-core proxy sends through its core's client of the pool, whatever thread runs
+    /// it: three proxies on one thread (cores 0 and 1, and the shared one) open three
+    /// upstream connections, one per client.
+    #[tokio::test]
+    async fn a_per_core_proxy_uses_its_cores_client() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use hyper_util::rt::TokioExecutor;
+        use hyper_util::server::conn::auto;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(crate::echo::handle);
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        let cfg = crate::config::UpstreamConfig {
+            targets: Vec::new(),
+            balance: crate::config::Balance::RoundRobin,
+            hash_key: crate::config::HashKey::Client,
+            health_check: None,
+            connect_timeout: std::time::Duration::from_secs(1),
+            request_timeout: std::time::Duration::from_secs(5),
+            idle_timeout: std::time::Duration::from_secs(90),
+            max_idle: 16,
+            outbound: None,
+        };
+        let pool = Arc::new(Pool::new("p", &cfg, vec![addr]).with_per_core_clients(2));
+        let route = Arc::new(crate::routing::Route::new(
+            "r",
+            None,
+            "/",
+            None,
+            pool.clone(),
+            None,
+            None,
+        ));
+        let proxy = Proxy::new(&[pool], &Metrics::new());
+        for p in [proxy.for_core(0), proxy.for_core(1), proxy] {
+            let mut req = Request::new(body::empty());
+            *req.uri_mut() = "/".parse().unwrap();
+            req.extensions_mut().insert(RouteMatch(route.clone()));
+            let res = p.forward(req, None).await;
+            assert_eq!(res.status(), StatusCode::OK);
+            res.into_body().collect().await.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        server.abort();
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

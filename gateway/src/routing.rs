@@ -3,7 +3,8 @@
 //!
 //! [`RoutingLayer`] runs before admission: it answers `CONNECT` with 405 and unrouted
 //! requests with 404 (neither reaches the engine or an upstream), and tags routed requests
-//! with a [`RouteMatch`] (for the proxy) and the route's operation name (for the engine).
+//! with a [`RouteMatch`] (for the proxy), the route's operation name (for the engine) and
+//! the route's decision context (for the decision log, see [`crate::admission`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -212,11 +213,10 @@ where
         if let Some(op) = &route.operation {
             crate::admission::tag_operation(&mut req, op);
         }
-        let name = route.name.clone();
+        crate::admission::tag_route(&mut req, &route.name);
         req.extensions_mut().insert(RouteMatch(route));
-        let inner = &mut self.inner;
         ResponseFuture::Inner {
-            fut: crate::admission::with_route(&name, || inner.call(req)),
+            fut: self.inner.call(req),
         }
     }
 }

@@ -14,8 +14,9 @@
 //! with atomics inside). Upstream connection pools are the exception: hyper-util's client
 //! drives each pooled connection on a task of the runtime that opened it, so sharing one pool
 //! between threads would turn every reuse into a cross-thread hand-off. Each per-core thread
-//! therefore uses its own client of each upstream pool; [`client_slot`] tells the pool which
-//! one (0, the shared client, everywhere else).
+//! therefore uses its own client of each upstream pool: [`Workers::start`] builds each
+//! thread's service stack for that thread (`make_service(i)`), over a proxy that knows its
+//! core (`Proxy::for_core`); everywhere else the pools' shared client is used.
 //!
 //! `thread_per_core` is the default because it was measured to use less CPU per request
 //! (`gateway/scripts/runtime-bench.sh`; numbers in `docs/gateway.md`). Its cost: the kernel
@@ -27,7 +28,6 @@
 //! connections and then shuts its runtime down. When the grace period ends first, the
 //! threads are told to stop at once and their runtimes drop what is left.
 
-use std::cell::Cell;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -52,23 +52,6 @@ use crate::tls::Tls;
 
 /// How long a per-core runtime may take to drop its remaining tasks once told to stop.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(100);
-
-thread_local! {
-    /// 0 outside per-core threads; `i + 1` on per-core thread `i`.
-    static CLIENT_SLOT: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Which upstream client this thread uses: 0 (the shared one) except on per-core thread `i`,
-/// where it is `i + 1`.
-pub fn client_slot() -> usize {
-    CLIENT_SLOT.with(Cell::get)
-}
-
-/// Sets this thread's client slot (tests of the pools).
-#[cfg(test)]
-pub(crate) fn set_client_slot(slot: usize) {
-    CLIENT_SLOT.with(|s| s.set(slot));
-}
 
 /// The number of per-core threads `thread_per_core` starts when `workers` is not set: the
 /// number of cores this process may run on (1 when that cannot be known).
@@ -100,9 +83,10 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `n` per-core threads. Each builds a current-thread runtime, binds its own socket
-    /// for every listener in `specs` (with `SO_REUSEPORT`), and serves `service` on them until
-    /// `stop` turns true. `bound` are already-bound sockets for thread 0 (the ones that
-    /// resolved port 0), in the order of `specs`. Every thread shares `limits` (one
+    /// for every listener in `specs` (with `SO_REUSEPORT`), and serves its own service,
+    /// `make_service(i)` for thread `i`, on them until `stop` turns true. `bound` are
+    /// already-bound sockets for thread 0 (the ones that resolved port 0), in the order of
+    /// `specs`. Every thread shares `limits` (one
     /// per-source connection table for the whole gateway).
     ///
     /// Returns once every socket is bound and every runtime built, or the first error.
@@ -110,7 +94,7 @@ impl Workers {
         n: usize,
         specs: &[ListenSpec],
         bound: Vec<std::net::TcpListener>,
-        service: S,
+        make_service: impl Fn(usize) -> S,
         builder: Arc<auto::Builder<TokioExecutor>>,
         limits: &ConnLimits,
         stop: &watch::Receiver<bool>,
@@ -156,7 +140,7 @@ impl Workers {
             threads: Vec::with_capacity(n),
         };
         for (i, (rt, listeners)) in prepared.into_iter().enumerate() {
-            let service = service.clone();
+            let service = make_service(i);
             let builder = builder.clone();
             let limits = limits.clone();
             let stop = stop.clone();
@@ -166,7 +150,6 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("fairgate-core-{i}"))
                 .spawn(move || {
-                    CLIENT_SLOT.with(|s| s.set(i + 1));
                     rt.block_on(async move {
                         let mut servers = JoinSet::new();
                         for (listener, spec) in listeners.into_iter().zip(specs) {

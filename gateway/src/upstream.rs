@@ -163,7 +163,7 @@ pub struct Pool {
     next: AtomicUsize,
     /// Used by every thread except per-core threads (and by health checks).
     client: Client<HttpConnector, ProxyBody>,
-    /// One per per-core thread: `per_core[i]` on thread `i`.
+    /// One per per-core thread: `per_core[i]` for thread `i`.
     per_core: Box<[Client<HttpConnector, ProxyBody>]>,
     client_settings: ClientSettings,
     request_timeout: Duration,
@@ -242,12 +242,10 @@ impl Pool {
         self
     }
 
-    /// The pooled client of the calling thread: its own on a per-core thread, the shared one
-    /// elsewhere.
-    pub fn client(&self) -> &Client<HttpConnector, ProxyBody> {
-        crate::runtime::client_slot()
-            .checked_sub(1)
-            .and_then(|i| self.per_core.get(i))
+    /// The pooled client of per-core thread `core` (its own), or the shared one (`None`: not
+    /// a per-core thread, or a core the pool has no client for).
+    pub fn client(&self, core: Option<usize>) -> &Client<HttpConnector, ProxyBody> {
+        core.and_then(|i| self.per_core.get(i))
             .unwrap_or(&self.client)
     }
 
@@ -335,7 +333,7 @@ impl Pool {
         let Ok(req) = req else {
             return false;
         };
-        match tokio::time::timeout(check.timeout, self.client().request(req)).await {
+        match tokio::time::timeout(check.timeout, self.client(None).request(req)).await {
             Ok(Ok(res)) => {
                 let s = res.status();
                 s.is_success() || s.is_redirection()
@@ -488,23 +486,15 @@ mod tests {
     #[test]
     fn per_core_threads_use_their_own_client() {
         let pool = Pool::new("p", &config(Balance::RoundRobin), addrs(1)).with_per_core_clients(2);
-        std::thread::spawn(move || {
-            let is = |a: &Client<HttpConnector, ProxyBody>,
-                      b: &Client<HttpConnector, ProxyBody>| {
-                std::ptr::eq(a, b)
-            };
-            // Slot 0: not a per-core thread (multi_thread workers, the control runtime).
-            assert!(is(pool.client(), &pool.client));
-            crate::runtime::set_client_slot(1);
-            assert!(is(pool.client(), &pool.per_core[0]));
-            crate::runtime::set_client_slot(2);
-            assert!(is(pool.client(), &pool.per_core[1]));
-            // A slot the pool has no client for falls back to the shared one.
-            crate::runtime::set_client_slot(3);
-            assert!(is(pool.client(), &pool.client));
-        })
-        .join()
-        .unwrap();
+        let is = |a: &Client<HttpConnector, ProxyBody>, b: &Client<HttpConnector, ProxyBody>| {
+            std::ptr::eq(a, b)
+        };
+        // Not a per-core thread (multi_thread workers, the control runtime).
+        assert!(is(pool.client(None), &pool.client));
+        assert!(is(pool.client(Some(0)), &pool.per_core[0]));
+        assert!(is(pool.client(Some(1)), &pool.per_core[1]));
+        // A core the pool has no client for falls back to the shared one.
+        assert!(is(pool.client(Some(2)), &pool.client));
     }
 
     #[test]

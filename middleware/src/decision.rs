@@ -5,6 +5,7 @@
 //! plan and bandwidth, the status to answer with, when to retry and the RateLimit numbers.
 //! Turning it into HTTP is the adapter's job (`crate::layer::response`).
 
+use std::any::Any;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -226,6 +227,35 @@ pub struct DecisionEvent<'a> {
     pub status: u16,
     /// The limit involved, if a bandwidth.
     pub limit: Option<&'a RateLimitInfo>,
+    /// The request's [`RequestContext`], when the adapter was given one.
+    pub context: Option<&'a RequestContext>,
+}
+
+/// A per-request value for the [`Observer`]: the adapter hands it to the engine with the
+/// request (the tower adapter takes it from a `RequestContext` request extension), and every
+/// [`DecisionEvent`] of that request carries it, including those of a decision finished
+/// later, elsewhere (a Redis `exact`-mode check resolved in the response future). Opaque to
+/// the engine: an observer reads its own type back with [`get`](Self::get). Cheap to clone
+/// (one `Arc`).
+#[derive(Clone)]
+pub struct RequestContext(Arc<dyn Any + Send + Sync>);
+
+impl RequestContext {
+    /// Wraps `value`.
+    pub fn new<T: Any + Send + Sync>(value: T) -> RequestContext {
+        RequestContext(Arc::new(value))
+    }
+
+    /// The value, if it is a `T`.
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestContext").finish_non_exhaustive()
+    }
 }
 
 /// One completed request.

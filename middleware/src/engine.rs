@@ -52,7 +52,8 @@ use crate::backend::{
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
 use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket};
 use crate::decision::{
-    Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection, Stage,
+    Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection,
+    RequestContext, Stage,
 };
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
@@ -343,7 +344,7 @@ impl Engine {
     /// remotely (Redis `exact` mode), this decides on the local store and shares the usage
     /// as `async` mode does. Use [`Engine::begin`] to get remote decisions.
     pub fn decide(&self, req: &RequestFacts<'_>) -> Decision {
-        match self.decide_inner(req, false) {
+        match self.decide_inner(req, None, false) {
             Begun::Decided(d) => d,
             // Not produced without `remote_ok`; admitting is what the local part decided.
             Begun::Remote(check) => Decision::Admit(check.admitted),
@@ -353,10 +354,25 @@ impl Engine {
     /// Decides on one request, or, with a backend that decides remotely (Redis `exact`
     /// mode), returns the [`RemoteCheck`] to await (within the backend's budget).
     pub fn begin(&self, req: &RequestFacts<'_>) -> Begun {
-        self.decide_inner(req, true)
+        self.decide_inner(req, None, true)
     }
 
-    fn decide_inner(&self, req: &RequestFacts<'_>, remote_ok: bool) -> Begun {
+    /// [`Engine::begin`], with a context every event of the request carries (see
+    /// [`RequestContext`]).
+    pub(crate) fn begin_with(
+        &self,
+        req: &RequestFacts<'_>,
+        context: Option<&RequestContext>,
+    ) -> Begun {
+        self.decide_inner(req, context, true)
+    }
+
+    fn decide_inner(
+        &self,
+        req: &RequestFacts<'_>,
+        context: Option<&RequestContext>,
+        remote_ok: bool,
+    ) -> Begun {
         let sh = &*self.shared;
         let now = sh.clock.now();
         let prep = self.prepared();
@@ -410,6 +426,7 @@ impl Engine {
             op_name,
             cost,
             observer,
+            context,
             headers: pol.responses.ratelimit_headers,
             priority: Priority::Normal,
         };
@@ -440,6 +457,7 @@ impl Engine {
                     retry_after: None,
                     status: 0,
                     limit: info.as_ref(),
+                    context,
                 });
             }
         };
@@ -648,6 +666,7 @@ impl Engine {
                 client_key,
                 plan: plan_name.cloned(),
                 operation: op_name.map(Arc::from),
+                context: context.cloned(),
                 quota_status: pol.responses.quota_status,
                 shed_retry_after: shed_retry_after(pol),
                 headers,
@@ -682,6 +701,7 @@ impl Engine {
                         client_key,
                         plan: plan_name.cloned(),
                         operation: op_name.map(Arc::from),
+                        context: context.cloned(),
                         quota_status: pol.responses.quota_status,
                         shed_retry_after: shed_retry_after(pol),
                         headers,
@@ -718,6 +738,7 @@ impl Engine {
                 retry_after: None,
                 status: 0,
                 limit: ratelimit.as_ref(),
+                context,
             });
         }
         let ticket = Ticket::new(
@@ -926,6 +947,8 @@ pub struct RemoteCheck {
     client_key: ClientKey,
     plan: Option<Arc<str>>,
     operation: Option<Arc<str>>,
+    /// The request's context, for the events of the resolved decision.
+    context: Option<RequestContext>,
     quota_status: u16,
     shed_retry_after: Duration,
     headers: HeaderMode,
@@ -1191,6 +1214,7 @@ impl RemoteCheck {
                 retry_after,
                 status,
                 limit,
+                context: self.context.as_ref(),
             });
         }
     }
@@ -1225,6 +1249,8 @@ struct Deciding<'d> {
     op_name: Option<&'d str>,
     cost: u64,
     observer: Option<&'d Arc<dyn Observer>>,
+    /// The request's context, carried by every event.
+    context: Option<&'d RequestContext>,
     headers: HeaderMode,
     /// The request's priority class as known so far (`normal` until a `tag` rule or
     /// burst sharing says otherwise): what a rejection event reports.
@@ -1247,6 +1273,7 @@ impl Deciding<'_> {
                 retry_after: r.retry_after,
                 status: r.status,
                 limit: r.ratelimit.as_ref(),
+                context: self.context,
             });
         }
         Begun::Decided(Decision::Reject(r))

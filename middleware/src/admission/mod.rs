@@ -22,7 +22,10 @@
 //! axum's `ConnectInfo<SocketAddr>` (feature `axum`, on by default). A request with neither
 //! is attributed to the unspecified address `0.0.0.0` (all such requests share one bucket,
 //! so a misconfigured app is limited as one client rather than not at all) and a warning is
-//! logged once. The operation name comes from an [`Operation`] extension, if present.
+//! logged once. The operation name comes from an [`Operation`] extension, if present. A
+//! [`RequestContext`](crate::decision::RequestContext) extension, if present, is handed to
+//! the engine's observer with every decision event of the request (the gateway carries its
+//! route name and decision-log state in one).
 
 mod body;
 mod future;

@@ -14,7 +14,7 @@ use super::body::AdmissionBody;
 use super::future::ResponseFuture;
 use super::headers::HttpHeaders;
 use super::response::rejection_response;
-use crate::decision::Decision;
+use crate::decision::{Decision, RequestContext};
 use crate::engine::{Begun, Engine, RequestFacts};
 
 /// The client's socket address, as a request extension (the gateway inserts it).
@@ -116,7 +116,8 @@ where
                 operation: req.extensions().get::<Operation>().map(|o| &*o.0),
                 headers: &headers,
             };
-            self.engine.begin(&facts)
+            self.engine
+                .begin_with(&facts, req.extensions().get::<RequestContext>())
         };
         let decision = match decision {
             Begun::Decided(d) => d,
