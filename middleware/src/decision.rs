@@ -3,7 +3,7 @@
 //!
 //! A rejection is a decision, not an error: it says which stage rejected, which rule,
 //! plan and bandwidth, the status to answer with, when to retry and the RateLimit numbers.
-//! Turning it into HTTP is the adapter's job (`crate::layer::response`).
+//! Turning it into HTTP is the adapter's job (`crate::admission` renders it, in `admission::response`).
 
 use std::any::Any;
 use std::fmt;
