@@ -57,9 +57,11 @@ use crate::decision::{
 };
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
-use crate::quota::{self, Charges, Consumed, Permit};
-use crate::rules::{self, RuleKeys, RuleReject, RulesShared, ShadowHit, Sketch};
+use crate::ledger::{Charge, Charges};
+use crate::quota::{self, Consumed, Permit};
+use crate::rules::{self, RuleKeys, RuleReject, RulesShared, ShadowHit};
 use crate::shed::{ShedConfig, Shedder};
+use crate::sketch::Sketch;
 use crate::state::{LiveScopes, Store, CLIENT_SCOPE};
 
 /// The facts about one request the engine decides on; borrowed from the request.
@@ -430,7 +432,7 @@ impl Engine {
             headers: pol.responses.ratelimit_headers,
             priority: Priority::Normal,
         };
-        let mut charges = Charges::default();
+        let mut charges = Charges::new(&sh.state, now);
 
         // 2. Rules.
         let keys = RuleKeys {
@@ -478,7 +480,6 @@ impl Engine {
         ) {
             Ok(o) => o,
             Err((r, tagged)) => {
-                charges.rollback_from(0, &sh.state, now);
                 d.priority = tagged.unwrap_or(Priority::Normal);
                 return d.reject_rule(pol, &prep, r);
             }
@@ -506,7 +507,6 @@ impl Engine {
         };
         if route == Route::Reject {
             sh.backend().count_failure_reject();
-            charges.rollback_from(0, &sh.state, now);
             return d.reject(backend_unavailable(
                 pol,
                 plan_name.cloned(),
@@ -520,7 +520,6 @@ impl Engine {
             if let Some(bws) = q.bandwidths.filter(|_| local_quota) {
                 match quota::consume(&sh.state, bws, concurrency, ck, cost, now, &mut charges) {
                     Err(_) => {
-                        charges.rollback_from(0, &sh.state, now);
                         return d.reject_full(pol, plan_name, shadow_hits);
                     }
                     Ok(Consumed::Admitted {
@@ -534,7 +533,6 @@ impl Engine {
                                 concurrency = None;
                             }
                             Permit::Refused => {
-                                charges.rollback_from(0, &sh.state, now);
                                 return d.reject_concurrency(pol, plan_name, shadow_hits);
                             }
                         }
@@ -562,7 +560,6 @@ impl Engine {
                                     Some(quota::ratelimit_info(bandwidth, Some(bws), tat, now));
                             }
                         } else {
-                            charges.rollback_from(0, &sh.state, now);
                             let info = (d.headers != HeaderMode::Never)
                                 .then(|| quota::ratelimit_info(bandwidth, Some(bws), tat, now));
                             return d.reject(Rejection {
@@ -589,11 +586,9 @@ impl Engine {
                 match got {
                     Ok(Some(p)) => permit = Some(p),
                     Ok(None) => {
-                        charges.rollback_from(0, &sh.state, now);
                         return d.reject_concurrency(pol, plan_name, shadow_hits);
                     }
                     Err(_) => {
-                        charges.rollback_from(0, &sh.state, now);
                         return d.reject_full(pol, plan_name, shadow_hits);
                     }
                 }
@@ -602,7 +597,6 @@ impl Engine {
 
         // 4. Global shedding.
         if !sh.shed.try_enter(priority, prep.shed.as_ref()) {
-            charges.rollback_from(0, &sh.state, now);
             if let Some(p) = permit.take() {
                 p.release();
             }
@@ -655,6 +649,8 @@ impl Engine {
                 borrowed,
                 post_hoc,
             );
+            // Admitted so far: the remote check decides the rest.
+            charges.commit();
             return Begun::Remote(RemoteCheck {
                 shared: Arc::clone(&self.shared),
                 backend: Arc::clone(sh.backend()),
@@ -687,6 +683,8 @@ impl Engine {
                         borrowed,
                         post_hoc,
                     );
+                    // Admitted so far: the remote check decides the rest.
+                    charges.commit();
                     return Begun::Remote(RemoteCheck {
                         shared: Arc::clone(&self.shared),
                         backend: Arc::clone(sh.backend()),
@@ -741,6 +739,7 @@ impl Engine {
                 context,
             });
         }
+        charges.commit();
         let ticket = Ticket::new(
             Arc::clone(&self.shared),
             client_key,
@@ -1042,7 +1041,7 @@ impl RemoteCheck {
     fn local_fallback(self, now: Nanos) -> Decision {
         let store = &self.shared.state;
         let key = self.client_key.as_str();
-        let mut charges = Charges::default();
+        let mut charges = Charges::new(store, now);
         // The rules' buckets first, as the rules stage would have.
         for (i, r) in self.rules.iter().enumerate() {
             let p = quota::params(&r.bandwidth);
@@ -1050,23 +1049,23 @@ impl RemoteCheck {
                 (e.consume(now, p, 1), e.tat())
             });
             match got {
-                Ok((gcra::Verdict::Admit { .. }, _)) => charges.push(quota::Charge::Bucket {
+                Ok((gcra::Verdict::Admit { .. }, _)) => charges.push(Charge::Bucket {
                     scope: &r.bandwidth.id,
                     key: &r.key,
                     amount: p.t,
                 }),
                 Ok((gcra::Verdict::Reject { wait }, tat)) => {
-                    charges.rollback_from(0, store, now);
+                    charges.refund();
                     return self.reject_rule(i, wait, tat, now);
                 }
                 Err(_) => {
-                    charges.rollback_from(0, store, now);
                     let r = backend_unavailable_owned(
                         self.plan.clone(),
                         &self.client_key,
                         self.shed_retry_after,
                         self.shadow_hits,
                     );
+                    charges.refund();
                     return self.finish_reject(r);
                 }
             }
@@ -1096,7 +1095,7 @@ impl RemoteCheck {
                     self.backend.record(key, &self.bandwidths, self.cost);
                 }
                 self.backend.count_failure_admit();
-                drop(charges);
+                charges.commit();
                 self.admit()
             }
             Ok(Consumed::Rejected {
@@ -1109,17 +1108,17 @@ impl RemoteCheck {
                     .iter()
                     .position(|b| std::ptr::eq(b, bandwidth))
                     .unwrap_or(0);
-                charges.rollback_from(0, store, now);
+                charges.refund();
                 self.reject_quota(index, wait, tat, now)
             }
             Err(_) => {
-                charges.rollback_from(0, store, now);
                 let r = backend_unavailable_owned(
                     self.plan.clone(),
                     &self.client_key,
                     self.shed_retry_after,
                     self.shadow_hits,
                 );
+                charges.refund();
                 self.finish_reject(r)
             }
         }

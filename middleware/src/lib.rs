@@ -37,11 +37,13 @@ pub mod engine;
 pub mod fleet;
 pub mod gcra;
 pub mod identify;
+mod ledger;
 #[cfg(feature = "outbound")]
 pub mod outbound;
 pub mod quota;
 pub mod rules;
 pub mod shed;
+pub mod sketch;
 pub mod state;
 
 pub use admission::{

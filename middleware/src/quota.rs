@@ -19,7 +19,7 @@ use fairgate_policies::units::Rate;
 use crate::clock::Nanos;
 use crate::decision::RateLimitInfo;
 use crate::gcra::{self, Params, Verdict};
-use crate::rules::Sketch;
+use crate::ledger::{Charge, Charges};
 use crate::state::{Entry, Full, SlotMap, Store, OVERFLOW};
 
 /// The quota that applies to one request.
@@ -96,83 +96,6 @@ pub(crate) fn quota_window(rate: Rate) -> (u64, u64) {
     (u64::try_from(q).unwrap_or(u64::MAX), w)
 }
 
-// === charges ===
-
-/// One consumption to give back on rollback.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Charge<'x> {
-    /// A slot of `key`'s client entry: refund `amount` ns.
-    Slot {
-        id: &'x Arc<str>,
-        key: &'x str,
-        amount: Nanos,
-    },
-    /// A GCRA bucket: refund `amount` ns.
-    Bucket {
-        scope: &'x Arc<str>,
-        key: &'x str,
-        amount: Nanos,
-    },
-    /// A sketch count.
-    Sketch {
-        sketch: &'x Sketch,
-        key: &'x str,
-        cost: u64,
-    },
-}
-
-/// What a decision consumed so far; inline for the common case, so recording allocates
-/// nothing unless more than [`INLINE_CHARGES`] buckets are involved.
-#[derive(Debug, Default)]
-pub(crate) struct Charges<'x> {
-    inline: [Option<Charge<'x>>; INLINE_CHARGES],
-    n: usize,
-    spill: Vec<Charge<'x>>,
-}
-
-/// Charges recorded without allocating.
-pub(crate) const INLINE_CHARGES: usize = 8;
-
-impl<'x> Charges<'x> {
-    pub(crate) fn push(&mut self, c: Charge<'x>) {
-        if self.n < INLINE_CHARGES {
-            self.inline[self.n] = Some(c);
-            self.n += 1;
-        } else {
-            self.spill.push(c);
-        }
-    }
-
-    /// Number of charges recorded.
-    pub(crate) fn len(&self) -> usize {
-        self.n + self.spill.len()
-    }
-
-    /// Gives back every charge from index `from` on, newest first, and forgets them.
-    pub(crate) fn rollback_from(&mut self, from: usize, store: &Store, now: Nanos) {
-        while self.len() > from {
-            let c = if let Some(c) = self.spill.pop() {
-                c
-            } else {
-                self.n -= 1;
-                match self.inline[self.n].take() {
-                    Some(c) => c,
-                    None => continue,
-                }
-            };
-            match c {
-                Charge::Slot { id, key, amount } => {
-                    store.with_client_slot(key, id, |b| b.refund(now, amount));
-                }
-                Charge::Bucket { scope, key, amount } => {
-                    store.with_existing(scope, key, |e| e.refund(now, amount));
-                }
-                Charge::Sketch { sketch, key, cost } => sketch.uncount(now, key, cost),
-            }
-        }
-    }
-}
-
 /// The concurrency permit a quota check took, if it got that far.
 #[derive(Debug)]
 pub(crate) enum Permit {
@@ -215,7 +138,7 @@ pub(crate) fn consume<'x>(
     key: &'x str,
     cost: u64,
     now: Nanos,
-    charges: &mut Charges<'x>,
+    charges: &mut Charges<'x, '_>,
 ) -> Result<Consumed<'x>, Full> {
     let start = charges.len();
     let mut tightest: Tightest<'x> = None;
@@ -255,7 +178,7 @@ pub(crate) fn consume<'x>(
         let verdict = match result {
             Ok(v) => v,
             Err(full) => {
-                charges.rollback_from(start, store, now);
+                charges.rollback_from(start);
                 return Err(full);
             }
         };
@@ -269,7 +192,7 @@ pub(crate) fn consume<'x>(
                 note_tightest(&mut tightest, bw, tat, now, p);
             }
             Verdict::Reject { wait } => {
-                charges.rollback_from(start, store, now);
+                charges.rollback_from(start);
                 // The bucket as it stands, for the RateLimit numbers.
                 let tat = store.with_existing(&bw.id, key, |e| e.tat()).unwrap_or(now);
                 return Ok(Consumed::Rejected {
@@ -309,7 +232,7 @@ fn consume_slots<'x>(
     key: &'x str,
     cost: u64,
     now: Nanos,
-    charges: &mut Charges<'x>,
+    charges: &mut Charges<'x, '_>,
     tightest: &mut Tightest<'x>,
 ) -> Option<Consumed<'x>> {
     for (i, (bw, &slot)) in bandwidths.iter().zip(map).enumerate() {
