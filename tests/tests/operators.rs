@@ -567,3 +567,45 @@ async fn an_h2c_upgrade_offer_is_declined_and_not_forwarded() {
     }
     assert_eq!(h.get("x-kept").unwrap(), "yes");
 }
+
+// === docs match the code ===
+
+/// Every metric family the gateway exposes has its row in docs/gateway.md's metrics table,
+/// so the reference cannot fall behind the code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exposed_metric_is_documented() {
+    let up = Upstream::start_counting().await;
+    let gw = gateway(&up);
+    send_mix(&gw).await;
+    let (_, body) = scrape(&gw, Some("text/plain;version=0.0.4")).await;
+    let exposed: std::collections::BTreeSet<String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    assert!(exposed.len() > 10, "{body}");
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/gateway.md"),
+    )
+    .unwrap();
+    let table = &docs[docs.find("## Metrics").expect("a Metrics section")..];
+    let table = &table[..table[3..].find("\n## ").map_or(table.len(), |i| i + 3)];
+    let documented: std::collections::BTreeSet<String> = table
+        .lines()
+        .filter(|l| l.starts_with("| `fairgate_"))
+        .flat_map(|l| {
+            let first = l.split(" | ").next().unwrap_or_default();
+            first
+                .split('`')
+                .filter(|w| w.starts_with("fairgate_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let undocumented: Vec<_> = exposed.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "exposed but not in docs/gateway.md's metrics table: {undocumented:?}"
+    );
+}
