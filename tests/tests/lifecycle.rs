@@ -134,10 +134,17 @@ async fn grace_period_cuts_off_what_is_left(runtime: &str) {
         .wait_exit(Duration::from_secs(5))
         .expect("exited soon after the grace period");
     assert!(status.success(), "{status:?}\n{}", gw.stderr());
-    assert!(
-        stuck.await.unwrap().is_err(),
-        "the stuck request must be cut off"
-    );
+    // Cut off: the connection closes, or (when the upstream side is torn down first) the
+    // gateway answers it with a 5xx of its own; never the upstream's 200, 60 s later.
+    match stuck.await.unwrap() {
+        Err(_) => {}
+        Ok(r) => assert!(
+            r.status.is_server_error(),
+            "the stuck request must be cut off, got {} {:?}",
+            r.status,
+            r.text()
+        ),
+    }
     assert!(gw.stderr().contains("grace period over"), "{}", gw.stderr());
 }
 
