@@ -637,9 +637,10 @@ impl Engine {
             sh.backend().count_failure_admit();
         }
         let remote_rules = std::mem::take(&mut rules_shared.remote).into_boxed_slice();
-        if !remote_rules.is_empty() && route != Route::Remote {
-            // Only rules' buckets go to the remote check (the quota, if any, was decided
-            // here, concurrency included).
+        // Exact mode: the quota's bandwidths (when the route is remote) and the enforced
+        // rules' buckets go to one remote check; what was decided here is kept.
+        let remote_quota = q.bandwidths.filter(|_| route == Route::Remote);
+        if remote_quota.is_some() || !remote_rules.is_empty() {
             let headers = d.headers;
             let ticket = Ticket::new(
                 Arc::clone(&self.shared),
@@ -649,16 +650,15 @@ impl Engine {
                 borrowed,
                 post_hoc,
             );
-            // Admitted so far: the remote check decides the rest.
             charges.commit();
             return Begun::Remote(RemoteCheck {
                 shared: Arc::clone(&self.shared),
                 backend: Arc::clone(sh.backend()),
                 admitted: Admitted { ticket, ratelimit },
                 rules: remote_rules,
-                bandwidths: Arc::from([]),
+                bandwidths: remote_quota.map_or_else(|| Arc::from([]), Arc::clone),
                 cost,
-                concurrency: None,
+                concurrency: remote_quota.and(q.concurrency),
                 client_key,
                 plan: plan_name.cloned(),
                 operation: op_name.map(Arc::from),
@@ -671,43 +671,8 @@ impl Engine {
             });
         }
         if let Some(bws) = q.bandwidths.filter(|_| route != Route::Local) {
-            match route {
-                Route::Shared | Route::Degraded if !borrowed => sh.backend().record(ck, bws, cost),
-                Route::Remote => {
-                    let headers = d.headers;
-                    let ticket = Ticket::new(
-                        Arc::clone(&self.shared),
-                        client_key.clone(),
-                        permit,
-                        priority,
-                        borrowed,
-                        post_hoc,
-                    );
-                    // Admitted so far: the remote check decides the rest.
-                    charges.commit();
-                    return Begun::Remote(RemoteCheck {
-                        shared: Arc::clone(&self.shared),
-                        backend: Arc::clone(sh.backend()),
-                        admitted: Admitted {
-                            ticket,
-                            ratelimit: None,
-                        },
-                        rules: remote_rules,
-                        bandwidths: Arc::clone(bws),
-                        cost,
-                        concurrency: q.concurrency,
-                        client_key,
-                        plan: plan_name.cloned(),
-                        operation: op_name.map(Arc::from),
-                        context: context.cloned(),
-                        quota_status: pol.responses.quota_status,
-                        shed_retry_after: shed_retry_after(pol),
-                        headers,
-                        priority,
-                        shadow_hits,
-                    });
-                }
-                _ => {}
+            if matches!(route, Route::Shared | Route::Degraded) && !borrowed {
+                sh.backend().record(ck, bws, cost);
             }
             if matches!(route, Route::Degraded | Route::Admit) {
                 sh.backend().count_failure_admit();

@@ -109,6 +109,51 @@ pub fn which(bin: &str) -> bool {
 
 // === binary ===
 
+/// `fairgate_shed_total` samples of one `/metrics` scrape, by `priority`, read with a
+/// Prometheus text parser.
+///
+/// # Panics
+///
+/// When the text does not parse, or the family is not a counter.
+pub fn shed_samples(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    let lines = metrics.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("parse /metrics");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "fairgate_shed_total")
+        .map(|s| {
+            let v = match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("fairgate_shed_total is not a counter: {other:?}"),
+            };
+            (s.labels.get("priority").unwrap_or("").to_owned(), v)
+        })
+        .collect()
+}
+
+/// Waits for `child` to exit, at most `timeout`, blocking on the exit itself (a waiter
+/// thread) rather than polling. On timeout the child is killed by PID, reaped, and `None`
+/// is returned.
+pub fn wait_child(child: Child, timeout: Duration) -> Option<ExitStatus> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut child = child;
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(status) => status.ok(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let _ = rx.recv();
+            None
+        }
+    }
+}
+
 /// The `fairgate` binary built next to this test executable (`target/<profile>/fairgate`).
 ///
 /// # Panics

@@ -11,7 +11,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
-use fairgate_tests::{ensure_package, eventually, Client, Gateway, Upstream, DEADLINE};
+use fairgate_tests::{
+    ensure_package, eventually, shed_samples, Client, Gateway, Upstream, DEADLINE,
+};
 use tokio::task::JoinHandle;
 
 /// Scrapes, each followed by one more shed request: 12 × 15 s = 3 minutes of rule time.
@@ -36,25 +38,6 @@ policy:
 ",
         upstream.addr
     )
-}
-
-/// `fairgate_shed_total` samples of one scrape, by `priority`, read with a Prometheus
-/// text parser.
-fn shed_samples(metrics: &str) -> BTreeMap<String, f64> {
-    let lines = metrics.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("parse /metrics");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "fairgate_shed_total")
-        .map(|s| {
-            let v = match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-                ref other => panic!("fairgate_shed_total is not a counter: {other:?}"),
-            };
-            (s.labels.get("priority").unwrap_or("").to_owned(), v)
-        })
-        .collect()
 }
 
 /// Runs a gateway at its limit (two critical requests held), sheds one request to `path`

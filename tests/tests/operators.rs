@@ -10,11 +10,10 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use fairgate_tests::{
     ensure_package, ensure_package_for, eventually, fairgate_bin, listening_sockets, raw_exchange,
-    run_fairgate, Client, Gateway, Upstream, DEADLINE,
+    run_fairgate, wait_child, Client, Gateway, Upstream, DEADLINE,
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -417,7 +416,7 @@ fn run_expecting_exit(config: &str) -> (i32, String) {
     let path = dir.path().join("gateway.yaml");
     std::fs::write(&path, config).unwrap();
     let err_path = dir.path().join("stderr");
-    let mut child = Command::new(fairgate_bin())
+    let child = Command::new(fairgate_bin())
         .args(["run", "--config"])
         .arg(&path)
         .stdin(Stdio::null())
@@ -425,20 +424,9 @@ fn run_expecting_exit(config: &str) -> (i32, String) {
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .expect("spawn fairgate");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if started.elapsed() > DEADLINE {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_child(child, DEADLINE);
     let stderr = read_file(&err_path);
     let Some(status) = status else {
-        let _ = child.kill();
-        let _ = child.wait();
         panic!("the second gateway kept running on an address in use:\n{stderr}");
     };
     (status.code().unwrap_or(-1), stderr)

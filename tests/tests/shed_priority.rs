@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use fairgate_tests::{eventually, Client, Gateway, Upstream, DEADLINE};
+use fairgate_tests::{eventually, shed_samples, Client, Gateway, Upstream, DEADLINE};
 use tokio::task::JoinHandle;
 
 /// Long enough that a held request outlives the test (the gateway is killed first).
@@ -38,24 +38,6 @@ const TAGS: &str = "  identify: {client_key: [{header: x-api-key}]}
       when: {path: {prefix: /sheddable/}}
       action: {tag: {priority: sheddable}}
 ";
-
-/// `fairgate_shed_total` samples by `priority`, read with a Prometheus text parser.
-fn shed_counts(metrics: &str) -> BTreeMap<String, f64> {
-    let lines = metrics.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("parse /metrics");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "fairgate_shed_total")
-        .map(|s| {
-            let v = match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-                ref other => panic!("fairgate_shed_total is not a counter: {other:?}"),
-            };
-            (s.labels.get("priority").unwrap_or("").to_owned(), v)
-        })
-        .collect()
-}
 
 struct Harness {
     up: Upstream,
@@ -119,7 +101,7 @@ impl Harness {
 
     async fn shed(&self) -> BTreeMap<String, f64> {
         let m = self.c.get(&self.gw.admin_url("/metrics")).await.text();
-        shed_counts(&m)
+        shed_samples(&m)
     }
 }
 
