@@ -734,7 +734,18 @@ async fn o4_global_shedding_recovers_without_collapse() {
             origin.max_in_flight()
         );
         assert_eq!(at_80.errors + at_80.dropped, 0, "{}", at_80.summary());
-        assert_eq!(at_80.count(200), at_80.sent, "no shedding below capacity");
+        // Below capacity nothing is shed unless the machine itself stalls: a 20 ms pause of a
+        // shared core at 800 rps queues ~16 more requests than the origin's 20 slots drain,
+        // past normal's 27 of 30 slots, and shedding those few is right. CI saw 3 of 3,032.
+        // A wrong class share (e.g. normal held to half the limit, 15 slots < the ~16 in
+        // flight at 0.8×) sheds tens of percent, far past this 1 % bound.
+        let shed_80 = at_80.sent - at_80.count(200);
+        assert!(
+            shed_80 * 100 <= at_80.sent,
+            "shed {shed_80} of {} below capacity: {}",
+            at_80.sent,
+            at_80.summary()
+        );
         assert_eq!(over.errors + over.dropped, 0, "{}", over.summary());
         assert_eq!(over.count(200) + over.count(503), over.sent, "{}", over.summary());
         assert!(goodput >= 0.9 * capacity, "goodput {goodput:.0} of {capacity:.0}");
