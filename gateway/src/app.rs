@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fairgate_middleware::admin::Admin;
+use fairgate_middleware::observe::DecisionLog;
 use fairgate_middleware::{AdmissionLayer, Engine, EngineBuilder};
 use fairgate_policies::{PolicyErrors, PolicyStore};
 use http::header::{self, HeaderName};
@@ -33,15 +35,11 @@ use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::admin::{self, AdminState};
-use crate::admission::GatewayObserver;
 use crate::body::BodyLimitLayer;
 use crate::config::{LoadedConfig, PolicySource, RuntimeModel, TargetSpec};
 use crate::conn_limits::ConnLimits;
-use crate::decision_log::DecisionLog;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::reload::Reloader;
 use crate::request_id::RequestIdLayer;
 use crate::routing::{Route, RouteTable, RoutingLayer};
 use crate::runtime::{self, ListenSpec, Workers};
@@ -129,8 +127,6 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// The engine.
     pub engine: Arc<Engine>,
-    /// Reloads.
-    pub reloader: Arc<Reloader>,
     stop: watch::Sender<bool>,
     servers: Servers,
     draining: Arc<AtomicBool>,
@@ -170,7 +166,7 @@ pub async fn start_with(
         inline_policy,
     } = loaded;
     let metrics = Arc::new(Metrics::new());
-    let log = DecisionLog::start(&config.log)?;
+    let log = DecisionLog::start(&config.log.decision_log())?;
 
     // Policy and engine.
     let store = match (&config.policy, inline_policy) {
@@ -211,17 +207,17 @@ pub async fn start_with(
         builder = builder.watch_file(path, fairgate_policies::watch::DEFAULT_DEBOUNCE);
     }
     let engine = builder.start()?;
-    engine.set_observer(Arc::new(
-        GatewayObserver::new(metrics.clone(), log).with_clock(engine.clock().clone()),
-    ));
-    let reloader = Reloader::new(store.clone(), config.policy.clone(), metrics.clone());
+    // Audit-mode stamps are the engine's clock, so the audit replays the engine's time.
+    let log = log.with_clock(engine.clock().clone());
+    engine.set_observer(Arc::new((metrics.engine().clone(), log.clone())));
+    let reload = crate::reload::reloader(store.clone(), config.policy.clone());
     {
-        let reloader = reloader.clone();
+        let reload = reload.clone();
         server::on_sighup(move || {
-            let reloader = reloader.clone();
+            let reload = reload.clone();
             async move {
                 tracing::info!("SIGHUP: reloading the policy");
-                let _ = reloader.reload_async().await;
+                let _ = tokio::task::spawn_blocking(move || reload()).await;
             }
         });
     }
@@ -353,14 +349,17 @@ pub async fn start_with(
                     source,
                 })?;
             let addr = listener.local_addr()?;
-            let state = AdminState::new(
-                engine.clone(),
-                metrics.clone(),
-                reloader.clone(),
-                token,
-                draining.clone(),
-            );
-            let router = admin::router(state);
+            let mut admin = Admin::new(engine.clone())
+                .draining(draining.clone())
+                .reload(reload.clone())
+                .metrics_with({
+                    let (metrics, engine, log) = (metrics.clone(), engine.clone(), log.clone());
+                    Arc::new(move |format| metrics.encode_as(format, &engine, &log))
+                });
+            if let Some(token) = token {
+                admin = admin.token(token);
+            }
+            let router = admin.router();
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, router).await {
                     tracing::error!(error = %e, "admin server failed");
@@ -413,7 +412,6 @@ pub async fn start_with(
         data_addrs,
         admin_addr,
         engine,
-        reloader,
         stop,
         servers,
         draining,

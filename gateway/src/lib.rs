@@ -9,12 +9,11 @@
 //! Modules: [`config`] (the `gateway.yaml` model and decoder), [`app`] (wiring), [`server`]
 //! (listeners, limits, graceful shutdown), [`routing`], [`proxy`], [`upstream`] (pools,
 //! balancing, health checks), [`echo`] (the built-in demo upstream), [`admission`] (request
-//! tags and the engine observer), [`admin`] (the admin API), [`metrics`], [`decision_log`],
-//! [`reload`], [`request_id`] (`X-Request-Id`), [`logging`], [`cli`], [`tls`] (TLS
+//! tags), [`metrics`] (the engine's series beside the gateway's own), [`reload`] (SIGHUP and
+//! `POST /reload`), [`request_id`] (`X-Request-Id`), [`logging`], [`cli`], [`tls`] (TLS
 //! termination with rustls and ALPN `h2`), [`runtime`] (`multi_thread` or `thread_per_core`),
 //! [`framing`] (ambiguous HTTP/1 framing refused on the raw bytes), [`outbound`] (coalescing,
-//! caching, outbound limits and retries towards an upstream pool), [`fleet`] (the Redis state
-//! backend's wiring) and [`audit`] (`fairgate audit`: a decision log replayed against an exact
+//! caching, outbound limits and retries towards an upstream pool) and [`audit`] (`fairgate audit`: a decision log replayed against an exact
 //! reference limiter).
 //!
 //! It must not hold admission logic of its own: every admit/reject decision is the engine's
@@ -29,7 +28,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod audit;
@@ -37,9 +35,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod conn_limits;
-pub mod decision_log;
 pub mod echo;
-pub mod fleet;
 pub mod framing;
 pub mod logging;
 pub mod metrics;

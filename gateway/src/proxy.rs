@@ -42,12 +42,12 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::Service;
 
-use crate::admission::PendingAdmit;
 use crate::body::{self, BoxError, Guarded, ProxyBody};
 use crate::metrics::{Metrics, UpstreamErrorKind, UpstreamMetrics};
 use crate::problem;
 use crate::routing::{ConnInfo, RouteMatch};
 use crate::upstream::Pool;
+use fairgate_middleware::observe::PendingAdmit;
 use http_body_util::BodyExt as _;
 
 static VIA: HeaderValue = HeaderValue::from_static("1.1 fairgate");

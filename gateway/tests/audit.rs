@@ -8,10 +8,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fairgate_gateway::admission::GatewayObserver;
 use fairgate_gateway::audit::{audit, AuditError, AuditOptions, Report};
-use fairgate_gateway::decision_log::DecisionLog;
 use fairgate_gateway::metrics::Metrics;
+use fairgate_middleware::observe::DecisionLog;
 use fairgate_middleware::{Engine, ManualClock, RequestFacts};
 use fairgate_policies::compiled::CompiledPolicy;
 use fairgate_policies::decode::parse_policy;
@@ -180,10 +179,8 @@ fn engine_log(yaml: &str, steps: &[(u64, &str)]) -> String {
     let clock = ManualClock::new(SEC);
     let engine = Engine::with_clock(store(yaml), clock.clone());
     let buf = Shared::default();
-    let log = DecisionLog::audit_writer(Box::new(buf.clone()));
-    engine.set_observer(Arc::new(
-        GatewayObserver::new(Arc::new(Metrics::new()), log).with_clock(clock.clone()),
-    ));
+    let log = DecisionLog::audit_writer(Box::new(buf.clone())).with_clock(clock.clone());
+    engine.set_observer(Arc::new((Metrics::new().engine().clone(), log)));
     let peer: IpAddr = "192.0.2.7".parse().unwrap();
     for &(advance, path) in steps {
         clock.advance_ns(advance);

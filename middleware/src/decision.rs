@@ -283,3 +283,26 @@ pub trait Observer: Send + Sync {
     /// A ticket completed.
     fn on_complete(&self, event: &CompletionEvent<'_>);
 }
+
+/// Two observers are one: both see every event, `A` first.
+impl<A: Observer, B: Observer> Observer for (A, B) {
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
+        self.0.on_decision(event);
+        self.1.on_decision(event);
+    }
+
+    fn on_complete(&self, event: &CompletionEvent<'_>) {
+        self.0.on_complete(event);
+        self.1.on_complete(event);
+    }
+}
+
+impl<T: Observer + ?Sized> Observer for Arc<T> {
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
+        (**self).on_decision(event);
+    }
+
+    fn on_complete(&self, event: &CompletionEvent<'_>) {
+        (**self).on_complete(event);
+    }
+}

@@ -26,6 +26,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod admission;
 pub mod backend;
 pub mod builder;
@@ -38,6 +40,8 @@ pub mod fleet;
 pub mod gcra;
 pub mod identify;
 mod ledger;
+#[cfg(any(feature = "metrics", feature = "decision-log"))]
+pub mod observe;
 #[cfg(feature = "outbound")]
 pub mod outbound;
 pub mod quota;

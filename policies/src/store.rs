@@ -360,6 +360,17 @@ impl PolicyStore {
         self.publish(|| compile_with_overrides(policy, BTreeMap::new(), &self.inner.name))
     }
 
+    /// A reload from somewhere else than the policy file (e.g. a policy inline in another
+    /// config file): `read` produces the policy, which is compiled and published if it
+    /// compiles. Its failure, reading included, is recorded like any failed reload
+    /// ([`last_reload`](Self::last_reload), listeners, the log).
+    pub fn reload_with(
+        &self,
+        read: impl FnOnce() -> Result<Policy, PolicyErrors>,
+    ) -> Result<ReloadReport, PolicyErrors> {
+        self.publish(|| compile_with_overrides(read()?, BTreeMap::new(), &self.inner.name))
+    }
+
     fn publish(
         &self,
         build: impl FnOnce() -> Result<CompiledPolicy, PolicyErrors>,

@@ -301,15 +301,18 @@ impl Default for LogConfig {
     }
 }
 
-/// Where the decision log goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DecisionTarget {
-    /// Standard output.
-    Stdout,
-    /// Appended to this file.
-    File(PathBuf),
-    /// Not written.
-    Off,
+pub use fairgate_middleware::observe::DecisionTarget;
+
+impl LogConfig {
+    /// The decision log's part of this section.
+    pub fn decision_log(&self) -> fairgate_middleware::observe::DecisionLogConfig {
+        fairgate_middleware::observe::DecisionLogConfig {
+            decisions: self.decisions.clone(),
+            sample_admits: self.sample_admits,
+            max_rejections_per_rule: self.max_rejections_per_rule,
+            audit: self.audit,
+        }
+    }
 }
 
 /// Process log format.

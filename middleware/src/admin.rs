@@ -1,13 +1,14 @@
-//! The admin API: an axum router on its own listener (loopback by default), never on the
-//! data port.
+//! The admin endpoints as an axum [`Router`], for the gateway's admin listener and for an
+//! app that embeds the layer (feature `admin`): nest it behind the app's own auth, or give
+//! it a bearer token.
 //!
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | `/health` | 200 `ok` while serving (`degraded` while Redis is unreachable), 503 while draining (no token needed) |
-//! | GET | `/status` | gateway version, policy version and hash, last reload, uptime |
+//! | GET | `/status` | version, policy version and hash, last reload, uptime |
 //! | GET | `/policy` | the active policy as JSON |
 //! | POST | `/reload` | reload the policy now |
-//! | GET | `/metrics` | Prometheus text 0.0.4, or OpenMetrics when `Accept` prefers it |
+//! | GET | `/metrics` | Prometheus text 0.0.4, or OpenMetrics when `Accept` prefers it (when metrics are given) |
 //! | GET | `/clients/top?n=20` | clients using the largest share of a quota |
 //! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight (the plan it is charged to; 404 when no plan applies and it has no state) |
 //! | PUT | `/clients/{key}/override` | set a client's override (persisted, applied live) |
@@ -16,90 +17,166 @@
 //! <token>` (compared in constant time); otherwise 401. Mutating endpoints accept only
 //! POST/PUT (405 otherwise). At most 16 admin requests run at once; more get 503, so a
 //! flood of admin calls cannot starve the data plane.
+//!
+//! ```no_run
+//! # fn run(layer: &fairgate_middleware::AdmissionLayer) {
+//! use std::sync::Arc;
+//! use fairgate_middleware::admin::Admin;
+//! use fairgate_middleware::observe::EngineMetrics;
+//! use prometheus_client::registry::Registry;
+//!
+//! let mut registry = Registry::default();
+//! let metrics = EngineMetrics::register(&mut registry);
+//! layer.engine().set_observer(metrics.clone());
+//! let admin: axum::Router = Admin::new(layer.engine().clone())
+//!     .token("s3cret")
+//!     .metrics(Arc::new(registry), metrics)
+//!     .router();
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use bytes::Bytes;
-use fairgate_middleware::{ClientUsage, Engine};
 use fairgate_policies::model::ClientOverride;
 use fairgate_policies::yaml::{self, Node, NodeKind, ScalarStyle};
-use fairgate_policies::PolicyErrors;
+use fairgate_policies::{PolicyErrors, ReloadReport};
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::decision_log::rfc3339;
-use crate::metrics::{EngineSnapshot, Format, Metrics};
-use crate::reload::Reloader;
+use crate::clock::rfc3339;
+use crate::engine::{ClientUsage, Engine};
+use crate::observe::{EngineMetrics, Format};
 
 const MAX_CONCURRENT: usize = 16;
 const MAX_TOP: usize = 1000;
 
-/// What the admin handlers share.
-#[derive(Debug)]
-pub struct AdminState {
-    /// The engine.
-    pub engine: Arc<Engine>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Policy reloads.
-    pub reloader: Arc<Reloader>,
-    /// Bearer token, if required.
-    pub token: Option<String>,
-    /// Set once shutdown began.
-    pub draining: Arc<AtomicBool>,
-    /// Process start.
-    pub started: Instant,
-    /// Serialises override writes.
-    pub override_lock: Mutex<()>,
-    limit: Semaphore,
+/// A policy reload as `POST /reload` and override writes run it (blocking: file I/O and
+/// compilation). The default re-reads the policy file ([`PolicyStore::reload`](fairgate_policies::PolicyStore::reload)).
+pub type ReloadFn = Arc<dyn Fn() -> Result<ReloadReport, PolicyErrors> + Send + Sync>;
+
+/// Encodes the metrics endpoint's body in a format (refreshing what it mirrors first).
+pub type MetricsFn = Arc<dyn Fn(Format) -> String + Send + Sync>;
+
+/// The admin endpoints of one engine: configure, then build the [`router`](Self::router).
+pub struct Admin {
+    engine: Arc<Engine>,
+    token: Option<String>,
+    draining: Arc<AtomicBool>,
+    reload: ReloadFn,
+    metrics: Option<MetricsFn>,
 }
 
-impl AdminState {
-    /// Shared admin state.
-    pub fn new(
-        engine: Arc<Engine>,
-        metrics: Arc<Metrics>,
-        reloader: Arc<Reloader>,
-        token: Option<String>,
-        draining: Arc<AtomicBool>,
-    ) -> Arc<AdminState> {
-        Arc::new(AdminState {
-            engine,
-            metrics,
-            reloader,
-            token,
-            draining,
-            started: Instant::now(),
-            override_lock: Mutex::new(()),
-            limit: Semaphore::new(MAX_CONCURRENT),
-        })
+impl fmt::Debug for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admin")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("metrics", &self.metrics.is_some())
+            .finish_non_exhaustive()
     }
 }
 
-/// The admin router.
-pub fn router(state: Arc<AdminState>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/status", get(status))
-        .route("/policy", get(policy))
-        .route("/reload", post(reload))
-        .route("/metrics", get(metrics))
-        .route("/clients/top", get(top_clients))
-        .route("/clients/{key}", get(client))
-        .route("/clients/{key}/override", put(set_override))
-        .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .with_state(state)
+impl Admin {
+    /// The admin endpoints of `engine`: no token, never draining, reloads re-read the
+    /// policy file, no `/metrics`.
+    pub fn new(engine: Arc<Engine>) -> Admin {
+        let store = engine.store().clone();
+        Admin {
+            engine,
+            token: None,
+            draining: Arc::new(AtomicBool::new(false)),
+            reload: Arc::new(move || store.reload()),
+            metrics: None,
+        }
+    }
+
+    /// Requires `Authorization: Bearer <token>` on every endpoint but `/health`.
+    pub fn token(mut self, token: impl Into<String>) -> Admin {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// `/health` answers 503 `draining` once `draining` is set (at shutdown).
+    pub fn draining(mut self, draining: Arc<AtomicBool>) -> Admin {
+        self.draining = draining;
+        self
+    }
+
+    /// How `POST /reload` and override writes reload the policy.
+    pub fn reload(mut self, reload: ReloadFn) -> Admin {
+        self.reload = reload;
+        self
+    }
+
+    /// Serves `registry` at `/metrics`, refreshing `metrics` from the engine first.
+    pub fn metrics(self, registry: Arc<Registry>, metrics: Arc<EngineMetrics>) -> Admin {
+        let engine = self.engine.clone();
+        self.metrics_with(Arc::new(move |format| {
+            metrics.refresh(&engine);
+            crate::observe::encode(&registry, format)
+        }))
+    }
+
+    /// Serves what `encode` writes at `/metrics` (for a host with more to refresh).
+    pub fn metrics_with(mut self, encode: MetricsFn) -> Admin {
+        self.metrics = Some(encode);
+        self
+    }
+
+    /// The router.
+    pub fn router(self) -> Router {
+        let has_metrics = self.metrics.is_some();
+        let state = Arc::new(AdminState {
+            engine: self.engine,
+            reload: self.reload,
+            metrics: self.metrics,
+            token: self.token,
+            draining: self.draining,
+            started: Instant::now(),
+            override_lock: Mutex::new(()),
+            limit: Semaphore::new(MAX_CONCURRENT),
+        });
+        let mut router = Router::new()
+            .route("/health", get(health))
+            .route("/status", get(status))
+            .route("/policy", get(policy))
+            .route("/reload", post(reload))
+            .route("/clients/top", get(top_clients))
+            .route("/clients/{key}", get(client))
+            .route("/clients/{key}/override", put(set_override));
+        if has_metrics {
+            router = router.route("/metrics", get(metrics));
+        }
+        router
+            .layer(middleware::from_fn_with_state(state.clone(), guard))
+            .with_state(state)
+    }
+}
+
+/// What the admin handlers share.
+struct AdminState {
+    engine: Arc<Engine>,
+    reload: ReloadFn,
+    metrics: Option<MetricsFn>,
+    token: Option<String>,
+    draining: Arc<AtomicBool>,
+    started: Instant,
+    /// Serialises override writes.
+    override_lock: Mutex<()>,
+    limit: Semaphore,
 }
 
 /// Caps concurrency and checks the bearer token.
@@ -138,7 +215,7 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Compares in time that depends only on the lengths, not on where the bytes differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
     for i in 0..a.len().max(b.len()) {
         let x = a.get(i).copied().unwrap_or(0);
@@ -184,15 +261,15 @@ async fn health(State(state): State<Arc<AdminState>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         // Redis down is `degraded`, not down: decisions go on under `on_failure`.
-        match crate::fleet::health(&state.engine) {
-            "degraded" => (StatusCode::OK, "degraded\n").into_response(),
+        match state.engine.backend_snapshot() {
+            Some(s) if s.degraded => (StatusCode::OK, "degraded\n").into_response(),
             _ => (StatusCode::OK, "ok\n").into_response(),
         }
     }
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
-    let last = state.reloader.last();
+    let last = state.engine.store().last_reload();
     let policy = state.engine.store().load_full();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -201,14 +278,22 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<Value> {
         "policy": {
             "version": policy.version,
             "hash": policy.hash.to_hex(),
-            "loaded_at": rfc3339(last.status.loaded_at),
+            "loaded_at": rfc3339(last.loaded_at),
         },
         "last_reload": {
-            "result": if last.at.is_none() { "none" } else if last.ok { "ok" } else { "error" },
-            "at": last.at.map(rfc3339),
-            "errors": last.errors,
-            "succeeded": last.status.succeeded,
-            "failed": last.status.failed,
+            "result": match (&last.last_attempt_at, last.last_ok()) {
+                (None, _) => "none",
+                (Some(_), true) => "ok",
+                (Some(_), false) => "error",
+            },
+            "at": last.last_attempt_at.map(rfc3339),
+            "errors": last
+                .last_error
+                .as_ref()
+                .map(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .unwrap_or_default(),
+            "succeeded": last.succeeded,
+            "failed": last.failed,
         },
         "in_flight": state.engine.in_flight(),
         "shed_limit": state.engine.shed_limit(),
@@ -228,7 +313,12 @@ async fn policy(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn reload(State(state): State<Arc<AdminState>>) -> Response {
-    match state.reloader.reload_async().await {
+    let reload = state.reload.clone();
+    let result = match tokio::task::spawn_blocking(move || reload()).await {
+        Ok(r) => r,
+        Err(_) => Err(PolicyErrors::unlocated("policy", "the reload task failed")),
+    };
+    match result {
         Ok(r) => Json(json!({
             "result": "ok",
             "unchanged": r.unchanged,
@@ -252,17 +342,12 @@ async fn reload(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
-    let e = &state.engine;
-    state.metrics.refresh(EngineSnapshot {
-        in_flight: e.in_flight(),
-        shed_limit: e.shed_limit().unwrap_or(0),
-        tracked_keys: e.tracked_keys(),
-        evictions: e.evictions(),
-    });
-    state.metrics.refresh_fleet(e.backend_snapshot());
+    let Some(encode) = state.metrics.clone() else {
+        return problem(StatusCode::NOT_FOUND, "no metrics are served here");
+    };
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = Format::negotiate(accept);
-    let mut res = state.metrics.encode_as(format).into_response();
+    let mut res = encode(format).into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(format.content_type()),
@@ -336,11 +421,11 @@ async fn set_override(
         Err(e) => return errors_problem(StatusCode::BAD_REQUEST, "invalid override", &e),
     };
     let _serial = state.override_lock.lock().await;
-    let reloader = state.reloader.clone();
+    let reload = state.reload.clone();
     let key2 = key.clone();
     let written = tokio::task::spawn_blocking(move || {
         persist_override(&overrides_path, &key2, parsed)?;
-        reloader.reload()
+        reload()
     })
     .await;
     match written {

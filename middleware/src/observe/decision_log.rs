@@ -11,6 +11,13 @@
 //! When the writer falls behind, lines are dropped, counted in
 //! `fairgate_decision_log_dropped_total` and reported in a `dropped` summary line.
 //!
+//! [`DecisionLog`] is an [`Observer`]: install it on the engine (alone, or beside the
+//! metrics as a pair, `(metrics, log)`) and it writes what the engine decides. In the gateway
+//! a sampled admit's line waits for the response (status, latency) in the request's
+//! [`DecisionContext`] ([`tag_route`], [`take_pending`]); a request without one (an app that
+//! embeds the layer) has its sampled admits written at decision time, `status` and
+//! `latency_ms` `null`.
+//!
 //! The fields are a stable interface (the accuracy audit reads them); see `docs/gateway.md`.
 //! Every `decision` line has every key, `null` when it does not apply:
 //!
@@ -31,15 +38,18 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::hash::{Hash, Hasher};
 use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use http::Request;
 use serde::Serialize;
 
-use crate::config::{DecisionTarget, LogConfig};
+use crate::clock::{rfc3339, Clock, MonotonicClock};
+use crate::decision::{CompletionEvent, DecisionEvent, DecisionKind, Observer, RequestContext};
 
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 
@@ -92,14 +102,67 @@ struct SummaryRecord<'a> {
     window_s: u64,
 }
 
-/// Producer handle of the decision log. Cheap to clone.
-#[derive(Clone, Debug)]
+/// Where decision-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DecisionTarget {
+    /// Standard output (the default).
+    #[default]
+    Stdout,
+    /// Nowhere.
+    Off,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// What [`DecisionLog::start`] writes, and where (the gateway's `log:` section).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionLogConfig {
+    /// Where lines go (`decisions`).
+    pub decisions: DecisionTarget,
+    /// Fraction of admits logged, 0–1 (`sample_admits`, default 0.01).
+    pub sample_admits: f64,
+    /// Rejection lines per aggregation key per second before the rest become one
+    /// `summary` line (`max_rejections_per_rule`, default 10).
+    pub max_rejections_per_rule: u32,
+    /// Audit mode (`audit`): every decision, stamped with `mono_ns`, nothing dropped.
+    pub audit: bool,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        DecisionLogConfig {
+            decisions: DecisionTarget::Stdout,
+            sample_admits: 0.01,
+            max_rejections_per_rule: 10,
+            audit: false,
+        }
+    }
+}
+
+/// Producer handle of the decision log, and the engine [`Observer`] that writes it. Cheap
+/// to clone.
+#[derive(Clone)]
 pub struct DecisionLog {
     tx: Option<SyncSender<DecisionRecord>>,
     sample_admits: f64,
+    /// Lines dropped in the writer's current window (its `dropped` summary line).
     dropped: Arc<AtomicU64>,
+    /// Lines dropped since start (`fairgate_decision_log_dropped_total`).
+    dropped_total: Arc<AtomicU64>,
     budgets: Arc<Budgets>,
     audit: bool,
+    /// The clock of audit-mode `mono_ns` stamps.
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for DecisionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecisionLog")
+            .field("on", &self.tx.is_some())
+            .field("sample_admits", &self.sample_admits)
+            .field("audit", &self.audit)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The aggregation key of a rejection's line, borrowed (lookups) or owned (map keys): the
@@ -262,13 +325,28 @@ impl DecisionLog {
             tx: None,
             sample_admits: 0.0,
             dropped: Arc::new(AtomicU64::new(0)),
+            dropped_total: Arc::new(AtomicU64::new(0)),
             budgets: Arc::new(Budgets::new(0)),
             audit: false,
+            clock: Arc::new(MonotonicClock::new()),
         }
     }
 
+    /// Stamps audit-mode lines with `clock` (pass `Engine::clock()`, so `mono_ns` is the
+    /// engine's time). Without it they are stamped with a [`MonotonicClock`] of their own
+    /// (the same `CLOCK_MONOTONIC`, another origin).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> DecisionLog {
+        self.clock = clock;
+        self
+    }
+
+    /// Lines dropped since start because the writer fell behind.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_total.load(Ordering::Relaxed)
+    }
+
     /// Starts the writer thread for `config`.
-    pub fn start(config: &LogConfig) -> io::Result<DecisionLog> {
+    pub fn start(config: &DecisionLogConfig) -> io::Result<DecisionLog> {
         let out: Box<dyn Write + Send> = match &config.decisions {
             DecisionTarget::Off => return Ok(DecisionLog::off()),
             DecisionTarget::Stdout => Box::new(io::stdout()),
@@ -334,8 +412,10 @@ impl DecisionLog {
             tx: Some(tx),
             sample_admits,
             dropped,
+            dropped_total: Arc::new(AtomicU64::new(0)),
             budgets,
             audit,
+            clock: Arc::new(MonotonicClock::new()),
         }
     }
 
@@ -396,6 +476,7 @@ impl DecisionLog {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped_total.fetch_add(1, Ordering::Relaxed);
                 false
             }
         }
@@ -506,26 +587,165 @@ impl Writer {
     }
 }
 
-/// Formats a time as RFC 3339 UTC with milliseconds: `2024-05-01T12:00:00.123Z`.
-pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let millis = d.subsec_millis();
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
+// === the engine observer ===
+
+/// Tags `req` with a [`DecisionContext`] for `route`: the decision log names the route, and
+/// a sampled admit's line waits in it for the response ([`take_pending`]).
+pub fn tag_route<B>(req: &mut Request<B>, route: &Arc<str>) {
+    req.extensions_mut()
+        .insert(RequestContext::new(DecisionContext {
+            route: route.clone(),
+            pending: Mutex::new(None),
+        }));
+}
+
+/// Takes the sampled admit of `req`, if its decision left one (call it when the request is
+/// handed on: admission has decided by then), to [`finish`](PendingAdmit::finish) when the
+/// response ends.
+pub fn take_pending<B>(req: &Request<B>) -> Option<PendingAdmit> {
+    req.extensions()
+        .get::<RequestContext>()?
+        .get::<DecisionContext>()?
+        .take()
+}
+
+/// What the decision log needs of one request, carried in its [`RequestContext`]: the
+/// route, and a slot for a sampled admit's line until the response ends. A line nobody took
+/// is written, without a status, when the context is dropped with the request.
+#[derive(Debug)]
+pub struct DecisionContext {
+    /// The route the request matched.
+    route: Arc<str>,
+    /// A sampled admit's line, until it is taken.
+    pending: Mutex<Option<PendingAdmit>>,
+}
+
+impl DecisionContext {
+    fn park(&self, p: PendingAdmit) {
+        let old = lock(&self.pending).replace(p);
+        if let Some(old) = old {
+            // One admit per request; a second would be an engine bug: log both anyway.
+            old.finish(None);
+        }
+    }
+
+    fn take(&self) -> Option<PendingAdmit> {
+        lock(&self.pending).take()
+    }
+}
+
+impl Drop for DecisionContext {
+    fn drop(&mut self) {
+        let pending = self
+            .pending
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(p) = pending {
+            p.finish(None);
+        }
+    }
+}
+
+/// Locks `m`, also when a panic poisoned it (the slot holds no invariant).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A sampled admit whose decision-log line waits for the response (status, latency).
+#[derive(Debug)]
+pub struct PendingAdmit {
+    record: DecisionRecord,
+    log: DecisionLog,
+    started: Instant,
+}
+
+impl PendingAdmit {
+    /// Writes the line now, with the response status (`None`: unknown).
+    pub fn finish(mut self, status: Option<u16>) {
+        self.record.status = status;
+        self.record.latency_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
+        self.log.log(self.record);
+    }
+}
+
+impl DecisionLog {
+    /// Audit mode: every decision's line, written now, stamped with the clock.
+    fn log_audit(&self, e: &DecisionEvent<'_>) {
+        let mono_ns = self.clock.now();
+        let mut record = record_of(e);
+        record.mono_ns = Some(mono_ns);
+        self.log(record);
+    }
+
+    /// Logs a rejection's line, built only when the log is on and the line is within its
+    /// key's budget (a flood is only counted, for the summary line).
+    fn log_rejection(&self, e: &DecisionEvent<'_>) {
+        if self.admit_rejection(e.rule, e.stage.map(|s| s.as_str()), e.plan) {
+            self.log(record_of(e));
+        }
+    }
+}
+
+/// The line of decision event `e`.
+fn record_of(e: &DecisionEvent<'_>) -> DecisionRecord {
+    DecisionRecord {
+        time: rfc3339(SystemTime::now()),
+        kind: "decision",
+        client: e.client_key.to_owned(),
+        route: decision_context(e).map(|c| c.route.to_string()),
+        operation: e.operation.map(str::to_owned),
+        stage: e.stage.map(|s| s.as_str()),
+        rule: e.rule.map(str::to_owned),
+        plan: e.plan.map(str::to_owned),
+        limit: e
+            .limit
+            .map(|l| l.policy.to_string())
+            .or_else(|| e.bandwidth.map(str::to_owned)),
+        cost: e.cost,
+        decision: e.kind.as_str(),
+        retry_after: e.retry_after.map(|d| d.as_secs()),
+        status: (e.status != 0).then_some(e.status),
+        latency_ms: None,
+        mono_ns: None,
+    }
+}
+
+/// The decision-log context of the event's request, if it has one.
+fn decision_context<'a>(e: &DecisionEvent<'a>) -> Option<&'a DecisionContext> {
+    e.context?.get::<DecisionContext>()
+}
+
+impl Observer for DecisionLog {
+    fn on_decision(&self, e: &DecisionEvent<'_>) {
+        if self.tx.is_none() {
+            return;
+        }
+        match e.kind {
+            DecisionKind::Reject | DecisionKind::ShadowReject if self.audit => self.log_audit(e),
+            DecisionKind::Reject | DecisionKind::ShadowReject => self.log_rejection(e),
+            DecisionKind::Admit | DecisionKind::Borrowed => {
+                if self.audit {
+                    self.log_audit(e);
+                } else if self.sample_admit() {
+                    let record = record_of(e);
+                    match decision_context(e) {
+                        // Tagged by the host: finish the line when the response ends.
+                        Some(c) => c.park(PendingAdmit {
+                            record,
+                            log: self.clone(),
+                            started: Instant::now(),
+                        }),
+                        None => {
+                            self.log(record);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_complete(&self, _e: &CompletionEvent<'_>) {}
 }
 
 #[cfg(test)]
@@ -583,13 +803,6 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
-    }
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(1_709_210_096_789); // 2024-02-29
-        assert_eq!(rfc3339(t), "2024-02-29T12:34:56.789Z");
     }
 
     #[test]
@@ -686,6 +899,55 @@ mod tests {
         assert!(!serde_json::to_string(&record("reject", None))
             .unwrap()
             .contains("mono_ns"));
+    }
+
+    /// A writer whose first flush waits for the test: tells it when it started waiting.
+    struct Stuck {
+        started: std::sync::mpsc::Sender<()>,
+        release: Arc<Mutex<()>>,
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            let _ = self.started.send(());
+            drop(self.release.lock().unwrap());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_past_a_stuck_writer_are_dropped_and_counted() {
+        let release = Arc::new(Mutex::new(()));
+        let held = release.lock().unwrap();
+        let (started, flushing) = std::sync::mpsc::channel();
+        let log = DecisionLog::with_writer(
+            Box::new(Stuck {
+                started,
+                release: release.clone(),
+            }),
+            0.0,
+            3,
+        );
+        assert!(log.log(record("reject", Some("r"))));
+        // The writer took that line and is stuck flushing it: the channel fills, then drops.
+        // (Or, on a machine slow enough for its first wait to time out, it is stuck
+        // flushing nothing and that line is still queued.)
+        flushing.recv().unwrap();
+        let accepted = (0..2 * CHANNEL_CAPACITY)
+            .take_while(|_| log.log(record("reject", Some("r"))))
+            .count();
+        assert!(
+            (CHANNEL_CAPACITY - 1..=CHANNEL_CAPACITY).contains(&accepted),
+            "{accepted}"
+        );
+        for _ in 0..10 {
+            assert!(!log.log(record("reject", Some("r"))));
+        }
+        assert_eq!(log.dropped_total(), 11);
+        drop(held);
     }
 
     #[test]
