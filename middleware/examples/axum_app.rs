@@ -11,11 +11,26 @@
 //! run side by side — with a policy whose `state.backend` is `redis` they share one quota,
 //! exactly as a fleet of gateways does. Try
 //! `for i in $(seq 8); do curl -si localhost:3000/ | head -1; done`.
+//!
+//! What an operator of the gateway gets, the app gets too (features `metrics`,
+//! `decision-log`, `admin`):
+//! - with `FAIRGATE_ADMIN_TOKEN` set, the admin endpoints are nested at `/admin` (outside
+//!   admission), behind that bearer token: `/admin/metrics` (the engine's series in the
+//!   app's Prometheus registry), `/admin/status`, `/admin/clients/top`,
+//!   `/admin/clients/{key}`, `PUT /admin/clients/{key}/override`, `POST /admin/reload`…
+//!   Try `curl -s -H 'authorization: Bearer TOKEN' localhost:3000/admin/metrics`;
+//! - with `FAIRGATE_DECISION_LOG=FILE`, the decision log is appended to `FILE` (JSON
+//!   lines); with `FAIRGATE_DECISION_LOG_AUDIT=1` it is complete, for
+//!   `fairgate audit FILE --policy POLICY`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use axum::{routing::get, Router};
+use fairgate_middleware::admin::Admin;
+use fairgate_middleware::observe::prometheus_client::registry::Registry;
+use fairgate_middleware::observe::{DecisionLog, DecisionLogConfig, DecisionTarget, EngineMetrics};
 use fairgate_middleware::AdmissionLayer;
 use fairgate_policies::PolicyStore;
 
@@ -56,9 +71,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         AdmissionLayer::from_store(PolicyStore::from_yaml_str(INLINE_POLICY, "inline.yaml")?)?
     };
 
-    let app = Router::new()
+    let engine = layer.engine().clone();
+
+    // Metrics in the app's own registry (the app would register its own series beside).
+    let mut registry = Registry::default();
+    let metrics = EngineMetrics::register(&mut registry);
+    // The decision log, when asked for.
+    let log = match std::env::var_os("FAIRGATE_DECISION_LOG") {
+        Some(file) => {
+            let config = DecisionLogConfig {
+                decisions: DecisionTarget::File(file.into()),
+                audit: std::env::var("FAIRGATE_DECISION_LOG_AUDIT").is_ok_and(|v| v == "1"),
+                ..DecisionLogConfig::default()
+            };
+            DecisionLog::start(&config)?.with_clock(engine.clock().clone())
+        }
+        None => DecisionLog::off(),
+    };
+    // Both see every decision.
+    engine.set_observer(Arc::new((metrics.clone(), log)));
+
+    let mut app = Router::new()
         .route("/", get(|| async { "hello from behind fairgate\n" }))
         .layer(layer);
+    // Added after `.layer`, so admission does not apply to the admin endpoints.
+    match std::env::var("FAIRGATE_ADMIN_TOKEN") {
+        Ok(token) if !token.is_empty() => {
+            let admin = Admin::new(engine)
+                .token(token)
+                .metrics(Arc::new(registry), metrics)
+                .router();
+            app = app.nest("/admin", admin);
+            println!("admin: /admin (bearer token from FAIRGATE_ADMIN_TOKEN)");
+        }
+        _ => println!("admin: off (set FAIRGATE_ADMIN_TOKEN to serve /admin)"),
+    }
 
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on http://{}", listener.local_addr()?);

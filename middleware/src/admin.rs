@@ -23,7 +23,7 @@
 //! use std::sync::Arc;
 //! use fairgate_middleware::admin::Admin;
 //! use fairgate_middleware::observe::EngineMetrics;
-//! use prometheus_client::registry::Registry;
+//! use fairgate_middleware::observe::prometheus_client::registry::Registry;
 //!
 //! let mut registry = Registry::default();
 //! let metrics = EngineMetrics::register(&mut registry);

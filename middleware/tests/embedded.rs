@@ -2,7 +2,8 @@
 //! processes against one real `redis-server` admits what a fleet of gateways admits (the
 //! `exact` bound of docs/policy.md: rate × time + burst), because the layer starts the Redis
 //! backend the policy names exactly as the gateway does. Each replica alone would admit the
-//! whole quota.
+//! whole quota. The same app gives its operator what the gateway gives: metrics, the admin
+//! router and a decision log that `fairgate audit` finds exact.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use fairgate_tests::load::{run_all, LoadSpec};
 use fairgate_tests::redis::RedisServer;
-use fairgate_tests::{eventually, Client, DEADLINE};
+use fairgate_tests::{eventually, metric, run_fairgate, Client, DEADLINE};
 
 /// `target/<profile>/examples/axum_app`, built by `cargo test` with the crate's examples (a
 /// filtered run, `--test embedded`, does not build them: `cargo build -p fairgate-middleware
@@ -45,9 +46,15 @@ struct App {
 
 impl App {
     fn start(policy: &Path) -> App {
+        App::start_with(policy, &[])
+    }
+
+    /// A replica with `env` set (`FAIRGATE_ADMIN_TOKEN`, `FAIRGATE_DECISION_LOG`…).
+    fn start_with(policy: &Path, env: &[(&str, &str)]) -> App {
         let mut child = Command::new(example_bin())
             .arg(policy)
             .arg("127.0.0.1:0")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -177,4 +184,110 @@ async fn two_app_replicas_with_local_state_each_admit_the_quota() {
         admitted > bound(elapsed) + 50,
         "admitted {admitted}: local replicas should each admit about one quota"
     );
+}
+
+/// The example app serves its operator what the gateway serves its own: the engine's
+/// metrics and the admin endpoints (nested at `/admin`, behind a bearer token, outside
+/// admission), and a complete decision log that `fairgate audit` replays without finding a
+/// request wrongly admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_serves_metrics_the_admin_router_and_an_auditable_decision_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = policy(dir.path(), "");
+    let log = dir.path().join("decisions.jsonl");
+    let app = App::start_with(
+        &path,
+        &[
+            ("FAIRGATE_ADMIN_TOKEN", "t0ken"),
+            ("FAIRGATE_DECISION_LOG", log.to_str().unwrap()),
+            ("FAIRGATE_DECISION_LOG_AUDIT", "1"),
+        ],
+    );
+    let c = Client::new();
+    let (mut admitted, mut rejected) = (0, 0);
+    // Client `a` far over its quota (20/s burst 5), back to back; client `b` within it.
+    for i in 0..60 {
+        let key = if i % 6 == 5 { "b" } else { "a" };
+        match c
+            .get_with(&app.url("/"), &[("x-api-key", key)])
+            .await
+            .status
+            .as_u16()
+        {
+            200 => admitted += 1,
+            429 => rejected += 1,
+            other => panic!("status {other}"),
+        }
+    }
+    assert!(
+        rejected > 0 && admitted >= 5,
+        "{admitted} admitted, {rejected} rejected"
+    );
+
+    // The admin router wants its token, and is not itself admitted or counted.
+    let auth = [("authorization", "Bearer t0ken")];
+    assert_eq!(c.get(&app.url("/admin/status")).await.status, 401);
+    assert_eq!(c.get(&app.url("/admin/metrics")).await.status, 401);
+    let status = c.get_with(&app.url("/admin/status"), &auth).await;
+    assert_eq!(status.status, 200);
+    assert_eq!(status.json()["policy"]["version"], 1);
+    let a = c.get_with(&app.url("/admin/clients/a"), &auth).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["plan"], "free");
+    assert_eq!(a.json()["bandwidths"][0]["quota"], 20);
+    let top = c.get_with(&app.url("/admin/clients/top?n=5"), &auth).await;
+    let mut keys: Vec<String> = top.json()["clients"]
+        .as_array()
+        .expect("clients")
+        .iter()
+        .map(|c| c["key"].as_str().unwrap_or("").to_owned())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["a", "b"]);
+
+    let m = c.get_with(&app.url("/admin/metrics"), &auth).await;
+    assert_eq!(m.status, 200);
+    assert!(m
+        .header("content-type")
+        .starts_with("text/plain; version=0.0.4"));
+    let text = m.text();
+    let series = |decision: &str, stage: &str| {
+        metric(
+            &text,
+            &format!(
+                "fairgate_requests_total{{stage=\"{stage}\",decision=\"{decision}\",rule=\"\",plan=\"free\"}}"
+            ),
+        )
+    };
+    assert_eq!(series("admit", "none"), Some(f64::from(admitted)), "{text}");
+    assert_eq!(
+        series("reject", "quota"),
+        Some(f64::from(rejected)),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "fairgate_tracked_keys"), Some(2.0), "{text}");
+    assert_eq!(metric(&text, "fairgate_in_flight"), Some(0.0), "{text}");
+    assert_eq!(
+        metric(&text, "fairgate_policy_reloads_total{result=\"error\"}"),
+        Some(0.0)
+    );
+
+    // Every decision reaches the file, and the audit finds them exact.
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let all = eventually(DEADLINE, || async { lines() >= 60 }).await;
+    assert!(all, "{} of 60 decision lines", lines());
+    assert_eq!(lines(), 60);
+    let (l, p) = (log.to_str().unwrap(), path.to_str().unwrap());
+    let (code, json, err) = run_fairgate(&["audit", l, "--policy", p, "--json"]);
+    assert_eq!(code, 0, "{err}\n{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let o = &v["overall"];
+    assert_eq!(o["wrongly_admitted"], 0, "{json}");
+    assert_eq!(o["correctly_admitted"], admitted, "{json}");
+    assert_eq!(o["correctly_rejected"], rejected, "{json}");
+    drop(app);
 }

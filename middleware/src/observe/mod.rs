@@ -19,3 +19,6 @@ pub use decision_log::{
 };
 #[cfg(feature = "metrics")]
 pub use metrics::{encode, EngineMetrics, Format};
+/// The prometheus-client crate whose `Registry` [`EngineMetrics::register`] takes.
+#[cfg(feature = "metrics")]
+pub use prometheus_client;
