@@ -49,7 +49,7 @@ pub struct OutboundConfig {
     pub coalesce: Option<CoalesceSettings>,
     /// Cache responses of `GET`/`HEAD` requests.
     pub cache: Option<CacheSettings>,
-    /// Outbound rate (`100/s`, or `{rate: 100/s, burst: 20, key: header:x-region}`).
+    /// Outbound rate (`100/s`, or `{rate: 100/s, burst: 20, key: {header: x-region}}`).
     pub rate: Option<RateSettings>,
     /// Most requests in flight to the pool (per key when `rate.key` is a header).
     pub concurrency: Option<u32>,

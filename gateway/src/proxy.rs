@@ -695,7 +695,7 @@ mod tests {
         let cfg = crate::config::UpstreamConfig {
             targets: Vec::new(),
             balance: crate::config::Balance::RoundRobin,
-            hash_key: crate::config::HashKey::Client,
+            hash_key: crate::config::HashKey::Peer,
             health_check: None,
             connect_timeout: std::time::Duration::from_secs(1),
             request_timeout: std::time::Duration::from_secs(5),

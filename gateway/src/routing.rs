@@ -268,7 +268,7 @@ mod tests {
         let cfg = UpstreamConfig {
             targets: Vec::new(),
             balance: Balance::RoundRobin,
-            hash_key: HashKey::Client,
+            hash_key: HashKey::Peer,
             health_check: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(7),

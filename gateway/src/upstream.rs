@@ -401,7 +401,7 @@ mod tests {
         UpstreamConfig {
             targets: Vec::new(),
             balance,
-            hash_key: HashKey::Client,
+            hash_key: HashKey::Peer,
             health_check: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),

@@ -44,7 +44,7 @@ fn line(client: &str, plan: &str, decision: &str, stage: Option<&str>, t: u64) -
     serde_json::json!({
         "time": "2026-11-23T00:00:00.000Z", "type": "decision", "client": client,
         "route": "route0", "operation": null, "stage": stage, "rule": null, "plan": plan,
-        "limit": null, "cost": 1, "decision": decision, "retry_after": null, "status": null,
+        "bandwidth": null, "cost": 1, "decision": decision, "retry_after": null, "status": null,
         "latency_ms": null, "mono_ns": t,
     })
     .to_string()

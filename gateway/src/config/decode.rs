@@ -594,14 +594,49 @@ const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const DEFAULT_MAX_IDLE: usize = 1024;
 
 fn hash_key(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<HashKey> {
-    let v = variant(ctx, node, path, "`client` or `{header: NAME}`")?;
+    if let Some(s) = node.as_str() {
+        if s == "client" {
+            ctx.error(
+                node,
+                path,
+                "`client` is not a balancing key: write `peer` for the TCP peer's IP (what `client` meant before), or `{header: NAME}`",
+            );
+            return None;
+        }
+    }
+    Some(match word_or_header(ctx, node, path, "peer")? {
+        None => HashKey::Peer,
+        Some(h) => HashKey::Header(h),
+    })
+}
+
+/// `WORD` (`None`) or `{header: NAME}` (the header), the policy's way of writing a key taken
+/// from a header.
+pub(crate) fn word_or_header(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+    word: &'static str,
+) -> Option<Option<HeaderName>> {
+    if let Some(s) = node.as_str() {
+        if let Some(h) = s.strip_prefix("header:") {
+            ctx.error(
+                node,
+                path,
+                format!("write a header key as `{{header: {}}}`", h.trim()),
+            );
+            return None;
+        }
+    }
+    let expected = format!("`{word}` or `{{header: NAME}}`");
+    let v = variant(ctx, node, path, &expected)?;
     match (v.name, v.value) {
-        ("client", None) => Some(HashKey::Client),
+        (name, None) if name == word => Some(None),
         ("header", Some(value)) => {
             let p = path.key("header");
             let name = scalar(ctx, value, &p, "a header name")?;
             match HeaderName::from_bytes(name.as_bytes()) {
-                Ok(h) => Some(HashKey::Header(h)),
+                Ok(h) => Some(Some(h)),
                 Err(_) => {
                     ctx.error(value, &p, format!("`{name}` is not a valid header name"));
                     None
@@ -609,7 +644,7 @@ fn hash_key(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<HashKey> {
             }
         }
         _ => {
-            fairgate_policies::decode::unknown_variant(ctx, &v, path, &["client", "header"]);
+            fairgate_policies::decode::unknown_variant(ctx, &v, path, &[word, "header"]);
             None
         }
     }

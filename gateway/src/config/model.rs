@@ -161,9 +161,9 @@ pub enum Balance {
 /// What `consistent_hash` hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum HashKey {
-    /// The client's IP address (the TCP peer).
+    /// The TCP peer's IP address (`peer`).
     #[default]
-    Client,
+    Peer,
     /// The value of this request header (missing: the empty string).
     Header(HeaderName),
 }

@@ -21,7 +21,7 @@
 //! The fields are a stable interface (the accuracy audit reads them); see `docs/gateway.md`.
 //! Every `decision` line has every key, `null` when it does not apply:
 //!
-//! `{"time","type":"decision","client","route","operation","stage","rule","plan","limit",
+//! `{"time","type":"decision","client","route","operation","stage","rule","plan","bandwidth",
 //!   "cost","decision","retry_after","status","latency_ms"}`
 //!
 //! Rejections are written at decision time (`latency_ms` is `null`); a sampled admit is
@@ -73,8 +73,8 @@ pub struct DecisionRecord {
     pub rule: Option<String>,
     /// The client's plan.
     pub plan: Option<String>,
-    /// The bandwidth (limit) involved, e.g. `free/0`.
-    pub limit: Option<String>,
+    /// The bandwidth involved: its `RateLimit-Policy` name, e.g. `free-0`.
+    pub bandwidth: Option<String>,
     /// Cost in quota units.
     pub cost: u64,
     /// `admit`, `borrowed`, `reject` or `shadow_reject`.
@@ -698,7 +698,7 @@ fn record_of(e: &DecisionEvent<'_>) -> DecisionRecord {
         stage: e.stage.map(|s| s.as_str()),
         rule: e.rule.map(str::to_owned),
         plan: e.plan.map(str::to_owned),
-        limit: e
+        bandwidth: e
             .limit
             .map(|l| l.policy.to_string())
             .or_else(|| e.bandwidth.map(str::to_owned)),
@@ -776,7 +776,7 @@ mod tests {
             stage: Some("rule"),
             rule: rule.map(Into::into),
             plan: None,
-            limit: None,
+            bandwidth: None,
             cost: 1,
             decision,
             retry_after: None,
@@ -835,7 +835,7 @@ mod tests {
             "stage",
             "rule",
             "plan",
-            "limit",
+            "bandwidth",
             "cost",
             "decision",
             "retry_after",

@@ -153,7 +153,7 @@ fn cache(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<CacheSettings> {
     })
 }
 
-/// `rate: 100/s` or `{rate: 100/s, burst: 20, key: upstream | header:NAME}`.
+/// `rate: 100/s` or `{rate: 100/s, burst: 20, key: upstream | {header: NAME}}`.
 fn rate(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<RateSettings> {
     if !matches!(node.kind, NodeKind::Map(_)) {
         return Some(RateSettings {
@@ -166,23 +166,10 @@ fn rate(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<RateSettings> {
     let rate: Option<Rate> = m.required(ctx, "rate");
     let burst = m.optional_with(ctx, "burst", |c, n, p| at_least_one(c, n, p, 1_000_000_000));
     let key = m.optional_with(ctx, "key", |c, n, p| {
-        let s = scalar(c, n, p, "`upstream` or `header:NAME`")?;
-        if s == "upstream" {
-            return Some(KeyBy::Upstream);
-        }
-        match s.strip_prefix("header:").map(str::trim) {
-            Some(h) => match HeaderName::from_bytes(h.as_bytes()) {
-                Ok(h) => Some(KeyBy::Header(h)),
-                Err(_) => {
-                    c.error(n, p, format!("`{h}` is not a valid header name"));
-                    None
-                }
-            },
-            None => {
-                c.error(n, p, format!("`{s}` is not `upstream` or `header:NAME`"));
-                None
-            }
-        }
+        Some(match super::word_or_header(c, n, p, "upstream")? {
+            None => KeyBy::Upstream,
+            Some(h) => KeyBy::Header(h),
+        })
     });
     m.finish(ctx);
     Some(RateSettings {
@@ -349,7 +336,7 @@ mod tests {
         let o = with(
             "      coalesce: true
       cache: { ttl: 1s, max_entries: 10000, max_bytes: 64MiB, honour_cache_control: true, routes: {/quotas/: 30s}, warm_up: [/status] }
-      rate: { rate: 100/s, burst: 20, key: header:x-region }
+      rate: { rate: 100/s, burst: 20, key: {header: x-region} }
       concurrency: 32
       queue: { max: 1000, timeout: 2s }
       retry: { on: [429, 503, connect], max_attempts: 3, base: 50ms, max_backoff: 2s, budget: 10%, adaptive: {k: 2, window: 30s} }
@@ -404,7 +391,7 @@ mod tests {
             "gw.yaml:8:20: upstreams.api.outbound.cache.ttl: must be greater than zero",
             "upstreams.api.outbound.cache.max_bytes: must be greater than zero",
             "upstreams.api.outbound.cache.warm_up[0]: `status` is not a path starting with `/`",
-            "upstreams.api.outbound.rate.key: `region` is not `upstream` or `header:NAME`",
+            "upstreams.api.outbound.rate.key: unknown value `region` (expected one of `upstream`, `header`)",
             "upstreams.api.outbound.concurrency: must be at least 1",
             "upstreams.api.outbound.retry.on[0]: `200` is not `connect` or a 4xx/5xx status",
             "upstreams.api.outbound.retry.on[2]: `soon` is not `connect`",
@@ -414,6 +401,14 @@ mod tests {
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }
+        // The policy's way of naming a header key, not a prefix of its own.
+        let err = with("      rate: {rate: 100/s, key: header:x-region}").unwrap_err();
+        assert!(
+            err.contains(
+                "upstreams.api.outbound.rate.key: write a header key as `{header: x-region}`"
+            ),
+            "{err}"
+        );
         let err = with("      retry: {base: 1s, max_backoff: 10ms}").unwrap_err();
         assert!(
             err.contains(

@@ -421,3 +421,31 @@ upstreams:
     );
     assert!(errors.contains("upstreams.u.max_idle:"), "{errors}");
 }
+
+#[test]
+fn hash_keys_use_the_glossary_words() {
+    let cfg = |key: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nroutes: [{{upstream: u}}]\nupstreams: {{u: {{targets: [builtin:echo], balance: consistent_hash, hash_key: {key}}}}}\n"
+        )
+    };
+    let ok = parse_ok(&cfg("peer"));
+    assert_eq!(ok.config.upstreams["u"].hash_key, HashKey::Peer);
+    let ok = parse_ok(&cfg("{header: x-user}"));
+    assert_eq!(
+        ok.config.upstreams["u"].hash_key,
+        HashKey::Header(HeaderName::from_static("x-user"))
+    );
+    // `client` is the client key everywhere else; here it meant the peer: refused, with the
+    // word to use.
+    let errors = parse_err(&cfg("client"));
+    assert!(
+        errors.contains("upstreams.u.hash_key: `client` is not a balancing key: write `peer`"),
+        "{errors}"
+    );
+    let errors = parse_err(&cfg("header:x-user"));
+    assert!(
+        errors.contains("upstreams.u.hash_key: write a header key as `{header: x-user}`"),
+        "{errors}"
+    );
+}
