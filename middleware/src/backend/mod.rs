@@ -4,12 +4,12 @@
 //! state backend says how a request's **quota** is decided against it. The engine holds one
 //! `Arc<dyn StateBackend>` ([`Engine::backend`](crate::Engine::backend), default
 //! [`Embedded`]) and only talks to it through this trait, so it does not know which backend
-//! it has. Each backend has its own file or folder here: `embedded.rs`, (`crate::fleet`).
+//! it has. Each backend has its own file or folder here: `embedded.rs`, `redis/`.
 //!
 //! - [`Embedded`] (the default): the local store decides, alone. Every method is trivial
 //!   and nothing is allocated; [`StateBackend::route`] answers [`Route::Local`].
-//! - the Redis backend (`fleet::Fleet`, with the `redis` feature; started by
-//!   [`crate::EngineBuilder`]):
+//! - the Redis backend (`backend/redis/`, public as `crate::fleet`, with the `redis`
+//!   feature; started by [`crate::EngineBuilder`]):
 //!   `async` mode still decides on the local store ([`Route::Shared`]: memory speed, no
 //!   network wait on the request) and [`StateBackend::record`]s each admitted cost for the
 //!   next exchange, which pulls every gateway's buckets down to the fleet's consumption;
@@ -42,6 +42,8 @@ use fairgate_policies::model::OnFailure;
 use crate::clock::Nanos;
 
 mod embedded;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 pub use embedded::Embedded;
 
