@@ -16,8 +16,8 @@ use std::sync::Arc;
 use fairgate_policies::compiled::CompiledBandwidth;
 use fairgate_policies::model::Priority;
 
-use crate::decision::{CompletionEvent, Outcome};
 use crate::engine::Shared;
+use crate::event::{CompletionEvent, Outcome};
 use crate::gcra::Params;
 use crate::identify::ClientKey;
 use crate::state::{Entry, OVERFLOW};
