@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ahash::RandomState;
-use arc_swap::{ArcSwap, ArcSwapOption, Guard};
+use arc_swap::{ArcSwap, Guard};
 use fairgate_policies::compiled::{CompiledBandwidth, CompiledPolicy, RequestView};
 use fairgate_policies::model::{HeaderMode, OnFailure, PostHoc, Priority};
 use fairgate_policies::PolicyStore;
@@ -50,7 +50,7 @@ use crate::backend::{
     BackendSnapshot, Embedded, LazyRoute, Route, RuleBucket, StateBackend, Verdict,
 };
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
-use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket};
+use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket, TicketShared};
 use crate::decision::{
     Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection,
     RequestContext, Stage,
@@ -123,23 +123,15 @@ pub struct BandwidthUsage {
 
 /// The admission engine. Cheap to share (`Arc<Engine>`); every clone of a layer built from
 /// it shares its state.
-pub struct Engine {
-    shared: Arc<Shared>,
-}
-
-/// What tickets need after the decision.
 ///
-/// Aligned to 128 bytes so that the `Arc`'s reference counts, written by every ticket,
-/// sit on their own cache lines instead of the read-mostly fields every decision loads.
+/// Aligned to 128 bytes so that the `Arc`'s reference counts, written whenever a layer or
+/// service holding the engine is cloned, sit on their own cache lines instead of the
+/// read-mostly fields every decision loads.
 #[repr(align(128))]
-pub(crate) struct Shared {
-    pub(crate) store: PolicyStore,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) state: Store,
-    pub(crate) shed: Shedder,
-    pub(crate) observer: ArcSwapOption<Arc<dyn Observer>>,
-    /// Set once an observer is set: until then a decision skips loading `observer`.
-    has_observer: AtomicBool,
+pub struct Engine {
+    /// What the engine's tickets share with it: clock, state store, shedder, observer.
+    shared: Arc<TicketShared>,
+    store: PolicyStore,
     prepared: ArcSwap<Prepared>,
     /// Set by the store's reload listener: `prepared` may be behind the store. Lets a
     /// decision check one flag instead of loading the store's policy as well.
@@ -147,19 +139,10 @@ pub(crate) struct Shared {
     rebuild: Mutex<()>,
     hasher: RandomState,
     shadow_rejects: AtomicU64,
-    kept: Mutex<Vec<Box<dyn Send + Sync>>>,
     /// The state backend, once one is attached ([`Engine::attach_backend`]).
     backend: OnceLock<Arc<dyn StateBackend>>,
     /// The backend until one is attached.
     embedded: Arc<dyn StateBackend>,
-}
-
-impl Shared {
-    /// The state backend: the attached one, else [`Embedded`].
-    #[inline]
-    fn backend(&self) -> &Arc<dyn StateBackend> {
-        self.backend.get().unwrap_or(&self.embedded)
-    }
 }
 
 /// Per-generation cache.
@@ -190,28 +173,21 @@ impl Engine {
         let shed = Shedder::default();
         let prepared = Prepared::build(policy, None, &state, &shed);
         Arc::new(Engine {
-            shared: Arc::new(Shared {
-                store,
-                clock,
-                state,
-                shed,
-                observer: ArcSwapOption::empty(),
-                has_observer: AtomicBool::new(false),
-                prepared: ArcSwap::from_pointee(prepared),
-                stale,
-                rebuild: Mutex::new(()),
-                hasher: RandomState::new(),
-                shadow_rejects: AtomicU64::new(0),
-                kept: Mutex::new(Vec::new()),
-                backend: OnceLock::new(),
-                embedded: Arc::new(Embedded),
-            }),
+            shared: Arc::new(TicketShared::new(clock, state, shed)),
+            store,
+            prepared: ArcSwap::from_pointee(prepared),
+            stale,
+            rebuild: Mutex::new(()),
+            hasher: RandomState::new(),
+            shadow_rejects: AtomicU64::new(0),
+            backend: OnceLock::new(),
+            embedded: Arc::new(Embedded),
         })
     }
 
     /// The policy store this engine reads.
     pub fn store(&self) -> &PolicyStore {
-        &self.shared.store
+        &self.store
     }
 
     /// Sets (replaces) the observer of decisions and completions.
@@ -246,7 +222,7 @@ impl Engine {
 
     /// Times a shadow rule would have rejected a request.
     pub fn shadow_rejects(&self) -> u64 {
-        self.shared.shadow_rejects.load(Ordering::Relaxed)
+        self.shadow_rejects.load(Ordering::Relaxed)
     }
 
     /// Entries evicted from the state table while not full (their debt is remembered).
@@ -293,17 +269,18 @@ impl Engine {
     /// Attaches the state backend that decides how quotas are decided (until then the
     /// engine runs on [`Embedded`]); false if one is attached already (the first stays).
     pub fn attach_backend(&self, backend: Arc<dyn StateBackend>) -> bool {
-        self.shared.backend.set(backend).is_ok()
+        self.backend.set(backend).is_ok()
     }
 
     /// The state backend: the attached one, else [`Embedded`].
+    #[inline]
     pub fn backend(&self) -> &Arc<dyn StateBackend> {
-        self.shared.backend()
+        self.backend.get().unwrap_or(&self.embedded)
     }
 
     /// The state backend's counters, when it shares state (`None` for [`Embedded`]).
     pub fn backend_snapshot(&self) -> Option<BackendSnapshot> {
-        self.shared.backend().snapshot()
+        self.backend().snapshot()
     }
 
     /// The state store (the fleet exchange charges it).
@@ -314,30 +291,34 @@ impl Engine {
 
     /// The current policy snapshot, preparing a new generation if the store moved on.
     fn prepared(&self) -> Guard<Arc<Prepared>> {
-        let sh = &*self.shared;
-        let prep = sh.prepared.load();
+        let prep = self.prepared.load();
         // No reload since the last check: `prep` is current (a reload still publishing
         // its listener call is seen by the next decision).
-        if !sh.stale.load(Ordering::Acquire) {
+        if !self.stale.load(Ordering::Acquire) {
             return prep;
         }
         // Cleared before the store is read: a reload after this sets it again. (A plain
         // load first: no write to a shared cache line on the common path.)
-        sh.stale.store(false, Ordering::Release);
-        let cur = sh.store.load();
+        self.stale.store(false, Ordering::Release);
+        let cur = self.store.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
             return prep;
         }
         drop(prep);
-        let _lock = sh.rebuild.lock().unwrap_or_else(|e| e.into_inner());
-        let prep = sh.prepared.load();
+        let _lock = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let prep = self.prepared.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
             return prep;
         }
-        let next = Prepared::build(Arc::clone(&cur), Some(&prep), &sh.state, &sh.shed);
+        let next = Prepared::build(
+            Arc::clone(&cur),
+            Some(&prep),
+            &self.shared.state,
+            &self.shared.shed,
+        );
         drop(prep);
-        sh.prepared.store(Arc::new(next));
-        sh.prepared.load()
+        self.prepared.store(Arc::new(next));
+        self.prepared.load()
     }
 
     /// Decides on one request. Never blocks, never panics on input.
@@ -386,7 +367,7 @@ impl Engine {
         let ip_key = identify::LazyIpKey::new(ip, id.ipv4_prefix, id.ipv6_prefix);
         let raw_key = identify::extract(&id.client_key, req.headers, req.query);
         let client_key = match raw_key {
-            Some(v) => identify::bounded_key(v, id.max_key_length, &sh.hasher),
+            Some(v) => identify::bounded_key(v, id.max_key_length, &self.hasher),
             None => ip_key.get().clone(),
         };
         // The request's own text when it is the key: no UTF-8 re-validation of the copy.
@@ -422,7 +403,7 @@ impl Engine {
         let observer: Option<&Arc<dyn Observer>> = observer.as_ref().and_then(|o| o.as_deref());
 
         let mut d = Deciding {
-            sh,
+            engine: self,
             now,
             client_key: &client_key,
             op_name,
@@ -441,7 +422,7 @@ impl Engine {
             headers: req.headers,
         };
         let mut on_shadow = |hit: ShadowHit<'_>| {
-            sh.shadow_rejects.fetch_add(1, Ordering::Relaxed);
+            self.shadow_rejects.fetch_add(1, Ordering::Relaxed);
             if let Some(obs) = observer {
                 let info = hit
                     .bandwidth
@@ -464,7 +445,7 @@ impl Engine {
             }
         };
         // The state backend is asked at most once, by the first rule or quota needing it.
-        let mut backend_route = LazyRoute::new(sh.backend.get(), remote_ok);
+        let mut backend_route = LazyRoute::new(self.backend.get(), remote_ok);
         let mut rules_shared = RulesShared::default();
         let rules_out = match rules::evaluate(
             pol,
@@ -506,7 +487,7 @@ impl Engine {
             Route::Local
         };
         if route == Route::Reject {
-            sh.backend().count_failure_reject();
+            self.backend().count_failure_reject();
             return d.reject(backend_unavailable(
                 pol,
                 plan_name.cloned(),
@@ -631,10 +612,10 @@ impl Engine {
             _ => None,
         };
         for &(bw, key) in &rules_shared.record {
-            sh.backend().record_rule(key, bw);
+            self.backend().record_rule(key, bw);
         }
         if rules_shared.degraded && !matches!(route, Route::Degraded | Route::Admit) {
-            sh.backend().count_failure_admit();
+            self.backend().count_failure_admit();
         }
         let remote_rules = std::mem::take(&mut rules_shared.remote).into_boxed_slice();
         // Exact mode: the quota's bandwidths (when the route is remote) and the enforced
@@ -653,7 +634,7 @@ impl Engine {
             charges.commit();
             return Begun::Remote(RemoteCheck {
                 shared: Arc::clone(&self.shared),
-                backend: Arc::clone(sh.backend()),
+                backend: Arc::clone(self.backend()),
                 admitted: Admitted { ticket, ratelimit },
                 rules: remote_rules,
                 bandwidths: remote_quota.map_or_else(|| Arc::from([]), Arc::clone),
@@ -672,10 +653,10 @@ impl Engine {
         }
         if let Some(bws) = q.bandwidths.filter(|_| route != Route::Local) {
             if matches!(route, Route::Shared | Route::Degraded) && !borrowed {
-                sh.backend().record(ck, bws, cost);
+                self.backend().record(ck, bws, cost);
             }
             if matches!(route, Route::Degraded | Route::Admit) {
-                sh.backend().count_failure_admit();
+                self.backend().count_failure_admit();
             }
         }
         if let Some(obs) = observer {
@@ -900,7 +881,7 @@ pub enum Begun {
 /// A decision waiting for the state backend's remote check (Redis `exact` mode). It holds the request's ticket (in-flight
 /// count, concurrency permit): dropping it, or a rejection, releases them.
 pub struct RemoteCheck {
-    shared: Arc<Shared>,
+    shared: Arc<TicketShared>,
     backend: Arc<dyn StateBackend>,
     admitted: Admitted,
     /// `limit` rules' buckets checked first (their verdict indices come first).
@@ -1207,7 +1188,7 @@ fn backend_unavailable_owned(
 
 /// Per-decision context for building rejections and events.
 struct Deciding<'d> {
-    sh: &'d Shared,
+    engine: &'d Engine,
     now: Nanos,
     client_key: &'d ClientKey,
     op_name: Option<&'d str>,
@@ -1271,7 +1252,7 @@ impl Deciding<'_> {
         shadow_hits: u32,
     ) -> Begun {
         tracing::warn!(
-            tracked = self.sh.state.len(),
+            tracked = self.engine.shared.state.len(),
             "state table full of in-flight keys; rejecting a new key"
         );
         self.reject(Rejection {
@@ -1329,7 +1310,7 @@ impl Deciding<'_> {
             }
             RuleReject::Full => self.reject_full(pol, None, 0),
             RuleReject::Unavailable => {
-                self.sh.backend().count_failure_reject();
+                self.engine.backend().count_failure_reject();
                 self.reject(backend_unavailable(pol, None, self.client_key, 0))
             }
         }
