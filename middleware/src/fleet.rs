@@ -8,8 +8,8 @@
 //!   cost is added to a per-key batch (one entry per client key per interval, so a hot key
 //!   costs Redis one update per interval, not one per request). Every `sync_interval` each
 //!   key of the batch is exchanged with Redis by a script — on one server one call carries
-//!   up to [`EXCHANGE_CHUNK`] clients (a call per client cost the gateway about one call per
-//!   request when most clients send one request per interval); on a Cluster, whose clients
+//!   up to 128 clients (`EXCHANGE_CHUNK`; a call per client cost the gateway about one call
+//!   per request when most clients send one request per interval); on a Cluster, whose clients
 //!   live in different slots, one call per client. The script adds the batch's cost to the
 //!   fleet's GCRA bucket of each bandwidth (`TAT ← max(TAT, now) + units·T` on Redis time,
 //!   key `<prefix>:{<key>}:t:<bandwidth id>`, the same key exact mode uses) and answers how
@@ -51,7 +51,7 @@
 //! call keeps the same budget and feeds the same breaker as with one server.
 //!
 //! **Failures.** Every call has the `timeout` budget (an `async` exchange, off the request
-//! path, at least [`EXCHANGE_MIN_BUDGET`]: Redis's own expire cycle can take 25 ms). A
+//! path, at least 50 ms, `EXCHANGE_MIN_BUDGET`: Redis's own expire cycle can take 25 ms). A
 //! [`Breaker`] opens after [`BREAKER_THRESHOLD`] consecutive failures; while open, Redis sees at most
 //! [`PROBES_PER_SEC`] probes per second and the first success closes it. While it is open
 //! decisions follow `on_failure`: `local` keeps deciding locally and charges each key
@@ -61,7 +61,7 @@
 //! the quota and exact rule limits) and counts it; `closed` rejects requests that have a
 //! quota bandwidth or an enforced exact rule limit with 503 (stage `backend`); requests with
 //! neither never ask Redis.
-//! Transitions are logged once each and counted ([`BackendSnapshot`]); error lines are rate
+//! Transitions are logged once each and counted ([`BackendSnapshot`](crate::backend::BackendSnapshot)); error lines are rate
 //! limited to one a second.
 //!
 //! **Error replies.** A Redis error reply counts in `errors` like a timeout. Most (`OOM

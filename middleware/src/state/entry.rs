@@ -15,7 +15,7 @@ use crate::gcra::{Params, Verdict};
 
 /// `Entry::flags` bit: a request found the entry since its shard's last sweep.
 pub(super) const SINCE_SWEEP: u32 = 1 << 30;
-/// `Entry::flags` bit: a request found the entry since the last [`Store::prune`].
+/// `Entry::flags` bit: a request found the entry since the last [`Store::prune`](super::Store::prune).
 pub(super) const SINCE_PRUNE: u32 = 1 << 31;
 /// Both CLOCK bits.
 pub(super) const TOUCHED: u32 = SINCE_SWEEP | SINCE_PRUNE;
@@ -42,7 +42,7 @@ pub struct Entry {
 
 /// A bandwidth slot of a client entry. `addr` is the address of the bandwidth id's text
 /// (`Arc<str>`) of the policy generation that last used the slot, 0 when free: a pointer
-/// compare on the hot path. Every id ever used is pinned by the store ([`Store::pin_ids`]),
+/// compare on the hot path. Every id ever used is pinned by the store ([`Store::pin_ids`](super::Store::pin_ids)),
 /// so an address is never reused for another id; after a reload the slot is matched by the
 /// id's text once and adopts the new address. Addresses change only under the shard's
 /// write lock. Slot 0 of a non-client entry is its own bucket (`addr` stays 0).
@@ -269,7 +269,7 @@ impl Entry {
     }
 }
 
-/// An entry with its scope's text, as [`Store::for_each`] visits it. Derefs to the
+/// An entry with its scope's text, as [`Store::for_each`](super::Store::for_each) visits it. Derefs to the
 /// [`Entry`].
 #[derive(Debug, Clone, Copy)]
 pub struct EntryRef<'a> {
@@ -278,7 +278,7 @@ pub struct EntryRef<'a> {
 }
 
 impl EntryRef<'_> {
-    /// The scope (bandwidth id or [`CLIENT_SCOPE`]).
+    /// The scope (bandwidth id or [`CLIENT_SCOPE`](super::CLIENT_SCOPE)).
     pub fn scope(&self) -> &str {
         self.scope
     }

@@ -17,7 +17,7 @@ use crate::gcra::Params;
 use crate::state::{Store, OVERFLOW};
 
 /// Keys exchanged under one call budget (async mode).
-const EXCHANGE_CHUNK: usize = 128;
+pub(super) const EXCHANGE_CHUNK: usize = 128;
 
 /// Exchanges the batch every `sync_interval` while `engine` lives (`store_of` reaches its
 /// local store; see [`Fleet::start_tasks`]).
@@ -171,7 +171,7 @@ async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pendin
     }
 }
 
-/// [`exchange_batch`] on one Redis server: each chunk is one [`SYNC_MANY_LUA`] call (the
+/// [`exchange_batch`] on one Redis server: each chunk is one [`SYNC_MANY_LUA`](super::scripts::SYNC_MANY_LUA) call (the
 /// same per-key semantics: a key holding something else leaves that client unshared and the
 /// breaker alone; an error reply or a timeout fails the call for the breaker). A client-side
 /// call costs the gateway far more CPU than the few keys it carries, and with many distinct

@@ -21,7 +21,7 @@ pub(super) const RENEW_LUA: &str = include_str!("lua/renew.lua");
 pub(super) const SYNC_LUA: &str = include_str!("lua/sync.lua");
 
 /// Async mode on one Redis server: [`SYNC_LUA`] for many clients in one call, so a round
-/// costs one call per chunk of [`EXCHANGE_CHUNK`] clients instead of one per client.
+/// costs one call per chunk of [`EXCHANGE_CHUNK`](super::exchange::EXCHANGE_CHUNK) clients instead of one per client.
 /// KEYS: every client's TAT keys, client after client. ARGV: per client, its number of
 /// bandwidths n, its units, then T (integer ns) per bandwidth. Answer: per client a status
 /// (0, or 1 when one of its keys holds something else than a number: that client only) then
