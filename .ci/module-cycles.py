@@ -14,8 +14,10 @@ Not counted: comments (doc links included), string literals, and test-only code:
 under `#[cfg(test)]` (typically `mod tests { … }` or `mod tests;`, whose file is skipped).
 Tests sit above everything they test, so they are no part of the layering.
 
-Prints every cycle found (with the lines that make each edge) and exits 1; otherwise prints
-the module count and exits 0. `-v` also prints the dependency graph.
+With cycles: prints each group of modules that import each other (a strongly connected
+component), the shortest cycle through each of its members and the lines that make those
+edges, and exits 1. Otherwise prints the module count and exits 0. `-v` also prints the
+dependency graph.
 """
 
 import os
@@ -185,29 +187,33 @@ class Crate:
             def add(target, pos):
                 if target and target != me:
                     ln = code.count("\n", 0, pos)
-                    deps[(me, target)].append((path, ln + 1, lines[ln].strip()))
+                    evidence = (path, ln + 1, lines[ln].strip())
+                    if evidence not in deps[(me, target)]:
+                        deps[(me, target)].append(evidence)
 
-            for m in re.finditer(r"(?<![A-Za-z0-9_])\$?crate::(" + IDENT + r"|\{)", code):
-                if m.group(1) == "{":
-                    # `crate::{a::X, b, c::{..}}`: the names at depth 1 of the group.
+            def add_root_path(m, first):
+                """`first` follows a path that stands at the crate root: a name or `{..}`."""
+                if first == "{":
+                    # `{a::X, b, c::{..}}`: the first name of each item of the group.
                     end = item_end(code, m.end() - 1)
                     group = code[m.end():end - 1]
                     while re.search(r"\{[^{}]*\}", group):
                         group = re.sub(r"\{[^{}]*\}", "", group)
-                    names = group.split(",")
-                    for t in names:
+                    for t in group.split(","):
                         k = re.match(r"\s*(" + IDENT + ")", t)
                         if k:
                             add(self.resolve_root_name(k.group(1)), m.start())
-                else:
-                    add(self.resolve_root_name(m.group(1)), m.start())
+                elif first:
+                    add(self.resolve_root_name(first), m.start())
+
+            for m in re.finditer(r"(?<![A-Za-z0-9_])\$?crate::(" + IDENT + r"|\{)", code):
+                add_root_path(m, m.group(1))
             # `super::…`: resolve the climb; only a climb to the crate root leaves the module.
             for m in re.finditer(r"(?<![A-Za-z0-9_:])((?:super::)+)(" + IDENT + r"|\{)?", code):
                 ups = m.group(1).count("super::")
                 # A file `a/b.rs` is module a::b; `super` of a::b is a.
-                base = modpath[:-ups] if ups <= len(modpath) else None
-                if base == [] and m.group(2) and m.group(2) != "{":
-                    add(self.resolve_root_name(m.group(2)), m.start())
+                if ups == len(modpath):
+                    add_root_path(m, m.group(2))
         return deps
 
 
