@@ -11,16 +11,55 @@
 //! count is under it), and a ticket from an older policy releases the very counter it took.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwapOption;
 use fairgate_policies::compiled::CompiledBandwidth;
 use fairgate_policies::model::Priority;
 
-use crate::decision::{CompletionEvent, Outcome};
-use crate::engine::Shared;
+use crate::clock::Clock;
+use crate::event::{CompletionEvent, Observer, Outcome};
 use crate::gcra::Params;
 use crate::identify::ClientKey;
-use crate::state::{Entry, OVERFLOW};
+use crate::shed::Shedder;
+use crate::state::{Entry, Store, OVERFLOW};
+
+/// What every ticket of an engine shares with it: where a ticket's end releases into (the
+/// client entries of the state store, the shedder's global in-flight count), what it
+/// reports to (the observer) and the clock its post-hoc debt is charged at. The engine
+/// ([`crate::Engine`]) owns it in an `Arc`; each ticket, and each remote check, holds a
+/// clone.
+///
+/// Aligned to 128 bytes so that the `Arc`'s reference counts, written by every ticket,
+/// sit on their own cache lines instead of the read-mostly fields every decision loads.
+#[repr(align(128))]
+pub(crate) struct TicketShared {
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) state: Store,
+    pub(crate) shed: Shedder,
+    pub(crate) observer: ArcSwapOption<Arc<dyn Observer>>,
+    /// Set once an observer is set: until then a decision skips loading `observer`.
+    pub(crate) has_observer: AtomicBool,
+    /// Handles kept alive as long as the engine and its tickets
+    /// ([`Engine::keep_alive`](crate::Engine::keep_alive)): a backend's tasks (the Redis
+    /// lease releases) keep serving tickets that outlive the engine.
+    pub(crate) kept: Mutex<Vec<Box<dyn Send + Sync>>>,
+}
+
+impl TicketShared {
+    /// Shares `state` and `shed`, read with `clock`, with no observer and nothing kept.
+    pub(crate) fn new(clock: Arc<dyn Clock>, state: Store, shed: Shedder) -> Self {
+        TicketShared {
+            clock,
+            state,
+            shed,
+            observer: ArcSwapOption::empty(),
+            has_observer: AtomicBool::new(false),
+            kept: Mutex::new(Vec::new()),
+        }
+    }
+}
 
 /// How post-hoc cost is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +79,7 @@ pub(crate) struct PostHocCharge {
 
 /// RAII guard of an admitted request. See the module docs.
 pub struct Ticket {
-    shared: Arc<Shared>,
+    shared: Arc<TicketShared>,
     client: ClientKey,
     permit: Option<Arc<Entry>>,
     priority: Priority,
@@ -54,7 +93,7 @@ pub struct Ticket {
 
 impl Ticket {
     pub(crate) fn new(
-        shared: Arc<Shared>,
+        shared: Arc<TicketShared>,
         client: ClientKey,
         permit: Option<Arc<Entry>>,
         priority: Priority,

@@ -36,13 +36,16 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ahash::RandomState;
-use arc_swap::{ArcSwap, ArcSwapOption, Guard};
-use fairgate_policies::compiled::{CompiledBandwidth, CompiledPolicy, RequestView};
+use arc_swap::{ArcSwap, Guard};
+use fairgate_policies::compiled::{
+    CompiledBandwidth, CompiledOperation, CompiledPolicy, RequestView,
+};
 use fairgate_policies::model::{HeaderMode, OnFailure, PostHoc, Priority};
 use fairgate_policies::PolicyStore;
 
@@ -50,7 +53,7 @@ use crate::backend::{
     BackendSnapshot, Embedded, LazyRoute, Route, RuleBucket, StateBackend, Verdict,
 };
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
-use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket};
+use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket, TicketShared};
 use crate::decision::{
     Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection,
     RequestContext, Stage,
@@ -59,10 +62,10 @@ use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
 use crate::ledger::{Charge, Charges};
 use crate::quota::{self, Consumed, Permit};
-use crate::rules::{self, RuleKeys, RuleReject, RulesShared, ShadowHit};
+use crate::rules::{self, RuleKeys, RuleReject, RulesOutcome, RulesShared, ShadowHit};
 use crate::shed::{ShedConfig, Shedder};
 use crate::sketch::Sketch;
-use crate::state::{LiveScopes, Store, CLIENT_SCOPE};
+use crate::state::{Entry, LiveScopes, Store, CLIENT_SCOPE};
 
 /// The facts about one request the engine decides on; borrowed from the request.
 pub struct RequestFacts<'a> {
@@ -123,23 +126,15 @@ pub struct BandwidthUsage {
 
 /// The admission engine. Cheap to share (`Arc<Engine>`); every clone of a layer built from
 /// it shares its state.
-pub struct Engine {
-    shared: Arc<Shared>,
-}
-
-/// What tickets need after the decision.
 ///
-/// Aligned to 128 bytes so that the `Arc`'s reference counts, written by every ticket,
-/// sit on their own cache lines instead of the read-mostly fields every decision loads.
+/// Aligned to 128 bytes so that the `Arc`'s reference counts, written whenever a layer or
+/// service holding the engine is cloned, sit on their own cache lines instead of the
+/// read-mostly fields every decision loads.
 #[repr(align(128))]
-pub(crate) struct Shared {
-    pub(crate) store: PolicyStore,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) state: Store,
-    pub(crate) shed: Shedder,
-    pub(crate) observer: ArcSwapOption<Arc<dyn Observer>>,
-    /// Set once an observer is set: until then a decision skips loading `observer`.
-    has_observer: AtomicBool,
+pub struct Engine {
+    /// What the engine's tickets share with it: clock, state store, shedder, observer.
+    shared: Arc<TicketShared>,
+    store: PolicyStore,
     prepared: ArcSwap<Prepared>,
     /// Set by the store's reload listener: `prepared` may be behind the store. Lets a
     /// decision check one flag instead of loading the store's policy as well.
@@ -147,19 +142,10 @@ pub(crate) struct Shared {
     rebuild: Mutex<()>,
     hasher: RandomState,
     shadow_rejects: AtomicU64,
-    kept: Mutex<Vec<Box<dyn Send + Sync>>>,
     /// The state backend, once one is attached ([`Engine::attach_backend`]).
     backend: OnceLock<Arc<dyn StateBackend>>,
     /// The backend until one is attached.
     embedded: Arc<dyn StateBackend>,
-}
-
-impl Shared {
-    /// The state backend: the attached one, else [`Embedded`].
-    #[inline]
-    fn backend(&self) -> &Arc<dyn StateBackend> {
-        self.backend.get().unwrap_or(&self.embedded)
-    }
 }
 
 /// Per-generation cache.
@@ -190,28 +176,21 @@ impl Engine {
         let shed = Shedder::default();
         let prepared = Prepared::build(policy, None, &state, &shed);
         Arc::new(Engine {
-            shared: Arc::new(Shared {
-                store,
-                clock,
-                state,
-                shed,
-                observer: ArcSwapOption::empty(),
-                has_observer: AtomicBool::new(false),
-                prepared: ArcSwap::from_pointee(prepared),
-                stale,
-                rebuild: Mutex::new(()),
-                hasher: RandomState::new(),
-                shadow_rejects: AtomicU64::new(0),
-                kept: Mutex::new(Vec::new()),
-                backend: OnceLock::new(),
-                embedded: Arc::new(Embedded),
-            }),
+            shared: Arc::new(TicketShared::new(clock, state, shed)),
+            store,
+            prepared: ArcSwap::from_pointee(prepared),
+            stale,
+            rebuild: Mutex::new(()),
+            hasher: RandomState::new(),
+            shadow_rejects: AtomicU64::new(0),
+            backend: OnceLock::new(),
+            embedded: Arc::new(Embedded),
         })
     }
 
     /// The policy store this engine reads.
     pub fn store(&self) -> &PolicyStore {
-        &self.shared.store
+        &self.store
     }
 
     /// Sets (replaces) the observer of decisions and completions.
@@ -246,7 +225,7 @@ impl Engine {
 
     /// Times a shadow rule would have rejected a request.
     pub fn shadow_rejects(&self) -> u64 {
-        self.shared.shadow_rejects.load(Ordering::Relaxed)
+        self.shadow_rejects.load(Ordering::Relaxed)
     }
 
     /// Entries evicted from the state table while not full (their debt is remembered).
@@ -293,17 +272,18 @@ impl Engine {
     /// Attaches the state backend that decides how quotas are decided (until then the
     /// engine runs on [`Embedded`]); false if one is attached already (the first stays).
     pub fn attach_backend(&self, backend: Arc<dyn StateBackend>) -> bool {
-        self.shared.backend.set(backend).is_ok()
+        self.backend.set(backend).is_ok()
     }
 
     /// The state backend: the attached one, else [`Embedded`].
+    #[inline]
     pub fn backend(&self) -> &Arc<dyn StateBackend> {
-        self.shared.backend()
+        self.backend.get().unwrap_or(&self.embedded)
     }
 
     /// The state backend's counters, when it shares state (`None` for [`Embedded`]).
     pub fn backend_snapshot(&self) -> Option<BackendSnapshot> {
-        self.shared.backend().snapshot()
+        self.backend().snapshot()
     }
 
     /// The state store (the fleet exchange charges it).
@@ -314,30 +294,34 @@ impl Engine {
 
     /// The current policy snapshot, preparing a new generation if the store moved on.
     fn prepared(&self) -> Guard<Arc<Prepared>> {
-        let sh = &*self.shared;
-        let prep = sh.prepared.load();
+        let prep = self.prepared.load();
         // No reload since the last check: `prep` is current (a reload still publishing
         // its listener call is seen by the next decision).
-        if !sh.stale.load(Ordering::Acquire) {
+        if !self.stale.load(Ordering::Acquire) {
             return prep;
         }
         // Cleared before the store is read: a reload after this sets it again. (A plain
         // load first: no write to a shared cache line on the common path.)
-        sh.stale.store(false, Ordering::Release);
-        let cur = sh.store.load();
+        self.stale.store(false, Ordering::Release);
+        let cur = self.store.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
             return prep;
         }
         drop(prep);
-        let _lock = sh.rebuild.lock().unwrap_or_else(|e| e.into_inner());
-        let prep = sh.prepared.load();
+        let _lock = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let prep = self.prepared.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
             return prep;
         }
-        let next = Prepared::build(Arc::clone(&cur), Some(&prep), &sh.state, &sh.shed);
+        let next = Prepared::build(
+            Arc::clone(&cur),
+            Some(&prep),
+            &self.shared.state,
+            &self.shared.shed,
+        );
         drop(prep);
-        sh.prepared.store(Arc::new(next));
-        sh.prepared.load()
+        self.prepared.store(Arc::new(next));
+        self.prepared.load()
     }
 
     /// Decides on one request. Never blocks, never panics on input.
@@ -369,34 +353,25 @@ impl Engine {
         self.decide_inner(req, context, true)
     }
 
+    /// The pipeline: one function per stage, each returning the rejection that ends the
+    /// decision (`Err`) or what the next stage needs; every early return drops `charges`,
+    /// which gives back what the stages before consumed.
     fn decide_inner(
         &self,
         req: &RequestFacts<'_>,
         context: Option<&RequestContext>,
         remote_ok: bool,
     ) -> Begun {
-        let sh = &*self.shared;
-        let now = sh.clock.now();
+        let now = self.shared.clock.now();
         let prep = self.prepared();
         let pol: &CompiledPolicy = &prep.policy;
 
         // 1. Identify.
-        let id = &pol.identify;
-        let ip = identify::client_ip(req.peer, req.headers, &|ip| id.trusted_proxies.contains(ip));
-        let ip_key = identify::LazyIpKey::new(ip, id.ipv4_prefix, id.ipv6_prefix);
-        let raw_key = identify::extract(&id.client_key, req.headers, req.query);
-        let client_key = match raw_key {
-            Some(v) => identify::bounded_key(v, id.max_key_length, &sh.hasher),
-            None => ip_key.get().clone(),
-        };
-        // The request's own text when it is the key: no UTF-8 re-validation of the copy.
-        let ck: &str = match raw_key {
-            Some(v) if v.len() <= id.max_key_length => v,
-            _ => client_key.as_str(),
-        };
+        let who = self.identify(pol, req);
+        let ck = who.key_text(pol.identify.max_key_length);
         let source = AsSource(req.headers);
         let mut view = RequestView {
-            ip,
+            ip: who.ip,
             method: req.method,
             host: req.host,
             path: req.path,
@@ -404,27 +379,24 @@ impl Engine {
             operation: req.operation,
             headers: &source,
         };
-        let op_id = match req.operation {
-            Some(name) => prep.ops_by_name.get(name).copied(),
-            None if pol.operations.is_empty() => None,
-            None => pol.operation_set.first_match(&view, 0),
-        };
-        let op = op_id.and_then(|i| pol.operations.get(i));
+        let op = prep.operation(req.operation, &view);
         if let Some(op) = op {
             view.operation = Some(&op.name);
         }
         let cost = op.map_or(1, |o| o.cost);
         let op_name = view.operation;
-        let observer = sh
+        let observer = self
+            .shared
             .has_observer
             .load(Ordering::Acquire)
-            .then(|| sh.observer.load());
+            .then(|| self.shared.observer.load());
         let observer: Option<&Arc<dyn Observer>> = observer.as_ref().and_then(|o| o.as_deref());
 
         let mut d = Deciding {
-            sh,
+            engine: self,
             now,
-            client_key: &client_key,
+            client_key: &who.key,
+            key: ck,
             op_name,
             cost,
             observer,
@@ -432,194 +404,59 @@ impl Engine {
             headers: pol.responses.ratelimit_headers,
             priority: Priority::Normal,
         };
-        let mut charges = Charges::new(&sh.state, now);
+        let mut charges = Charges::new(&self.shared.state, now);
 
         // 2. Rules.
         let keys = RuleKeys {
-            ip_key: &ip_key,
+            ip_key: &who.ip_key,
             client_key: ck,
             headers: req.headers,
         };
-        let mut on_shadow = |hit: ShadowHit<'_>| {
-            sh.shadow_rejects.fetch_add(1, Ordering::Relaxed);
-            if let Some(obs) = observer {
-                let info = hit
-                    .bandwidth
-                    .map(|(bw, tat)| quota::ratelimit_info(bw, None, tat, now));
-                obs.on_decision(&DecisionEvent {
-                    client_key: ck,
-                    operation: op_name,
-                    kind: DecisionKind::ShadowReject,
-                    stage: Some(Stage::Rule),
-                    rule: Some(&hit.rule.name),
-                    plan: None,
-                    bandwidth: hit.bandwidth.map(|(bw, _)| &*bw.name),
-                    cost,
-                    priority: hit.priority.unwrap_or(Priority::Normal),
-                    retry_after: None,
-                    status: 0,
-                    limit: info.as_ref(),
-                    context,
-                });
-            }
-        };
         // The state backend is asked at most once, by the first rule or quota needing it.
-        let mut backend_route = LazyRoute::new(sh.backend.get(), remote_ok);
+        let mut backend_route = LazyRoute::new(self.backend.get(), remote_ok);
         let mut rules_shared = RulesShared::default();
-        let rules_out = match rules::evaluate(
-            pol,
-            &prep.sketches,
+        let rules_out = match d.rules(
+            &prep,
             &view,
             &keys,
-            &sh.state,
-            now,
             &mut charges,
-            &mut on_shadow,
             &mut backend_route,
             &mut rules_shared,
         ) {
-            Ok(o) => o,
-            Err((r, tagged)) => {
-                d.priority = tagged.unwrap_or(Priority::Normal);
-                return d.reject_rule(pol, &prep, r);
-            }
+            ControlFlow::Continue(o) => o,
+            ControlFlow::Break(rejected) => return rejected,
         };
         let shadow_hits = rules_out.shadow_hits;
         let allow_rule = rules_out.allow_rule.and_then(|i| pol.rules.get(i));
-        let mut priority = rules_out.priority.unwrap_or(Priority::Normal);
-        d.priority = priority;
 
         // 3. Per-client quota.
         let q = quota::resolve(pol, ck, rules_out.plan);
         let plan_name = q.plan.map(|p| &p.name);
-        let mut borrowed = false;
-        let mut ratelimit = None;
-        let mut permit = None;
-        // The concurrency permit still to take (the quota check takes it on the way when
-        // it can: one lookup of the client's entry for both).
-        let mut concurrency = q.concurrency;
-        // The state backend routes requests that have quota bandwidths: a request without
-        // (no plan, `bandwidths: []`, `allow`) is not affected by the backend's failures.
-        let route = if !rules_out.allowed && q.bandwidths.is_some_and(|b| !b.is_empty()) {
-            backend_route.get()
-        } else {
-            Route::Local
+        let QuotaPassed {
+            route,
+            borrowed,
+            ratelimit,
+            mut permit,
+        } = match d.quota(&prep, &q, &rules_out, &mut backend_route, &mut charges) {
+            ControlFlow::Continue(passed) => passed,
+            ControlFlow::Break(rejected) => return rejected,
         };
-        if route == Route::Reject {
-            sh.backend().count_failure_reject();
-            return d.reject(backend_unavailable(
-                pol,
-                plan_name.cloned(),
-                &client_key,
-                shadow_hits,
-            ));
-        }
-        // A remote check decides the bandwidths; failing open skips them.
-        let local_quota = !matches!(route, Route::Remote | Route::Admit);
-        if !rules_out.allowed {
-            if let Some(bws) = q.bandwidths.filter(|_| local_quota) {
-                match quota::consume(&sh.state, bws, concurrency, ck, cost, now, &mut charges) {
-                    Err(_) => {
-                        return d.reject_full(pol, plan_name, shadow_hits);
-                    }
-                    Ok(Consumed::Admitted {
-                        tightest,
-                        permit: got,
-                    }) => {
-                        match got {
-                            Permit::NotTried => {}
-                            Permit::Taken(p) => {
-                                permit = Some(p);
-                                concurrency = None;
-                            }
-                            Permit::Refused => {
-                                return d.reject_concurrency(pol, plan_name, shadow_hits);
-                            }
-                        }
-                        if d.headers == HeaderMode::Always {
-                            ratelimit = tightest
-                                .map(|(bw, tat)| quota::ratelimit_info(bw, Some(bws), tat, now));
-                        }
-                    }
-                    Ok(Consumed::Rejected {
-                        bandwidth,
-                        wait,
-                        tat,
-                    }) => {
-                        let can_borrow = prep
-                            .borrow_below
-                            .is_some_and(|below| sh.shed.below_utilization(below));
-                        if can_borrow {
-                            borrowed = true;
-                            priority = Priority::Borrowed;
-                            d.priority = priority;
-                            // Over quota: the exceeded bandwidth (nothing left), so the
-                            // fields do not vanish exactly when the client runs out.
-                            if d.headers == HeaderMode::Always {
-                                ratelimit =
-                                    Some(quota::ratelimit_info(bandwidth, Some(bws), tat, now));
-                            }
-                        } else {
-                            let info = (d.headers != HeaderMode::Never)
-                                .then(|| quota::ratelimit_info(bandwidth, Some(bws), tat, now));
-                            return d.reject(Rejection {
-                                status: pol.responses.quota_status,
-                                stage: Stage::Quota,
-                                rule: None,
-                                plan: plan_name.cloned(),
-                                bandwidth: Some(Arc::clone(&bandwidth.name)),
-                                client_key: client_key.clone(),
-                                retry_after: Some(gcra::retry_after(wait)),
-                                ratelimit: info,
-                                delay: None,
-                                delay_guard: None,
-                                shadow_hits,
-                            });
-                        }
-                    }
-                }
-            }
-            if let Some(limit) = concurrency {
-                let got = sh.state.with_client(ck, now, &[], |e, _| {
-                    e.try_acquire(u64::from(limit)).then(|| Arc::clone(e))
-                });
-                match got {
-                    Ok(Some(p)) => permit = Some(p),
-                    Ok(None) => {
-                        return d.reject_concurrency(pol, plan_name, shadow_hits);
-                    }
-                    Err(_) => {
-                        return d.reject_full(pol, plan_name, shadow_hits);
-                    }
-                }
+
+        // 4. Per-client concurrency (unless the quota check took the permit on the way).
+        if !rules_out.allowed && permit.is_none() {
+            match d.concurrency(pol, &q, shadow_hits) {
+                ControlFlow::Continue(p) => permit = p,
+                ControlFlow::Break(rejected) => return rejected,
             }
         }
 
-        // 4. Global shedding.
-        if !sh.shed.try_enter(priority, prep.shed.as_ref()) {
-            if let Some(p) = permit.take() {
-                p.release();
-            }
-            let (delay, delay_guard) = match sh.shed.reject_delay(prep.shed.as_ref()) {
-                Some((d, g)) => (Some(d), Some(g)),
-                None => (None, None),
-            };
-            return d.reject(Rejection {
-                status: pol.responses.shed_status,
-                stage: Stage::Shed,
-                rule: None,
-                plan: plan_name.cloned(),
-                bandwidth: None,
-                client_key: client_key.clone(),
-                retry_after: Some(shed_retry_after(pol)),
-                ratelimit: None,
-                delay,
-                delay_guard,
-                shadow_hits,
-            });
+        // 5. Global shedding.
+        if let ControlFlow::Break(rejected) = d.shed(&prep, plan_name, &mut permit, shadow_hits) {
+            return rejected;
         }
+        let priority = d.priority;
 
-        // 5. Admit.
+        // Admit.
         let post_hoc = match (op.and_then(|o| o.post_hoc.as_ref()), q.bandwidths) {
             (Some(ph), Some(bws)) if !rules_out.allowed => Some(PostHocCharge {
                 unit: match ph {
@@ -631,10 +468,10 @@ impl Engine {
             _ => None,
         };
         for &(bw, key) in &rules_shared.record {
-            sh.backend().record_rule(key, bw);
+            self.backend().record_rule(key, bw);
         }
         if rules_shared.degraded && !matches!(route, Route::Degraded | Route::Admit) {
-            sh.backend().count_failure_admit();
+            self.backend().count_failure_admit();
         }
         let remote_rules = std::mem::take(&mut rules_shared.remote).into_boxed_slice();
         // Exact mode: the quota's bandwidths (when the route is remote) and the enforced
@@ -644,7 +481,7 @@ impl Engine {
             let headers = d.headers;
             let ticket = Ticket::new(
                 Arc::clone(&self.shared),
-                client_key.clone(),
+                who.key.clone(),
                 permit,
                 priority,
                 borrowed,
@@ -653,13 +490,13 @@ impl Engine {
             charges.commit();
             return Begun::Remote(RemoteCheck {
                 shared: Arc::clone(&self.shared),
-                backend: Arc::clone(sh.backend()),
+                backend: Arc::clone(self.backend()),
                 admitted: Admitted { ticket, ratelimit },
                 rules: remote_rules,
                 bandwidths: remote_quota.map_or_else(|| Arc::from([]), Arc::clone),
                 cost,
                 concurrency: remote_quota.and(q.concurrency),
-                client_key,
+                client_key: who.key,
                 plan: plan_name.cloned(),
                 operation: op_name.map(Arc::from),
                 context: context.cloned(),
@@ -672,10 +509,10 @@ impl Engine {
         }
         if let Some(bws) = q.bandwidths.filter(|_| route != Route::Local) {
             if matches!(route, Route::Shared | Route::Degraded) && !borrowed {
-                sh.backend().record(ck, bws, cost);
+                self.backend().record(ck, bws, cost);
             }
             if matches!(route, Route::Degraded | Route::Admit) {
-                sh.backend().count_failure_admit();
+                self.backend().count_failure_admit();
             }
         }
         if let Some(obs) = observer {
@@ -707,13 +544,33 @@ impl Engine {
         charges.commit();
         let ticket = Ticket::new(
             Arc::clone(&self.shared),
-            client_key,
+            who.key,
             permit,
             priority,
             borrowed,
             post_hoc,
         );
         Begun::Decided(Decision::Admit(Admitted { ticket, ratelimit }))
+    }
+
+    /// Stage 1: who sent the request. The client's IP is the peer's, or the one trusted
+    /// proxies forwarded; the client key is what the policy's extractors find (hashed when
+    /// longer than `max_key_length`), else the IP aggregated to its prefix.
+    fn identify<'r>(&self, pol: &CompiledPolicy, req: &RequestFacts<'r>) -> Identity<'r> {
+        let id = &pol.identify;
+        let ip = identify::client_ip(req.peer, req.headers, &|ip| id.trusted_proxies.contains(ip));
+        let ip_key = identify::LazyIpKey::new(ip, id.ipv4_prefix, id.ipv6_prefix);
+        let raw = identify::extract(&id.client_key, req.headers, req.query);
+        let key = match raw {
+            Some(v) => identify::bounded_key(v, id.max_key_length, &self.hasher),
+            None => ip_key.get().clone(),
+        };
+        Identity {
+            ip,
+            ip_key,
+            raw,
+            key,
+        }
     }
 
     /// One client's usage against its quota. `None` when no plan applies to the client
@@ -900,7 +757,7 @@ pub enum Begun {
 /// A decision waiting for the state backend's remote check (Redis `exact` mode). It holds the request's ticket (in-flight
 /// count, concurrency permit): dropping it, or a rejection, releases them.
 pub struct RemoteCheck {
-    shared: Arc<Shared>,
+    shared: Arc<TicketShared>,
     backend: Arc<dyn StateBackend>,
     admitted: Admitted,
     /// `limit` rules' buckets checked first (their verdict indices come first).
@@ -1205,11 +1062,48 @@ fn backend_unavailable_owned(
     }
 }
 
+/// Who sent a request (stage 1, [`Engine::identify`]).
+struct Identity<'r> {
+    /// The client's IP: the peer's, or the one trusted proxies forwarded.
+    ip: IpAddr,
+    /// The IP aggregated to its prefix, formatted only if something asks for it.
+    ip_key: identify::LazyIpKey,
+    /// The key as the request carries it, when an extractor found one.
+    raw: Option<&'r str>,
+    /// The client key.
+    key: ClientKey,
+}
+
+impl Identity<'_> {
+    /// The client key's text: the request's own when it is the key (no UTF-8
+    /// re-validation of the copy).
+    fn key_text(&self, max_key_length: usize) -> &str {
+        match self.raw {
+            Some(v) if v.len() <= max_key_length => v,
+            _ => self.key.as_str(),
+        }
+    }
+}
+
+/// What the quota stage passes on.
+struct QuotaPassed {
+    /// How the state backend decides this request's quota.
+    route: Route,
+    /// Admitted over quota by burst sharing.
+    borrowed: bool,
+    /// The RateLimit numbers of an admitted response (`ratelimit_headers: always`).
+    ratelimit: Option<RateLimitInfo>,
+    /// The concurrency permit, when the quota check took it on the way.
+    permit: Option<Arc<Entry>>,
+}
+
 /// Per-decision context for building rejections and events.
 struct Deciding<'d> {
-    sh: &'d Shared,
+    engine: &'d Engine,
     now: Nanos,
     client_key: &'d ClientKey,
+    /// The client key's text (the request's own when it is the key).
+    key: &'d str,
     op_name: Option<&'d str>,
     cost: u64,
     observer: Option<&'d Arc<dyn Observer>>,
@@ -1221,7 +1115,241 @@ struct Deciding<'d> {
     priority: Priority,
 }
 
-impl Deciding<'_> {
+impl<'d> Deciding<'d> {
+    /// Stage 2: every matching rule in order (`deny`, `allow`, `limit`, `tag`; a shadow
+    /// rule's would-be rejection is counted and reported). A rejection keeps the priority
+    /// class `tag` rules gave the request before the rejecting rule.
+    fn rules(
+        &mut self,
+        prep: &'d Prepared,
+        view: &RequestView<'_>,
+        keys: &RuleKeys<'d>,
+        charges: &mut Charges<'d, '_>,
+        route: &mut LazyRoute<'_>,
+        shared: &mut RulesShared<'d>,
+    ) -> ControlFlow<Begun, RulesOutcome> {
+        let pol: &'d CompiledPolicy = &prep.policy;
+        let (engine, now, ck, op_name, cost) =
+            (self.engine, self.now, self.key, self.op_name, self.cost);
+        let (observer, context) = (self.observer, self.context);
+        let mut on_shadow = |hit: ShadowHit<'_>| {
+            engine.shadow_rejects.fetch_add(1, Ordering::Relaxed);
+            if let Some(obs) = observer {
+                let info = hit
+                    .bandwidth
+                    .map(|(bw, tat)| quota::ratelimit_info(bw, None, tat, now));
+                obs.on_decision(&DecisionEvent {
+                    client_key: ck,
+                    operation: op_name,
+                    kind: DecisionKind::ShadowReject,
+                    stage: Some(Stage::Rule),
+                    rule: Some(&hit.rule.name),
+                    plan: None,
+                    bandwidth: hit.bandwidth.map(|(bw, _)| &*bw.name),
+                    cost,
+                    priority: hit.priority.unwrap_or(Priority::Normal),
+                    retry_after: None,
+                    status: 0,
+                    limit: info.as_ref(),
+                    context,
+                });
+            }
+        };
+        match rules::evaluate(
+            pol,
+            &prep.sketches,
+            view,
+            keys,
+            &engine.shared.state,
+            now,
+            charges,
+            &mut on_shadow,
+            route,
+            shared,
+        ) {
+            Ok(o) => {
+                self.priority = o.priority.unwrap_or(Priority::Normal);
+                ControlFlow::Continue(o)
+            }
+            Err((r, tagged)) => {
+                self.priority = tagged.unwrap_or(Priority::Normal);
+                ControlFlow::Break(self.reject_rule(pol, prep, r))
+            }
+        }
+    }
+
+    /// Stage 3: the client's quota bandwidths, all or nothing, on the route the state
+    /// backend gives (not for a request an `allow` rule admitted). Over quota, with burst
+    /// sharing on and capacity to spare, the request goes on as `borrowed`. The check
+    /// takes the concurrency permit on the way when it can (one lookup of the client's
+    /// entry for both).
+    fn quota(
+        &mut self,
+        prep: &Prepared,
+        q: &quota::Quota<'d>,
+        rules_out: &RulesOutcome,
+        backend_route: &mut LazyRoute<'_>,
+        charges: &mut Charges<'d, '_>,
+    ) -> ControlFlow<Begun, QuotaPassed> {
+        let pol: &CompiledPolicy = &prep.policy;
+        let (engine, now, ck, cost) = (self.engine, self.now, self.key, self.cost);
+        let shadow_hits = rules_out.shadow_hits;
+        let plan_name = q.plan.map(|p| &p.name);
+        // The state backend routes requests that have quota bandwidths: a request without
+        // (no plan, `bandwidths: []`, `allow`) is not affected by the backend's failures.
+        let route = if !rules_out.allowed && q.bandwidths.is_some_and(|b| !b.is_empty()) {
+            backend_route.get()
+        } else {
+            Route::Local
+        };
+        let mut passed = QuotaPassed {
+            route,
+            borrowed: false,
+            ratelimit: None,
+            permit: None,
+        };
+        if route == Route::Reject {
+            engine.backend().count_failure_reject();
+            return ControlFlow::Break(self.reject(backend_unavailable(
+                pol,
+                plan_name.cloned(),
+                self.client_key,
+                shadow_hits,
+            )));
+        }
+        // A remote check decides the bandwidths; failing open skips them.
+        let local_quota = !matches!(route, Route::Remote | Route::Admit);
+        let Some(bws) = q.bandwidths.filter(|_| !rules_out.allowed && local_quota) else {
+            return ControlFlow::Continue(passed);
+        };
+        match quota::consume(
+            &engine.shared.state,
+            bws,
+            q.concurrency,
+            ck,
+            cost,
+            now,
+            charges,
+        ) {
+            Err(_) => ControlFlow::Break(self.reject_full(pol, plan_name, shadow_hits)),
+            Ok(Consumed::Admitted { tightest, permit }) => {
+                match permit {
+                    Permit::NotTried => {}
+                    Permit::Taken(p) => passed.permit = Some(p),
+                    Permit::Refused => {
+                        return ControlFlow::Break(self.reject_concurrency(
+                            pol,
+                            plan_name,
+                            shadow_hits,
+                        ));
+                    }
+                }
+                if self.headers == HeaderMode::Always {
+                    passed.ratelimit =
+                        tightest.map(|(bw, tat)| quota::ratelimit_info(bw, Some(bws), tat, now));
+                }
+                ControlFlow::Continue(passed)
+            }
+            Ok(Consumed::Rejected {
+                bandwidth,
+                wait,
+                tat,
+            }) => {
+                let can_borrow = prep
+                    .borrow_below
+                    .is_some_and(|below| engine.shared.shed.below_utilization(below));
+                if !can_borrow {
+                    let info = (self.headers != HeaderMode::Never)
+                        .then(|| quota::ratelimit_info(bandwidth, Some(bws), tat, now));
+                    return ControlFlow::Break(self.reject(Rejection {
+                        status: pol.responses.quota_status,
+                        stage: Stage::Quota,
+                        rule: None,
+                        plan: plan_name.cloned(),
+                        bandwidth: Some(Arc::clone(&bandwidth.name)),
+                        client_key: self.client_key.clone(),
+                        retry_after: Some(gcra::retry_after(wait)),
+                        ratelimit: info,
+                        delay: None,
+                        delay_guard: None,
+                        shadow_hits,
+                    }));
+                }
+                passed.borrowed = true;
+                self.priority = Priority::Borrowed;
+                // Over quota: the exceeded bandwidth (nothing left), so the fields do not
+                // vanish exactly when the client runs out.
+                if self.headers == HeaderMode::Always {
+                    passed.ratelimit = Some(quota::ratelimit_info(bandwidth, Some(bws), tat, now));
+                }
+                ControlFlow::Continue(passed)
+            }
+        }
+    }
+
+    /// Stage 4: the client's concurrency permit, when its quota has a limit (never
+    /// borrowed).
+    fn concurrency(
+        &mut self,
+        pol: &CompiledPolicy,
+        q: &quota::Quota<'_>,
+        shadow_hits: u32,
+    ) -> ControlFlow<Begun, Option<Arc<Entry>>> {
+        let Some(limit) = q.concurrency else {
+            return ControlFlow::Continue(None);
+        };
+        let got = self
+            .engine
+            .shared
+            .state
+            .with_client(self.key, self.now, &[], |e, _| {
+                e.try_acquire(u64::from(limit)).then(|| Arc::clone(e))
+            });
+        let plan_name = q.plan.map(|p| &p.name);
+        match got {
+            Ok(Some(p)) => ControlFlow::Continue(Some(p)),
+            Ok(None) => ControlFlow::Break(self.reject_concurrency(pol, plan_name, shadow_hits)),
+            Err(_) => ControlFlow::Break(self.reject_full(pol, plan_name, shadow_hits)),
+        }
+    }
+
+    /// Stage 5: global shedding by priority class. A shed request gives its concurrency
+    /// permit back at once; its answer may wait the reject delay.
+    fn shed(
+        &mut self,
+        prep: &Prepared,
+        plan: Option<&Arc<str>>,
+        permit: &mut Option<Arc<Entry>>,
+        shadow_hits: u32,
+    ) -> ControlFlow<Begun, ()> {
+        let engine = self.engine;
+        let shed = &engine.shared.shed;
+        if shed.try_enter(self.priority, prep.shed.as_ref()) {
+            return ControlFlow::Continue(());
+        }
+        if let Some(p) = permit.take() {
+            p.release();
+        }
+        let (delay, delay_guard) = match shed.reject_delay(prep.shed.as_ref()) {
+            Some((d, g)) => (Some(d), Some(g)),
+            None => (None, None),
+        };
+        let pol: &CompiledPolicy = &prep.policy;
+        ControlFlow::Break(self.reject(Rejection {
+            status: pol.responses.shed_status,
+            stage: Stage::Shed,
+            rule: None,
+            plan: plan.cloned(),
+            bandwidth: None,
+            client_key: self.client_key.clone(),
+            retry_after: Some(shed_retry_after(pol)),
+            ratelimit: None,
+            delay,
+            delay_guard,
+            shadow_hits,
+        }))
+    }
+
     fn reject(&mut self, r: Rejection) -> Begun {
         if let Some(obs) = self.observer {
             obs.on_decision(&DecisionEvent {
@@ -1271,7 +1399,7 @@ impl Deciding<'_> {
         shadow_hits: u32,
     ) -> Begun {
         tracing::warn!(
-            tracked = self.sh.state.len(),
+            tracked = self.engine.shared.state.len(),
             "state table full of in-flight keys; rejecting a new key"
         );
         self.reject(Rejection {
@@ -1329,7 +1457,7 @@ impl Deciding<'_> {
             }
             RuleReject::Full => self.reject_full(pol, None, 0),
             RuleReject::Unavailable => {
-                self.sh.backend().count_failure_reject();
+                self.engine.backend().count_failure_reject();
                 self.reject(backend_unavailable(pol, None, self.client_key, 0))
             }
         }
@@ -1339,6 +1467,18 @@ impl Deciding<'_> {
 // === impl Prepared ===
 
 impl Prepared {
+    /// The request's operation: the one the adapter named, else the first whose matcher
+    /// the request matches.
+    fn operation(&self, named: Option<&str>, view: &RequestView<'_>) -> Option<&CompiledOperation> {
+        let pol = &self.policy;
+        let i = match named {
+            Some(name) => self.ops_by_name.get(name).copied(),
+            None if pol.operations.is_empty() => None,
+            None => pol.operation_set.first_match(view, 0),
+        }?;
+        pol.operations.get(i)
+    }
+
     fn build(
         policy: Arc<CompiledPolicy>,
         old: Option<&Prepared>,

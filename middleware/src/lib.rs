@@ -35,6 +35,7 @@ pub mod clock;
 pub mod concurrency;
 pub mod decision;
 pub mod engine;
+mod event;
 #[cfg(feature = "redis")]
 pub mod fleet;
 pub mod gcra;

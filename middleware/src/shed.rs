@@ -55,6 +55,7 @@
 //! `max_waiting` delayed rejections wait at once; beyond that they answer at once. The
 //! waiting count is held by a [`DelayGuard`] inside the rejection.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -62,7 +63,6 @@ use std::time::Duration;
 use fairgate_policies::model::{AdaptiveAlgorithm, Priority, ShedLimit, Shedding};
 
 use crate::clock::{duration_to_nanos, Nanos};
-use crate::decision::DelayGuard;
 
 /// Windows between probes of the gradient limiter's no-load latency.
 pub const PROBE_WINDOWS: u64 = 100;
@@ -402,6 +402,31 @@ impl Adaptive {
         }
         self.limit = next.clamp(self.min, self.max);
         true
+    }
+}
+
+// === DelayGuard ===
+
+/// Keeps a delayed rejection counted as waiting; dropping it stops counting.
+pub struct DelayGuard {
+    waiting: Arc<AtomicU64>,
+}
+
+impl DelayGuard {
+    pub(crate) fn new(waiting: Arc<AtomicU64>) -> Self {
+        DelayGuard { waiting }
+    }
+}
+
+impl Drop for DelayGuard {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl fmt::Debug for DelayGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DelayGuard").finish_non_exhaustive()
     }
 }
 

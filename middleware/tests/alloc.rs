@@ -6,7 +6,7 @@
 //! i.e. the entry's `Arc` allocation plus the state table's share (pointer and control
 //! byte per bucket, at whatever load factor the table has reached). Measured at 20,000 and
 //! at 1,000,000 keys; the evicted-debt table is allocated up front and not counted (8 bytes
-//! per `max_keys`, see `state.rs`).
+//! per `max_keys`, see `state/mod.rs`).
 
 #![allow(unsafe_code)] // a GlobalAlloc wrapper is unsafe by definition; it only counts.
 

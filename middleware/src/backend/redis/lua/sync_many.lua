@@ -1,0 +1,37 @@
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+local a, k = 1, 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local units = tonumber(ARGV[a + 1])
+  local tats = {}
+  local bad = false
+  for i = 1, n do
+    local ok, v = pcall(redis.call, 'GET', KEYS[k + i - 1])
+    local tat = nil
+    if ok then tat = tonumber(v or now) end
+    if not tat then bad = true end
+    tats[i] = tat
+  end
+  if bad then
+    out[#out + 1] = 1
+    for i = 1, n do out[#out + 1] = 0 end
+  else
+    out[#out + 1] = 0
+    for i = 1, n do
+      local T = tonumber(ARGV[a + 1 + i]) / 1000
+      local tat = tats[i]
+      if tat < now then tat = now end
+      if units > 0 then
+        tat = tat + units * T
+        redis.call('SET', KEYS[k + i - 1], tostring(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+      end
+      out[#out + 1] = math.floor(tat - now)
+    end
+  end
+  a = a + 2 + n
+  k = k + n
+end
+return out

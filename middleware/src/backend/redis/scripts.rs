@@ -1,0 +1,34 @@
+//! The Lua scripts, one file each under `lua/`; each constant says what its script takes
+//! and answers. A file holds exactly the text the script had inline, leading newline
+//! included, so its SHA1 (`EVALSHA`) and the line numbers in Redis's error replies are
+//! those of the inline script.
+
+/// Exact mode: GCRA over every bucket (a `limit` rule's, a quota bandwidth's), all or
+/// nothing, on Redis time (µs), and a concurrency lease when a limit is given.
+/// KEYS: one TAT key per bucket, then the lease set. ARGV: n (buckets), then per bucket T
+/// and C (integer ns, as every script takes them; the script works in µs) and its cost,
+/// then the concurrency limit (0: none), the lease id, the lease ttl (ms).
+/// Returns `{1}` when admitted, `{0, i, wait_us, tat_minus_now_us}` when bucket `i`
+/// (1-based) rejects, `{2}` when the concurrency limit is reached.
+pub(super) const EXACT_LUA: &str = include_str!("lua/exact.lua");
+
+/// Renews a lease that is still there. KEYS: the lease set. ARGV: lease id, ttl (ms).
+pub(super) const RENEW_LUA: &str = include_str!("lua/renew.lua");
+
+/// Async mode: charges this gateway's batch to the fleet bucket of each bandwidth and
+/// answers how far ahead of now each TAT is (µs). KEYS: one TAT key per bandwidth.
+/// ARGV: units, then T (integer ns) per bandwidth.
+pub(super) const SYNC_LUA: &str = include_str!("lua/sync.lua");
+
+/// Async mode on one Redis server: [`SYNC_LUA`] for many clients in one call, so a round
+/// costs one call per chunk of [`EXCHANGE_CHUNK`](super::exchange::EXCHANGE_CHUNK) clients instead of one per client.
+/// KEYS: every client's TAT keys, client after client. ARGV: per client, its number of
+/// bandwidths n, its units, then T (integer ns) per bandwidth. Answer: per client a status
+/// (0, or 1 when one of its keys holds something else than a number: that client only) then
+/// n values (µs ahead of now; zeros after a status 1). Not for Redis Cluster: the clients'
+/// keys live in different slots there.
+pub(super) const SYNC_MANY_LUA: &str = include_str!("lua/sync_many.lua");
+
+/// Registers this gateway until now + ttl and counts the registered ones.
+/// KEYS: the registry zset (`<prefix>:{gateways}`: its own hash tag). ARGV: gateway id, ttl ms.
+pub(super) const HEARTBEAT_LUA: &str = include_str!("lua/heartbeat.lua");

@@ -1,0 +1,216 @@
+//! What the engine tells an [`Observer`]: a [`DecisionEvent`] per decision (and per shadow
+//! rule's would-be rejection), a [`CompletionEvent`] per finished request, and the values
+//! both carry: the [`Stage`] that settled a decision, the [`RateLimitInfo`] numbers, the
+//! request's [`RequestContext`]. Re-exported by [`crate::decision`]; a module of its own so
+//! that a ticket can report its completion without depending on the decision that holds it.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fairgate_policies::compiled::CompiledBandwidth;
+use fairgate_policies::model::Priority;
+
+/// The stage that rejected a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// A reactive rule (`deny`, or a rule-scoped `limit`).
+    Rule,
+    /// A plan bandwidth.
+    Quota,
+    /// The per-client concurrency quota.
+    Concurrency,
+    /// Global load shedding (also: the state table is full of in-flight keys).
+    Shed,
+    /// The state backend (Redis) holding the request's quota or rule limit is unavailable
+    /// and fails closed (`state.redis.on_failure: closed`): 503, not a quota overrun.
+    Backend,
+}
+
+impl Stage {
+    /// Lower-case name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Stage::Rule => "rule",
+            Stage::Quota => "quota",
+            Stage::Concurrency => "concurrency",
+            Stage::Shed => "shed",
+            Stage::Backend => "backend",
+        }
+    }
+}
+
+/// The IETF RateLimit numbers of one bandwidth (draft-ietf-httpapi-ratelimit-headers),
+/// and the bandwidths advertised with it.
+///
+/// A bandwidth "r per P, burst b" is advertised as its sustained rate, `q` units per `w`
+/// seconds, plus its burst: `w` is `P` when `P` is whole seconds (`q` = r: `10/s` is
+/// `q=10;w=1`, `100000/day` is `q=100000;w=86400`), else `P` rounded up to whole seconds
+/// with `q` = r · w / P rounded down (`5/250ms` is `q=20;w=1`), so `q` never promises more
+/// than the rate. `burst` is b, what a full bucket admits at once.
+///
+/// GCRA reading of the live numbers: `remaining` is `floor((C − (max(TAT, now) − now)) / T)`
+/// (at most the burst: what may be sent now) and `reset_secs` the seconds until the bucket
+/// is full again (rounded up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitInfo {
+    /// Policy name (the bandwidth name).
+    pub policy: Arc<str>,
+    /// Quota units per window (`q`): the sustained rate.
+    pub quota: u64,
+    /// Window in seconds (`w`).
+    pub window_secs: u64,
+    /// Burst: units a full bucket admits at once.
+    pub burst: u64,
+    /// Units left.
+    pub remaining: u64,
+    /// Seconds until full.
+    pub reset_secs: u64,
+    /// Every bandwidth of the client's quota (this one among them), all advertised in
+    /// `RateLimit-Policy`; `None` for a rule's `limit`, advertised alone.
+    pub bandwidths: Option<Arc<[CompiledBandwidth]>>,
+}
+
+/// How a request completed, for [`Ticket::complete`](crate::Ticket::complete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Response status.
+    pub status: u16,
+    /// Response body bytes sent.
+    pub response_bytes: u64,
+    /// Time from decision to end of response.
+    pub latency: Duration,
+}
+
+/// What happened to a request, as seen by an [`Observer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecisionKind {
+    /// Admitted within quota.
+    Admit,
+    /// Admitted over quota through burst sharing.
+    Borrowed,
+    /// Rejected.
+    Reject,
+    /// A shadow rule would have rejected it (the request itself goes on).
+    ShadowReject,
+}
+
+impl DecisionKind {
+    /// Lower-case name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DecisionKind::Admit => "admit",
+            DecisionKind::Borrowed => "borrowed",
+            DecisionKind::Reject => "reject",
+            DecisionKind::ShadowReject => "shadow_reject",
+        }
+    }
+}
+
+/// One decision (or one shadow rule's would-be rejection).
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionEvent<'a> {
+    /// The client key.
+    pub client_key: &'a str,
+    /// The resolved operation, if any.
+    pub operation: Option<&'a str>,
+    /// What happened.
+    pub kind: DecisionKind,
+    /// The rejecting stage (for rejections and shadow rejections).
+    pub stage: Option<Stage>,
+    /// The rule involved.
+    pub rule: Option<&'a str>,
+    /// The client's plan.
+    pub plan: Option<&'a str>,
+    /// The bandwidth involved.
+    pub bandwidth: Option<&'a str>,
+    /// The request's cost in quota units.
+    pub cost: u64,
+    /// Priority class used for shedding.
+    pub priority: Priority,
+    /// `Retry-After` sent.
+    pub retry_after: Option<Duration>,
+    /// Status answered (0 when admitted: the upstream decides).
+    pub status: u16,
+    /// The limit involved, if a bandwidth.
+    pub limit: Option<&'a RateLimitInfo>,
+    /// The request's [`RequestContext`], when the adapter was given one.
+    pub context: Option<&'a RequestContext>,
+}
+
+/// A per-request value for the [`Observer`]: the adapter hands it to the engine with the
+/// request (the tower adapter takes it from a `RequestContext` request extension), and every
+/// [`DecisionEvent`] of that request carries it, including those of a decision finished
+/// later, elsewhere (a Redis `exact`-mode check resolved in the response future). Opaque to
+/// the engine: an observer reads its own type back with [`get`](Self::get). Cheap to clone
+/// (one `Arc`).
+#[derive(Clone)]
+pub struct RequestContext(Arc<dyn Any + Send + Sync>);
+
+impl RequestContext {
+    /// Wraps `value`.
+    pub fn new<T: Any + Send + Sync>(value: T) -> RequestContext {
+        RequestContext(Arc::new(value))
+    }
+
+    /// The value, if it is a `T`.
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestContext").finish_non_exhaustive()
+    }
+}
+
+/// One completed request.
+#[derive(Debug, Clone, Copy)]
+pub struct CompletionEvent<'a> {
+    /// The client key.
+    pub client_key: &'a str,
+    /// Response status.
+    pub status: u16,
+    /// Latency.
+    pub latency: Duration,
+    /// Response body bytes.
+    pub response_bytes: u64,
+    /// Post-hoc units charged on every bandwidth of the plan.
+    pub post_hoc_cost: u64,
+    /// Whether the request was admitted by burst sharing.
+    pub borrowed: bool,
+}
+
+/// Receives decisions and completions (metrics, decision log). Called inline: keep it
+/// cheap and non-blocking.
+pub trait Observer: Send + Sync {
+    /// A decision was made (also once per shadow rule that would have rejected).
+    fn on_decision(&self, event: &DecisionEvent<'_>);
+    /// A ticket completed.
+    fn on_complete(&self, event: &CompletionEvent<'_>);
+}
+
+/// Two observers are one: both see every event, `A` first.
+impl<A: Observer, B: Observer> Observer for (A, B) {
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
+        self.0.on_decision(event);
+        self.1.on_decision(event);
+    }
+
+    fn on_complete(&self, event: &CompletionEvent<'_>) {
+        self.0.on_complete(event);
+        self.1.on_complete(event);
+    }
+}
+
+impl<T: Observer + ?Sized> Observer for Arc<T> {
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
+        (**self).on_decision(event);
+    }
+
+    fn on_complete(&self, event: &CompletionEvent<'_>) {
+        (**self).on_complete(event);
+    }
+}
