@@ -372,12 +372,12 @@ fn usage_json(u: &ClientUsage) -> Value {
         "bandwidths": u.bandwidths.iter().map(|b| json!({
             "id": &*b.id,
             "plan": b.plan.as_deref(),
-            "name": &*b.limit.policy,
-            "quota": b.limit.quota,
-            "window_seconds": b.limit.window_secs,
-            "burst": b.limit.burst,
-            "remaining": b.limit.remaining,
-            "reset_seconds": b.limit.reset_secs,
+            "name": &*b.ratelimit.bandwidth,
+            "quota": b.ratelimit.quota,
+            "window_seconds": b.ratelimit.window_secs,
+            "burst": b.ratelimit.burst,
+            "remaining": b.ratelimit.remaining,
+            "reset_seconds": b.ratelimit.reset_secs,
             "fill_fraction": b.fill_fraction,
         })).collect::<Vec<_>>(),
     })

@@ -119,7 +119,7 @@ pub struct BandwidthUsage {
     /// The plan the bandwidth belongs to (`None` for an override's own bandwidths).
     pub plan: Option<Arc<str>>,
     /// RateLimit numbers now.
-    pub limit: RateLimitInfo,
+    pub ratelimit: RateLimitInfo,
     /// Fill fraction `f` (1 = full bucket, nothing used).
     pub fill_fraction: f64,
 }
@@ -532,12 +532,12 @@ impl Engine {
                 } else {
                     plan_name.map(|p| &**p)
                 },
-                bandwidth: ratelimit.as_ref().map(|r: &RateLimitInfo| &*r.policy),
+                bandwidth: ratelimit.as_ref().map(|r: &RateLimitInfo| &*r.bandwidth),
                 cost,
                 priority,
                 retry_after: None,
                 status: 0,
-                limit: ratelimit.as_ref(),
+                ratelimit: ratelimit.as_ref(),
                 context,
             });
         }
@@ -637,7 +637,7 @@ impl Engine {
                 bandwidths.push(BandwidthUsage {
                     id: Arc::clone(&bw.id),
                     plan: plan.clone(),
-                    limit: quota::ratelimit_info(bw, q.bandwidths, tat, now),
+                    ratelimit: quota::ratelimit_info(bw, q.bandwidths, tat, now),
                     fill_fraction,
                 });
             }
@@ -1034,7 +1034,7 @@ impl RemoteCheck {
                 priority: self.priority,
                 retry_after,
                 status,
-                limit,
+                ratelimit: limit,
                 context: self.context.as_ref(),
             });
         }
@@ -1150,7 +1150,7 @@ impl<'d> Deciding<'d> {
                     priority: hit.priority.unwrap_or(Priority::Normal),
                     retry_after: None,
                     status: 0,
-                    limit: info.as_ref(),
+                    ratelimit: info.as_ref(),
                     context,
                 });
             }
@@ -1364,7 +1364,7 @@ impl<'d> Deciding<'d> {
                 priority: self.priority,
                 retry_after: r.retry_after,
                 status: r.status,
-                limit: r.ratelimit.as_ref(),
+                ratelimit: r.ratelimit.as_ref(),
                 context: self.context,
             });
         }

@@ -55,8 +55,8 @@ impl Stage {
 /// is full again (rounded up).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitInfo {
-    /// Policy name (the bandwidth name).
-    pub policy: Arc<str>,
+    /// The bandwidth's name (its `RateLimit-Policy` item name, e.g. `free-0`).
+    pub bandwidth: Arc<str>,
     /// Quota units per window (`q`): the sustained rate.
     pub quota: u64,
     /// Window in seconds (`w`).
@@ -134,7 +134,7 @@ pub struct DecisionEvent<'a> {
     /// Status answered (0 when admitted: the upstream decides).
     pub status: u16,
     /// The limit involved, if a bandwidth.
-    pub limit: Option<&'a RateLimitInfo>,
+    pub ratelimit: Option<&'a RateLimitInfo>,
     /// The request's [`RequestContext`], when the adapter was given one.
     pub context: Option<&'a RequestContext>,
 }

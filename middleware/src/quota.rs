@@ -73,7 +73,7 @@ pub(crate) fn ratelimit_info(
     let p = params(bw);
     let (quota, window_secs) = quota_window(bw.rate);
     RateLimitInfo {
-        policy: Arc::clone(&bw.name),
+        bandwidth: Arc::clone(&bw.name),
         quota,
         window_secs,
         burst: bw.burst,

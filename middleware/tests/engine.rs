@@ -107,10 +107,10 @@ default_plan: free
     let usage = e.client_usage("192.0.2.1").unwrap();
     assert_eq!(usage.plan.as_deref(), Some("free"));
     assert_eq!(
-        usage.bandwidths[0].limit.remaining, 7,
+        usage.bandwidths[0].ratelimit.remaining, 7,
         "rejections took nothing from free-0"
     );
-    assert_eq!(usage.bandwidths[1].limit.remaining, 0);
+    assert_eq!(usage.bandwidths[1].ratelimit.remaining, 0);
 }
 
 #[test]
@@ -239,7 +239,7 @@ shedding:
     }
     // Borrowed tickets did not consume the greedy client's bucket.
     let usage = e.client_usage("192.0.2.1").unwrap();
-    assert_eq!(usage.bandwidths[0].limit.remaining, 0);
+    assert_eq!(usage.bandwidths[0].ratelimit.remaining, 0);
 }
 
 #[test]
@@ -529,19 +529,19 @@ default_plan: free
     store.reload_from_str(&yaml(10, true), "test.yaml").unwrap();
     assert_eq!(
         e.client_usage("192.0.2.1").unwrap().bandwidths[0]
-            .limit
+            .ratelimit
             .remaining,
         6
     );
     // Burst 10 → 20: fill fraction 0.6 kept, so 12 left.
     store.reload_from_str(&yaml(20, true), "test.yaml").unwrap();
     let u = e.client_usage("192.0.2.1").unwrap();
-    assert_eq!(u.bandwidths[0].limit.remaining, 12);
+    assert_eq!(u.bandwidths[0].ratelimit.remaining, 12);
     assert!((u.bandwidths[0].fill_fraction - 0.6).abs() < 1e-9);
     assert_eq!(admit_n(&e, &r, 30), 12);
     let daily = |e: &fairgate_middleware::Engine| {
         e.client_usage("192.0.2.1").unwrap().bandwidths[1]
-            .limit
+            .ratelimit
             .remaining
     };
     assert_eq!(daily(&e), 1000 - 16);
@@ -597,7 +597,7 @@ responses: {ratelimit_headers: always}
         panic!()
     };
     let info = a.ratelimit.unwrap();
-    assert_eq!(&*info.policy, "free-1", "the tightest bandwidth");
+    assert_eq!(&*info.bandwidth, "free-1", "the tightest bandwidth");
     assert_eq!(
         (info.quota, info.window_secs, info.burst, info.remaining),
         (100, 60, 3, 2),

@@ -310,7 +310,7 @@ struct PolicyTemplate {
 
 impl PolicyTemplate {
     fn new(info: &RateLimitInfo) -> PolicyTemplate {
-        let sf_name = sf_string(&info.policy);
+        let sf_name = sf_string(&info.bandwidth);
         let mut v = Vec::with_capacity(64);
         match &info.bandwidths {
             Some(all) => {
@@ -325,7 +325,7 @@ impl PolicyTemplate {
             None => push_policy_item(&mut v, &sf_name, info.quota, info.window_secs, info.burst),
         }
         PolicyTemplate {
-            name: Arc::clone(&info.policy),
+            name: Arc::clone(&info.bandwidth),
             quota: info.quota,
             window_secs: info.window_secs,
             burst: info.burst,
@@ -337,7 +337,7 @@ impl PolicyTemplate {
     }
 
     fn is_for(&self, info: &RateLimitInfo) -> bool {
-        Arc::ptr_eq(&self.name, &info.policy)
+        Arc::ptr_eq(&self.name, &info.bandwidth)
             && self.quota == info.quota
             && self.window_secs == info.window_secs
             && self.burst == info.burst
@@ -482,7 +482,7 @@ mod tests {
             client_key: ClientKey::new("k"),
             retry_after: (stage != Stage::Rule).then_some(Duration::from_secs(3)),
             ratelimit: (stage == Stage::Quota).then(|| RateLimitInfo {
-                policy: Arc::from("free-0"),
+                bandwidth: Arc::from("free-0"),
                 quota: 10,
                 window_secs: 1,
                 burst: 20,
@@ -584,7 +584,7 @@ mod tests {
         // A new generation with the same name but different numbers.
         r.bandwidth = Some(Arc::from("free-0"));
         r.ratelimit = Some(RateLimitInfo {
-            policy: Arc::from("free-0"),
+            bandwidth: Arc::from("free-0"),
             quota: 20,
             window_secs: 60,
             burst: 5,
@@ -628,7 +628,7 @@ mod tests {
             bandwidth("huge", "2000000000000000/200000day", 1),
         ]);
         let info = RateLimitInfo {
-            policy: Arc::clone(&all[1].name),
+            bandwidth: Arc::clone(&all[1].name),
             quota: 100_000,
             window_secs: 86_400,
             burst: 100_000,
@@ -689,7 +689,7 @@ mod tests {
     fn admitted_headers_render_the_numbers() {
         let mut h = HeaderMap::new();
         let info = RateLimitInfo {
-            policy: Arc::from("pro \"1\""),
+            bandwidth: Arc::from("pro \"1\""),
             quota: 100,
             window_secs: 60,
             burst: 50,

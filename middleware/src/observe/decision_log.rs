@@ -699,8 +699,8 @@ fn record_of(e: &DecisionEvent<'_>) -> DecisionRecord {
         rule: e.rule.map(str::to_owned),
         plan: e.plan.map(str::to_owned),
         bandwidth: e
-            .limit
-            .map(|l| l.policy.to_string())
+            .ratelimit
+            .map(|l| l.bandwidth.to_string())
             .or_else(|| e.bandwidth.map(str::to_owned)),
         cost: e.cost,
         decision: e.kind.as_str(),

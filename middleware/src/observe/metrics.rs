@@ -362,7 +362,7 @@ impl Observer for EngineMetrics {
                     .inc();
             }
             DecisionKind::Admit | DecisionKind::Borrowed => {
-                if let Some(l) = e.limit {
+                if let Some(l) = e.ratelimit {
                     // Under 20% of the bucket (its burst) left after this admit.
                     if l.burst > 0 && l.remaining.saturating_mul(5) < l.burst {
                         self.near_limit.inc();
