@@ -3,7 +3,8 @@
 
 Reads RUN_DIR/results.tsv (one row per wrk run) and RUN_DIR/machine.txt, prints per mode a
 table of medians over the runs: requests/s, p50/p99 latency, the contender's CPU time per
-request, the share of non-2xx answers, and ratios to nginx+limit_req and to bare pingora.
+request, the share of non-2xx answers, and ratios to nginx+limit_req, to HAProxy (its stick
+table per API key) and to bare pingora.
 When the run has the Redis-backed contenders (group "backends"), the table instead shows
 redis-server's CPU per request beside the proxy's and the ratios of each backend to
 fairgate-full (local state). Then it checks the targets of the benchmark issues against the
@@ -23,6 +24,7 @@ LABELS = {
     "pingora": "bare pingora",
     "nginx": "nginx",
     "nginx-limit": "nginx + limit_req",
+    "haproxy": "HAProxy + stick table",
     "fairgate-empty": "fairgate, empty policy",
     "fairgate-full": "fairgate, full policy",
     "fairgate-reject30": "fairgate, full policy, 30% rejected",
@@ -161,20 +163,21 @@ def table(mode, names, s):
     if any(n in REDIS for n in names):
         return backends_table(mode, names, s)
     ref_l = s.get((mode, "nginx-limit"))
+    ref_h = s.get((mode, "haproxy"))
     ref_p = s.get((mode, "pingora"))
     lines = [
         "| contender | req/s | p50 µs | p99 µs | CPU µs/req | non-2xx | req/s ÷ nginx+limit_req"
-        " | req/s ÷ pingora | CPU ÷ nginx+limit_req | CPU ÷ pingora | p99 ÷ nginx+limit_req"
-        " | core0 / core1 busy | other load |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        " | req/s ÷ haproxy | req/s ÷ pingora | CPU ÷ nginx+limit_req | CPU ÷ haproxy | CPU ÷ pingora"
+        " | p99 ÷ nginx+limit_req | p99 ÷ haproxy | core0 / core1 busy | other load |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for n in names:
         m = s.get((mode, n))
         if not m:
             continue
         lines.append(
-            "| {label} | {rps:,.0f} | {p50:,.0f} | {p99:,.0f} | {cpu:.1f} | {bad:.1%} | {rl} | {rp}"
-            " | {cl} | {cp} | {pl} | {b0:.0%} / {b1:.0%} | {other:.0%} |".format(
+            "| {label} | {rps:,.0f} | {p50:,.0f} | {p99:,.0f} | {cpu:.1f} | {bad:.1%} | {rl} | {rh} | {rp}"
+            " | {cl} | {ch} | {cp} | {pl} | {ph} | {b0:.0%} / {b1:.0%} | {other:.0%} |".format(
                 label=LABELS.get(n, n),
                 rps=m["rps"],
                 p50=m["p50"],
@@ -182,10 +185,13 @@ def table(mode, names, s):
                 cpu=m["cpu_us"],
                 bad=m["non2xx"],
                 rl=fmt_ratio(m["rps"], ref_l and ref_l["rps"]),
+                rh=fmt_ratio(m["rps"], ref_h and ref_h["rps"]),
                 rp=fmt_ratio(m["rps"], ref_p and ref_p["rps"]),
                 cl=fmt_ratio(m["cpu_us"], ref_l and ref_l["cpu_us"]),
+                ch=fmt_ratio(m["cpu_us"], ref_h and ref_h["cpu_us"]),
                 cp=fmt_ratio(m["cpu_us"], ref_p and ref_p["cpu_us"]),
                 pl=fmt_ratio(m["p99"], ref_l and ref_l["p99"]),
+                ph=fmt_ratio(m["p99"], ref_h and ref_h["p99"]),
                 b0=m["busy0"],
                 b1=m["busy1"],
                 other=m["other"],
@@ -203,7 +209,7 @@ def check(label, value, op, target):
 
 def targets(mode, s):
     g = lambda n: s.get((mode, n))  # noqa: E731
-    hyper, ping, limit = g("hyper"), g("pingora"), g("nginx-limit")
+    hyper, ping, limit, hap = g("hyper"), g("pingora"), g("nginx-limit"), g("haproxy")
     out = []
     for name, label in (("fairgate-full", "fairgate full"), ("fairgate-full-mt", "fairgate full (multi_thread)")):
         full = g(name)
@@ -219,6 +225,10 @@ def targets(mode, s):
             out.append(check(f"{label} ÷ nginx+limit_req, req/s", full["rps"] / limit["rps"], ">=", 0.85))
             out.append(check("  (same in CPU: nginx+limit_req CPU ÷ fairgate CPU per request)", limit["cpu_us"] / full["cpu_us"], ">=", 0.85))
             out.append(check(f"{label} p99 ÷ nginx+limit_req p99", full["p99"] / limit["p99"], "<=", 1.2))
+        if hap:
+            out.append(check(f"{label} ÷ HAProxy, req/s", full["rps"] / hap["rps"], ">=", 0.85))
+            out.append(check("  (same in CPU: HAProxy CPU ÷ fairgate CPU per request)", hap["cpu_us"] / full["cpu_us"], ">=", 0.85))
+            out.append(check(f"{label} p99 ÷ HAProxy p99", full["p99"] / hap["p99"], "<=", 1.2))
     local, asyn, exact = g(LOCAL), g("fairgate-redis-async"), g("fairgate-redis-exact")
     if local and asyn:
         out.append(check("Redis `async` ÷ local, req/s (issue #6: within 10%)", asyn["rps"] / local["rps"], ">=", 0.90))
@@ -278,6 +288,7 @@ def main():
     print(
         f"Machine: {meta.get('nproc')} cores, {meta.get('cpu')}, {meta.get('kernel')}; "
         f"nginx {meta.get('nginx')}, wrk {meta.get('wrk')}, git {meta.get('git')}"
+        + (f", HAProxy {meta['haproxy']}" if "haproxy" in meta else "")
         + (f", redis-server {meta['redis']}" if "redis" in meta else "")
         + "."
     )

@@ -21,7 +21,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 
-ALL_CONTENDERS="direct hyper pingora nginx nginx-limit fairgate-empty fairgate-full fairgate-reject30 fairgate-full-mt"
+ALL_CONTENDERS="direct hyper pingora nginx nginx-limit haproxy fairgate-empty fairgate-full fairgate-reject30 fairgate-full-mt"
 AXUM_CONTENDERS="axum axum-fairgate axum-fairgate-reject30 axum-governor"
 REDIS_CONTENDERS="fairgate-redis-async fairgate-redis-exact"
 
@@ -149,6 +149,7 @@ install_missing() {
     command -v python3 >/dev/null || need+=(python3)
     if [ -n "$PROFILE" ]; then command -v perf >/dev/null || need+=(linux-perf); fi
     if wants pingora; then command -v cmake >/dev/null || need+=(cmake); fi
+    if wants haproxy; then command -v haproxy >/dev/null || need+=(haproxy); fi
     if wants 'fairgate-redis*'; then
         # redis-cli comes with redis-server (its dependency redis-tools).
         if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
@@ -163,7 +164,7 @@ install_missing() {
     log "installing ${need[*]} from Debian"
     local sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
-    # Keep the packages' services (nginx, redis-server) from starting on install.
+    # Keep the packages' services (nginx, haproxy, redis-server) from starting on install.
     local made_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
@@ -459,6 +460,41 @@ state:
 EOF
 }
 
+# write_haproxy_conf NAME PORT THREADS: HAProxy as a reverse proxy with nginx-limit's choices:
+# `threads` threads (nginx: workers) in one process, no access log (no `log` line: HAProxy logs
+# nothing), keep-alive on both sides with nginx's timeouts (client side 300 s, upstream side
+# 60 s, nginx's proxy defaults) and no limit on requests per connection, upstream connections
+# kept and shared between clients (`http-reuse always`, as nginx's `keepalive` pool). Admission:
+# a stick table per API key; a key above 1000 requests in the last second (nginx-limit's rate)
+# is denied with 429; 100,000 keys fit in 200k entries, and no key is sent anywhere near 1000
+# requests a second: the limit is never hit.
+write_haproxy_conf() {
+    local name="$1" port="$2" threads="$3"
+    cat >"$RUN/$name.cfg" <<EOF
+global
+    nbthread $threads
+    maxconn 8192
+
+defaults
+    mode http
+    timeout connect 60s
+    timeout client 300s
+    timeout server 60s
+    timeout http-keep-alive 300s
+    http-reuse always
+
+frontend edge
+    bind 127.0.0.1:$port backlog 4096
+    stick-table type string len 64 size 200k expire 60s store http_req_rate(1s)
+    http-request track-sc0 req.hdr(x-api-key)
+    http-request deny deny_status 429 if { sc_http_req_rate(0) gt 1000 }
+    default_backend origin
+
+backend origin
+    server origin 127.0.0.1:$UPSTREAM_PORT
+EOF
+}
+
 # ---------------------------------------------------------------------------------------------
 # Contenders
 
@@ -483,6 +519,12 @@ start_contender() { # start_contender NAME THREADS PIN(cmd prefix)
             [ "$name" = nginx-limit ] && limit=1
             write_nginx_proxy_conf "$name" "$port" "$threads" "$limit"
             $pin nginx -e "$RUN/$name.err" -c "$RUN/$name.conf" >"$RUN/$name.log" 2>&1 &
+            pid=$! ;;
+        haproxy)
+            # -db: stays in the foreground, no master process, so $! is HAProxy itself (its
+            # threads are in that one process); its alerts and warnings go to the log.
+            write_haproxy_conf "$name" "$port" "$threads"
+            $pin haproxy -db -f "$RUN/$name.cfg" >"$RUN/$name.log" 2>&1 &
             pid=$! ;;
         fairgate-empty|fairgate-full|fairgate-reject30|fairgate-full-mt)
             local policy=full runtime=default
@@ -686,6 +728,7 @@ write_policies
     echo "kernel: $(uname -sr)"
     echo "nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"
     echo "wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}')"
+    if wants haproxy; then echo "haproxy: $(haproxy -v | sed -n 's/^HAProxy version \([^ ]*\).*/\1/p')"; fi
     if wants 'fairgate-redis*'; then
         echo "redis: $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')"
     fi
