@@ -1,5 +1,5 @@
 //! Target `framing` (SCENARIOS.md P6 (5)): a differential over the gateway's request
-//! framing check (`fairgate_gateway::framing::Scanner`), on raw connection bytes.
+//! framing check (`fairgate_gateway::server::framing::Scanner`), on raw connection bytes.
 //!
 //! - **Strict parse of what it accepts.** When strict `httparse` (default config, the
 //!   parser hyper uses) parses the first head and the scanner lets it through, an
@@ -10,7 +10,7 @@
 //!   are the same whether the bytes arrive at once, split in two at an input-chosen point,
 //!   or one byte at a time.
 
-use fairgate_gateway::framing::{Scanner, Verdicts};
+use fairgate_gateway::server::framing::{Scanner, Verdicts};
 
 const MAX_HEAD: usize = 64 * 1024;
 const HEADS: usize = 4;

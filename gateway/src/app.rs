@@ -10,13 +10,13 @@
 //!    response),
 //! 3. `Trace` (one span per request, at `debug`),
 //! 4. [`RoutingLayer`] (404 / 405 here, before admission; tags route and operation),
-//! 5. [`BodyLimit`](crate::body::BodyLimit) (413 over `limits.max_body`, also for streamed
+//! 5. [`BodyLimit`](crate::server::body_limit::BodyLimit) (413 over `limits.max_body`, also for streamed
 //!    bodies),
 //! 6. `AdmissionLayer` (the engine: 403 / 429 / 503),
 //! 7. [`Proxy`].
 //!
 //! The listeners are served on the caller's runtime (`runtime: multi_thread`) or on per-core
-//! threads started here (`runtime: thread_per_core`, see [`crate::runtime`]); everything else
+//! threads started here (`runtime: thread_per_core`, see [`crate::server::runtime`]); everything else
 //! runs on the caller's runtime.
 
 use std::net::SocketAddr;
@@ -35,17 +35,17 @@ use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::body::BodyLimitLayer;
 use crate::config::{LoadedConfig, PolicySource, RuntimeModel, TargetSpec};
-use crate::conn_limits::ConnLimits;
-use crate::metrics::Metrics;
+use crate::control::metrics::Metrics;
+use crate::proxy::routing::{Route, RouteTable, RoutingLayer};
+use crate::proxy::upstream::Pool;
 use crate::proxy::Proxy;
-use crate::request_id::RequestIdLayer;
-use crate::routing::{Route, RouteTable, RoutingLayer};
-use crate::runtime::{self, ListenSpec, Workers};
+use crate::server::body_limit::BodyLimitLayer;
+use crate::server::conn_limits::ConnLimits;
+use crate::server::request_id::RequestIdLayer;
+use crate::server::runtime::{self, ListenSpec, Workers};
 use crate::server::{self, Sharing};
 use crate::tls::{Tls, TlsError};
-use crate::upstream::Pool;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +210,7 @@ pub async fn start_with(
     // Audit-mode stamps are the engine's clock, so the audit replays the engine's time.
     let log = log.with_clock(engine.clock().clone());
     engine.set_observer(Arc::new((metrics.engine().clone(), log.clone())));
-    let reload = crate::reload::reloader(store.clone(), config.policy.clone());
+    let reload = crate::control::reload::reloader(store.clone(), config.policy.clone());
     {
         let reload = reload.clone();
         server::on_sighup(move || {
@@ -227,7 +227,7 @@ pub async fn start_with(
         .values()
         .any(|u| u.targets.contains(&TargetSpec::Echo));
     let echo_addr = if needs_echo {
-        Some(crate::echo::start().await?)
+        Some(crate::proxy::echo::start().await?)
     } else {
         None
     };

@@ -1,7 +1,7 @@
 //! The command line: `fairgate run --config FILE [--reuse-port]` (also
 //! `fairgate --config FILE`),
 //! `fairgate check [--gateway] FILE`, `fairgate audit DECISIONS --policy POLICY [--json]`
-//! (see [`crate::audit`]), `fairgate schema`, `fairgate version`.
+//! (see [`crate::control::audit`]), `fairgate schema`, `fairgate version`.
 //!
 //! Exit codes: 0 success; 1 invalid input (every error printed, one per line, as
 //! `file:line:column: path: message`); 2 a runtime failure (cannot bind, cannot read a file).
@@ -92,11 +92,11 @@ pub fn main() -> ExitCode {
                 tolerance,
             }),
             _,
-        ) => crate::audit::run(
+        ) => crate::control::audit::run(
             &decisions,
             &policy,
             json,
-            crate::audit::AuditOptions {
+            crate::control::audit::AuditOptions {
                 tolerance_ns: u64::try_from(tolerance.as_nanos()).unwrap_or(u64::MAX),
             },
         ),
@@ -210,7 +210,7 @@ pub fn run(path: &Path, reuse_port: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    crate::logging::init(loaded.config.log.format, &loaded.config.log.level);
+    crate::control::logging::init(loaded.config.log.format, &loaded.config.log.level);
     let rt = match loaded.config.runtime {
         config::RuntimeModel::MultiThread => {
             let mut rt = tokio::runtime::Builder::new_multi_thread();

@@ -6,15 +6,23 @@
 //! HTTP/2 (ALPN) over TLS when a listener has a certificate. The engine is
 //! the same one an axum app embeds, so the edge and the embedded forms share one code path.
 //!
-//! Modules: [`config`] (the `gateway.yaml` model and decoder), [`app`] (wiring), [`server`]
-//! (listeners, limits, graceful shutdown), [`routing`], [`proxy`], [`upstream`] (pools,
-//! balancing, health checks), [`echo`] (the built-in demo upstream), [`admission`] (request
-//! tags), [`metrics`] (the engine's series beside the gateway's own), [`reload`] (SIGHUP and
-//! `POST /reload`), [`request_id`] (`X-Request-Id`), [`logging`], [`cli`], [`tls`] (TLS
-//! termination with rustls and ALPN `h2`), [`runtime`] (`multi_thread` or `thread_per_core`),
-//! [`framing`] (ambiguous HTTP/1 framing refused on the raw bytes), [`outbound`] (coalescing,
-//! caching, outbound limits and retries towards an upstream pool) and [`audit`] (`fairgate audit`: a decision log replayed against an exact
-//! reference limiter).
+//! Modules, grouped by concern (no import cycles between them; `.ci/module-cycles.py`):
+//! - [`server`]: what faces clients — listeners, HTTP/1 and HTTP/2 serving, graceful
+//!   shutdown, the runtime models ([`server::runtime`]), connection limits and slow clients
+//!   ([`server::conn_limits`]), ambiguous framing refused on the raw bytes
+//!   ([`server::framing`]), `X-Request-Id` ([`server::request_id`]), `limits.max_body`
+//!   ([`server::body_limit`]);
+//! - [`proxy`]: what faces upstreams — the proxy service, routing ([`proxy::routing`]),
+//!   upstream pools, balancing and health checks ([`proxy::upstream`]), the outbound layers
+//!   ([`proxy::outbound`]), the built-in demo upstream ([`proxy::echo`]), and the request
+//!   tags admission reads ([`proxy::admission`]);
+//! - [`control`]: what faces operators — the metrics registry ([`control::metrics`]),
+//!   reloads ([`control::reload`]), the process log ([`control::logging`]) and
+//!   `fairgate audit` ([`control::audit`]); the admin API and the decision log are
+//!   `fairgate_middleware`'s, the same an app that embeds the layer serves;
+//! - [`config`] (the `gateway.yaml` model and decoder), [`tls`] (certificates and ALPN),
+//!   [`body`] and [`problem`] (shared body types, problem+json), [`app`] (wiring) and
+//!   [`cli`].
 //!
 //! It must not hold admission logic of its own: every admit/reject decision is the engine's
 //! (`fairgate_middleware`), so the embedded layer and the gateway decide alike.
@@ -28,24 +36,12 @@
 //! # Ok(()) }
 //! ```
 
-pub mod admission;
 pub mod app;
-pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;
-pub mod conn_limits;
-pub mod echo;
-pub mod framing;
-pub mod logging;
-pub mod metrics;
-pub mod outbound;
+pub mod control;
 pub mod problem;
 pub mod proxy;
-pub mod reload;
-pub mod request_id;
-pub mod routing;
-pub mod runtime;
 pub mod server;
 pub mod tls;
-pub mod upstream;

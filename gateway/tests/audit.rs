@@ -8,8 +8,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fairgate_gateway::audit::{audit, AuditError, AuditOptions, Report};
-use fairgate_gateway::metrics::Metrics;
+use fairgate_gateway::control::audit::{audit, AuditError, AuditOptions, Report};
+use fairgate_gateway::control::metrics::Metrics;
 use fairgate_middleware::observe::DecisionLog;
 use fairgate_middleware::{Engine, ManualClock, RequestFacts};
 use fairgate_policies::compiled::CompiledPolicy;

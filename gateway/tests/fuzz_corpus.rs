@@ -44,7 +44,7 @@ fn the_framing_corpus_replays() {
 
 #[test]
 fn the_framing_seeds_are_judged_as_documented() {
-    use fairgate_gateway::framing::{Scanner, Verdicts};
+    use fairgate_gateway::server::framing::{Scanner, Verdicts};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/framing");
     let refused = |name: &str| {
         let data = fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -6,7 +6,7 @@
 //! - `limit` checks a rule-scoped bucket (scope `rule:<name>`) keyed by the aggregated IP,
 //!   the client key, a header value (missing: the empty value) or one global key; each
 //!   matching request costs 1. With `estimator: sketch` the count lives in a fixed-memory
-//!   count-min [`Sketch`](crate::sketch::Sketch) instead of exact buckets.
+//!   count-min [`Sketch`] instead of exact buckets.
 //! - `tag` sets the priority class and/or the plan, and evaluation goes on.
 //!
 //! With a state backend that shares state (Redis), a `limit` rule with exact buckets is

@@ -10,7 +10,6 @@
 //! - every regex compiled within the size limits.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::model::{self, Estimator, LimitKey, Mode, Policy, Priority, Responses, State};
@@ -51,38 +50,7 @@ impl std::fmt::Display for PolicyHash {
     }
 }
 
-/// The facts about one request that rules and operations match on.
-///
-/// Built by the adapter (tower layer, gateway) per request, borrowing from the request; no
-/// allocation needed.
-pub struct RequestView<'a> {
-    /// Client IP after trusted-proxy resolution (not aggregated).
-    pub ip: IpAddr,
-    /// Method, upper case as on the wire.
-    pub method: &'a str,
-    /// Host without port, lower case; empty when unknown.
-    pub host: &'a str,
-    /// URI path without the query.
-    pub path: &'a str,
-    /// The `User-Agent` header, empty when absent.
-    pub user_agent: &'a str,
-    /// The operation name the adapter already resolved (e.g. a gateway route), if any.
-    pub operation: Option<&'a str>,
-    /// Header lookup.
-    pub headers: &'a dyn HeaderSource,
-}
-
-/// Case-insensitive header lookup, implemented by the adapters over `http::HeaderMap`.
-pub trait HeaderSource {
-    /// The first value of header `name` (given in lower case), if present and valid UTF-8.
-    fn header(&self, name: &str) -> Option<&str>;
-}
-
-impl HeaderSource for () {
-    fn header(&self, _: &str) -> Option<&str> {
-        None
-    }
-}
+pub use crate::request::{HeaderSource, RequestView};
 
 /// The whole compiled policy.
 #[derive(Debug)]

@@ -10,8 +10,10 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fairgate_middleware::outbound::KeyBy;
+use fairgate_policies::units::Rate;
 use http::header::HeaderName;
-use http::Method;
+use http::{Method, StatusCode};
 
 /// The whole gateway config file.
 #[derive(Debug, Clone)]
@@ -133,8 +135,8 @@ pub struct UpstreamConfig {
     /// Most idle keep-alive connections kept per target (default 1024; 0: none are kept).
     pub max_idle: usize,
     /// Outbound layers towards the pool (coalesce, cache, rate/concurrency, retry); see
-    /// [`crate::outbound`]. Absent: requests go straight to the pool.
-    pub outbound: Option<crate::outbound::OutboundConfig>,
+    /// [`crate::proxy::outbound`]. Absent: requests go straight to the pool.
+    pub outbound: Option<OutboundConfig>,
 }
 
 /// An upstream target.
@@ -142,7 +144,7 @@ pub struct UpstreamConfig {
 pub enum TargetSpec {
     /// A plain-HTTP target.
     Addr(SocketAddr),
-    /// The in-process demo upstream (see [`crate::echo`]).
+    /// The in-process demo upstream (see [`crate::proxy::echo`]).
     Echo,
 }
 
@@ -215,11 +217,11 @@ pub struct Limits {
     /// HTTP/2 connection limits (`limits.http2:`).
     pub http2: Http2Limits,
     /// At most this many open connections from one source (an IPv4 address or an IPv6 /64);
-    /// one more is closed right after `accept` (see [`crate::conn_limits`]). Default `off`
+    /// one more is closed right after `accept` (see [`crate::server::conn_limits`]). Default `off`
     /// ([`NO_SOURCE_CAP`]): behind a load balancer every client shares its address.
     pub max_connections_per_source: NonZeroU32,
     /// The slowest a request body may arrive (default 10KiB per 10s; `off`: no minimum);
-    /// slower fails the request with 408 (see [`crate::conn_limits`]).
+    /// slower fails the request with 408 (see [`crate::server::conn_limits`]).
     pub body_min_rate: Option<BodyMinRate>,
     /// How long the client may accept no response bytes while the gateway has some to
     /// write (default 30s); then the connection closes.
@@ -380,6 +382,178 @@ impl Default for Http2Limits {
             initial_stream_window: None,
             initial_connection_window: None,
             max_send_buf_size: None,
+        }
+    }
+}
+
+// === outbound ===
+
+/// A pool's `outbound:` block. Absent keys: that layer is off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboundConfig {
+    /// Coalesce identical concurrent `GET`/`HEAD` requests (`coalesce: true` or a map).
+    pub coalesce: Option<CoalesceSettings>,
+    /// Cache responses of `GET`/`HEAD` requests.
+    pub cache: Option<CacheSettings>,
+    /// Outbound rate (`100/s`, or `{rate: 100/s, burst: 20, key: {header: x-region}}`).
+    pub rate: Option<RateSettings>,
+    /// Most requests in flight to the pool (per key when `rate.key` is a header).
+    pub concurrency: Option<u32>,
+    /// The wait queue in front of `rate` and `concurrency` (default `{max: 1000, timeout: 2s}`).
+    pub queue: QueueSettings,
+    /// Retries on upstream 429/503 and connect failures.
+    pub retry: Option<RetrySettings>,
+    /// Status of a request refused locally (default 503; 429 also accepted).
+    pub throttle_status: StatusCode,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            coalesce: None,
+            cache: None,
+            rate: None,
+            concurrency: None,
+            queue: QueueSettings::default(),
+            retry: None,
+            throttle_status: StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// `coalesce:` settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CoalesceSettings {
+    /// More request headers in the key.
+    pub headers: Vec<HeaderName>,
+    /// Largest shared response body (default 1MiB).
+    pub max_body: Option<u64>,
+}
+
+/// `cache:` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    /// TTL of paths no `routes` entry matches (default 1s).
+    pub ttl: Duration,
+    /// TTL per path prefix (longest wins).
+    pub routes: Vec<(String, Duration)>,
+    /// Most entries (default 10000).
+    pub max_entries: u64,
+    /// Most bytes (default 64MiB).
+    pub max_bytes: u64,
+    /// Largest body stored (default 1MiB).
+    pub max_entry_bytes: u64,
+    /// Let responses' `Cache-Control` keep them out or shorten their TTL (default false).
+    pub honour_cache_control: bool,
+    /// More request headers in the key.
+    pub vary: Vec<HeaderName>,
+    /// Paths fetched with `GET` at start.
+    pub warm_up: Vec<String>,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            ttl: Duration::from_secs(1),
+            routes: Vec::new(),
+            max_entries: 10_000,
+            max_bytes: 64 << 20,
+            max_entry_bytes: 1 << 20,
+            honour_cache_control: false,
+            vary: Vec::new(),
+            warm_up: Vec::new(),
+        }
+    }
+}
+
+/// `rate:` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateSettings {
+    /// The rate.
+    pub rate: Rate,
+    /// Burst (default: the rate's count).
+    pub burst: Option<u64>,
+    /// What the rate and concurrency are kept per (default the whole pool).
+    pub key: KeyBy,
+}
+
+/// `queue:` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    /// Most waiting requests (default 1000).
+    pub max: u64,
+    /// Longest wait (default 2s).
+    pub timeout: Duration,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            max: 1000,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `retry:` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrySettings {
+    /// Statuses retried (default 429 and 503).
+    pub statuses: Vec<StatusCode>,
+    /// Retry connect failures (default true; `connect` in `on`).
+    pub connect: bool,
+    /// Attempts in all (default 3).
+    pub max_attempts: u32,
+    /// Backoff base (default 50ms).
+    pub base: Duration,
+    /// Backoff cap (default 2s).
+    pub max_backoff: Duration,
+    /// Longest `Retry-After` waited for (default 10s).
+    pub max_retry_after: Duration,
+    /// Retries as a fraction of requests (default 0.1, written `10%`).
+    pub budget: f32,
+    /// Retries allowed per second regardless (default 10).
+    pub min_per_sec: u32,
+    /// Retry non-idempotent methods with an empty body too (default false).
+    pub non_idempotent: bool,
+    /// Client-side adaptive throttling.
+    pub adaptive: Option<AdaptiveSettings>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            statuses: vec![
+                StatusCode::TOO_MANY_REQUESTS,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ],
+            connect: true,
+            max_attempts: 3,
+            base: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            max_retry_after: Duration::from_secs(10),
+            budget: 0.1,
+            min_per_sec: 10,
+            non_idempotent: false,
+            adaptive: None,
+        }
+    }
+}
+
+/// `retry.adaptive:` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptiveSettings {
+    /// The multiplier `K` (default 2).
+    pub k: f64,
+    /// The window (default 60s).
+    pub window: Duration,
+}
+
+impl Default for AdaptiveSettings {
+    fn default() -> Self {
+        AdaptiveSettings {
+            k: 2.0,
+            window: Duration::from_secs(60),
         }
     }
 }

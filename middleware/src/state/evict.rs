@@ -120,7 +120,7 @@ impl Store {
     /// Drops every entry that carries no information (full bucket, nothing in flight, no
     /// request since the last sweep or prune: a recently used one goes at the next prune)
     /// or belongs to a scope the policy no longer has, then clears the entries'
-    /// [`SINCE_PRUNE`] bits (not the sweeps' CLOCK bits). Bounded by the number of entries; run it
+    /// `SINCE_PRUNE` bits (not the sweeps' CLOCK bits). Bounded by the number of entries; run it
     /// from a background task or after a reload. Returns how many were dropped.
     pub fn prune(&self, now: Nanos) -> u64 {
         let live = self.live.load();

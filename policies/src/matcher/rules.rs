@@ -13,8 +13,8 @@ use super::field::{LitKind, Origin, StrField, StrFieldBuilder};
 use super::glob::glob_to_regex;
 use super::ip::CidrMap;
 use super::MatcherError;
-use crate::compiled::RequestView;
 use crate::model::{Condition, MatchKind, StringMatch};
+use crate::request::RequestView;
 
 /// Deepest nesting of `any`/`all`/`not` accepted in one condition.
 pub const MAX_CONDITION_DEPTH: usize = 64;

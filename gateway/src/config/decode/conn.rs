@@ -1,4 +1,4 @@
-//! Decoding the slow-client and per-source keys of `limits:` (see [`crate::conn_limits`]
+//! Decoding the slow-client and per-source keys of `limits:` (see [`crate::server::conn_limits`]
 //! and `docs/gateway.md`, "Slow clients").
 
 use std::num::NonZeroU32;

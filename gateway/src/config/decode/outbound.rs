@@ -1,4 +1,4 @@
-//! Decoding an upstream pool's `outbound:` block (see [`crate::outbound`] and
+//! Decoding an upstream pool's `outbound:` block (see [`crate::proxy::outbound`] and
 //! `docs/gateway.md`, "Outbound layers"). Every bad value is reported at its position, with
 //! the others, like the rest of the file.
 
@@ -15,7 +15,7 @@ use http::header::HeaderName;
 use http::StatusCode;
 
 use super::{duration, positive_duration};
-use crate::outbound::{
+use crate::config::{
     AdaptiveSettings, CacheSettings, CoalesceSettings, OutboundConfig, QueueSettings, RateSettings,
     RetrySettings,
 };
@@ -315,7 +315,7 @@ mod tests {
     use std::path::Path as FsPath;
 
     use crate::config::parse;
-    use crate::outbound::OutboundConfig;
+    use crate::config::OutboundConfig;
 
     fn with(outbound: &str) -> Result<OutboundConfig, String> {
         let src = format!(

@@ -13,12 +13,12 @@
 //!
 //! Failures answer `application/problem+json`: connect failure or broken upstream → 502,
 //! no response head within the route timeout → 504, a streamed request body that outgrew
-//! `limits.max_body` on the way → 413 (not an upstream error; see [`crate::body::BodyLimit`]). A connect failure is retried once on
+//! `limits.max_body` on the way → 413 (not an upstream error; see [`crate::server::body_limit::BodyLimit`]). A connect failure is retried once on
 //! another target of the pool when there is one; the request body is reclaimed for that
 //! (it cannot have been sent, since no connection existed).
 //!
 //! A pool with an `outbound:` block sends its requests through that pool's outbound stack
-//! first (see [`crate::outbound`]); the stack's innermost service is this proxy's own
+//! first (see [`crate::proxy::outbound`]); the stack's innermost service is this proxy's own
 //! forwarding ([`Direct`]). A connect-failure 502 carries the
 //! [`ConnectFailed`](fairgate_middleware::outbound::ConnectFailed) extension so the stack's
 //! retry can tell it from an upstream's own 502.
@@ -26,6 +26,12 @@
 //! Upgrades (websocket): the upstream's `101` is passed back and only then both connections
 //! are upgraded and spliced together; any other answer is an ordinary response, so no raw
 //! tunnel exists without a `101`.
+
+pub mod admission;
+pub mod echo;
+pub mod outbound;
+pub mod routing;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -43,10 +49,11 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::body::{self, BoxError, Guarded, ProxyBody};
-use crate::metrics::{Metrics, UpstreamErrorKind, UpstreamMetrics};
+use crate::control::metrics::{Metrics, UpstreamErrorKind, UpstreamMetrics};
 use crate::problem;
-use crate::routing::{ConnInfo, RouteMatch};
-use crate::upstream::Pool;
+use crate::proxy::routing::RouteMatch;
+use crate::proxy::upstream::Pool;
+use crate::server::ConnInfo;
 use fairgate_middleware::observe::PendingAdmit;
 use http_body_util::BodyExt as _;
 
@@ -59,12 +66,12 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 /// A per-core thread (`runtime: thread_per_core`) serves a stack over its own proxy
 /// ([`Proxy::for_core`]), which sends through that core's client of each pool; the
 /// outbound stacks are shared by every core, so a request sent through one carries its
-/// core along ([`OnCore`]) to the forwarding underneath.
+/// core along (`OnCore`) to the forwarding underneath.
 #[derive(Clone)]
 pub struct Proxy {
     upstreams: Arc<[(Arc<Pool>, UpstreamMetrics)]>,
     /// The outbound stacks of pools that have one, with their refusal status.
-    outbound: Arc<[(Arc<Pool>, crate::outbound::Stack, StatusCode)]>,
+    outbound: Arc<[(Arc<Pool>, crate::proxy::outbound::Stack, StatusCode)]>,
     /// The per-core thread this proxy serves (`None`: any other thread).
     core: Option<usize>,
 }
@@ -127,7 +134,7 @@ impl Proxy {
             let Some(config) = pool.outbound() else {
                 continue;
             };
-            let stack = crate::outbound::build_stack(
+            let stack = crate::proxy::outbound::build_stack(
                 config,
                 metrics.outbound(pool.name()),
                 Direct(direct.clone()),
@@ -136,7 +143,7 @@ impl Proxy {
             if let (true, Ok(rt)) = (warm, tokio::runtime::Handle::try_current()) {
                 let (config, stack, pool) = (config.clone(), stack.clone(), pool.clone());
                 rt.spawn(async move {
-                    let route = Arc::new(crate::routing::Route::new(
+                    let route = Arc::new(crate::proxy::routing::Route::new(
                         "warm_up",
                         None,
                         "/",
@@ -145,7 +152,7 @@ impl Proxy {
                         None,
                         None,
                     ));
-                    crate::outbound::warm_up(&config, pool.name(), stack, |req| {
+                    crate::proxy::outbound::warm_up(&config, pool.name(), stack, |req| {
                         req.extensions_mut().insert(RouteMatch(route.clone()));
                     })
                     .await;
@@ -170,7 +177,10 @@ impl Proxy {
     }
 
     /// The outbound stack of the request's pool, if it has one (never for upgrades).
-    fn outbound_of<B>(&self, req: &Request<B>) -> Option<(crate::outbound::Stack, StatusCode)> {
+    fn outbound_of<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Option<(crate::proxy::outbound::Stack, StatusCode)> {
         if self.outbound.is_empty() {
             return None;
         }
@@ -205,9 +215,9 @@ impl Proxy {
             if let Some(core) = self.core {
                 req.extensions_mut().insert(OnCore(core));
             }
-            let res = match crate::outbound::call(&mut stack, req.map(body::boxed)).await {
+            let res = match crate::proxy::outbound::call(&mut stack, req.map(body::boxed)).await {
                 Ok(res) => res,
-                Err(e) => crate::outbound::error_response(&e, throttle_status),
+                Err(e) => crate::proxy::outbound::error_response(&e, throttle_status),
             };
             return match pending {
                 Some(p) => {
@@ -237,7 +247,10 @@ impl Proxy {
     async fn forward_inner<B>(
         self,
         mut req: Request<B>,
-    ) -> (Response<ProxyBody>, Option<crate::upstream::InFlight>)
+    ) -> (
+        Response<ProxyBody>,
+        Option<crate::proxy::upstream::InFlight>,
+    )
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -312,9 +325,9 @@ impl Proxy {
                         .insert(fairgate_middleware::outbound::ConnectFailed);
                     return (res, None);
                 }
-                // The client's body was too slow (see `crate::conn_limits`): the upstream
+                // The client's body was too slow (see `crate::server::conn_limits`): the upstream
                 // request is aborted, the client is at fault.
-                Ok(Err(e)) if crate::conn_limits::is_slow_body(&e) => {
+                Ok(Err(e)) if crate::server::conn_limits::is_slow_body(&e) => {
                     tracing::debug!(upstream = %pool.name(), error = %e, "request body too slow");
                     return (
                         problem::response(
@@ -326,9 +339,9 @@ impl Proxy {
                 }
                 // The client's body outgrew `limits.max_body` on the way (a streamed body:
                 // one with a length over the limit never gets here): the client is at fault.
-                Ok(Err(e)) if body::is_too_large(&e) => {
+                Ok(Err(e)) if crate::server::body_limit::is_too_large(&e) => {
                     tracing::debug!(upstream = %pool.name(), error = %e, "request body too large");
-                    return (body::too_large(), None);
+                    return (crate::server::body_limit::too_large(), None);
                 }
                 Ok(Err(e)) => {
                     if let Some(m) = &metrics {
@@ -376,7 +389,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let this = self.clone();
         // Admission has decided; a sampled admit's log line waits for the response.
-        let pending = crate::admission::take_pending(&req);
+        let pending = crate::proxy::admission::take_pending(&req);
         Box::pin(async move { Ok(this.forward(req, pending).await) })
     }
 }
@@ -398,10 +411,13 @@ fn hash_key<B>(pool: &Pool, req: &Request<B>, conn: Option<ConnInfo>) -> String 
 
 fn finish_response(
     mut res: Response<hyper::body::Incoming>,
-    in_flight: crate::upstream::InFlight,
+    in_flight: crate::proxy::upstream::InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     metrics: Option<&UpstreamMetrics>,
-) -> (Response<ProxyBody>, Option<crate::upstream::InFlight>) {
+) -> (
+    Response<ProxyBody>,
+    Option<crate::proxy::upstream::InFlight>,
+) {
     let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     if upgraded {
         let Some(client_upgrade) = client_upgrade else {
@@ -685,7 +701,7 @@ mod tests {
                 let (stream, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(crate::echo::handle);
+                    let svc = hyper::service::service_fn(crate::proxy::echo::handle);
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -704,7 +720,7 @@ mod tests {
             outbound: None,
         };
         let pool = Arc::new(Pool::new("p", &cfg, vec![addr]).with_per_core_clients(2));
-        let route = Arc::new(crate::routing::Route::new(
+        let route = Arc::new(crate::proxy::routing::Route::new(
             "r",
             None,
             "/",

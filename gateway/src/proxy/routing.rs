@@ -4,10 +4,9 @@
 //! [`RoutingLayer`] runs before admission: it answers `CONNECT` with 405 and unrouted
 //! requests with 404 (neither reaches the engine or an upstream), and tags routed requests
 //! with a [`RouteMatch`] (for the proxy), the route's operation name (for the engine) and
-//! the route's decision context (for the decision log, see [`crate::admission`]).
+//! the route's decision context (for the decision log, see [`crate::proxy::admission`]).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,16 +19,7 @@ use tower::{Layer, Service};
 
 use crate::body::ProxyBody;
 use crate::problem;
-use crate::upstream::Pool;
-
-/// Facts about the client connection, inserted per request by the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnInfo {
-    /// The TCP peer.
-    pub peer: SocketAddr,
-    /// `https` when the connection is TLS, else `http`.
-    pub scheme: &'static str,
-}
+use crate::proxy::upstream::Pool;
 
 /// A compiled route.
 #[derive(Debug)]
@@ -211,9 +201,9 @@ where
             ));
         };
         if let Some(op) = &route.operation {
-            crate::admission::tag_operation(&mut req, op);
+            crate::proxy::admission::tag_operation(&mut req, op);
         }
-        crate::admission::tag_route(&mut req, &route.name);
+        crate::proxy::admission::tag_route(&mut req, &route.name);
         req.extensions_mut().insert(RouteMatch(route));
         ResponseFuture::Inner {
             fut: self.inner.call(req),
@@ -279,7 +269,7 @@ mod tests {
         Arc::new(Pool::new(
             "p",
             &cfg,
-            vec![SocketAddr::from(([127, 0, 0, 1], 1))],
+            vec![std::net::SocketAddr::from(([127, 0, 0, 1], 1))],
         ))
     }
 

@@ -2,7 +2,7 @@
 //!
 //! Each pool owns one pooled hyper-util client (keep-alive connections per target) — plus one
 //! per per-core thread under the `thread_per_core` runtime, so that a thread only reuses
-//! connections its own runtime drives (see [`crate::runtime`]) — and picks a target per
+//! connections its own runtime drives (see [`crate::server::runtime`]) — and picks a target per
 //! request:
 //!
 //! - `p2c_ewma` (default): power of two choices over `(in_flight + 1) × peak-EWMA latency`.
@@ -168,7 +168,7 @@ pub struct Pool {
     client_settings: ClientSettings,
     request_timeout: Duration,
     health_check: Option<HealthCheck>,
-    outbound: Option<crate::outbound::OutboundConfig>,
+    outbound: Option<crate::config::OutboundConfig>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -229,7 +229,7 @@ impl Pool {
     }
 
     /// The pool's outbound layers, if configured (built by the proxy).
-    pub fn outbound(&self) -> Option<&crate::outbound::OutboundConfig> {
+    pub fn outbound(&self) -> Option<&crate::config::OutboundConfig> {
         self.outbound.as_ref()
     }
 

@@ -1,5 +1,5 @@
 //! The process log (`tracing` to stderr, pretty or JSON). The decision log is separate:
-//! see [`crate::decision_log`].
+//! see `fairgate_middleware::observe::DecisionLog`.
 
 use std::io::IsTerminal;
 

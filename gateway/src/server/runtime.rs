@@ -46,7 +46,7 @@ use tokio::task::JoinSet;
 use tower::Service;
 
 use crate::body::BoxError;
-use crate::conn_limits::ConnLimits;
+use crate::server::conn_limits::ConnLimits;
 use crate::server::{self, RequestBody};
 use crate::tls::Tls;
 

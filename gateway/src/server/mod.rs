@@ -1,8 +1,8 @@
 //! Listeners and connections: binding with `SO_REUSEPORT`, serving HTTP/1.1 and h2c on one
 //! port (hyper-util `auto`), HTTP/1.1 and HTTP/2 over TLS (see [`crate::tls`]), request-head
-//! limits, the framing check on every connection (see [`crate::framing`]: ambiguous HTTP/1
+//! limits, the framing check on every connection (see [`crate::server::framing`]: ambiguous HTTP/1
 //! framing is answered 400 + `Connection: close`), the connection limits of
-//! [`crate::conn_limits`] (per-source cap at accept, first-bytes and write deadlines on the
+//! [`crate::server::conn_limits`] (per-source cap at accept, first-bytes and write deadlines on the
 //! stream, minimum request-body rate), and graceful shutdown.
 //!
 //! Every listening socket sets `SO_REUSEPORT`, so that a new gateway process can bind the
@@ -13,13 +13,19 @@
 //!
 //! hyper serves h2c by prior knowledge only. An HTTP/1.1 request offering `Upgrade: h2c` is
 //! answered in HTTP/1.1, and the offer is removed from it before anything else sees it (see
-//! [`decline_h2c`]). On stop a server
+//! `decline_h2c`). On stop a server
 //! first *drains* for [`DRAIN_WINDOW`]: it keeps accepting, and answers every HTTP/1.1
 //! request with `Connection: close`, so keep-alive clients learn to reconnect (to the new
 //! process) from a response instead of finding their idle connection closed under a request
 //! already on the wire; then it closes the listener and lets hyper finish what is in flight. It also lets the
 //! `thread_per_core` runtime give every worker thread its own socket on the same address
-//! (see [`crate::runtime`]).
+//! (see [`crate::server::runtime`]).
+
+pub mod body_limit;
+pub mod conn_limits;
+pub mod framing;
+pub mod request_id;
+pub mod runtime;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,9 +53,8 @@ use tower::Service;
 
 use crate::body::BoxError;
 use crate::config::Limits;
-use crate::conn_limits::{ConnLimits, MinRate};
-use crate::framing::{FramingCheck, FramingIo, Verdicts};
-use crate::routing::ConnInfo;
+use crate::server::conn_limits::{ConnLimits, MinRate};
+use crate::server::framing::{FramingCheck, FramingIo, Verdicts};
 use crate::tls::Tls;
 
 /// Most head bytes the framing scanner keeps. hyper stops reading a head at the configured
@@ -221,7 +226,7 @@ pub async fn serve<S, B>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        // Ambiguous HTTP/1 framing is found on the bytes (see `crate::framing`).
+        // Ambiguous HTTP/1 framing is found on the bytes (see `crate::server::framing`).
         let verdicts = Verdicts::new();
         let svc = TowerToHyperService::new(FramingCheck::new(
             WithConn {
@@ -280,6 +285,15 @@ pub async fn serve<S, B>(
     graceful.shutdown().await;
 }
 
+/// Facts about the client connection, inserted per request by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// `https` when the connection is TLS, else `http`.
+    pub scheme: &'static str,
+}
+
 /// Inserts the connection's [`ConnInfo`] (and the engine's peer address) into each request
 /// and puts its body under the minimum rate; while the server drains, marks HTTP/1.1
 /// responses `Connection: close`.
@@ -308,7 +322,8 @@ where
         if req.version() < Version::HTTP_2 {
             decline_h2c(req.headers_mut());
         }
-        crate::admission::tag_peer(&mut req, self.info.peer);
+        req.extensions_mut()
+            .insert(fairgate_middleware::PeerAddr(self.info.peer));
         req.extensions_mut().insert(self.info);
         let req = req.map(|b| self.limits.min_rate(b));
         Closing {

@@ -55,7 +55,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
 use crate::config::{BodyMinRate, Limits};
-use crate::metrics::ClientCounters;
+use crate::control::metrics::ClientCounters;
 
 /// The connection limits of one gateway: the shared per-source table, the slow-client
 /// settings and their counters. Cheap to clone (one `Arc`).

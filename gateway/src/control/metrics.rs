@@ -3,7 +3,7 @@
 //! ([`Format::negotiate`](fairgate_middleware::observe::Format::negotiate)).
 //!
 //! One registry holds the engine's series
-//! ([`EngineMetrics`](fairgate_middleware::observe::EngineMetrics), the same an app that
+//! ([`EngineMetrics`], the same an app that
 //! embeds the layer registers) and the gateway's own: upstream latency and errors, the
 //! outbound layers, and the connection limits. Label values are bounded by design; no label
 //! ever carries a client key, IP or path. What mirrors state is refreshed at scrape time
@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fairgate_middleware::observe::{encode, DecisionLog, EngineMetrics, Format};
+use fairgate_middleware::outbound::{OutboundEvent, OutboundObserver};
 use fairgate_middleware::Engine;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -41,7 +43,7 @@ struct KindLabels {
     kind: &'static str,
 }
 
-/// The counters of [`crate::conn_limits`]: connections refused by the per-source cap
+/// The counters of [`crate::server::conn_limits`]: connections refused by the per-source cap
 /// (`fairgate_connections_refused_total{reason="per_source"}`) and slow clients cut off
 /// (`fairgate_slow_clients_total{kind="body"|"read"}`).
 #[derive(Clone, Debug, Default)]
@@ -118,7 +120,7 @@ pub struct Metrics {
     engine: Arc<EngineMetrics>,
     upstream_duration: Family<UpstreamLabels, Histogram>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
-    outbound: crate::outbound::OutboundMetrics,
+    outbound: OutboundMetrics,
     clients: ClientCounters,
 }
 
@@ -149,7 +151,7 @@ impl Metrics {
             "Upstream failures by pool and kind (connect, timeout, protocol, body)",
             upstream_errors.clone(),
         );
-        let outbound = crate::outbound::OutboundMetrics::register(gateway);
+        let outbound = OutboundMetrics::register(gateway);
         let refused = Family::<ReasonLabels, Counter>::default();
         gateway.register(
             "connections_refused",
@@ -190,7 +192,7 @@ impl Metrics {
     }
 
     /// The outbound-layer counters of upstream pool `name` (creates its series).
-    pub fn outbound(&self, name: &Arc<str>) -> Arc<crate::outbound::PoolObserver> {
+    pub fn outbound(&self, name: &Arc<str>) -> Arc<PoolObserver> {
         self.outbound.observer(name)
     }
 
@@ -234,6 +236,126 @@ impl Default for Metrics {
     }
 }
 
+// === outbound ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutboundLabels {
+    upstream: Arc<str>,
+}
+
+/// The outbound counters, one family each, labelled by upstream.
+#[derive(Debug, Clone)]
+pub struct OutboundMetrics {
+    coalesced: Family<OutboundLabels, Counter>,
+    cache_hits: Family<OutboundLabels, Counter>,
+    cache_misses: Family<OutboundLabels, Counter>,
+    throttled: Family<OutboundLabels, Counter>,
+    retries: Family<OutboundLabels, Counter>,
+    budget_exhausted: Family<OutboundLabels, Counter>,
+    coalesce_waiting: Family<OutboundLabels, Gauge>,
+}
+
+impl OutboundMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> OutboundMetrics {
+        let m = OutboundMetrics {
+            coalesced: Family::default(),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            throttled: Family::default(),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
+            coalesce_waiting: Family::default(),
+        };
+        registry.register(
+            "outbound_coalesced",
+            "Requests answered by an identical concurrent call's response",
+            m.coalesced.clone(),
+        );
+        registry.register(
+            "outbound_cache_hits",
+            "Requests answered from the outbound cache",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "outbound_cache_misses",
+            "Cacheable requests not found in the outbound cache",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "outbound_throttled",
+            "Requests refused locally by the outbound limit or adaptive throttling",
+            m.throttled.clone(),
+        );
+        registry.register(
+            "outbound_retries",
+            "Requests sent to the upstream again",
+            m.retries.clone(),
+        );
+        registry.register(
+            "outbound_retry_budget_exhausted",
+            "Retries not sent because the retry budget was empty",
+            m.budget_exhausted.clone(),
+        );
+        registry.register(
+            "outbound_coalesce_waiting",
+            "Requests waiting right now for an identical concurrent call's response",
+            m.coalesce_waiting.clone(),
+        );
+        m
+    }
+
+    /// The observer of upstream `name` (its series are created now, at zero).
+    pub fn observer(&self, name: &Arc<str>) -> Arc<PoolObserver> {
+        let l = OutboundLabels {
+            upstream: name.clone(),
+        };
+        Arc::new(PoolObserver {
+            coalesced: self.coalesced.get_or_create_owned(&l),
+            cache_hits: self.cache_hits.get_or_create_owned(&l),
+            cache_misses: self.cache_misses.get_or_create_owned(&l),
+            throttled: self.throttled.get_or_create_owned(&l),
+            retries: self.retries.get_or_create_owned(&l),
+            budget_exhausted: self.budget_exhausted.get_or_create_owned(&l),
+            coalesce_waiting: self.coalesce_waiting.get_or_create_owned(&l),
+        })
+    }
+}
+
+/// Counts one pool's outbound events into its pre-resolved counters.
+#[derive(Debug)]
+pub struct PoolObserver {
+    coalesced: Counter,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    throttled: Counter,
+    retries: Counter,
+    budget_exhausted: Counter,
+    coalesce_waiting: Gauge,
+}
+
+impl OutboundObserver for PoolObserver {
+    fn event(&self, event: OutboundEvent) {
+        let c = match event {
+            OutboundEvent::Coalesced => &self.coalesced,
+            OutboundEvent::CacheHit => &self.cache_hits,
+            OutboundEvent::CacheMiss => &self.cache_misses,
+            OutboundEvent::Throttled(_) => &self.throttled,
+            OutboundEvent::Retry => &self.retries,
+            OutboundEvent::RetryBudgetExhausted => &self.budget_exhausted,
+            OutboundEvent::CoalesceWaitStarted => {
+                self.coalesce_waiting.inc();
+                return;
+            }
+            OutboundEvent::CoalesceWaitEnded => {
+                self.coalesce_waiting.dec();
+                return;
+            }
+        };
+        c.inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +382,26 @@ mod tests {
         }
         let text = encode(&m.registry, Format::Text);
         assert!(text.contains("# TYPE fairgate_upstream_duration_seconds histogram\n"));
+    }
+
+    #[test]
+    fn metrics_are_labelled_by_upstream() {
+        // As `crate::control::metrics` builds it.
+        let mut reg = Registry::with_prefix("fairgate");
+        let m = OutboundMetrics::register(&mut reg);
+        let o = m.observer(&Arc::from("api"));
+        o.event(OutboundEvent::Coalesced);
+        o.event(OutboundEvent::Coalesced);
+        o.event(OutboundEvent::Throttled(
+            fairgate_middleware::outbound::ThrottleReason::QueueFull,
+        ));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(
+            text.contains("fairgate_outbound_coalesced_total{upstream=\"api\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("fairgate_outbound_throttled_total{upstream=\"api\"} 1"));
+        assert!(text.contains("fairgate_outbound_retry_budget_exhausted_total{upstream=\"api\"} 0"));
     }
 }
