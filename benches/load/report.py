@@ -21,6 +21,7 @@ from pathlib import Path
 LABELS = {
     "direct": "direct to upstream (no proxy)",
     "hyper": "minimal hyper proxy",
+    "hyper-conn": "minimal hyper proxy, own http1 pool",
     "pingora": "bare pingora",
     "nginx": "nginx",
     "nginx-limit": "nginx + limit_req",

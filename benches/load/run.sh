@@ -21,7 +21,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 
-ALL_CONTENDERS="direct hyper pingora nginx nginx-limit haproxy fairgate-empty fairgate-full fairgate-reject30 fairgate-full-mt"
+ALL_CONTENDERS="direct hyper hyper-conn pingora nginx nginx-limit haproxy fairgate-empty fairgate-full fairgate-reject30 fairgate-full-mt"
 AXUM_CONTENDERS="axum axum-fairgate axum-fairgate-reject30 axum-governor"
 REDIS_CONTENDERS="fairgate-redis-async fairgate-redis-exact"
 
@@ -185,7 +185,7 @@ AXUM_BIN="$ROOT/target/release/axum_app"
 build() {
     [ "$BUILD" = 1 ] || return 0
     # nice: the machine is shared; these are heavy release builds.
-    if wants hyper; then
+    if wants 'hyper*'; then
         log "building hyper_proxy (release)"
         (cd "$ROOT" && nice -n 19 cargo build --release -q -p fairgate-benches --bin hyper_proxy)
     fi
@@ -510,6 +510,10 @@ start_contender() { # start_contender NAME THREADS PIN(cmd prefix)
             $pin "$HYPER_BIN" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" "$threads" \
                 >"$RUN/$name.log" 2>&1 &
             pid=$! ;;
+        hyper-conn)
+            HYPER_PROXY_POOL=conn $pin "$HYPER_BIN" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" \
+                "$threads" >"$RUN/$name.log" 2>&1 &
+            pid=$! ;;
         pingora)
             $pin "$PINGORA_BIN" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" "$threads" "$RUN" \
                 >"$RUN/$name.log" 2>&1 &
@@ -709,7 +713,7 @@ build
 
 for c in $LIST; do
     case "$c" in
-        hyper) [ -x "$HYPER_BIN" ] || { echo "missing $HYPER_BIN" >&2; exit 1; } ;;
+        hyper|hyper-conn) [ -x "$HYPER_BIN" ] || { echo "missing $HYPER_BIN" >&2; exit 1; } ;;
         pingora) [ -x "$PINGORA_BIN" ] || { echo "missing $PINGORA_BIN" >&2; exit 1; } ;;
         fairgate*) [ -x "$FAIRGATE_BIN" ] || { echo "missing $FAIRGATE_BIN" >&2; exit 1; } ;;
         axum*) [ -x "$AXUM_BIN" ] || { echo "missing $AXUM_BIN" >&2; exit 1; } ;;
