@@ -179,7 +179,7 @@ install_missing() {
 HYPER_BIN="${HYPER_BIN:-$ROOT/target/release/hyper_proxy}"
 PINGORA_DIR="$HERE/pingora-proxy"
 PINGORA_BIN="$PINGORA_DIR/target/release/pingora-bare-proxy"
-FAIRGATE_BIN="$ROOT/target/release/fairgate"
+FAIRGATE_BIN="${FAIRGATE_BIN:-$ROOT/target/release/fairgate}"
 AXUM_BIN="$ROOT/target/release/axum_app"
 
 build() {
