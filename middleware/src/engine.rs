@@ -488,7 +488,7 @@ impl Engine {
                 post_hoc,
             );
             charges.commit();
-            return Begun::Remote(Box::new(RemoteCheck {
+            return Begun::Remote(RemoteCheck {
                 shared: Arc::clone(&self.shared),
                 backend: Arc::clone(self.backend()),
                 admitted: Admitted { ticket, ratelimit },
@@ -505,7 +505,7 @@ impl Engine {
                 headers,
                 priority,
                 shadow_hits,
-            }));
+            });
         }
         if let Some(bws) = q.bandwidths.filter(|_| route != Route::Local) {
             if matches!(route, Route::Shared | Route::Degraded) && !borrowed {
@@ -743,16 +743,16 @@ fn backend_unavailable(
 }
 
 /// What [`Engine::begin`] returns.
-// `Remote` (exact mode, about to wait for a network round trip) is boxed: unboxed it made
-// every local decision's return value — moved out of each pipeline stage — several hundred
-// bytes (callgrind: four more `memcpy`s, +480 instructions per decision). One allocation
-// beside a Redis round trip costs nothing in comparison.
+// `Remote` (exact mode, about to wait for a network round trip) is the large one; boxing it
+// would add an allocation to every exact decision to shrink the local ones' return value
+// (tried: the local decision's instruction count did not change, BENCHMARKS.md).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Begun {
     /// The decision.
     Decided(Decision),
     /// Everything but the remote quota check passed; await [`RemoteCheck::resolve`].
-    Remote(Box<RemoteCheck>),
+    Remote(RemoteCheck),
 }
 
 /// A decision waiting for the state backend's remote check (Redis `exact` mode). It holds the request's ticket (in-flight

@@ -295,7 +295,7 @@ fn shared_and_degraded_routes_decide_locally_and_record_admitted_cost() {
 
 fn remote(e: &Engine, path: &'static str) -> crate::engine::RemoteCheck {
     match e.begin(&facts(&ip(9), path)) {
-        Begun::Remote(check) => *check,
+        Begun::Remote(check) => check,
         Begun::Decided(d) => panic!("expected a remote check, got {:?}", seen(&d)),
     }
 }
