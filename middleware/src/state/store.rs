@@ -13,7 +13,7 @@ use fairgate_policies::compiled::CompiledBandwidth;
 use super::bucket::Bucket;
 use super::debt::{client_debt_hash, debt_for};
 use super::entry::{Entry, EntryRef};
-use super::scopes::{id_addr, LiveScopes, Pinned, Scopes, CLIENT_ID};
+use super::scopes::{id_addr, shapes, LiveScopes, Pinned, Scopes, CLIENT_ID, FREE};
 use super::{Full, SlotMap, CLIENT_SCOPE, OVERFLOW, SLOTS};
 use crate::clock::Nanos;
 
@@ -219,7 +219,7 @@ impl Store {
                         return Err(Full);
                     }
                 }
-                let e = Arc::new(Entry::new(CLIENT_ID, key, 0, 0));
+                let e = Arc::new(Entry::new(CLIENT_ID, key, 0, FREE));
                 self.insert(&mut table, hash, Arc::clone(&e));
                 e
             }
@@ -245,24 +245,23 @@ impl Store {
         let text = |addr: usize| pinned.get(&addr).map(|(t, _)| &**t);
         for (i, bw) in bandwidths.iter().enumerate() {
             let addr = id_addr(&bw.id);
-            let slots = &e.slots;
-            let at = |a: usize| {
-                slots
-                    .iter()
-                    .position(|s| s.addr.load(Ordering::Relaxed) == a)
-            };
+            let at = |a: usize| e.buckets().position(|b| b.addr() == a);
             if let Some(s) = at(addr) {
                 map[i] = s as u8;
                 continue;
             }
             // The same id from an older generation: adopt the new address (the capacity is
             // rescaled lazily on use).
-            let same = slots.iter().position(|s| {
-                let a = s.addr.load(Ordering::Relaxed);
+            let same = e.buckets().position(|b| {
+                let a = b.addr();
                 a != 0 && !wanted(a) && text(a) == Some(&*bw.id)
             });
             if let Some(s) = same {
-                slots[s].addr.store(addr, Ordering::Release);
+                let b = e.slot(s as u8);
+                let Some(shape) = shapes().intern(addr, b.capacity()) else {
+                    continue;
+                };
+                b.set_shape(shape);
                 map[i] = s as u8;
                 continue;
             }
@@ -271,14 +270,16 @@ impl Store {
             }
             // A free slot, or one whose bucket carries no information (full, or its id
             // is gone from the policy) and that this quota does not use.
-            let free = slots.iter().position(|s| {
-                let a = s.addr.load(Ordering::Relaxed);
+            let free = e.buckets().position(|b| {
+                let a = b.addr();
                 a == 0
-                    || (!wanted(a)
-                        && (s.bucket.tat() <= now || text(a).is_none_or(|t| !live.contains(t))))
+                    || (!wanted(a) && (b.tat() <= now || text(a).is_none_or(|t| !live.contains(t))))
             });
             let Some(s) = free else { continue };
             let Some((_, id_hash)) = pinned.get(&addr) else {
+                continue;
+            };
+            let Some(shape) = shapes().intern(addr, bw.c_ns) else {
                 continue;
             };
             let debt_hash = client_debt_hash(hash, *id_hash);
@@ -288,8 +289,7 @@ impl Store {
             } else {
                 0
             };
-            slots[s].bucket.reset(tat, bw.c_ns);
-            slots[s].addr.store(addr, Ordering::Release);
+            e.slot(s as u8).reset(tat, shape);
             map[i] = s as u8;
         }
         map
@@ -301,12 +301,14 @@ impl Store {
         &self,
         key: &str,
         id: &Arc<str>,
-        f: impl FnOnce(&Bucket) -> R,
+        f: impl FnOnce(&Bucket<'_>) -> R,
     ) -> Option<R> {
         // The shard's lock first, then (only when the address does not match) the
         // pinned ids', the order every other path takes them in.
-        self.with_existing(CLIENT_SCOPE, key, |e| e.find_slot(id, &self.pinned).map(f))
-            .flatten()
+        self.with_existing(CLIENT_SCOPE, key, |e| {
+            e.find_slot(id, &self.pinned).map(|b| f(&b))
+        })
+        .flatten()
     }
 
     /// Runs `f` on the existing entry, if any. Never inserts.
@@ -364,13 +366,18 @@ impl Store {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Full);
         };
+        // Likewise a shape table full of a million distinct (id, capacity) pairs.
+        let Some(shape) = shapes().intern(0, c) else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Full);
+        };
         let owed = debt_for(self.debt_slot(hash), hash, now);
         let tat = if owed > now {
             owed.min(now.saturating_add(c))
         } else {
             0
         };
-        let entry = Arc::new(Entry::new(scope_id, key, tat, c));
+        let entry = Arc::new(Entry::new(scope_id, key, tat, shape));
         let r = f(&entry);
         self.insert(&mut table, hash, entry);
         Ok(r)

@@ -160,11 +160,11 @@ fn consume_client(store: &Store, key: &str, now: Nanos, bws: &[CompiledBandwidth
 fn entries_stay_small() {
     // The figure in the module docs.
     assert_eq!(std::mem::size_of::<Entry>(), ENTRY_BYTES - 16);
-    assert_eq!(std::mem::size_of::<EntryKey>(), 32);
+    assert_eq!(std::mem::size_of::<EntryKey>(), 24);
 }
 
 /// An `Arc<Entry>` allocation: the entry plus the two reference counts.
-const ENTRY_BYTES: usize = 104;
+const ENTRY_BYTES: usize = 72;
 
 #[test]
 fn client_slots_carry_over_a_new_generation_by_id_and_free_dead_ids() {
