@@ -36,8 +36,9 @@ impl<'a> Bucket<'a> {
 
     /// The address of the bandwidth id the slot holds (0: free, or a non-client entry's
     /// own bucket).
+    #[inline]
     pub(super) fn addr(&self) -> usize {
-        shapes().get(self.shape.load(Ordering::Relaxed)).0
+        shapes().get(self.shape.load(Ordering::Acquire)).0
     }
 
     /// Resets the bucket (a new entry, or slot reuse; under the shard's write lock).
@@ -55,12 +56,17 @@ impl<'a> Bucket<'a> {
     /// Rescales to capacity `c` if the bucket was computed with another (lazy reload).
     /// `false` only when the shape table is full (a million distinct (id, capacity)
     /// pairs): then the bucket keeps its old capacity.
+    #[inline]
     fn sync_capacity(&self, now: Nanos, c: Nanos) -> bool {
         let old = self.shape.load(Ordering::Acquire);
         let (addr, old_c) = shapes().get(old);
-        if old_c == c {
-            return true;
-        }
+        old_c == c || self.rescale(now, old, addr, old_c, c)
+    }
+
+    /// [`Bucket::sync_capacity`] after a change: moves the shape from `old` (`addr`,
+    /// `old_c`) to (`addr`, `c`).
+    #[cold]
+    fn rescale(&self, now: Nanos, old: ShapeId, addr: usize, old_c: Nanos, c: Nanos) -> bool {
         let Some(next) = shapes().intern(addr, c) else {
             return false;
         };

@@ -2,7 +2,8 @@
 //! index), the pinned bandwidth ids (a client slot names its id by address) and the scopes
 //! the current policy still has.
 
-use std::sync::{Arc, LazyLock, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use ahash::RandomState;
 
@@ -117,54 +118,95 @@ const SHAPE_CHUNK: usize = 1024;
 /// Chunks of the shape table: at most 1,048,576 distinct shapes per process.
 const SHAPE_CHUNKS: usize = 1024;
 
-/// [`SHAPE_CHUNK`] shapes, each set once.
-type ShapeChunk = Box<[OnceLock<(usize, Nanos)>]>;
+/// Shapes kept in the static itself (no pointer to follow on the hot path): the first
+/// chunk.
+const SHAPES_INLINE: usize = SHAPE_CHUNK;
 
-/// Every (id address, capacity) pair a bucket has held, by [`ShapeId`]: append-only, so a
-/// reader needs no lock (two acquire loads), like the scope table. One table for the
-/// process, shared by every store: a shape is a pair of numbers, and which id text an
-/// address stands for is still each store's own (its pinned ids). It grows with the number
-/// of distinct pairs: a new id, or a reload that changes a bandwidth's capacity, adds one.
-pub(super) struct Shapes {
-    chunks: Box<[OnceLock<ShapeChunk>]>,
-    /// Shape → id, for interning (a new bucket or a new capacity) only.
-    ids: RwLock<hashbrown::HashMap<(usize, Nanos), ShapeId, RandomState>>,
+/// One shape. Written once, before its id is handed out; a reader has the id from an
+/// acquire load of a bucket's shape (or from the interning map's lock), so relaxed loads
+/// see the written pair.
+#[derive(Debug, Default)]
+struct Shape {
+    addr: AtomicUsize,
+    c: AtomicU64,
 }
 
-static SHAPES: LazyLock<Shapes> = LazyLock::new(Shapes::new);
+/// [`SHAPE_CHUNK`] shapes.
+type ShapeChunk = Box<[Shape; SHAPE_CHUNK]>;
+
+/// Shape → id, for interning (a new bucket or a new capacity) only. Its keys are pairs of
+/// numbers the policy chose, not client input: fixed seeds will do.
+type ShapeIds = hashbrown::HashMap<(usize, Nanos), ShapeId, RandomState>;
+
+/// Every (id address, capacity) pair a bucket has held, by [`ShapeId`]: append-only, so a
+/// reader needs no lock (one acquire load and two relaxed ones), like the scope table. One
+/// table for the process, shared by every store: a shape is a pair of numbers, and which id
+/// text an address stands for is still each store's own (its pinned ids). It grows with the
+/// number of distinct pairs: a new id, or a reload that changes a bandwidth's capacity,
+/// adds one (24 bytes, plus a chunk of 16 KiB per 1,024 shapes).
+pub(super) struct Shapes {
+    /// Shapes `0..SHAPES_INLINE` (zeroed memory, touched only as shapes are added).
+    first: [Shape; SHAPES_INLINE],
+    /// The other shapes, by chunk (chunk 0 is `first`, unused here).
+    chunks: [OnceLock<ShapeChunk>; SHAPE_CHUNKS],
+    /// Every shape but [`FREE`], which is not interned.
+    ids: RwLock<ShapeIds>,
+}
+
+static SHAPES: Shapes = Shapes {
+    first: [const {
+        Shape {
+            addr: AtomicUsize::new(0),
+            c: AtomicU64::new(0),
+        }
+    }; SHAPES_INLINE],
+    chunks: [const { OnceLock::new() }; SHAPE_CHUNKS],
+    ids: RwLock::new(ShapeIds::with_hasher(RandomState::with_seeds(1, 2, 3, 4))),
+};
 
 /// The process's shape table.
+#[inline]
 pub(super) fn shapes() -> &'static Shapes {
     &SHAPES
 }
 
 impl Shapes {
-    fn new() -> Self {
-        let shapes = Shapes {
-            chunks: (0..SHAPE_CHUNKS).map(|_| OnceLock::new()).collect(),
-            ids: RwLock::new(hashbrown::HashMap::with_hasher(RandomState::new())),
-        };
-        let free = shapes.intern(0, 0);
-        debug_assert_eq!(free, Some(FREE));
-        shapes
-    }
-
-    /// The (id address, capacity) of shape `id` ((0, 0) if unknown, which cannot happen:
-    /// ids come from [`Shapes::intern`]).
+    /// The (id address, capacity) of shape `id`; (0, 0) for [`FREE`] (and for an unknown
+    /// id, which cannot happen: ids come from [`Shapes::intern`]).
+    #[inline]
     pub(super) fn get(&self, id: ShapeId) -> (usize, Nanos) {
         let id = id as usize;
-        self.chunks
-            .get(id / SHAPE_CHUNK)
-            .and_then(OnceLock::get)
-            .and_then(|chunk| chunk[id % SHAPE_CHUNK].get())
-            .copied()
-            .unwrap_or((0, 0))
+        let s = match self.first.get(id) {
+            Some(s) => s,
+            None => match self.chunks.get(id / SHAPE_CHUNK).and_then(OnceLock::get) {
+                Some(chunk) => &chunk[id % SHAPE_CHUNK],
+                None => return (0, 0),
+            },
+        };
+        (s.addr.load(Ordering::Relaxed), s.c.load(Ordering::Relaxed))
+    }
+
+    /// The place of shape `id`, allocating its chunk if needed; `None` beyond the table.
+    fn place(&self, id: usize) -> Option<&Shape> {
+        if let Some(s) = self.first.get(id) {
+            return Some(s);
+        }
+        let chunk = self.chunks.get(id / SHAPE_CHUNK)?.get_or_init(|| {
+            let chunk: Box<[Shape]> = (0..SHAPE_CHUNK).map(|_| Shape::default()).collect();
+            chunk
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("SHAPE_CHUNK shapes"))
+        });
+        Some(&chunk[id % SHAPE_CHUNK])
     }
 
     /// The id of shape (`addr`, `c`), interning it first if new; `None` when the table is
     /// full.
     pub(super) fn intern(&self, addr: usize, c: Nanos) -> Option<ShapeId> {
         let shape = (addr, c);
+        if shape == (0, 0) {
+            return Some(FREE);
+        }
         if let Some(&id) = self
             .ids
             .read()
@@ -177,15 +219,13 @@ impl Shapes {
         if let Some(&id) = ids.get(&shape) {
             return Some(id);
         }
-        let next = ids.len();
-        let chunk = self.chunks.get(next / SHAPE_CHUNK)?.get_or_init(|| {
-            (0..SHAPE_CHUNK)
-                .map(|_| OnceLock::new())
-                .collect::<ShapeChunk>()
-        });
+        // Index 0 is `FREE`.
+        let next = ids.len() + 1;
+        let s = self.place(next)?;
         let id = ShapeId::try_from(next).ok()?;
-        // Written only here, under the write lock, at a fresh index.
-        let _ = chunk[next % SHAPE_CHUNK].set(shape);
+        // Written only here, under the write lock, at a fresh index, before the id leaves.
+        s.addr.store(addr, Ordering::Relaxed);
+        s.c.store(c, Ordering::Relaxed);
         ids.insert(shape, id);
         Some(id)
     }
