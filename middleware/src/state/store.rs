@@ -1,6 +1,7 @@
 //! The sharded, bounded table and its lookups. See *Layout* in the module docs of
 //! [`crate::state`].
 
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -29,6 +30,9 @@ pub struct Store {
     pub(super) shards: Box<[Shard]>,
     pub(super) shard_mask: u64,
     pub(super) hasher: RandomState,
+    /// `hasher`'s hasher after hashing [`CLIENT_SCOPE`]: a client key's hash continues
+    /// from it ([`Store::client_hash`]).
+    client_hasher: ahash::AHasher,
     pub(super) per_shard: AtomicUsize,
     pub(super) len: AtomicU64,
     pub(super) evicted: Box<[AtomicU64]>,
@@ -56,10 +60,14 @@ impl Store {
             .clamp(1024, 1 << 24)
             .next_power_of_two();
         let client_scope: Arc<str> = Arc::from(CLIENT_SCOPE);
+        let hasher = RandomState::new();
+        let mut client_hasher = hasher.build_hasher();
+        CLIENT_SCOPE.hash(&mut client_hasher);
         let store = Store {
             shards: (0..n).map(|_| Shard::default()).collect(),
             shard_mask: n as u64 - 1,
-            hasher: RandomState::new(),
+            hasher,
+            client_hasher,
             per_shard: AtomicUsize::new(1),
             len: AtomicU64::new(0),
             evicted: (0..debt_slots).map(|_| AtomicU64::new(0)).collect(),
@@ -133,6 +141,13 @@ impl Store {
         self.hasher.hash_one((scope, key))
     }
 
+    /// `hash(CLIENT_SCOPE, key)`, without hashing the scope's text again.
+    pub(super) fn client_hash(&self, key: &str) -> u64 {
+        let mut h = self.client_hasher.clone();
+        key.hash(&mut h);
+        h.finish()
+    }
+
     /// The text of an entry's scope ("" if unknown, which cannot happen: ids come from
     /// [`Scopes::intern`]).
     pub(super) fn scope_of(&self, e: &Entry) -> &str {
@@ -146,7 +161,11 @@ impl Store {
     /// The hash of an entry's (scope, key), as its lookups compute it (the entry does not
     /// store it).
     pub(super) fn entry_hash(&self, e: &Entry) -> u64 {
-        self.hash(self.scope_of(e), e.key.as_str())
+        if e.is_client() {
+            self.client_hash(e.key.as_str())
+        } else {
+            self.hash(self.scope_of(e), e.key.as_str())
+        }
     }
 
     /// True when `e` is the entry of (`scope`, `key`).
@@ -183,7 +202,7 @@ impl Store {
         bandwidths: &[CompiledBandwidth],
         f: impl FnOnce(&Arc<Entry>, &SlotMap) -> R,
     ) -> Result<R, Full> {
-        let hash = self.hash(CLIENT_SCOPE, key);
+        let hash = self.client_hash(key);
         let shard = self.shard(hash);
         let eq = |e: &Arc<Entry>| e.scope == CLIENT_ID && e.key.is(key);
         let mine = &bandwidths[..bandwidths.len().min(SLOTS)];
