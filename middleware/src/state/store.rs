@@ -193,8 +193,9 @@ impl Store {
 
     /// Runs `f` on the client entry of `key` (its concurrency counter and the slots of
     /// `bandwidths`, see [`SlotMap`]), inserting the entry or claiming slots first if
-    /// needed. The hot path is one hash, one shared lock and one pointer compare per
-    /// bandwidth. `f` runs while the shard is locked.
+    /// needed. The hot path is one hash, one shared lock and, per bandwidth, one compare
+    /// with the slots' id addresses (read from their shapes). `f` runs while the shard is
+    /// locked.
     pub(crate) fn with_client<R>(
         &self,
         key: &str,
