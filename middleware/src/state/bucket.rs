@@ -1,22 +1,29 @@
-//! One GCRA bucket in atomics: its TAT and the capacity it was computed with, rescaled
-//! lazily after a reload (see the module docs of [`crate::state`]).
+//! One GCRA bucket in atomics: its TAT and its shape (the bandwidth id it holds and the
+//! capacity the TAT was computed with), rescaled lazily after a reload (see the module docs
+//! of [`crate::state`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use super::scopes::{shapes, ShapeId};
 use crate::clock::Nanos;
 use crate::gcra::{self, Params, Verdict};
 
-/// One GCRA bucket: its TAT, and the capacity the TAT was last computed with (so a reload
-/// can rescale it lazily).
-#[derive(Debug, Default)]
-pub(crate) struct Bucket {
-    tat: AtomicU64,
-    cap: AtomicU64,
+/// One GCRA bucket of an entry: its TAT, and its shape: the capacity the TAT was last
+/// computed with (so a reload can rescale it lazily) and, in a client entry's slot, the
+/// bandwidth id it holds. A view of two of the entry's atomics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bucket<'a> {
+    tat: &'a AtomicU64,
+    shape: &'a AtomicU32,
 }
 
 // === impl Bucket ===
 
-impl Bucket {
+impl<'a> Bucket<'a> {
+    pub(super) fn new(tat: &'a AtomicU64, shape: &'a AtomicU32) -> Self {
+        Bucket { tat, shape }
+    }
+
     /// The current theoretical arrival time.
     pub(crate) fn tat(&self) -> Nanos {
         self.tat.load(Ordering::Acquire)
@@ -24,29 +31,55 @@ impl Bucket {
 
     /// The capacity the TAT was last computed with.
     pub(crate) fn capacity(&self) -> Nanos {
-        self.cap.load(Ordering::Acquire)
+        shapes().get(self.shape.load(Ordering::Acquire)).1
+    }
+
+    /// The address of the bandwidth id the slot holds (0: free, or a non-client entry's
+    /// own bucket).
+    #[inline]
+    pub(super) fn addr(&self) -> usize {
+        shapes().get(self.shape.load(Ordering::Acquire)).0
     }
 
     /// Resets the bucket (a new entry, or slot reuse; under the shard's write lock).
-    pub(super) fn reset(&self, tat: Nanos, cap: Nanos) {
+    pub(super) fn reset(&self, tat: Nanos, shape: ShapeId) {
         self.tat.store(tat, Ordering::Release);
-        self.cap.store(cap, Ordering::Release);
+        self.shape.store(shape, Ordering::Release);
+    }
+
+    /// Gives the bucket another shape without touching its TAT (a new generation's
+    /// address for the same id; under the shard's write lock).
+    pub(super) fn set_shape(&self, shape: ShapeId) {
+        self.shape.store(shape, Ordering::Release);
     }
 
     /// Rescales to capacity `c` if the bucket was computed with another (lazy reload).
-    fn sync_capacity(&self, now: Nanos, c: Nanos) {
-        let old = self.cap.load(Ordering::Acquire);
-        if old == c {
-            return;
-        }
-        // Only the thread that moves `cap` rescales, so a bucket is rescaled once per change.
+    /// `false` only when the shape table is full (a million distinct (id, capacity)
+    /// pairs): then the bucket keeps its old capacity.
+    #[inline]
+    fn sync_capacity(&self, now: Nanos, c: Nanos) -> bool {
+        let old = self.shape.load(Ordering::Acquire);
+        let (addr, old_c) = shapes().get(old);
+        old_c == c || self.rescale(now, old, addr, old_c, c)
+    }
+
+    /// [`Bucket::sync_capacity`] after a change: moves the shape from `old` (`addr`,
+    /// `old_c`) to (`addr`, `c`).
+    #[cold]
+    fn rescale(&self, now: Nanos, old: ShapeId, addr: usize, old_c: Nanos, c: Nanos) -> bool {
+        let Some(next) = shapes().intern(addr, c) else {
+            return false;
+        };
+        // Only the thread that moves the shape rescales, so a bucket is rescaled once per
+        // change.
         if self
-            .cap
-            .compare_exchange(old, c, Ordering::AcqRel, Ordering::Acquire)
+            .shape
+            .compare_exchange(old, next, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.update(|tat| Some(gcra::rescale(tat, now, old, c)));
+            self.update(|tat| Some(gcra::rescale(tat, now, old_c, c)));
         }
+        true
     }
 
     /// Applies `f` to the TAT in a CAS loop; `None` leaves it unchanged.
@@ -64,10 +97,13 @@ impl Bucket {
         }
     }
 
-    /// GCRA check-and-consume of `cost` at `now`.
+    /// GCRA check-and-consume of `cost` at `now`. Refused (as a full table refuses a new
+    /// key) when the bucket cannot take capacity `p.c` (the shape table is full).
     pub(crate) fn consume(&self, now: Nanos, p: Params, cost: u64) -> Verdict {
-        self.sync_capacity(now, p.c);
         let mut verdict = Verdict::Reject { wait: 1 };
+        if !self.sync_capacity(now, p.c) {
+            return verdict;
+        }
         self.update(|tat| {
             verdict = gcra::check(tat, now, p, cost);
             match verdict {

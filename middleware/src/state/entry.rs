@@ -2,13 +2,13 @@
 //! its buckets (a client entry's slots). See *Client entries* and *Memory* in the module
 //! docs of [`crate::state`].
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use fairgate_policies::compiled::CompiledBandwidth;
 
 use super::bucket::Bucket;
-use super::scopes::{id_addr, Pinned, ScopeId, CLIENT_ID};
+use super::scopes::{id_addr, Pinned, ScopeId, ShapeId, CLIENT_ID, FREE};
 use super::{SlotMap, OVERFLOW, SLOTS};
 use crate::clock::Nanos;
 use crate::gcra::{Params, Verdict};
@@ -22,12 +22,22 @@ pub(super) const TOUCHED: u32 = SINCE_SWEEP | SINCE_PRUNE;
 /// `Entry::flags` bits of the in-flight count.
 pub(super) const IN_FLIGHT: u32 = SINCE_SWEEP - 1;
 
-/// One tracked (scope, key). 88 bytes (see the module docs, *Memory*).
+/// One tracked (scope, key). 56 bytes (see the module docs, *Memory*).
 #[derive(Debug)]
 pub struct Entry {
-    /// A client entry's bandwidth slots; slot 0 is any other entry's own bucket.
-    pub(super) slots: [Slot; SLOTS],
+    /// The TATs of a client entry's bandwidth slots; slot 0 is any other entry's own
+    /// bucket. Each slot is a [`Bucket`]: its TAT here and its shape in `shapes`.
+    tats: [AtomicU64; SLOTS],
     pub(super) key: EntryKey,
+    /// The slots' shapes (see [`ShapeId`]): in a client entry, the bandwidth id a slot
+    /// holds by the address of the id's text (`Arc<str>`) of the policy generation that
+    /// last used it, 0 when free ([`FREE`]), and the slot's capacity. Every id ever used is
+    /// pinned by the store ([`Store::pin_ids`](super::Store::pin_ids)), so an address is
+    /// never reused for another id; after a reload the slot is matched by the id's text once
+    /// and adopts the new address. Addresses change only under the shard's write lock, the
+    /// capacity also on use (a lazy rescale). Slot 0 of a non-client entry is its own
+    /// bucket (address 0).
+    shapes: [AtomicU32; SLOTS],
     pub(super) scope: ScopeId,
     /// Requests in flight (the low 30 bits, [`IN_FLIGHT`]) and the two CLOCK bits:
     /// [`SINCE_SWEEP`] is set when a request finds the entry and cleared by every sweep of
@@ -40,23 +50,12 @@ pub struct Entry {
     pub(super) flags: AtomicU32,
 }
 
-/// A bandwidth slot of a client entry. `addr` is the address of the bandwidth id's text
-/// (`Arc<str>`) of the policy generation that last used the slot, 0 when free: a pointer
-/// compare on the hot path. Every id ever used is pinned by the store ([`Store::pin_ids`](super::Store::pin_ids)),
-/// so an address is never reused for another id; after a reload the slot is matched by the
-/// id's text once and adopts the new address. Addresses change only under the shard's
-/// write lock. Slot 0 of a non-client entry is its own bucket (`addr` stays 0).
-#[derive(Debug, Default)]
-pub(super) struct Slot {
-    pub(super) addr: AtomicUsize,
-    pub(super) bucket: Bucket,
-}
-
 /// Bytes of a key stored inside the entry itself (no second allocation, no second cache
-/// miss on lookup): IPv4 keys, IPv6 /64 keys and typical API keys fit.
-const INLINE_ENTRY_KEY: usize = 30;
+/// miss on lookup): IPv4 keys, most IPv6 /64 keys (`2001:db8:1:2::/64`) and short API keys
+/// fit; a longer key takes an allocation of its own length.
+const INLINE_ENTRY_KEY: usize = 22;
 
-/// An entry's key: inline when short, boxed otherwise. 32 bytes.
+/// An entry's key: inline when short, boxed otherwise. 24 bytes.
 #[derive(Debug)]
 pub(super) enum EntryKey {
     Inline {
@@ -106,8 +105,16 @@ impl Entry {
     }
 
     /// The own bucket of a non-client entry.
-    pub(super) fn bucket(&self) -> &Bucket {
-        &self.slots[0].bucket
+    pub(super) fn bucket(&self) -> Bucket<'_> {
+        self.slot(0)
+    }
+
+    /// Every slot's bucket (a non-client entry uses slot 0 only).
+    pub(super) fn buckets(&self) -> impl Iterator<Item = Bucket<'_>> {
+        self.tats
+            .iter()
+            .zip(&self.shapes)
+            .map(|(t, s)| Bucket::new(t, s))
     }
 
     /// The current theoretical arrival time (the entry's own bucket; see
@@ -147,9 +154,9 @@ impl Entry {
     /// of a client entry.
     pub fn for_each_bucket(&self, mut f: impl FnMut(Nanos, Nanos)) {
         if self.is_client() {
-            for s in &self.slots {
-                if s.addr.load(Ordering::Acquire) != 0 {
-                    f(s.bucket.tat(), s.bucket.capacity());
+            for b in self.buckets() {
+                if b.addr() != 0 {
+                    f(b.tat(), b.capacity());
                 }
             }
         } else {
@@ -157,16 +164,17 @@ impl Entry {
         }
     }
 
-    pub(super) fn new(scope: ScopeId, key: &str, tat: Nanos, cap: Nanos) -> Self {
-        let e = Entry {
-            slots: Default::default(),
+    /// A new entry whose own bucket (slot 0) starts at `tat` with `shape`; a client entry
+    /// passes (0, [`FREE`]): its slots are claimed as bandwidths use them.
+    pub(super) fn new(scope: ScopeId, key: &str, tat: Nanos, shape: ShapeId) -> Self {
+        Entry {
+            tats: [AtomicU64::new(tat), AtomicU64::new(0)],
             key: EntryKey::new(key),
+            shapes: [AtomicU32::new(shape), AtomicU32::new(FREE)],
             scope,
             // A new entry starts untouched: a key seen once is the first to go.
             flags: AtomicU32::new(0),
-        };
-        e.bucket().reset(tat, cap);
-        e
+        }
     }
 
     pub(super) fn is_client(&self) -> bool {
@@ -174,8 +182,9 @@ impl Entry {
     }
 
     /// Slot `i` of a client entry (an index from a [`SlotMap`]).
-    pub(crate) fn slot(&self, i: u8) -> &Bucket {
-        &self.slots[usize::from(i) % SLOTS].bucket
+    pub(crate) fn slot(&self, i: u8) -> Bucket<'_> {
+        let i = usize::from(i) % SLOTS;
+        Bucket::new(&self.tats[i], &self.shapes[i])
     }
 
     /// GCRA check-and-consume of `cost` at `now` on the entry's own bucket.
@@ -223,8 +232,8 @@ impl Entry {
     /// The latest TAT over the entry's buckets.
     pub(super) fn max_tat(&self) -> Nanos {
         let mut max = 0;
-        for s in &self.slots {
-            max = max.max(s.bucket.tat());
+        for t in &self.tats {
+            max = max.max(t.load(Ordering::Acquire));
         }
         max
     }
@@ -237,35 +246,32 @@ impl Entry {
     /// The slots of `ids` found by address alone (the hot path), or `None`.
     pub(super) fn map_fast(&self, ids: &[CompiledBandwidth]) -> Option<SlotMap> {
         let mut map = [OVERFLOW; SLOTS];
+        if ids.is_empty() {
+            return Some(map);
+        }
+        let mut addrs = [0usize; SLOTS];
+        for (a, b) in addrs.iter_mut().zip(self.buckets()) {
+            *a = b.addr();
+        }
         for (m, bw) in map.iter_mut().zip(ids) {
             let addr = id_addr(&bw.id);
-            *m = self
-                .slots
-                .iter()
-                .position(|s| s.addr.load(Ordering::Relaxed) == addr)? as u8;
+            *m = addrs.iter().position(|&a| a == addr)? as u8;
         }
         Some(map)
     }
 
     /// The slot holding bandwidth `id` by address, or else by text (taking the pinned-id
     /// lock only then); read-only.
-    pub(super) fn find_slot(&self, id: &Arc<str>, pinned: &RwLock<Pinned>) -> Option<&Bucket> {
+    pub(super) fn find_slot(&self, id: &Arc<str>, pinned: &RwLock<Pinned>) -> Option<Bucket<'_>> {
         let addr = id_addr(id);
-        if let Some(s) = self
-            .slots
-            .iter()
-            .find(|s| s.addr.load(Ordering::Relaxed) == addr)
-        {
-            return Some(&s.bucket);
+        if let Some(b) = self.buckets().find(|b| b.addr() == addr) {
+            return Some(b);
         }
         let pinned = pinned.read().unwrap_or_else(|e| e.into_inner());
-        self.slots
-            .iter()
-            .find(|s| {
-                let a = s.addr.load(Ordering::Relaxed);
-                a != 0 && pinned.get(&a).is_some_and(|(t, _)| **t == **id)
-            })
-            .map(|s| &s.bucket)
+        self.buckets().find(|b| {
+            let a = b.addr();
+            a != 0 && pinned.get(&a).is_some_and(|(t, _)| **t == **id)
+        })
     }
 }
 

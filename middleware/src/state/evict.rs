@@ -9,7 +9,7 @@ use hashbrown::HashTable;
 
 use super::debt::{client_debt_hash, store_debt};
 use super::entry::{Entry, SINCE_PRUNE, SINCE_SWEEP};
-use super::scopes::{LiveScopes, Pinned};
+use super::scopes::{LiveScopes, Pinned, FREE};
 use super::store::Store;
 use crate::clock::Nanos;
 
@@ -18,11 +18,10 @@ impl Store {
     fn remember_debt(&self, e: &Entry, pinned: &Pinned, now: Nanos) {
         let hash = self.entry_hash(e);
         if e.is_client() {
-            for s in &e.slots {
-                let addr = s.addr.load(Ordering::Relaxed);
-                if let Some((_, id_hash)) = pinned.get(&addr) {
+            for b in e.buckets() {
+                if let Some((_, id_hash)) = pinned.get(&b.addr()) {
                     let h = client_debt_hash(hash, *id_hash);
-                    store_debt(self.debt_slot(h), h, s.bucket.tat(), now);
+                    store_debt(self.debt_slot(h), h, b.tat(), now);
                 }
             }
         } else {
@@ -35,15 +34,14 @@ impl Store {
         if !e.is_client() || !live.known {
             return;
         }
-        for s in &e.slots {
-            let addr = s.addr.load(Ordering::Relaxed);
+        for b in e.buckets() {
+            let addr = b.addr();
             if addr == 0 {
                 continue;
             }
             let dead = pinned.get(&addr).is_none_or(|(id, _)| !live.contains(id));
             if dead {
-                s.addr.store(0, Ordering::Release);
-                s.bucket.reset(0, 0);
+                b.reset(0, FREE);
             }
         }
     }

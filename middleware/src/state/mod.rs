@@ -4,15 +4,15 @@
 //! `rule:login`) or the fixed [`CLIENT_SCOPE`]; a *key* is a client key, an IP or a
 //! header value. Each [`Entry`] holds a bucket's `TAT` as an `AtomicU64` updated by
 //! compare-and-swap, the capacity `C` it was last computed with (so a reload can rescale it
-//! lazily), and an in-flight counter.
+//! lazily; by a `u32` *shape*, see *Memory*), and an in-flight counter.
 //!
 //! # Client entries
 //! A client's per-client quota lives in one entry, (`CLIENT_SCOPE`, client key): its
 //! concurrency counter plus up to [`SLOTS`] bandwidth buckets (*slots*), so the quota stage
 //! of a decision is one hash and one lookup, not one per bandwidth plus one for the
 //! counter. Each slot remembers which bandwidth id it holds (by the address of the id's
-//! text, a pointer compare; ids are pinned by the store so an address is never reused) and,
-//! like any bucket, the capacity it was computed with. After a reload the first request of
+//! text, compared as a number; ids are pinned by the store so an address is never reused)
+//! and, like any bucket, the capacity it was computed with. After a reload the first request of
 //! a key matches slots to the new generation's ids by text once (under the shard's write
 //! lock), so usage carries over per bandwidth id and is rescaled lazily, exactly as with
 //! separate entries; slots of ids the policy no longer has are freed by sweeps and prunes.
@@ -21,7 +21,7 @@
 //! plans with many bandwidths), keep separate (bandwidth id, key) entries; a bandwidth
 //! that already has such an entry keeps using it, so its state is never split. Rule limits
 //! keep their own (rule bandwidth id, rule key) entries. [`SLOTS`] is 2, the usual plan
-//! (a rate and a daily quota): it is what keeps an entry within 128 bytes (see *Memory*).
+//! (a rate and a daily quota): it is what keeps an entry within 96 bytes (see *Memory*).
 //!
 //! # Layout
 //! `N` shards (a power of two, up to 64), each a `hashbrown::HashTable<Arc<Entry>>` behind a
@@ -80,18 +80,30 @@
 //! a returning client resumes from its own TAT.
 //!
 //! # Memory
-//! An [`Entry`] is 88 bytes: 2 slots of 24 (id address, TAT, capacity; a non-client
-//! entry's own bucket is slot 0), a 32-byte key (keys up to 30 bytes inline, longer keys
-//! add their own allocation), the `u32` scope index and the `u32` in-flight/CLOCK word. Its
-//! `Arc` allocation is 104 bytes. The table adds 8 bytes of pointer and a control byte per
-//! bucket at a load factor between 7/16 and 7/8 (≈ 10–21 bytes per key). One client with a
-//! plan of up to two bandwidths and a concurrency limit takes one entry: 119 bytes per key
-//! at 20,000 keys and 123 at 1,000,000 as `tests/alloc.rs` measures it (bytes live in the
-//! allocator after inserting the keys, divided by the keys). A plan's third and fourth
-//! bandwidths take an overflow entry each. The evicted-debt table is allocated up front:
-//! 8 bytes per `max_keys` (rounded up to a power of two), whether or not keys are tracked.
-//! `max_keys` bounds entries, so it bounds clients (plus rule-limit keys and overflow
-//! entries) rather than clients × (bandwidths + 1).
+//! An [`Entry`] is 56 bytes: the 2 slots' TATs (`AtomicU64` each; a non-client entry's own
+//! bucket is slot 0), a 24-byte key (keys up to 22 bytes inline, longer keys add an
+//! allocation of their own length), the 2 slots' *shapes* (`u32` each), the `u32` scope
+//! index and the `u32` in-flight/CLOCK word. A shape is an index into a process-wide,
+//! append-only table of (bandwidth id address, capacity) pairs (`scopes.rs`): a slot names
+//! the id it holds and the capacity its TAT was computed with by one `u32` instead of a
+//! pointer and a `u64`. Reading it costs one acquire load and an indexed load from a static
+//! (the first 1,024 shapes live in the static itself); a new pair (a new id, or a reload
+//! that changes a capacity) is interned once, under the table's lock. A slot matches a
+//! bandwidth by the shape's address, and a bucket whose shape has another capacity is
+//! rescaled by the thread that moves its shape, exactly as it was when the capacity itself
+//! sat in the bucket. The table holds at most 1,048,576 distinct pairs; a new entry or slot
+//! that would need more is refused ([`Full`]) like a new scope in a full scope table.
+//!
+//! The entry's `Arc` allocation is 72 bytes (the entry and two reference counts). The table
+//! adds 8 bytes of pointer and a control byte per bucket at a load factor between 7/16 and
+//! 7/8 (≈ 10–21 bytes per key). One client with a plan of up to two bandwidths and a
+//! concurrency limit takes one entry: 86.8 bytes per key at 20,000 keys and 90.9 at
+//! 1,000,000 as `tests/alloc.rs` measures it (bytes live in the allocator after inserting
+//! the keys, divided by the keys; keys of 20 bytes). A plan's third and fourth bandwidths
+//! take an overflow entry each. The evicted-debt table is allocated up front: 8 bytes per
+//! `max_keys` (rounded up to a power of two), whether or not keys are tracked. `max_keys`
+//! bounds entries, so it bounds clients (plus rule-limit keys and overflow entries) rather
+//! than clients × (bandwidths + 1).
 //!
 //! # Files
 //! [`Store`] (`store.rs`) is the sharded table and its lookups; an [`Entry`] (`entry.rs`)

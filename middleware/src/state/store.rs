@@ -1,6 +1,7 @@
 //! The sharded, bounded table and its lookups. See *Layout* in the module docs of
 //! [`crate::state`].
 
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -13,7 +14,7 @@ use fairgate_policies::compiled::CompiledBandwidth;
 use super::bucket::Bucket;
 use super::debt::{client_debt_hash, debt_for};
 use super::entry::{Entry, EntryRef};
-use super::scopes::{id_addr, LiveScopes, Pinned, Scopes, CLIENT_ID};
+use super::scopes::{id_addr, shapes, LiveScopes, Pinned, Scopes, CLIENT_ID, FREE};
 use super::{Full, SlotMap, CLIENT_SCOPE, OVERFLOW, SLOTS};
 use crate::clock::Nanos;
 
@@ -29,6 +30,9 @@ pub struct Store {
     pub(super) shards: Box<[Shard]>,
     pub(super) shard_mask: u64,
     pub(super) hasher: RandomState,
+    /// `hasher`'s hasher after hashing [`CLIENT_SCOPE`]: a client key's hash continues
+    /// from it ([`Store::client_hash`]).
+    client_hasher: ahash::AHasher,
     pub(super) per_shard: AtomicUsize,
     pub(super) len: AtomicU64,
     pub(super) evicted: Box<[AtomicU64]>,
@@ -56,10 +60,14 @@ impl Store {
             .clamp(1024, 1 << 24)
             .next_power_of_two();
         let client_scope: Arc<str> = Arc::from(CLIENT_SCOPE);
+        let hasher = RandomState::new();
+        let mut client_hasher = hasher.build_hasher();
+        CLIENT_SCOPE.hash(&mut client_hasher);
         let store = Store {
             shards: (0..n).map(|_| Shard::default()).collect(),
             shard_mask: n as u64 - 1,
-            hasher: RandomState::new(),
+            hasher,
+            client_hasher,
             per_shard: AtomicUsize::new(1),
             len: AtomicU64::new(0),
             evicted: (0..debt_slots).map(|_| AtomicU64::new(0)).collect(),
@@ -133,6 +141,13 @@ impl Store {
         self.hasher.hash_one((scope, key))
     }
 
+    /// `hash(CLIENT_SCOPE, key)`, without hashing the scope's text again.
+    pub(super) fn client_hash(&self, key: &str) -> u64 {
+        let mut h = self.client_hasher.clone();
+        key.hash(&mut h);
+        h.finish()
+    }
+
     /// The text of an entry's scope ("" if unknown, which cannot happen: ids come from
     /// [`Scopes::intern`]).
     pub(super) fn scope_of(&self, e: &Entry) -> &str {
@@ -146,7 +161,11 @@ impl Store {
     /// The hash of an entry's (scope, key), as its lookups compute it (the entry does not
     /// store it).
     pub(super) fn entry_hash(&self, e: &Entry) -> u64 {
-        self.hash(self.scope_of(e), e.key.as_str())
+        if e.is_client() {
+            self.client_hash(e.key.as_str())
+        } else {
+            self.hash(self.scope_of(e), e.key.as_str())
+        }
     }
 
     /// True when `e` is the entry of (`scope`, `key`).
@@ -174,8 +193,9 @@ impl Store {
 
     /// Runs `f` on the client entry of `key` (its concurrency counter and the slots of
     /// `bandwidths`, see [`SlotMap`]), inserting the entry or claiming slots first if
-    /// needed. The hot path is one hash, one shared lock and one pointer compare per
-    /// bandwidth. `f` runs while the shard is locked.
+    /// needed. The hot path is one hash, one shared lock and, per bandwidth, one compare
+    /// with the slots' id addresses (read from their shapes). `f` runs while the shard is
+    /// locked.
     pub(crate) fn with_client<R>(
         &self,
         key: &str,
@@ -183,7 +203,7 @@ impl Store {
         bandwidths: &[CompiledBandwidth],
         f: impl FnOnce(&Arc<Entry>, &SlotMap) -> R,
     ) -> Result<R, Full> {
-        let hash = self.hash(CLIENT_SCOPE, key);
+        let hash = self.client_hash(key);
         let shard = self.shard(hash);
         let eq = |e: &Arc<Entry>| e.scope == CLIENT_ID && e.key.is(key);
         let mine = &bandwidths[..bandwidths.len().min(SLOTS)];
@@ -219,7 +239,7 @@ impl Store {
                         return Err(Full);
                     }
                 }
-                let e = Arc::new(Entry::new(CLIENT_ID, key, 0, 0));
+                let e = Arc::new(Entry::new(CLIENT_ID, key, 0, FREE));
                 self.insert(&mut table, hash, Arc::clone(&e));
                 e
             }
@@ -245,24 +265,23 @@ impl Store {
         let text = |addr: usize| pinned.get(&addr).map(|(t, _)| &**t);
         for (i, bw) in bandwidths.iter().enumerate() {
             let addr = id_addr(&bw.id);
-            let slots = &e.slots;
-            let at = |a: usize| {
-                slots
-                    .iter()
-                    .position(|s| s.addr.load(Ordering::Relaxed) == a)
-            };
+            let at = |a: usize| e.buckets().position(|b| b.addr() == a);
             if let Some(s) = at(addr) {
                 map[i] = s as u8;
                 continue;
             }
             // The same id from an older generation: adopt the new address (the capacity is
             // rescaled lazily on use).
-            let same = slots.iter().position(|s| {
-                let a = s.addr.load(Ordering::Relaxed);
+            let same = e.buckets().position(|b| {
+                let a = b.addr();
                 a != 0 && !wanted(a) && text(a) == Some(&*bw.id)
             });
             if let Some(s) = same {
-                slots[s].addr.store(addr, Ordering::Release);
+                let b = e.slot(s as u8);
+                let Some(shape) = shapes().intern(addr, b.capacity()) else {
+                    continue;
+                };
+                b.set_shape(shape);
                 map[i] = s as u8;
                 continue;
             }
@@ -271,14 +290,16 @@ impl Store {
             }
             // A free slot, or one whose bucket carries no information (full, or its id
             // is gone from the policy) and that this quota does not use.
-            let free = slots.iter().position(|s| {
-                let a = s.addr.load(Ordering::Relaxed);
+            let free = e.buckets().position(|b| {
+                let a = b.addr();
                 a == 0
-                    || (!wanted(a)
-                        && (s.bucket.tat() <= now || text(a).is_none_or(|t| !live.contains(t))))
+                    || (!wanted(a) && (b.tat() <= now || text(a).is_none_or(|t| !live.contains(t))))
             });
             let Some(s) = free else { continue };
             let Some((_, id_hash)) = pinned.get(&addr) else {
+                continue;
+            };
+            let Some(shape) = shapes().intern(addr, bw.c_ns) else {
                 continue;
             };
             let debt_hash = client_debt_hash(hash, *id_hash);
@@ -288,8 +309,7 @@ impl Store {
             } else {
                 0
             };
-            slots[s].bucket.reset(tat, bw.c_ns);
-            slots[s].addr.store(addr, Ordering::Release);
+            e.slot(s as u8).reset(tat, shape);
             map[i] = s as u8;
         }
         map
@@ -301,12 +321,14 @@ impl Store {
         &self,
         key: &str,
         id: &Arc<str>,
-        f: impl FnOnce(&Bucket) -> R,
+        f: impl FnOnce(&Bucket<'_>) -> R,
     ) -> Option<R> {
         // The shard's lock first, then (only when the address does not match) the
         // pinned ids', the order every other path takes them in.
-        self.with_existing(CLIENT_SCOPE, key, |e| e.find_slot(id, &self.pinned).map(f))
-            .flatten()
+        self.with_existing(CLIENT_SCOPE, key, |e| {
+            e.find_slot(id, &self.pinned).map(|b| f(&b))
+        })
+        .flatten()
     }
 
     /// Runs `f` on the existing entry, if any. Never inserts.
@@ -364,13 +386,18 @@ impl Store {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Full);
         };
+        // Likewise a shape table full of a million distinct (id, capacity) pairs.
+        let Some(shape) = shapes().intern(0, c) else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Full);
+        };
         let owed = debt_for(self.debt_slot(hash), hash, now);
         let tat = if owed > now {
             owed.min(now.saturating_add(c))
         } else {
             0
         };
-        let entry = Arc::new(Entry::new(scope_id, key, tat, c));
+        let entry = Arc::new(Entry::new(scope_id, key, tat, shape));
         let r = f(&entry);
         self.insert(&mut table, hash, entry);
         Ok(r)

@@ -160,11 +160,11 @@ fn consume_client(store: &Store, key: &str, now: Nanos, bws: &[CompiledBandwidth
 fn entries_stay_small() {
     // The figure in the module docs.
     assert_eq!(std::mem::size_of::<Entry>(), ENTRY_BYTES - 16);
-    assert_eq!(std::mem::size_of::<EntryKey>(), 32);
+    assert_eq!(std::mem::size_of::<EntryKey>(), 24);
 }
 
 /// An `Arc<Entry>` allocation: the entry plus the two reference counts.
-const ENTRY_BYTES: usize = 104;
+const ENTRY_BYTES: usize = 72;
 
 #[test]
 fn client_slots_carry_over_a_new_generation_by_id_and_free_dead_ids() {
@@ -439,4 +439,63 @@ fn entries_are_found_after_their_tables_grow_and_scopes_are_told_apart() {
     // A scope id is interned once per text, whatever `Arc` it comes in.
     assert_eq!(store.scopes.intern(&scope("rule:a")), Some(1));
     assert_eq!(store.scopes.intern(&scope("rule:b")), Some(2));
+}
+
+#[test]
+fn a_client_keys_hash_is_the_hash_of_its_scope_and_key() {
+    let store = Store::new(100);
+    for key in ["", "k", "key-0000000000000001", &"x".repeat(100)] {
+        assert_eq!(store.client_hash(key), store.hash(CLIENT_SCOPE, key));
+    }
+}
+
+#[test]
+fn shapes_are_interned_once_and_free_is_zero() {
+    use super::scopes::{shapes, FREE};
+    let t = shapes();
+    assert_eq!(t.intern(0, 0), Some(FREE));
+    assert_eq!(t.get(FREE), (0, 0));
+    let a = t.intern(0xdead_beef, 7 * S).unwrap();
+    assert_ne!(a, FREE);
+    assert_eq!(t.intern(0xdead_beef, 7 * S), Some(a));
+    assert_eq!(t.get(a), (0xdead_beef, 7 * S));
+    let b = t.intern(0xdead_beef, 8 * S).unwrap();
+    assert_ne!(a, b);
+    assert_eq!(t.get(b), (0xdead_beef, 8 * S));
+}
+
+#[test]
+fn a_client_slot_is_rescaled_once_when_its_capacity_changes() {
+    let store = Store::new(100);
+    let now = 10 * S;
+    // Burst 4 at 1/s: C = 4 s. Two requests leave the bucket half full.
+    let gen1 = [bandwidth("plan:p/0", 1, 4)];
+    store.pin_ids(gen1.iter().map(|b| &b.id));
+    assert!(consume_client(&store, "k", now, &gen1));
+    assert!(consume_client(&store, "k", now, &gen1));
+    let tat = |bw: &CompiledBandwidth| {
+        store
+            .with_client_slot("k", &bw.id, |b| (b.tat(), b.capacity()))
+            .unwrap()
+    };
+    assert_eq!(tat(&gen1[0]), (now + 2 * S, 4 * S));
+    // The same id (same `Arc`) with burst 8: half full is 4 s of 8.
+    let gen2 = [CompiledBandwidth::new(
+        Arc::clone(&gen1[0].id),
+        Arc::clone(&gen1[0].id),
+        gen1[0].rate,
+        8,
+    )
+    .unwrap()];
+    let peeked = store
+        .with_client_slot("k", &gen2[0].id, |b| b.peek(now, gen2[0].c_ns))
+        .unwrap();
+    assert_eq!(peeked, now + 4 * S);
+    assert_eq!(tat(&gen2[0]), (now + 4 * S, 8 * S), "rescaled once");
+    assert_eq!(
+        store
+            .with_client_slot("k", &gen2[0].id, |b| b.peek(now, gen2[0].c_ns))
+            .unwrap(),
+        now + 4 * S
+    );
 }
