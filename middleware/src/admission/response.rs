@@ -334,15 +334,21 @@ impl Template {
         (bytes, value)
     }
 
-    /// The rejection's body, with its headers written into `headers` (empty).
+    /// The rejection's body, with its headers written into `headers` (empty: `append`
+    /// adds each name once, as `insert` would, without returning a replaced value).
     fn render(&mut self, r: &Rejection, headers: &mut HeaderMap) -> Bytes {
         let (body, retry_value) = self.body(r.retry_after.map(|d| d.as_secs()));
-        headers.insert(CONTENT_TYPE, PROBLEM_JSON);
+        headers.append(CONTENT_TYPE, PROBLEM_JSON);
         if let Some(v) = retry_value {
-            headers.insert(RETRY_AFTER, v);
+            headers.append(RETRY_AFTER, v);
         }
         if let (Some(p), Some(info)) = (&mut self.policy, &r.ratelimit) {
-            p.insert(headers, info);
+            if let Some(v) = p.policy_value.clone() {
+                headers.append(&RATELIMIT_POLICY, v);
+            }
+            if let Some(v) = p.limit_value(info.remaining, info.reset_secs) {
+                headers.append(&RATELIMIT, v);
+            }
         }
         body
     }
