@@ -5,7 +5,9 @@
 //!
 //! Modes: `bare` (no middleware), `admit` (`AdmissionLayer` with
 //! `benches/load/policy-full.yaml`, every request admitted) and `reject` (the same, every
-//! request from a `throttled-*` key that has spent its quota, so answered 429). The driver
+//! request from a `throttled-*` key that has spent its quota, so answered 429) and
+//! `admit-headers` (as `admit`, with `ratelimit_headers: always`: every admitted response
+//! carries `RateLimit-Policy` and `RateLimit`). The driver
 //! first sends every key's requests untimed (state exists, throttled keys have spent their
 //! burst), builds `iters` requests, then runs them through `Router::oneshot` inside
 //! `request_loop`, dropping each response there (the ticket's release is part of the cost).
@@ -66,7 +68,20 @@ fn main() {
             });
             app.layer(layer)
         }
-        other => panic!("unknown mode {other:?}: bare, admit or reject"),
+        "admit-headers" => {
+            let path = format!("{}/load/policy-full.yaml", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).expect("benches/load/policy-full.yaml");
+            assert!(text.contains("ratelimit_headers: on_reject"));
+            let text = text.replace("ratelimit_headers: on_reject", "ratelimit_headers: always");
+            let store = fairgate_policies::PolicyStore::from_yaml_str(&text, &path)
+                .expect("the policy compiles");
+            // Inside the runtime, as above (no file watcher: the policy is a string).
+            let layer = rt.block_on(async {
+                fairgate_middleware::AdmissionLayer::from_store(store).expect("the policy starts")
+            });
+            app.layer(layer)
+        }
+        other => panic!("unknown mode {other:?}: bare, admit, admit-headers or reject"),
     };
     let prefix = if mode == "reject" { "throttled" } else { "k" };
     let keys: Vec<HeaderValue> = (0..n_keys.max(1))
@@ -78,6 +93,15 @@ fn main() {
         for key in &keys {
             let _ = rt.block_on(router.clone().oneshot(request(key, peer)));
         }
+    }
+    if mode == "admit-headers" {
+        let resp = rt
+            .block_on(router.clone().oneshot(request(&keys[0], peer)))
+            .expect("infallible");
+        assert!(
+            resp.headers().contains_key("ratelimit"),
+            "{mode}: no RateLimit"
+        );
     }
     let reqs: Vec<Request<Body>> = (0..iters)
         .map(|i| request(&keys[i % keys.len()], peer))
