@@ -292,11 +292,13 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
+        // The decision log's defaults are the middleware's, stated once.
+        let d = fairgate_middleware::observe::DecisionLogConfig::default();
         LogConfig {
-            decisions: DecisionTarget::Stdout,
-            sample_admits: 0.01,
-            max_rejections_per_rule: 10,
-            audit: false,
+            decisions: d.decisions,
+            sample_admits: d.sample_admits,
+            max_rejections_per_rule: d.max_rejections_per_rule,
+            audit: d.audit,
             format: LogFormat::Pretty,
             level: "info".to_owned(),
         }
