@@ -44,7 +44,7 @@ use std::time::Duration;
 use ahash::RandomState;
 use arc_swap::{ArcSwap, Guard};
 use fairgate_policies::compiled::{
-    CompiledBandwidth, CompiledOperation, CompiledPolicy, RequestView,
+    CompiledBandwidth, CompiledIdentify, CompiledOperation, CompiledPolicy, RequestView,
 };
 use fairgate_policies::model::{HeaderMode, OnFailure, PostHoc, Priority};
 use fairgate_policies::PolicyStore;
@@ -60,7 +60,7 @@ use crate::decision::{
 };
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
-use crate::ledger::{Charge, Charges};
+use crate::ledger::{Charge, ChargeBuf, Charges};
 use crate::quota::{self, Consumed, Permit};
 use crate::rules::{self, RuleKeys, RuleReject, RulesOutcome, RulesShared, ShadowHit};
 use crate::shed::{ShedConfig, Shedder};
@@ -330,11 +330,7 @@ impl Engine {
     /// remotely (Redis `exact` mode), this decides on the local store and shares the usage
     /// as `async` mode does. Use [`Engine::begin`] to get remote decisions.
     pub fn decide(&self, req: &RequestFacts<'_>) -> Decision {
-        match self.decide_inner(req, None, false) {
-            Begun::Decided(d) => d,
-            // Not produced without `remote_ok`; admitting is what the local part decided.
-            Begun::Remote(check) => Decision::Admit(check.admitted),
-        }
+        self.decide_inner(req, None, false)
     }
 
     /// Decides on one request, or, with a backend that decides remotely (Redis `exact`
@@ -356,19 +352,27 @@ impl Engine {
     /// The pipeline: one function per stage, each returning the rejection that ends the
     /// decision (`Err`) or what the next stage needs; every early return drops `charges`,
     /// which gives back what the stages before consumed.
-    fn decide_inner(
+    ///
+    /// Generic over what the caller takes ([`Answer`]), so that each answer is written once,
+    /// where the caller wants it, instead of being built as a [`Begun`] and moved out.
+    fn decide_inner<A: Answer>(
         &self,
         req: &RequestFacts<'_>,
         context: Option<&RequestContext>,
         remote_ok: bool,
-    ) -> Begun {
+    ) -> A {
         let now = self.shared.clock.now();
         let prep = self.prepared();
         let pol: &CompiledPolicy = &prep.policy;
 
         // 1. Identify.
         let who = self.identify(pol, req);
-        let ck = who.key_text(pol.identify.max_key_length);
+        // Built here, not in `Identity`: the (empty) key cell is large, and a value put
+        // in a struct is copied into it whole.
+        let ip_key =
+            identify::LazyIpKey::new(who.ip, pol.identify.ipv4_prefix, pol.identify.ipv6_prefix);
+        let client_key = who.key(&pol.identify, &ip_key, &self.hasher);
+        let ck = who.key_text(&client_key, pol.identify.max_key_length);
         let source = AsSource(req.headers);
         let mut view = RequestView {
             ip: who.ip,
@@ -395,7 +399,7 @@ impl Engine {
         let mut d = Deciding {
             engine: self,
             now,
-            client_key: &who.key,
+            client_key: &client_key,
             key: ck,
             op_name,
             cost,
@@ -404,11 +408,12 @@ impl Engine {
             headers: pol.responses.ratelimit_headers,
             priority: Priority::Normal,
         };
-        let mut charges = Charges::new(&self.shared.state, now);
+        let mut ledger = ChargeBuf::default();
+        let mut charges = Charges::new(&self.shared.state, now, &mut ledger);
 
         // 2. Rules.
         let keys = RuleKeys {
-            ip_key: &who.ip_key,
+            ip_key: &ip_key,
             client_key: ck,
             headers: req.headers,
         };
@@ -424,7 +429,7 @@ impl Engine {
             &mut rules_shared,
         ) {
             ControlFlow::Continue(o) => o,
-            ControlFlow::Break(rejected) => return rejected,
+            ControlFlow::Break(rejected) => return A::decided(rejected),
         };
         let shadow_hits = rules_out.shadow_hits;
         let allow_rule = rules_out.allow_rule.and_then(|i| pol.rules.get(i));
@@ -439,20 +444,20 @@ impl Engine {
             mut permit,
         } = match d.quota(&prep, &q, &rules_out, &mut backend_route, &mut charges) {
             ControlFlow::Continue(passed) => passed,
-            ControlFlow::Break(rejected) => return rejected,
+            ControlFlow::Break(rejected) => return A::decided(rejected),
         };
 
         // 4. Per-client concurrency (unless the quota check took the permit on the way).
         if !rules_out.allowed && permit.is_none() {
             match d.concurrency(pol, &q, shadow_hits) {
                 ControlFlow::Continue(p) => permit = p,
-                ControlFlow::Break(rejected) => return rejected,
+                ControlFlow::Break(rejected) => return A::decided(rejected),
             }
         }
 
         // 5. Global shedding.
         if let ControlFlow::Break(rejected) = d.shed(&prep, plan_name, &mut permit, shadow_hits) {
-            return rejected;
+            return A::decided(rejected);
         }
         let priority = d.priority;
 
@@ -473,22 +478,22 @@ impl Engine {
         if rules_shared.degraded && !matches!(route, Route::Degraded | Route::Admit) {
             self.backend().count_failure_admit();
         }
-        let remote_rules = std::mem::take(&mut rules_shared.remote).into_boxed_slice();
         // Exact mode: the quota's bandwidths (when the route is remote) and the enforced
         // rules' buckets go to one remote check; what was decided here is kept.
         let remote_quota = q.bandwidths.filter(|_| route == Route::Remote);
-        if remote_quota.is_some() || !remote_rules.is_empty() {
+        if remote_quota.is_some() || !rules_shared.remote.is_empty() {
+            let remote_rules = std::mem::take(&mut rules_shared.remote).into_boxed_slice();
             let headers = d.headers;
             let ticket = Ticket::new(
                 Arc::clone(&self.shared),
-                who.key.clone(),
+                client_key.clone(),
                 permit,
                 priority,
                 borrowed,
                 post_hoc,
             );
             charges.commit();
-            return Begun::Remote(RemoteCheck {
+            return A::remote(RemoteCheck {
                 shared: Arc::clone(&self.shared),
                 backend: Arc::clone(self.backend()),
                 admitted: Admitted { ticket, ratelimit },
@@ -496,7 +501,7 @@ impl Engine {
                 bandwidths: remote_quota.map_or_else(|| Arc::from([]), Arc::clone),
                 cost,
                 concurrency: remote_quota.and(q.concurrency),
-                client_key: who.key,
+                client_key,
                 plan: plan_name.cloned(),
                 operation: op_name.map(Arc::from),
                 context: context.cloned(),
@@ -544,33 +549,24 @@ impl Engine {
         charges.commit();
         let ticket = Ticket::new(
             Arc::clone(&self.shared),
-            who.key,
+            client_key,
             permit,
             priority,
             borrowed,
             post_hoc,
         );
-        Begun::Decided(Decision::Admit(Admitted { ticket, ratelimit }))
+        A::decided(Decision::Admit(Admitted { ticket, ratelimit }))
     }
 
     /// Stage 1: who sent the request. The client's IP is the peer's, or the one trusted
     /// proxies forwarded; the client key is what the policy's extractors find (hashed when
     /// longer than `max_key_length`), else the IP aggregated to its prefix.
+    #[inline(always)]
     fn identify<'r>(&self, pol: &CompiledPolicy, req: &RequestFacts<'r>) -> Identity<'r> {
         let id = &pol.identify;
         let ip = identify::client_ip(req.peer, req.headers, &|ip| id.trusted_proxies.contains(ip));
-        let ip_key = identify::LazyIpKey::new(ip, id.ipv4_prefix, id.ipv6_prefix);
         let raw = identify::extract(&id.client_key, req.headers, req.query);
-        let key = match raw {
-            Some(v) => identify::bounded_key(v, id.max_key_length, &self.hasher),
-            None => ip_key.get().clone(),
-        };
-        Identity {
-            ip,
-            ip_key,
-            raw,
-            key,
-        }
+        Identity { ip, raw }
     }
 
     /// One client's usage against its quota. `None` when no plan applies to the client
@@ -742,6 +738,38 @@ fn backend_unavailable(
     backend_unavailable_owned(plan, client_key, shed_retry_after(pol), shadow_hits)
 }
 
+/// What a decision hands its caller: a [`Decision`] (for [`Engine::decide`], which cannot
+/// wait) or a [`Begun`].
+trait Answer {
+    fn decided(d: Decision) -> Self;
+    fn remote(check: RemoteCheck) -> Self;
+}
+
+impl Answer for Decision {
+    #[inline(always)]
+    fn decided(d: Decision) -> Self {
+        d
+    }
+
+    /// Not produced without `remote_ok`; admitting is what the local part decided.
+    #[inline(always)]
+    fn remote(check: RemoteCheck) -> Self {
+        Decision::Admit(check.admitted)
+    }
+}
+
+impl Answer for Begun {
+    #[inline(always)]
+    fn decided(d: Decision) -> Self {
+        Begun::Decided(d)
+    }
+
+    #[inline(always)]
+    fn remote(check: RemoteCheck) -> Self {
+        Begun::Remote(check)
+    }
+}
+
 /// What [`Engine::begin`] returns.
 // `Remote` (exact mode, about to wait for a network round trip) is the large one; boxing it
 // would add an allocation to every exact decision to shrink the local ones' return value
@@ -864,7 +892,8 @@ impl RemoteCheck {
     fn local_fallback(self, now: Nanos) -> Decision {
         let store = &self.shared.state;
         let key = self.client_key.as_str();
-        let mut charges = Charges::new(store, now);
+        let mut ledger = ChargeBuf::default();
+        let mut charges = Charges::new(store, now, &mut ledger);
         // The rules' buckets first, as the rules stage would have.
         for (i, r) in self.rules.iter().enumerate() {
             let p = quota::params(&r.bandwidth);
@@ -1067,21 +1096,32 @@ fn backend_unavailable_owned(
 struct Identity<'r> {
     /// The client's IP: the peer's, or the one trusted proxies forwarded.
     ip: IpAddr,
-    /// The IP aggregated to its prefix, formatted only if something asks for it.
-    ip_key: identify::LazyIpKey,
     /// The key as the request carries it, when an extractor found one.
     raw: Option<&'r str>,
-    /// The client key.
-    key: ClientKey,
 }
 
-impl Identity<'_> {
+impl<'r> Identity<'r> {
+    /// The client key: the extracted one (hashed when longer than `max_key_length`), else
+    /// the aggregated IP. Kept apart from `Identity` so that it is built where it stays.
+    #[inline(always)]
+    fn key(
+        &self,
+        id: &CompiledIdentify,
+        ip_key: &identify::LazyIpKey,
+        hasher: &RandomState,
+    ) -> ClientKey {
+        match self.raw {
+            Some(v) => identify::bounded_key(v, id.max_key_length, hasher),
+            None => ip_key.get().clone(),
+        }
+    }
+
     /// The client key's text: the request's own when it is the key (no UTF-8
     /// re-validation of the copy).
-    fn key_text(&self, max_key_length: usize) -> &str {
+    fn key_text<'s>(&'s self, key: &'s ClientKey, max_key_length: usize) -> &'s str {
         match self.raw {
             Some(v) if v.len() <= max_key_length => v,
-            _ => self.key.as_str(),
+            _ => key.as_str(),
         }
     }
 }
@@ -1120,6 +1160,7 @@ impl<'d> Deciding<'d> {
     /// Stage 2: every matching rule in order (`deny`, `allow`, `limit`, `tag`; a shadow
     /// rule's would-be rejection is counted and reported). A rejection keeps the priority
     /// class `tag` rules gave the request before the rejecting rule.
+    #[inline(always)]
     fn rules(
         &mut self,
         prep: &'d Prepared,
@@ -1128,7 +1169,7 @@ impl<'d> Deciding<'d> {
         charges: &mut Charges<'d, '_>,
         route: &mut LazyRoute<'_>,
         shared: &mut RulesShared<'d>,
-    ) -> ControlFlow<Begun, RulesOutcome> {
+    ) -> ControlFlow<Decision, RulesOutcome> {
         let pol: &'d CompiledPolicy = &prep.policy;
         let (engine, now, ck, op_name, cost) =
             (self.engine, self.now, self.key, self.op_name, self.cost);
@@ -1184,6 +1225,7 @@ impl<'d> Deciding<'d> {
     /// sharing on and capacity to spare, the request goes on as `borrowed`. The check
     /// takes the concurrency permit on the way when it can (one lookup of the client's
     /// entry for both).
+    #[inline(always)]
     fn quota(
         &mut self,
         prep: &Prepared,
@@ -1191,7 +1233,7 @@ impl<'d> Deciding<'d> {
         rules_out: &RulesOutcome,
         backend_route: &mut LazyRoute<'_>,
         charges: &mut Charges<'d, '_>,
-    ) -> ControlFlow<Begun, QuotaPassed> {
+    ) -> ControlFlow<Decision, QuotaPassed> {
         let pol: &CompiledPolicy = &prep.policy;
         let (engine, now, ck, cost) = (self.engine, self.now, self.key, self.cost);
         let shadow_hits = rules_out.shadow_hits;
@@ -1290,12 +1332,13 @@ impl<'d> Deciding<'d> {
 
     /// Stage 4: the client's concurrency permit, when its quota has a limit (never
     /// borrowed).
+    #[inline(always)]
     fn concurrency(
         &mut self,
         pol: &CompiledPolicy,
         q: &quota::Quota<'_>,
         shadow_hits: u32,
-    ) -> ControlFlow<Begun, Option<Arc<Entry>>> {
+    ) -> ControlFlow<Decision, Option<Arc<Entry>>> {
         let Some(limit) = q.concurrency else {
             return ControlFlow::Continue(None);
         };
@@ -1316,13 +1359,14 @@ impl<'d> Deciding<'d> {
 
     /// Stage 5: global shedding by priority class. A shed request gives its concurrency
     /// permit back at once; its answer may wait the reject delay.
+    #[inline(always)]
     fn shed(
         &mut self,
         prep: &Prepared,
         plan: Option<&Arc<str>>,
         permit: &mut Option<Arc<Entry>>,
         shadow_hits: u32,
-    ) -> ControlFlow<Begun, ()> {
+    ) -> ControlFlow<Decision, ()> {
         let engine = self.engine;
         let shed = &engine.shared.shed;
         if shed.try_enter(self.priority, prep.shed.as_ref()) {
@@ -1351,7 +1395,7 @@ impl<'d> Deciding<'d> {
         }))
     }
 
-    fn reject(&mut self, r: Rejection) -> Begun {
+    fn reject(&mut self, r: Rejection) -> Decision {
         if let Some(obs) = self.observer {
             obs.on_decision(&DecisionEvent {
                 client_key: self.client_key.as_str(),
@@ -1369,7 +1413,7 @@ impl<'d> Deciding<'d> {
                 context: self.context,
             });
         }
-        Begun::Decided(Decision::Reject(r))
+        Decision::Reject(r)
     }
 
     fn reject_concurrency(
@@ -1377,7 +1421,7 @@ impl<'d> Deciding<'d> {
         pol: &CompiledPolicy,
         plan: Option<&Arc<str>>,
         shadow_hits: u32,
-    ) -> Begun {
+    ) -> Decision {
         self.reject(Rejection {
             status: pol.responses.quota_status,
             stage: Stage::Concurrency,
@@ -1398,7 +1442,7 @@ impl<'d> Deciding<'d> {
         pol: &CompiledPolicy,
         plan: Option<&Arc<str>>,
         shadow_hits: u32,
-    ) -> Begun {
+    ) -> Decision {
         tracing::warn!(
             tracked = self.engine.shared.state.len(),
             "state table full of in-flight keys; rejecting a new key"
@@ -1418,7 +1462,12 @@ impl<'d> Deciding<'d> {
         })
     }
 
-    fn reject_rule(&mut self, pol: &CompiledPolicy, _prep: &Prepared, r: RuleReject<'_>) -> Begun {
+    fn reject_rule(
+        &mut self,
+        pol: &CompiledPolicy,
+        _prep: &Prepared,
+        r: RuleReject<'_>,
+    ) -> Decision {
         match r {
             RuleReject::Deny { rule, status } => self.reject(Rejection {
                 status,

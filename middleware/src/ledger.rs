@@ -31,47 +31,50 @@ pub(crate) enum Charge<'x> {
     },
 }
 
+/// Where a decision's [`Charges`] are written: a local of the deciding frame, so that the
+/// ledger itself is three words and moving it (into `commit`, into a helper) copies nothing
+/// large. Inline for the common case: recording allocates nothing unless more than
+/// [`INLINE_CHARGES`] buckets are involved.
+#[derive(Debug, Default)]
+pub(crate) struct ChargeBuf<'x> {
+    inline: [Option<Charge<'x>>; INLINE_CHARGES],
+    n: usize,
+    spill: Vec<Charge<'x>>,
+}
+
 /// What a decision consumed so far, as a guard: dropped without [`Charges::commit`], it
 /// gives every charge back (newest first), so each way a decision can end in a rejection
-/// refunds by returning, and only the admit paths say they keep what they took. Inline for
-/// the common case: recording allocates nothing unless more than [`INLINE_CHARGES`] buckets
-/// are involved.
+/// refunds by returning, and only the admit paths say they keep what they took.
 #[derive(Debug)]
 pub(crate) struct Charges<'x, 's> {
     store: &'s Store,
     now: Nanos,
-    inline: [Option<Charge<'x>>; INLINE_CHARGES],
-    n: usize,
-    spill: Vec<Charge<'x>>,
+    buf: &'s mut ChargeBuf<'x>,
 }
 
 /// Charges recorded without allocating.
 pub(crate) const INLINE_CHARGES: usize = 8;
 
 impl<'x, 's> Charges<'x, 's> {
-    /// An empty ledger of a decision at `now` against `store`.
-    pub(crate) fn new(store: &'s Store, now: Nanos) -> Self {
-        Charges {
-            store,
-            now,
-            inline: [None; INLINE_CHARGES],
-            n: 0,
-            spill: Vec::new(),
-        }
+    /// An empty ledger of a decision at `now` against `store`, written into `buf` (empty).
+    pub(crate) fn new(store: &'s Store, now: Nanos, buf: &'s mut ChargeBuf<'x>) -> Self {
+        debug_assert!(buf.n == 0 && buf.spill.is_empty());
+        Charges { store, now, buf }
     }
 
     pub(crate) fn push(&mut self, c: Charge<'x>) {
-        if self.n < INLINE_CHARGES {
-            self.inline[self.n] = Some(c);
-            self.n += 1;
+        let buf = &mut *self.buf;
+        if buf.n < INLINE_CHARGES {
+            buf.inline[buf.n] = Some(c);
+            buf.n += 1;
         } else {
-            self.spill.push(c);
+            buf.spill.push(c);
         }
     }
 
     /// Number of charges recorded.
     pub(crate) fn len(&self) -> usize {
-        self.n + self.spill.len()
+        self.buf.n + self.buf.spill.len()
     }
 
     /// Gives every charge back now (where the answer needs what the ledger borrows).
@@ -80,9 +83,9 @@ impl<'x, 's> Charges<'x, 's> {
     }
 
     /// Keeps every charge: the decision admitted.
-    pub(crate) fn commit(mut self) {
-        self.n = 0;
-        self.spill.clear();
+    pub(crate) fn commit(self) {
+        self.buf.n = 0;
+        self.buf.spill.clear();
     }
 
     /// Gives back every charge from index `from` on, newest first, and forgets them (a
@@ -90,11 +93,12 @@ impl<'x, 's> Charges<'x, 's> {
     pub(crate) fn rollback_from(&mut self, from: usize) {
         let (store, now) = (self.store, self.now);
         while self.len() > from {
-            let c = if let Some(c) = self.spill.pop() {
+            let buf = &mut *self.buf;
+            let c = if let Some(c) = buf.spill.pop() {
                 c
             } else {
-                self.n -= 1;
-                match self.inline[self.n].take() {
+                buf.n -= 1;
+                match buf.inline[buf.n].take() {
                     Some(c) => c,
                     None => continue,
                 }
@@ -114,8 +118,12 @@ impl<'x, 's> Charges<'x, 's> {
 
 impl Drop for Charges<'_, '_> {
     /// Not committed: the decision did not admit; give everything back.
+    #[inline]
     fn drop(&mut self) {
-        self.rollback_from(0);
+        // Checked here, inline: a committed ledger (every admit) costs no call.
+        if self.buf.n != 0 || !self.buf.spill.is_empty() {
+            self.rollback_from(0);
+        }
     }
 }
 
@@ -127,13 +135,18 @@ mod tests {
     const T: Nanos = 1_000;
 
     /// A bucket of capacity 2·T with one request (cost T) taken through a ledger.
-    fn take<'s>(store: &'s Store, scope: &Arc<str>, now: Nanos) -> Charges<'static, 's> {
+    fn take<'s>(
+        store: &'s Store,
+        scope: &Arc<str>,
+        now: Nanos,
+        ledger: &'s mut ChargeBuf<'static>,
+    ) -> Charges<'static, 's> {
         let p = Params { t: T, c: 2 * T };
         let admitted = store
             .with_entry(scope, "k", now, p.c, |e| e.consume(now, p, 1))
             .expect("room");
         assert!(matches!(admitted, Verdict::Admit { .. }));
-        let mut charges = Charges::new(store, now);
+        let mut charges = Charges::new(store, now, ledger);
         let scope: &'static Arc<str> = Box::leak(Box::new(Arc::clone(scope)));
         charges.push(Charge::Bucket {
             scope,
@@ -152,7 +165,7 @@ mod tests {
         let store = Store::new(16);
         let scope: Arc<str> = Arc::from("rule:r");
         let now = 10 * T;
-        drop(take(&store, &scope, now));
+        drop(take(&store, &scope, now, &mut ChargeBuf::default()));
         assert!(tat(&store, &scope) <= now, "the bucket is full again");
     }
 
@@ -161,7 +174,7 @@ mod tests {
         let store = Store::new(16);
         let scope: Arc<str> = Arc::from("rule:r");
         let now = 10 * T;
-        take(&store, &scope, now).commit();
+        take(&store, &scope, now, &mut ChargeBuf::default()).commit();
         assert_eq!(tat(&store, &scope), now + T, "one request's worth is kept");
     }
 }
