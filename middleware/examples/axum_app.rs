@@ -88,7 +88,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => DecisionLog::off(),
     };
-    // Both see every decision.
+    // Its dropped lines are counted in the metrics; both see every decision.
+    metrics.watch_decision_log(&log);
     engine.set_observer(Arc::new((metrics.clone(), log)));
 
     let mut app = Router::new()

@@ -345,6 +345,12 @@ impl DecisionLog {
         self.dropped_total.load(Ordering::Relaxed)
     }
 
+    /// The shared count behind [`dropped_total`](Self::dropped_total).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn dropped_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped_total)
+    }
+
     /// Starts the writer thread for `config`.
     pub fn start(config: &DecisionLogConfig) -> io::Result<DecisionLog> {
         let out: Box<dyn Write + Send> = match &config.decisions {
@@ -947,6 +953,25 @@ mod tests {
             assert!(!log.log(record("reject", Some("r"))));
         }
         assert_eq!(log.dropped_total(), 11);
+        #[cfg(feature = "metrics")]
+        {
+            // Metrics that watch the log report the drops at the next scrape.
+            let mut registry = prometheus_client::registry::Registry::default();
+            let metrics = crate::observe::EngineMetrics::register(&mut registry);
+            assert!(metrics.watch_decision_log(&log));
+            assert!(
+                !metrics.watch_decision_log(&DecisionLog::off()),
+                "one log per metrics"
+            );
+            let policy = "version: 1\nidentify: {}\n";
+            let store = fairgate_policies::PolicyStore::from_yaml_str(policy, "p.yaml").unwrap();
+            metrics.refresh(&crate::Engine::new(store));
+            let text = crate::observe::encode(&registry, crate::observe::Format::OpenMetrics);
+            assert!(
+                text.contains("fairgate_decision_log_dropped_total 11"),
+                "{text}"
+            );
+        }
         drop(held);
     }
 

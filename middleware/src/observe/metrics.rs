@@ -101,6 +101,9 @@ pub struct EngineMetrics {
     evictions: Mirror,
     near_limit: Counter,
     decision_log_dropped: Mirror,
+    /// The watched decision log's drop count, mirrored by `refresh`.
+    #[cfg(feature = "decision-log")]
+    watched_log: std::sync::OnceLock<Arc<AtomicU64>>,
     redis: RedisMetrics,
     /// `fairgate_requests_total`, pre-resolved per label set.
     counters: DecisionCounters,
@@ -148,6 +151,8 @@ impl EngineMetrics {
             evictions: Mirror::default(),
             near_limit: Counter::default(),
             decision_log_dropped: Mirror::default(),
+            #[cfg(feature = "decision-log")]
+            watched_log: std::sync::OnceLock::new(),
             redis: RedisMetrics {
                 errors: Mirror::default(),
                 calls: Mirror::default(),
@@ -291,6 +296,19 @@ impl EngineMetrics {
         if let Some(s) = engine.backend_snapshot() {
             self.refresh_backend(&s);
         }
+        #[cfg(feature = "decision-log")]
+        if let Some(dropped) = self.watched_log.get() {
+            self.decision_log_dropped
+                .set(dropped.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Makes [`refresh`](Self::refresh) mirror `log`'s count of dropped lines into
+    /// `fairgate_decision_log_dropped_total` (one log per metrics; a second call is
+    /// ignored and returns false).
+    #[cfg(feature = "decision-log")]
+    pub fn watch_decision_log(&self, log: &crate::observe::DecisionLog) -> bool {
+        self.watched_log.set(log.dropped_counter()).is_ok()
     }
 
     /// Mirrors the decision log's count of dropped lines (see
