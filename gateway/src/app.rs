@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use fairgate_middleware::admin::Admin;
 use fairgate_middleware::observe::DecisionLog;
+use fairgate_middleware::dashboard::Dashboard;
 use fairgate_middleware::{AdmissionLayer, Engine, EngineBuilder};
 use fairgate_policies::{PolicyErrors, PolicyStore};
 use http::header::{self, HeaderName};
@@ -209,7 +210,22 @@ pub async fn start_with(
     let engine = builder.start()?;
     // Audit-mode stamps are the engine's clock, so the audit replays the engine's time.
     let log = log.with_clock(engine.clock().clone());
-    engine.set_observer(Arc::new((metrics.engine().clone(), log.clone())));
+    // The dashboard (with the admin listener) also sees every decision, for drill-downs.
+    let dashboard = config
+        .admin
+        .as_ref()
+        .and_then(|a| a.dashboard)
+        .map(|c| Dashboard::new(engine.clone(), metrics.engine().clone(), c));
+    match &dashboard {
+        Some(d) => {
+            d.start();
+            engine.set_observer(Arc::new((
+                (metrics.engine().clone(), log.clone()),
+                d.clone(),
+            )));
+        }
+        None => engine.set_observer(Arc::new((metrics.engine().clone(), log.clone()))),
+    }
     let reload = crate::control::reload::reloader(store.clone(), config.policy.clone());
     {
         let reload = reload.clone();
@@ -358,6 +374,10 @@ pub async fn start_with(
                 });
             if let Some(token) = token {
                 admin = admin.token(token);
+            }
+            admin = admin.decision_log(log.clone());
+            if let Some(d) = dashboard.clone() {
+                admin = admin.dashboard(d);
             }
             let router = admin.router();
             tokio::spawn(async move {

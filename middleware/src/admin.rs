@@ -11,7 +11,15 @@
 //! | GET | `/metrics` | Prometheus text 0.0.4, or OpenMetrics when `Accept` prefers it (when metrics are given) |
 //! | GET | `/clients/top?n=20` | clients using the largest share of a quota |
 //! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight (the plan it is charged to; 404 when no plan applies and it has no state) |
-//! | PUT | `/clients/{key}/override` | set a client's override (persisted, applied live) |
+//! | PUT | `/clients/{key}/override` | set a client's override (persisted, applied live; `expires_in: 1h` makes it lapse by itself) |
+//! | DELETE | `/clients/{key}/override` | clear a client's override (persisted, applied live) |
+//! | POST | `/clients/{key}/reset` | refill a client's quota buckets (local state only) |
+//! | GET | `/dashboard` | the live dashboard page (feature `dashboard`; the page holds no data, every request it makes needs the token) |
+//! | GET | `/dashboard/data` | what the dashboard draws, as JSON |
+//! | GET | `/dashboard/clients/{key}` | one client's usage, history and recent decisions |
+//!
+//! Operator actions (override set or cleared, reset) are written to the process log and,
+//! when the admin is given the decision log, as `action` lines in it.
 //!
 //! With a token configured, every endpoint but `/health` needs `Authorization: Bearer
 //! <token>` (compared in constant time); otherwise 401. Mutating endpoints accept only
@@ -47,7 +55,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use fairgate_policies::model::ClientOverride;
 use fairgate_policies::yaml::{self, Node, NodeKind, ScalarStyle};
@@ -78,6 +86,10 @@ pub struct Admin {
     draining: Arc<AtomicBool>,
     reload: ReloadFn,
     metrics: Option<MetricsFn>,
+    #[cfg(feature = "dashboard")]
+    dashboard: Option<crate::dashboard::Dashboard>,
+    #[cfg(feature = "decision-log")]
+    log: Option<crate::observe::DecisionLog>,
 }
 
 impl fmt::Debug for Admin {
@@ -100,7 +112,27 @@ impl Admin {
             draining: Arc::new(AtomicBool::new(false)),
             reload: Arc::new(move || store.reload()),
             metrics: None,
+            #[cfg(feature = "dashboard")]
+            dashboard: None,
+            #[cfg(feature = "decision-log")]
+            log: None,
         }
+    }
+
+    /// Serves the live dashboard of `dashboard` at `/dashboard` (start its sampler with
+    /// [`Dashboard::start`](crate::dashboard::Dashboard::start); attach it to the engine
+    /// as an observer for client drill-downs). Operator actions are shown on it.
+    #[cfg(feature = "dashboard")]
+    pub fn dashboard(mut self, dashboard: crate::dashboard::Dashboard) -> Admin {
+        self.dashboard = Some(dashboard);
+        self
+    }
+
+    /// Writes operator actions to `log` as `action` lines.
+    #[cfg(feature = "decision-log")]
+    pub fn decision_log(mut self, log: crate::observe::DecisionLog) -> Admin {
+        self.log = Some(log);
+        self
     }
 
     /// Requires `Authorization: Bearer <token>` on every endpoint but `/health`.
@@ -148,6 +180,10 @@ impl Admin {
             started: Instant::now(),
             override_lock: Mutex::new(()),
             limit: Semaphore::new(MAX_CONCURRENT),
+            #[cfg(feature = "dashboard")]
+            dashboard: self.dashboard,
+            #[cfg(feature = "decision-log")]
+            log: self.log,
         });
         let mut router = Router::new()
             .route("/health", get(health))
@@ -156,9 +192,20 @@ impl Admin {
             .route("/reload", post(reload))
             .route("/clients/top", get(top_clients))
             .route("/clients/{key}", get(client))
-            .route("/clients/{key}/override", put(set_override));
+            .route(
+                "/clients/{key}/override",
+                axum::routing::put(set_override).delete(clear_override),
+            )
+            .route("/clients/{key}/reset", post(reset_client));
         if has_metrics {
             router = router.route("/metrics", get(metrics));
+        }
+        #[cfg(feature = "dashboard")]
+        if state.dashboard.is_some() {
+            router = router
+                .route("/dashboard", get(dashboard_page))
+                .route("/dashboard/data", get(dashboard_data))
+                .route("/dashboard/clients/{key}", get(dashboard_client));
         }
         router
             .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -177,6 +224,27 @@ struct AdminState {
     /// Serialises override writes.
     override_lock: Mutex<()>,
     limit: Semaphore,
+    #[cfg(feature = "dashboard")]
+    dashboard: Option<crate::dashboard::Dashboard>,
+    #[cfg(feature = "decision-log")]
+    log: Option<crate::observe::DecisionLog>,
+}
+
+impl AdminState {
+    /// Records an operator action: the process log, the decision log, the dashboard.
+    fn record_action(&self, action: &str, key: &str, detail: Value) {
+        tracing::info!(action, client = key, detail = %detail, "operator action");
+        #[cfg(feature = "decision-log")]
+        if let Some(log) = &self.log {
+            log.log_action(action, key, detail.clone());
+        }
+        #[cfg(feature = "dashboard")]
+        if let Some(d) = &self.dashboard {
+            d.record_action(action, key, detail);
+        }
+        #[cfg(not(feature = "dashboard"))]
+        let _ = detail;
+    }
 }
 
 /// Caps concurrency and checks the bearer token.
@@ -187,7 +255,10 @@ async fn guard(State(state): State<Arc<AdminState>>, req: Request, next: Next) -
             "too many concurrent admin requests",
         );
     };
-    if req.uri().path() != "/health" {
+    // `/health` and the dashboard's page (static, no data) need no token; everything the
+    // page then fetches does.
+    let open = matches!(req.uri().path(), "/health" | "/dashboard");
+    if !open {
         if let Some(token) = &state.token {
             if !authorized(req.headers(), token) {
                 let mut res = problem(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
@@ -362,7 +433,7 @@ struct TopQuery {
     n: Option<usize>,
 }
 
-fn usage_json(u: &ClientUsage) -> Value {
+pub(crate) fn usage_json(u: &ClientUsage) -> Value {
     json!({
         "key": u.key,
         "plan": u.plan.as_deref(),
@@ -420,16 +491,18 @@ async fn set_override(
         Ok(o) => o,
         Err(e) => return errors_problem(StatusCode::BAD_REQUEST, "invalid override", &e),
     };
+    let detail = serde_json::to_value(&parsed).unwrap_or(Value::Null);
     let _serial = state.override_lock.lock().await;
     let reload = state.reload.clone();
     let key2 = key.clone();
     let written = tokio::task::spawn_blocking(move || {
-        persist_override(&overrides_path, &key2, parsed)?;
+        write_override(&overrides_path, &key2, Some(parsed))?;
         reload()
     })
     .await;
     match written {
         Ok(Ok(_)) => {
+            state.record_action("override_set", &key, detail);
             let usage = state.engine.client_usage(&key);
             Json(json!({
                 "result": "ok",
@@ -465,6 +538,7 @@ fn parse_override(
             "expected a mapping like `{plan: pro}` or `{bandwidths: [...], concurrency: 10}`",
         ));
     }
+    let node = with_expiry(node)?;
     let mark = node.mark;
     let root = Node {
         kind: NodeKind::Map(vec![(
@@ -481,9 +555,166 @@ fn parse_override(
         .ok_or_else(|| PolicyErrors::unlocated(FILE, "the override is empty"))
 }
 
-/// Writes `key`'s override into the overrides file (atomically: temp file + rename).
-/// The file is JSON, which is also YAML.
-fn persist_override(path: &PathBuf, key: &str, o: ClientOverride) -> Result<(), PolicyErrors> {
+/// Turns an override body's `expires_in: <duration>` (from now) into `expires: <UTC time>`,
+/// the form the overrides file keeps.
+fn with_expiry(mut node: Node) -> Result<Node, PolicyErrors> {
+    const FILE: &str = "request body";
+    let NodeKind::Map(entries) = &mut node.kind else {
+        return Ok(node);
+    };
+    let Some(i) = entries
+        .iter()
+        .position(|(k, _)| matches!(&k.kind, NodeKind::Scalar(s, _) if s == "expires_in"))
+    else {
+        return Ok(node);
+    };
+    if entries
+        .iter()
+        .any(|(k, _)| matches!(&k.kind, NodeKind::Scalar(s, _) if s == "expires"))
+    {
+        return Err(PolicyErrors::unlocated(
+            FILE,
+            "give `expires` (a UTC time) or `expires_in` (a duration), not both",
+        ));
+    }
+    let (key, value) = entries.remove(i);
+    let text = match &value.kind {
+        NodeKind::Scalar(t, _) => t.clone(),
+        _ => String::new(),
+    };
+    let d = fairgate_policies::units::parse_duration(&text).map_err(|e| {
+        PolicyErrors::unlocated(
+            FILE,
+            format!("`expires_in`: {} (expected a duration like `1h`)", e.0),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(PolicyErrors::unlocated(
+            FILE,
+            "`expires_in` must be longer than 0s",
+        ));
+    }
+    let at = fairgate_policies::units::Timestamp::from_system_time(std::time::SystemTime::now() + d);
+    entries.push((
+        Node {
+            kind: NodeKind::Scalar("expires".to_owned(), ScalarStyle::Plain),
+            mark: key.mark,
+        },
+        Node {
+            kind: NodeKind::Scalar(at.to_string(), ScalarStyle::Plain),
+            mark: value.mark,
+        },
+    ));
+    Ok(node)
+}
+
+#[cfg(feature = "dashboard")]
+async fn dashboard_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        crate::dashboard::PAGE,
+    )
+        .into_response()
+}
+
+#[cfg(feature = "dashboard")]
+async fn dashboard_data(State(state): State<Arc<AdminState>>) -> Response {
+    let Some(d) = state.dashboard.clone() else {
+        return problem(StatusCode::NOT_FOUND, "no dashboard");
+    };
+    match tokio::task::spawn_blocking(move || d.data()).await {
+        Ok(v) => Json(v).into_response(),
+        Err(_) => problem(StatusCode::INTERNAL_SERVER_ERROR, "the dashboard task failed"),
+    }
+}
+
+#[cfg(feature = "dashboard")]
+async fn dashboard_client(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -> Response {
+    let Some(d) = state.dashboard.clone() else {
+        return problem(StatusCode::NOT_FOUND, "no dashboard");
+    };
+    d.watch(&key);
+    match tokio::task::spawn_blocking(move || d.client(&key)).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "no plan applies to this client and it has no state",
+        ),
+        Err(_) => problem(StatusCode::INTERNAL_SERVER_ERROR, "the dashboard task failed"),
+    }
+}
+
+/// Clears a client's override: removed from the overrides file, applied live.
+async fn clear_override(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -> Response {
+    let Some(overrides_path) = state.engine.store().overrides_path() else {
+        return problem(
+            StatusCode::CONFLICT,
+            "the policy has no `overrides_file` (and must be loaded from a file) to keep overrides in",
+        );
+    };
+    let _serial = state.override_lock.lock().await;
+    let reload = state.reload.clone();
+    let key2 = key.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let existed = write_override(&overrides_path, &key2, None)?;
+        if existed {
+            reload()?;
+        }
+        Ok::<_, PolicyErrors>(existed)
+    })
+    .await;
+    match written {
+        Ok(Ok(true)) => {
+            state.record_action("override_clear", &key, Value::Null);
+            Json(json!({ "result": "ok", "key": key })).into_response()
+        }
+        Ok(Ok(false)) => problem(
+            StatusCode::NOT_FOUND,
+            "this client has no override in the overrides file",
+        ),
+        Ok(Err(e)) => errors_problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the override could not be cleared; the previous policy stays active",
+            &e,
+        ),
+        Err(_) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the override task failed",
+        ),
+    }
+}
+
+/// Refills a client's quota buckets (local state only).
+async fn reset_client(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -> Response {
+    if state.engine.backend_snapshot().is_some() {
+        return problem(
+            StatusCode::CONFLICT,
+            "the fleet's buckets live in the state backend (Redis); a reset of one gateway's \
+             local state would not reset them, so it is refused",
+        );
+    }
+    let refilled = state.engine.reset_client(&key);
+    if refilled == 0 {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "this client has no quota bucket to reset",
+        );
+    }
+    state.record_action("reset", &key, json!({ "buckets": refilled }));
+    Json(json!({ "result": "ok", "key": key, "buckets": refilled })).into_response()
+}
+
+/// Sets (`Some`) or removes (`None`) `key`'s override in the overrides file (atomically:
+/// temp file + rename), dropping entries that have lapsed. The file is JSON, which is also
+/// YAML. Returns whether `key` had an entry before.
+fn write_override(
+    path: &PathBuf,
+    key: &str,
+    o: Option<ClientOverride>,
+) -> Result<bool, PolicyErrors> {
     let name = path.display().to_string();
     let mut all: BTreeMap<String, ClientOverride> = match std::fs::read_to_string(path) {
         Ok(text) => fairgate_policies::decode::parse_overrides(&text, &name)?,
@@ -495,7 +726,16 @@ fn persist_override(path: &PathBuf, key: &str, o: ClientOverride) -> Result<(), 
             ))
         }
     };
-    all.insert(key.to_owned(), o);
+    let now = fairgate_policies::units::Timestamp::from_system_time(std::time::SystemTime::now());
+    all.retain(|_, v| v.expires.is_none_or(|t| t > now));
+    let removing = o.is_none();
+    let existed = match o {
+        Some(o) => all.insert(key.to_owned(), o).is_some(),
+        None => all.remove(key).is_some(),
+    };
+    if removing && !existed {
+        return Ok(false);
+    }
     let mut text = serde_json::to_string_pretty(&all)
         .map_err(|e| PolicyErrors::unlocated(&name, format!("cannot serialise overrides: {e}")))?;
     text.push('\n');
@@ -509,7 +749,8 @@ fn persist_override(path: &PathBuf, key: &str, o: ClientOverride) -> Result<(), 
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             PolicyErrors::unlocated(&name, format!("cannot write the file: {e}"))
-        })
+        })?;
+    Ok(existed)
 }
 
 #[cfg(test)]

@@ -583,6 +583,33 @@ impl Engine {
         self.usage_of(&prep.policy, key, now)
     }
 
+    /// Refills every quota bucket `key` has in this engine's state (each plan's and its
+    /// override's bandwidths), as if it had sent nothing; its in-flight requests and the
+    /// `limit` rules' buckets are left alone. Returns how many buckets were refilled.
+    ///
+    /// Local state only: with a fleet backend the buckets the fleet shares live there, and
+    /// the caller must refuse (the admin API does).
+    pub fn reset_client(&self, key: &str) -> usize {
+        let prep = self.prepared();
+        let pol = &prep.policy;
+        let now = self.shared.clock.now();
+        let state = &self.shared.state;
+        let own = pol.client(key).and_then(|c| c.bandwidths.as_ref());
+        let mut n = 0;
+        for bw in pol
+            .plans
+            .iter()
+            .flat_map(|p| p.bandwidths.iter())
+            .chain(own.into_iter().flat_map(|b| b.iter()))
+        {
+            let refilled = state
+                .with_client_slot(key, &bw.id, |b| b.refund(now, Nanos::MAX))
+                .or_else(|| state.with_existing(&bw.id, key, |e| e.refund(now, Nanos::MAX)));
+            n += usize::from(refilled.is_some());
+        }
+        n
+    }
+
     fn usage_of(&self, pol: &CompiledPolicy, key: &str, now: Nanos) -> Option<ClientUsage> {
         let sh = &*self.shared;
         let in_flight = sh
@@ -591,7 +618,7 @@ impl Engine {
             .unwrap_or(0);
         let mut quotas: Vec<quota::Quota<'_>> = Vec::new();
         // An override decides the quota whatever `tag` rules say.
-        if pol.clients.is_empty() || !pol.clients.contains_key(key) {
+        if pol.client(key).is_none() {
             // The default plan first, so that it wins a tie for "most used".
             let order = pol
                 .default_plan

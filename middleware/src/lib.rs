@@ -33,6 +33,8 @@ pub mod backend;
 pub mod builder;
 pub mod clock;
 pub mod concurrency;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 pub mod decision;
 pub mod engine;
 mod event;

@@ -36,11 +36,8 @@ pub(crate) fn resolve<'p>(
     client_key: &str,
     tagged: Option<PlanId>,
 ) -> Quota<'p> {
-    let over: Option<&ClientQuota> = if pol.clients.is_empty() {
-        None
-    } else {
-        pol.clients.get(client_key)
-    };
+    // A lapsed override (`expires` passed) counts as none.
+    let over: Option<&ClientQuota> = pol.client(client_key);
     let plan_id = over.and_then(|o| o.plan).or(tagged).or(pol.default_plan);
     let plan = plan_id.and_then(|i| pol.plans.get(i));
     Quota {

@@ -195,6 +195,7 @@ pub fn compile_with_overrides(
                 plan,
                 bandwidths,
                 concurrency: o.concurrency,
+                expires_at: o.expires.map(|t| t.to_system_time()),
             },
         );
     }

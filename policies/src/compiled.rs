@@ -95,6 +95,14 @@ pub struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
+    /// `key`'s override, unless it has lapsed (`expires` passed).
+    pub fn client(&self, key: &str) -> Option<&ClientQuota> {
+        if self.clients.is_empty() {
+            return None;
+        }
+        self.clients.get(key).filter(|c| !c.lapsed())
+    }
+
     /// Every bandwidth of the policy: plans', client overrides' and `limit` rules'.
     pub fn bandwidths(&self) -> impl Iterator<Item = &CompiledBandwidth> + '_ {
         let plans = self.plans.iter().flat_map(|p| p.bandwidths.iter());
@@ -239,4 +247,14 @@ pub struct ClientQuota {
     pub bandwidths: Option<Arc<[CompiledBandwidth]>>,
     /// Own concurrency, replacing the plan's when `Some`.
     pub concurrency: Option<u32>,
+    /// When the override lapses (`expires`); from then on it is ignored.
+    pub expires_at: Option<std::time::SystemTime>,
+}
+
+impl ClientQuota {
+    /// True once the override has lapsed (reads the wall clock only when it can).
+    pub fn lapsed(&self) -> bool {
+        self.expires_at
+            .is_some_and(|t| std::time::SystemTime::now() >= t)
+    }
 }

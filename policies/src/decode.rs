@@ -348,6 +348,12 @@ impl Decode for HumanDuration {
     }
 }
 
+impl Decode for crate::units::Timestamp {
+    fn decode(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Self> {
+        from_str(ctx, node, path, "a UTC time like `2026-12-06T09:30:00Z`")
+    }
+}
+
 impl Decode for ByteSize {
     fn decode(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Self> {
         from_str(ctx, node, path, "a size like `512`, `64KiB` or `1MiB`")

@@ -598,6 +598,10 @@ pub struct ClientOverride {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub concurrency: Option<u32>,
+    /// The override lapses at this time (UTC): from then on the client is on what the
+    /// policy gives it without the override, as if the entry were gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<crate::units::Timestamp>,
 }
 
 /// Burst sharing settings.

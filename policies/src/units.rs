@@ -211,6 +211,145 @@ impl JsonSchema for HumanDuration {
     }
 }
 
+// === Timestamp ===
+
+/// A point in time written in RFC 3339 UTC, whole seconds: `2026-12-06T09:30:00Z` (an
+/// override's `expires`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch.
+    secs: u64,
+}
+
+impl Timestamp {
+    /// The time `secs` seconds after the Unix epoch.
+    pub const fn from_unix_secs(secs: u64) -> Self {
+        Timestamp { secs }
+    }
+
+    /// `t`, truncated to whole seconds (times before the epoch are the epoch).
+    pub fn from_system_time(t: std::time::SystemTime) -> Self {
+        let secs = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Timestamp { secs }
+    }
+
+    /// Seconds since the Unix epoch.
+    pub const fn unix_secs(&self) -> u64 {
+        self.secs
+    }
+
+    /// As a [`SystemTime`](std::time::SystemTime).
+    pub fn to_system_time(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(self.secs)
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day number since 1970-01-01 (Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+impl FromStr for Timestamp {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            UnitError(Cow::Owned(format!(
+                "`{s}` is not a UTC time like `2026-12-06T09:30:00Z`"
+            )))
+        };
+        let b = s.trim().as_bytes();
+        if b.len() != 20
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || !matches!(b[10], b'T' | b't')
+            || b[13] != b':'
+            || b[16] != b':'
+            || !matches!(b[19], b'Z' | b'z')
+        {
+            return Err(bad());
+        }
+        let num = |r: std::ops::Range<usize>| -> Result<u32, UnitError> {
+            let t = &b[r];
+            if t.iter().all(u8::is_ascii_digit) {
+                Ok(t.iter().fold(0, |n, c| n * 10 + u32::from(c - b'0')))
+            } else {
+                Err(bad())
+            }
+        };
+        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let days_in = match mo {
+            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+            4 | 6 | 9 | 11 => 30,
+            2 if leap => 29,
+            2 => 28,
+            _ => return Err(bad()),
+        };
+        if y < 1970 || d == 0 || d > days_in || h > 23 || mi > 59 || se > 59 {
+            return Err(bad());
+        }
+        let days = days_from_civil(i64::from(y), mo, d);
+        let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + se);
+        u64::try_from(secs).map(Timestamp::from_unix_secs).map_err(|_| bad())
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let days = i64::try_from(self.secs / 86_400).unwrap_or(i64::MAX / 2);
+        let rem = self.secs % 86_400;
+        let (y, m, d) = civil_from_days(days);
+        write!(
+            f,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl JsonSchema for Timestamp {
+    fn schema_name() -> Cow<'static, str> {
+        "Timestamp".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "description": "a UTC time in RFC 3339, whole seconds, e.g. `2026-12-06T09:30:00Z`",
+            "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}[Zz]$"
+        })
+    }
+}
+
 // === ByteSize ===
 
 /// A size in bytes: `512`, `64KiB`, `1MiB`, `10kB`.

@@ -12,7 +12,8 @@ use fairgate_policies::decode::{
     MapReader, Path,
 };
 use fairgate_policies::model::{ByteSize, HumanDuration};
-use fairgate_policies::yaml::{self, Limits as YamlLimits, Node};
+use fairgate_middleware::dashboard::DashboardConfig;
+use fairgate_policies::yaml::{self, Limits as YamlLimits, Node, NodeKind};
 use fairgate_policies::{Policy, PolicyErrors};
 use http::header::HeaderName;
 use http::Method;
@@ -355,6 +356,9 @@ fn admin(
     let token: Option<String> = m.optional(ctx, "token");
     let token_file: Option<String> = m.optional(ctx, "token_file");
     let allow_remote: bool = m.optional(ctx, "allow_remote").unwrap_or(false);
+    let dashboard = m
+        .optional_with(ctx, "dashboard", dashboard)
+        .unwrap_or(Some(DashboardConfig::default()));
     let listen_node = m.entry("listen").map(|e| e.value).unwrap_or(node);
     let token_node = m.entry("token_file").map(|e| e.value);
     m.finish(ctx);
@@ -389,6 +393,45 @@ fn admin(
         token,
         token_file: token_file.map(|f| base.join(f)),
         allow_remote,
+        dashboard,
+    }))
+}
+
+/// `dashboard: false`, `true`, or `{step: 5s, history: 1h}`.
+fn dashboard(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Option<DashboardConfig>> {
+    if let NodeKind::Scalar(..) = node.kind {
+        let on: bool = Decode::decode(ctx, node, path)?;
+        return Some(on.then(DashboardConfig::default));
+    }
+    let mut m = MapReader::new(ctx, node, path)?;
+    let defaults = DashboardConfig::default();
+    let step = m.optional_with(ctx, "step", positive_duration);
+    let history = m.optional_with(ctx, "history", positive_duration);
+    let step_node = m.entry("step").map_or(node, |e| e.value);
+    let history_node = m.entry("history").map_or(node, |e| e.value);
+    m.finish(ctx);
+    let step = step.unwrap_or(defaults.step);
+    let history = history.unwrap_or(defaults.step * u32::try_from(defaults.points).unwrap_or(720));
+    if step < Duration::from_secs(1) || step.subsec_nanos() != 0 {
+        ctx.error(step_node, &path.key("step"), "must be whole seconds, at least 1s");
+        return None;
+    }
+    if history < step {
+        ctx.error(history_node, &path.key("history"), "must be at least one `step`");
+        return None;
+    }
+    let points = history.as_secs() / step.as_secs();
+    if points > 7_200 {
+        ctx.error(
+            history_node,
+            &path.key("history"),
+            format!("keeps {points} samples of `step`; at most 7200 (raise `step` or shorten `history`)"),
+        );
+        return None;
+    }
+    Some(Some(DashboardConfig {
+        step,
+        points: usize::try_from(points).unwrap_or(720),
     }))
 }
 

@@ -94,6 +94,9 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// Permit a non-loopback `listen` (default false; a token is then mandatory).
     pub allow_remote: bool,
+    /// The live dashboard at `/dashboard` and the history it keeps (default: on, one hour
+    /// at 5 s); `None` with `dashboard: false`.
+    pub dashboard: Option<fairgate_middleware::dashboard::DashboardConfig>,
 }
 
 /// One route.

@@ -90,6 +90,29 @@ pub struct DecisionRecord {
     pub mono_ns: Option<u64>,
 }
 
+/// An operator action (set or clear an override, reset a client's buckets), logged as one
+/// `{"type": "action", ...}` line beside the decisions it changes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionRecord {
+    /// RFC 3339 UTC time with milliseconds.
+    pub time: String,
+    /// Always `action`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// What was done: `override_set`, `override_clear`, `reset`.
+    pub action: String,
+    /// The client key acted on.
+    pub client: String,
+    /// The action's parameters (the override set, the buckets refilled).
+    pub detail: serde_json::Value,
+}
+
+/// What the writer thread is sent.
+enum Queued {
+    Decision(DecisionRecord),
+    Action(ActionRecord),
+}
+
 #[derive(Debug, Serialize)]
 struct SummaryRecord<'a> {
     time: String,
@@ -143,7 +166,7 @@ impl Default for DecisionLogConfig {
 /// to clone.
 #[derive(Clone)]
 pub struct DecisionLog {
-    tx: Option<SyncSender<DecisionRecord>>,
+    tx: Option<SyncSender<Queued>>,
     sample_admits: f64,
     /// Lines dropped in the writer's current window (its `dropped` summary line).
     dropped: Arc<AtomicU64>,
@@ -472,13 +495,29 @@ impl DecisionLog {
     /// Queues one line; never blocks, except in audit mode, where a full channel waits for
     /// the writer rather than lose a line. Returns false when it was dropped.
     pub fn log(&self, record: DecisionRecord) -> bool {
+        self.send(Queued::Decision(record))
+    }
+
+    /// Writes an operator action's line (never sampled; dropped and counted only when
+    /// the writer is behind, like a decision).
+    pub fn log_action(&self, action: &str, client: &str, detail: serde_json::Value) -> bool {
+        self.send(Queued::Action(ActionRecord {
+            time: rfc3339(SystemTime::now()),
+            kind: "action",
+            action: action.to_owned(),
+            client: client.to_owned(),
+            detail,
+        }))
+    }
+
+    fn send(&self, line: Queued) -> bool {
         let Some(tx) = &self.tx else {
             return false;
         };
         if self.audit {
-            return tx.send(record).is_ok();
+            return tx.send(line).is_ok();
         }
-        match tx.try_send(record) {
+        match tx.try_send(line) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -491,7 +530,7 @@ impl DecisionLog {
 
 struct Writer {
     budgets: Arc<Budgets>,
-    rx: Receiver<DecisionRecord>,
+    rx: Receiver<Queued>,
     out: BufWriter<Box<dyn Write + Send>>,
     max_per_rule: u64,
     window_start: Instant,
@@ -573,7 +612,11 @@ impl Writer {
         self.window_start = Instant::now();
     }
 
-    fn write(&mut self, record: DecisionRecord) {
+    fn write(&mut self, line: Queued) {
+        let record = match line {
+            Queued::Decision(r) => r,
+            Queued::Action(a) => return self.write_line(&a),
+        };
         if record.decision == "reject" || record.decision == "shadow_reject" {
             let key = aggregation_key(record.rule.as_deref(), record.stage, record.plan.as_deref());
             let entry = self.counts.entry(key).or_insert((0, 0));

@@ -335,6 +335,52 @@ impl EngineMetrics {
     }
 }
 
+/// One decision counter's value, for the dashboard's history.
+#[cfg(feature = "dashboard")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecisionCount {
+    pub(crate) stage: &'static str,
+    pub(crate) decision: &'static str,
+    pub(crate) rule: Box<str>,
+    pub(crate) plan: Box<str>,
+    pub(crate) value: u64,
+}
+
+#[cfg(feature = "dashboard")]
+impl EngineMetrics {
+    /// Every `fairgate_requests_total` and `fairgate_shadow_rejects_total` series seen so
+    /// far (shadow rejects as decision `shadow_reject`, stage `rule`), read without a lock.
+    pub(crate) fn decision_counts(&self) -> Vec<DecisionCount> {
+        let mut out = Vec::new();
+        for (map, _) in [(&self.counters, ()), (&self.shadow, ())] {
+            for (k, c) in map.map.load().iter() {
+                out.push(DecisionCount {
+                    stage: k.stage,
+                    decision: k.decision,
+                    rule: k.rule.clone(),
+                    plan: k.plan.clone(),
+                    value: c.get(),
+                });
+            }
+        }
+        out
+    }
+
+    /// `fairgate_shed_total` of `priority` (0 until it first sheds one).
+    pub(crate) fn shed_count(&self, priority: Priority) -> u64 {
+        self.shed
+            .get(&PriorityLabels {
+                priority: priority_name(priority),
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    /// `fairgate_near_limit_total`.
+    pub(crate) fn near_limit_count(&self) -> u64 {
+        self.near_limit.get()
+    }
+}
+
 impl Observer for EngineMetrics {
     fn on_decision(&self, e: &DecisionEvent<'_>) {
         if e.kind == DecisionKind::ShadowReject {

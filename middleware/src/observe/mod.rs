@@ -14,8 +14,8 @@ mod metrics;
 
 #[cfg(feature = "decision-log")]
 pub use decision_log::{
-    tag_route, take_pending, DecisionContext, DecisionLog, DecisionLogConfig, DecisionRecord,
-    DecisionTarget, PendingAdmit,
+    tag_route, take_pending, ActionRecord, DecisionContext, DecisionLog, DecisionLogConfig,
+    DecisionRecord, DecisionTarget, PendingAdmit,
 };
 #[cfg(feature = "metrics")]
 pub use metrics::{encode, EngineMetrics, Format};

@@ -1323,8 +1323,13 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
     let plan = m.optional_with(d, "plan", plan_ref);
     let bandwidths = m.optional_with(d, "bandwidths", bandwidths);
     let concurrency = m.optional_with(d, "concurrency", |d, n, p| concurrency(&mut *d.ctx, n, p));
+    let expires = m.optional::<_, crate::units::Timestamp>(d, "expires");
+    // `expires` alone changes nothing (a key given but invalid was reported already).
+    let sets = ["plan", "bandwidths", "concurrency"]
+        .iter()
+        .any(|k| m.entry(k).is_some());
     m.finish(d);
-    if empty {
+    if empty || !sets {
         d.ctx.error(
             node,
             path,
@@ -1336,6 +1341,7 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
         plan,
         bandwidths,
         concurrency,
+        expires,
     })
 }
 
