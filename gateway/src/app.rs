@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fairgate_middleware::admin::Admin;
-use fairgate_middleware::observe::DecisionLog;
 use fairgate_middleware::dashboard::Dashboard;
+use fairgate_middleware::observe::DecisionLog;
 use fairgate_middleware::{AdmissionLayer, Engine, EngineBuilder};
 use fairgate_policies::{PolicyErrors, PolicyStore};
 use http::header::{self, HeaderName};

@@ -594,7 +594,11 @@ fn with_expiry(mut node: Node) -> Result<Node, PolicyErrors> {
             "`expires_in` must be longer than 0s",
         ));
     }
-    let at = fairgate_policies::units::Timestamp::from_system_time(std::time::SystemTime::now() + d);
+    let at =
+        // Rounded up to whole seconds: never shorter than asked.
+        fairgate_policies::units::Timestamp::from_system_time(
+            std::time::SystemTime::now() + d + std::time::Duration::from_nanos(999_999_999),
+        );
     entries.push((
         Node {
             kind: NodeKind::Scalar("expires".to_owned(), ScalarStyle::Plain),
@@ -627,12 +631,18 @@ async fn dashboard_data(State(state): State<Arc<AdminState>>) -> Response {
     };
     match tokio::task::spawn_blocking(move || d.data()).await {
         Ok(v) => Json(v).into_response(),
-        Err(_) => problem(StatusCode::INTERNAL_SERVER_ERROR, "the dashboard task failed"),
+        Err(_) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the dashboard task failed",
+        ),
     }
 }
 
 #[cfg(feature = "dashboard")]
-async fn dashboard_client(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -> Response {
+async fn dashboard_client(
+    State(state): State<Arc<AdminState>>,
+    Path(key): Path<String>,
+) -> Response {
     let Some(d) = state.dashboard.clone() else {
         return problem(StatusCode::NOT_FOUND, "no dashboard");
     };
@@ -643,7 +653,10 @@ async fn dashboard_client(State(state): State<Arc<AdminState>>, Path(key): Path<
             StatusCode::NOT_FOUND,
             "no plan applies to this client and it has no state",
         ),
-        Err(_) => problem(StatusCode::INTERNAL_SERVER_ERROR, "the dashboard task failed"),
+        Err(_) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the dashboard task failed",
+        ),
     }
 }
 

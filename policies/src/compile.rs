@@ -485,6 +485,26 @@ clients:
     }
 
     #[test]
+    fn a_lapsed_override_counts_as_none() {
+        let overrides = parse_overrides(
+            "past: {plan: free, expires: '2001-01-01T00:00:00Z'}\n\
+             future: {plan: free, expires: '2999-01-01T00:00:00Z'}\n\
+             forever: {plan: free}\n",
+            "o.yaml",
+        )
+        .unwrap();
+        let c = compile_with_overrides(policy(), overrides, "p.yaml").unwrap();
+        assert!(c.client("past").is_none(), "lapsed");
+        assert!(c.client("future").is_some());
+        assert!(c.client("forever").is_some());
+        assert!(c.client("nobody").is_none());
+        let e = parse_overrides("k: {expires: '2999-01-01T00:00:00Z'}\n", "o.yaml").unwrap_err();
+        assert!(e.to_string().contains("override sets nothing"), "{e}");
+        let e = parse_overrides("k: {plan: free, expires: tomorrow}\n", "o.yaml").unwrap_err();
+        assert!(e.to_string().contains("o.yaml:1:"), "positioned: {e}");
+    }
+
+    #[test]
     fn hash_follows_content_not_formatting() {
         let a = compile(policy()).unwrap().hash;
         // The same policy written differently: long forms, block style, defaults spelled out.

@@ -312,7 +312,9 @@ impl FromStr for Timestamp {
         }
         let days = days_from_civil(i64::from(y), mo, d);
         let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + se);
-        u64::try_from(secs).map(Timestamp::from_unix_secs).map_err(|_| bad())
+        u64::try_from(secs)
+            .map(Timestamp::from_unix_secs)
+            .map_err(|_| bad())
     }
 }
 
@@ -492,6 +494,39 @@ impl JsonSchema for Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_utc_seconds_and_round_trip() {
+        let t: Timestamp = "2026-12-06T09:30:00Z".parse().unwrap();
+        assert_eq!(t.unix_secs(), 1_796_549_400);
+        assert_eq!(t.to_string(), "2026-12-06T09:30:00Z");
+        let leap: Timestamp = "2024-02-29T23:59:59Z".parse().unwrap();
+        assert_eq!(leap.to_string(), "2024-02-29T23:59:59Z");
+        assert_eq!(
+            Timestamp::from_unix_secs(0).to_string(),
+            "1970-01-01T00:00:00Z"
+        );
+        for secs in [1, 86_399, 86_400, 951_782_400, 4_102_444_800, 3_999_999_999] {
+            let t = Timestamp::from_unix_secs(secs);
+            assert_eq!(t.to_string().parse::<Timestamp>().unwrap(), t, "{t}");
+        }
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-12-06T24:00:00Z",
+            "2026-12-06T09:60:00Z",
+            "2026-12-06T09:30:00",
+            "2026-12-06T09:30:00+01:00",
+            "2026-12-06 09:30:00Z",
+            "1969-12-31T23:59:59Z",
+            "2026-13-01T00:00:00Z",
+            "2026-12-06T09:30:00.5Z",
+            "tomorrow",
+        ] {
+            let e = bad.parse::<Timestamp>().unwrap_err();
+            assert!(e.0.contains("UTC time"), "{bad}: {}", e.0);
+        }
+    }
 
     #[test]
     fn rates_parse_and_print_canonically() {

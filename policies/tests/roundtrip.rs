@@ -138,6 +138,11 @@ fn bandwidth() -> impl Strategy<Value = Bandwidth> {
 }
 
 /// Bandwidths with distinct names; every effective burst is ≥ 20 (the largest cost below).
+/// Whole-second UTC times from 1970 to 2096 (an override's `expires`).
+fn timestamp() -> impl Strategy<Value = fairgate_policies::units::Timestamp> {
+    (0u64..4_000_000_000).prop_map(fairgate_policies::units::Timestamp::from_unix_secs)
+}
+
 fn bandwidths() -> impl Strategy<Value = Vec<Bandwidth>> {
     vec(bandwidth(), 0..3).prop_map(|mut v| {
         let mut seen = std::collections::HashSet::new();
@@ -323,14 +328,16 @@ fn policy() -> impl Strategy<Value = Policy> {
                 client_plan,
                 option::of(bandwidths()),
                 option::of(1u32..=100),
+                option::of(timestamp()),
             )
-                .prop_filter("an override sets something", |(p, b, c)| {
+                .prop_filter("an override sets something", |(p, b, c, _)| {
                     p.is_some() || b.is_some() || c.is_some()
                 })
-                .prop_map(|(plan, bandwidths, concurrency)| ClientOverride {
+                .prop_map(|(plan, bandwidths, concurrency, expires)| ClientOverride {
                     plan,
                     bandwidths,
                     concurrency,
+                    expires,
                 }),
             0..3,
         );
@@ -435,9 +442,9 @@ proptest! {
     fn generated_overrides_round_trip(
         clients in btree_map(
             "[ -~]{1,20}",
-            (option::of("[a-z]{1,6}"), option::of(bandwidths()), option::of(1u32..=100))
-                .prop_filter("sets something", |(p, b, c)| p.is_some() || b.is_some() || c.is_some())
-                .prop_map(|(plan, bandwidths, concurrency)| ClientOverride { plan, bandwidths, concurrency }),
+            (option::of("[a-z]{1,6}"), option::of(bandwidths()), option::of(1u32..=100), option::of(timestamp()))
+                .prop_filter("sets something", |(p, b, c, _)| p.is_some() || b.is_some() || c.is_some())
+                .prop_map(|(plan, bandwidths, concurrency, expires)| ClientOverride { plan, bandwidths, concurrency, expires }),
             0..5,
         )
     ) {

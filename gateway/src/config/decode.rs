@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::path::Path as FsPath;
 use std::time::Duration;
 
+use fairgate_middleware::dashboard::DashboardConfig;
 use fairgate_policies::decode::{
     choice, decode_policy_in, expected, from_str, one_or_many, scalar, uint, variant, Ctx, Decode,
     MapReader, Path,
 };
 use fairgate_policies::model::{ByteSize, HumanDuration};
-use fairgate_middleware::dashboard::DashboardConfig;
 use fairgate_policies::yaml::{self, Limits as YamlLimits, Node, NodeKind};
 use fairgate_policies::{Policy, PolicyErrors};
 use http::header::HeaderName;
@@ -413,11 +413,19 @@ fn dashboard(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Option<Dashb
     let step = step.unwrap_or(defaults.step);
     let history = history.unwrap_or(defaults.step * u32::try_from(defaults.points).unwrap_or(720));
     if step < Duration::from_secs(1) || step.subsec_nanos() != 0 {
-        ctx.error(step_node, &path.key("step"), "must be whole seconds, at least 1s");
+        ctx.error(
+            step_node,
+            &path.key("step"),
+            "must be whole seconds, at least 1s",
+        );
         return None;
     }
     if history < step {
-        ctx.error(history_node, &path.key("history"), "must be at least one `step`");
+        ctx.error(
+            history_node,
+            &path.key("history"),
+            "must be at least one `step`",
+        );
         return None;
     }
     let points = history.as_secs() / step.as_secs();

@@ -611,6 +611,13 @@ fn parse(
                     l.kind
                 )))
             }
+            "action" => {
+                return Err(err(
+                    "an operator action (override or reset) changes the limits from here on; \
+                     the audit checks one policy: audit the lines before it"
+                        .to_owned(),
+                ))
+            }
             other => return Err(err(format!("unknown line type `{other}`"))),
         }
         let t = l.mono_ns.ok_or_else(|| {

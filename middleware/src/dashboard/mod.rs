@@ -177,11 +177,23 @@ impl Dashboard {
             step: config.step.max(Duration::from_secs(1)),
             points: config.points.clamp(1, 7_200),
         };
+        // The counters now are the baseline: the first step shows what happens after it.
+        let mut history = History::default();
+        for c in metrics.decision_counts() {
+            history
+                .last
+                .insert((c.stage, c.decision, c.rule, c.plan), c.value);
+        }
+        history.last_near_limit = Some(metrics.near_limit_count());
+        for (i, p) in PRIORITIES.iter().enumerate() {
+            history.last_shed[i] = Some(metrics.shed_count(*p));
+        }
+        history.last_redis_errors = engine.backend_snapshot().map(|s| s.errors);
         let inner = Arc::new(Inner {
             engine,
             metrics,
             config,
-            history: Mutex::new(History::default()),
+            history: Mutex::new(history),
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
             recent_skipped: AtomicU64::new(0),
             reloads: Mutex::new(VecDeque::new()),
@@ -448,10 +460,9 @@ impl Inner {
         // Decision series: the rate of each counter over the step.
         for c in counts {
             let mut id: SeriesId = (c.stage, c.decision, c.rule, c.plan);
-            // A series first seen after the first sample counted from 0 (counters start at
-            // 0 and appear with their first decision); at the first sample, from now.
-            let first = if h.samples == 0 { c.value } else { 0 };
-            let last = h.last.insert(id.clone(), c.value).or(Some(first));
+            // Counters appear with their first decision, from 0; what was counted before the
+            // dashboard existed is in the baseline `new` took.
+            let last = h.last.insert(id.clone(), c.value).or(Some(0));
             let v = rate(c.value, last, step);
             if !h.series.contains_key(&id) && h.series.len() >= MAX_SERIES {
                 id = ("other", c.decision, "".into(), "".into());

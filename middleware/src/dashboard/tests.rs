@@ -86,7 +86,11 @@ fn each_step_shows_the_decisions_made_in_it_per_second() {
     assert_eq!(data["times"].as_array().unwrap().len(), 3);
     let admits = series(&data, "admit", "none");
     assert_eq!(admits.len(), 1);
-    assert_eq!(values(admits[0]), vec![0.0, 1.0, 0.0], "2 admits in a 2 s step");
+    assert_eq!(
+        values(admits[0]),
+        vec![0.0, 1.0, 0.0],
+        "2 admits in a 2 s step"
+    );
     let quota = series(&data, "reject", "quota");
     assert_eq!(values(quota[0]), vec![0.0, 0.5, 0.0]);
     assert_eq!(quota[0]["plan"], "free");
@@ -180,7 +184,9 @@ fn a_client_drill_down_has_its_history_and_only_its_own_decisions() {
     assert!(used[0] > 0.99, "the bucket was empty: {used:?}");
     assert!(used[1] < 0.01, "and full again 10 s later: {used:?}");
     // Another client: the default plan's full buckets, no history, none of .1's decisions.
-    let other = dashboard.client("192.0.2.99").expect("the default plan applies");
+    let other = dashboard
+        .client("192.0.2.99")
+        .expect("the default plan applies");
     assert!(other["history"].is_null());
     assert_eq!(other["recent"], json!([]));
 }
