@@ -449,3 +449,32 @@ fn hash_keys_use_the_glossary_words() {
         "{errors}"
     );
 }
+
+#[test]
+fn the_dashboard_is_on_by_default_and_its_history_is_bounded() {
+    let base =
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\n";
+    let dash = |admin: &str| {
+        parse_ok(&format!("{base}admin: {admin}\n"))
+            .config
+            .admin
+            .expect("admin")
+            .dashboard
+    };
+    let d = dash("{listen: 127.0.0.1:0}").expect("on by default");
+    assert_eq!((d.step, d.points), (Duration::from_secs(5), 720));
+    assert_eq!(dash("{dashboard: false}"), None);
+    let d = dash("{dashboard: {step: 15s, history: 1day}}").expect("on");
+    assert_eq!((d.step, d.points), (Duration::from_secs(15), 5_760));
+    for (bad, msg) in [
+        ("{dashboard: {step: 500ms}}", "admin.dashboard.step: must be whole seconds, at least 1s"),
+        ("{dashboard: {step: 1500ms}}", "admin.dashboard.step: must be whole seconds"),
+        ("{dashboard: {step: 1min, history: 10s}}", "admin.dashboard.history: must be at least one `step`"),
+        ("{dashboard: {step: 1s, history: 1day}}", "keeps 86400 samples of `step`; at most 7200"),
+        ("{dashboard: yes}", "admin.dashboard"),
+        ("{dashboard: {steps: 5s}}", "steps"),
+    ] {
+        let e = parse_err(&format!("{base}admin: {bad}\n"));
+        assert!(e.contains(msg), "{bad}: {e}");
+    }
+}
