@@ -218,6 +218,16 @@ impl Engine {
         self.shared.shed.limit()
     }
 
+    /// The reject delay a shed rejection would wait now (the typical success latency,
+    /// capped by `shedding.reject_delay.max`), and how many delayed rejections wait now.
+    /// `None` when the policy has no reject delay.
+    pub fn reject_delay(&self) -> Option<(Duration, u64)> {
+        let prep = self.prepared();
+        let (max, _) = prep.shed.as_ref()?.reject_delay?;
+        let shed = &self.shared.shed;
+        Some((shed.typical_latency().min(max), shed.waiting()))
+    }
+
     /// Keys tracked by the state store (≤ `state.max_keys`).
     pub fn tracked_keys(&self) -> u64 {
         self.shared.state.len()

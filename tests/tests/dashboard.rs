@@ -34,7 +34,7 @@ rules:
     mode: shadow
     when: {path: {prefix: /wp-admin}}
     action: deny
-shedding: {limit: 50}
+shedding: {limit: 6, reject_delay: {max: 200ms, max_waiting: 16}}
 ";
 
 fn config() -> String {
@@ -200,6 +200,23 @@ async fn the_dashboard_shows_traffic_drills_into_a_client_and_sets_an_override()
         http.get_with(&gw.url("/api"), &key("bob")).await;
         http.get_with(&gw.url("/api"), &key("alice")).await;
     }
+    // A burst of slow requests from 12 clients at once: over the shedding limit of 6.
+    let slow: Vec<_> = (0..12)
+        .map(|i| {
+            let (http, url) = (http.clone(), gw.url("/slow?ms=700"));
+            tokio::spawn(async move {
+                let k = format!("burst-{i}");
+                http.get_with(&url, &[("x-api-key", k.as_str())])
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let mut shed = 0;
+    for t in slow {
+        shed += usize::from(t.await.unwrap() == 503);
+    }
+    assert!(shed > 0, "some of the burst was shed");
     until(&b, "five samples", samples, |v| {
         v.as_u64().unwrap_or(0) >= 5
     })
@@ -324,7 +341,11 @@ async fn the_dashboard_shows_traffic_drills_into_a_client_and_sets_an_override()
         &b,
         "the shedding limit",
         "return document.getElementById('shed-now').innerText",
-        |v| v.as_str().is_some_and(|s| s.contains("limit 50")),
+        |v| {
+            v.as_str().is_some_and(|s| {
+                s.contains("limit 6") && s.contains("reject delay") && s.contains("waiting")
+            })
+        },
     )
     .await;
     screenshot(&b, &shots, "shedding").await;

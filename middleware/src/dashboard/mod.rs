@@ -312,6 +312,7 @@ impl Dashboard {
         });
         let in_flight = engine.in_flight();
         let limit = engine.shed_limit();
+        let delay = engine.reject_delay();
         json!({
             "step_seconds": inner.config.step.as_secs_f64(),
             "points": inner.config.points,
@@ -327,6 +328,8 @@ impl Dashboard {
                     "in_flight": in_flight,
                     "limit": limit,
                     "utilization": limit.filter(|l| *l > 0).map(|l| in_flight as f64 / l as f64),
+                    "reject_delay_ms": delay.map(|(d, _)| d.as_secs_f64() * 1000.0),
+                    "delayed_waiting": delay.map(|(_, w)| w),
                 },
             },
             "tracked_keys": &h.tracked_keys,

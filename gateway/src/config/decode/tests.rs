@@ -467,10 +467,22 @@ fn the_dashboard_is_on_by_default_and_its_history_is_bounded() {
     let d = dash("{dashboard: {step: 15s, history: 1day}}").expect("on");
     assert_eq!((d.step, d.points), (Duration::from_secs(15), 5_760));
     for (bad, msg) in [
-        ("{dashboard: {step: 500ms}}", "admin.dashboard.step: must be whole seconds, at least 1s"),
-        ("{dashboard: {step: 1500ms}}", "admin.dashboard.step: must be whole seconds"),
-        ("{dashboard: {step: 1min, history: 10s}}", "admin.dashboard.history: must be at least one `step`"),
-        ("{dashboard: {step: 1s, history: 1day}}", "keeps 86400 samples of `step`; at most 7200"),
+        (
+            "{dashboard: {step: 500ms}}",
+            "admin.dashboard.step: must be whole seconds, at least 1s",
+        ),
+        (
+            "{dashboard: {step: 1500ms}}",
+            "admin.dashboard.step: must be whole seconds",
+        ),
+        (
+            "{dashboard: {step: 1min, history: 10s}}",
+            "admin.dashboard.history: must be at least one `step`",
+        ),
+        (
+            "{dashboard: {step: 1s, history: 1day}}",
+            "keeps 86400 samples of `step`; at most 7200",
+        ),
         ("{dashboard: yes}", "admin.dashboard"),
         ("{dashboard: {steps: 5s}}", "steps"),
     ] {
