@@ -1357,9 +1357,9 @@ impl<'d> Deciding<'d> {
                 }
                 passed.borrowed = true;
                 self.priority = Priority::Borrowed;
-                // Over quota: the exceeded bandwidth (nothing left), so the fields do not
-                // vanish exactly when the client runs out.
-                if self.headers == HeaderMode::Always {
+                // Over quota: the exceeded bandwidth (nothing left), sent as a rejection's
+                // are (unless `never`): the client must see that it is over its quota.
+                if self.headers != HeaderMode::Never {
                     passed.ratelimit = Some(quota::ratelimit_info(bandwidth, Some(bws), tat, now));
                 }
                 ControlFlow::Continue(passed)

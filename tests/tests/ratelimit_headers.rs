@@ -269,6 +269,55 @@ async fn a_borrowed_admit_carries_the_ratelimit_fields() {
     assert_eq!(limit.len(), 1, "{limit:?}");
     assert_eq!(limit[0].name, "free-0");
     assert_eq!(limit[0].params["r"], 0);
+    assert_eq!(r.headers["fairgate-borrowed"], "?1");
+    assert!(!first.headers.contains_key("fairgate-borrowed"));
+}
+
+/// With the default `ratelimit_headers: on_reject`, a borrowed admit is told what a
+/// rejection would be told: the exhausted bandwidth (`r=0`), and that it rode on spare
+/// capacity (`Fairgate-Borrowed: ?1`); an admit within quota carries neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_borrowed_admit_says_so_whatever_the_header_setting() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&config(
+        &up,
+        "  version: 1
+  identify: {client_key: [{header: x-api-key}]}
+  plans: {free: {bandwidths: ['1/min burst 1']}}
+  default_plan: free
+  shedding: {limit: 100}
+  burst_sharing: {enabled: true}
+",
+    ));
+    let c = Client::new();
+    let within = c.get_with(&gw.url("/x"), &[("x-api-key", "k")]).await;
+    assert_eq!(within.status, 200);
+    assert!(!within.headers.contains_key("ratelimit"), "{:?}", within.headers);
+    assert!(!within.headers.contains_key("fairgate-borrowed"));
+    let borrowed = c.get_with(&gw.url("/x"), &[("x-api-key", "k")]).await;
+    assert_eq!(borrowed.status, 200);
+    assert_eq!(borrowed.headers["fairgate-borrowed"], "?1");
+    let limit = limit_of(&borrowed);
+    assert_eq!(limit[0].name, "free-0");
+    assert_eq!(limit[0].params["r"], 0);
+    assert!(limit[0].params["t"] >= 1);
+    // With `never`, no RateLimit fields, but the borrowed signal stays.
+    let gw = Gateway::start(&config(
+        &up,
+        "  version: 1
+  identify: {client_key: [{header: x-api-key}]}
+  plans: {free: {bandwidths: ['1/min burst 1']}}
+  default_plan: free
+  shedding: {limit: 100}
+  burst_sharing: {enabled: true}
+  responses: {ratelimit_headers: never}
+",
+    ));
+    c.get_with(&gw.url("/x"), &[("x-api-key", "k")]).await;
+    let borrowed = c.get_with(&gw.url("/x"), &[("x-api-key", "k")]).await;
+    assert_eq!(borrowed.status, 200);
+    assert_eq!(borrowed.headers["fairgate-borrowed"], "?1");
+    assert!(!borrowed.headers.contains_key("ratelimit"));
 }
 
 /// A concurrency 429 names no bandwidth: its problem body has no `violated-policies`

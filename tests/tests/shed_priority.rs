@@ -194,8 +194,18 @@ async fn borrowed_requests_are_shed_before_normal_ones() {
     for i in 0..7 {
         assert!(h.hold("/hold", &format!("filler-{i}")).await);
     }
-    // Seven in flight: `greedy` still borrows, and its borrowed request is shed ...
-    assert_eq!(h.get("/q", "greedy").await, 503);
+    // Seven in flight: `greedy` still borrows, and its borrowed request is shed, answered
+    // with the IETF problem type for reduced capacity ...
+    let shed = h
+        .c
+        .get_with(&h.gw.url("/q"), &[("x-api-key", "greedy")])
+        .await;
+    assert_eq!(shed.status, 503);
+    assert_eq!(
+        shed.json()["type"],
+        "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+    );
+    assert!(shed.headers.contains_key("retry-after"));
     // ... while a normal request is admitted.
     assert_eq!(h.get("/q", "n1").await, 200);
     assert_eq!(

@@ -8,11 +8,11 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Response;
+use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use super::body::AdmissionBody;
-use super::response::{admitted_headers, rejection_response};
+use super::response::{admitted_headers, rejection_response, BORROWED};
 use crate::decision::{Admitted, Decision, DelayGuard};
 
 /// The exact-mode fleet check (boxed: only the fleet path takes it).
@@ -115,6 +115,12 @@ where
                     let (mut parts, body) = response.into_parts();
                     if let Some(info) = &ratelimit {
                         admitted_headers(&mut parts.headers, info);
+                    }
+                    if ticket.borrowed() {
+                        // A structured-field boolean: true.
+                        parts
+                            .headers
+                            .insert(BORROWED.clone(), HeaderValue::from_static("?1"));
                     }
                     let body = AdmissionBody::admitted(body, ticket, parts.status.as_u16(), *start);
                     return Poll::Ready(Ok(Response::from_parts(parts, body)));

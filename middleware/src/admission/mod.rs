@@ -38,5 +38,5 @@ pub use body::{AdmissionBody, PendingCompletion};
 pub use future::ResponseFuture;
 pub use headers::HttpHeaders;
 pub use layer::AdmissionLayer;
-pub use response::{admitted_headers, rejection_response, RATELIMIT, RATELIMIT_POLICY};
+pub use response::{admitted_headers, rejection_response, BORROWED, RATELIMIT, RATELIMIT_POLICY};
 pub use service::{Admission, Operation, PeerAddr};

@@ -65,6 +65,9 @@ use crate::quota;
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 /// `RateLimit`.
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// `Fairgate-Borrowed: ?1` on a response admitted over the client's quota on the service's
+/// spare capacity (burst sharing): it may be refused when others need that capacity.
+pub static BORROWED: HeaderName = HeaderName::from_static("fairgate-borrowed");
 
 const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 const QUOTA_TYPE: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
