@@ -1335,9 +1335,11 @@ impl<'d> Deciding<'d> {
                 wait,
                 tat,
             }) => {
-                let can_borrow = prep
-                    .borrow_below
-                    .is_some_and(|below| engine.shared.shed.below_utilization(below));
+                // A fixed quota (cost control) is never borrowed past.
+                let can_borrow = !q.fixed
+                    && prep
+                        .borrow_below
+                        .is_some_and(|below| engine.shared.shed.below_utilization(below));
                 if !can_borrow {
                     let info = (self.headers != HeaderMode::Never)
                         .then(|| quota::ratelimit_info(bandwidth, Some(bws), tat, now));

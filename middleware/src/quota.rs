@@ -28,6 +28,8 @@ pub(crate) struct Quota<'p> {
     pub(crate) plan: Option<&'p CompiledPlan>,
     pub(crate) bandwidths: Option<&'p Arc<[CompiledBandwidth]>>,
     pub(crate) concurrency: Option<u32>,
+    /// Never borrowed past: the plan's or the override's `fixed`.
+    pub(crate) fixed: bool,
 }
 
 /// Resolves the quota of `client_key` (override, then tagged plan, then default plan).
@@ -48,6 +50,7 @@ pub(crate) fn resolve<'p>(
         concurrency: over
             .and_then(|o| o.concurrency)
             .or(plan.and_then(|p| p.concurrency)),
+        fixed: over.is_some_and(|o| o.fixed) || plan.is_some_and(|p| p.fixed),
     }
 }
 

@@ -101,6 +101,7 @@ pub fn compile_with_overrides(
             name,
             bandwidths,
             concurrency: plan.concurrency,
+            fixed: plan.fixed,
         });
     }
     let resolve = |cx: &mut Cx<'_>, name: &str, path: &str| -> Option<PlanId> {
@@ -196,6 +197,7 @@ pub fn compile_with_overrides(
                 bandwidths,
                 concurrency: o.concurrency,
                 expires_at: o.expires.map(|t| t.to_system_time()),
+                fixed: o.fixed,
             },
         );
     }
@@ -560,6 +562,7 @@ clients:
                     name: None,
                 }],
                 concurrency: None,
+                fixed: false,
             },
         );
         let errs = compile(p).unwrap_err();
@@ -582,6 +585,7 @@ clients:
                     name: None,
                 }],
                 concurrency: None,
+                fixed: false,
             },
         );
         let text = compile(p).unwrap_err().to_string();

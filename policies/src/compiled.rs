@@ -225,6 +225,8 @@ pub struct CompiledPlan {
     pub bandwidths: Arc<[CompiledBandwidth]>,
     /// Max in flight per client.
     pub concurrency: Option<u32>,
+    /// Never borrowed past (`fixed: true`).
+    pub fixed: bool,
 }
 
 /// A compiled operation.
@@ -249,6 +251,8 @@ pub struct ClientQuota {
     pub concurrency: Option<u32>,
     /// When the override lapses (`expires`); from then on it is ignored.
     pub expires_at: Option<std::time::SystemTime>,
+    /// Never borrowed past (`fixed: true`), whatever the plan says.
+    pub fixed: bool,
 }
 
 impl ClientQuota {

@@ -504,6 +504,10 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub concurrency: Option<u32>,
+    /// A fixed quota (cost control): its clients are never admitted past it on spare
+    /// capacity, whatever `burst_sharing` says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fixed: bool,
 }
 
 /// One bandwidth: `rate` with a `burst`. YAML also accepts the short string form
@@ -602,6 +606,10 @@ pub struct ClientOverride {
     /// policy gives it without the override, as if the entry were gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<crate::units::Timestamp>,
+    /// This client's quota is fixed (cost control), whatever its plan says: never
+    /// admitted past it on spare capacity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fixed: bool,
 }
 
 /// Burst sharing settings.

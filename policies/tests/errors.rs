@@ -478,7 +478,7 @@ fn client_key_longer_than_max_key_length() {
 fn empty_override() {
     fails(
         "version: 1\nclients:\n  k: {}\n",
-        &["p.yaml:3:6: clients.k: override sets nothing: give `plan`, `bandwidths` or `concurrency`"],
+        &["p.yaml:3:6: clients.k: override sets nothing: give `plan`, `bandwidths`, `concurrency` or `fixed`"],
     );
 }
 

@@ -262,10 +262,13 @@ fn extractor() -> impl Strategy<Value = KeyExtractor> {
 fn policy() -> impl Strategy<Value = Policy> {
     let plans = btree_map(
         "[a-z]{1,6}",
-        (bandwidths(), option::of(1u32..=1000)).prop_map(|(bandwidths, concurrency)| Plan {
-            bandwidths,
-            concurrency,
-        }),
+        (bandwidths(), option::of(1u32..=1000), any::<bool>()).prop_map(
+            |(bandwidths, concurrency, fixed)| Plan {
+                bandwidths,
+                concurrency,
+                fixed,
+            },
+        ),
         0..4,
     );
     plans.prop_flat_map(|plans| {
@@ -338,6 +341,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                     bandwidths,
                     concurrency,
                     expires,
+                    fixed: false,
                 }),
             0..3,
         );
@@ -444,7 +448,7 @@ proptest! {
             "[ -~]{1,20}",
             (option::of("[a-z]{1,6}"), option::of(bandwidths()), option::of(1u32..=100), option::of(timestamp()))
                 .prop_filter("sets something", |(p, b, c, _)| p.is_some() || b.is_some() || c.is_some())
-                .prop_map(|(plan, bandwidths, concurrency, expires)| ClientOverride { plan, bandwidths, concurrency, expires }),
+                .prop_map(|(plan, bandwidths, concurrency, expires)| ClientOverride { plan, bandwidths, concurrency, expires, fixed: false }),
             0..5,
         )
     ) {

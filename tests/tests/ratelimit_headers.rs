@@ -292,7 +292,11 @@ async fn a_borrowed_admit_says_so_whatever_the_header_setting() {
     let c = Client::new();
     let within = c.get_with(&gw.url("/x"), &[("x-api-key", "k")]).await;
     assert_eq!(within.status, 200);
-    assert!(!within.headers.contains_key("ratelimit"), "{:?}", within.headers);
+    assert!(
+        !within.headers.contains_key("ratelimit"),
+        "{:?}",
+        within.headers
+    );
     assert!(!within.headers.contains_key("fairgate-borrowed"));
     let borrowed = c.get_with(&gw.url("/x"), &[("x-api-key", "k")]).await;
     assert_eq!(borrowed.status, 200);

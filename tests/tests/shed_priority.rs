@@ -196,10 +196,9 @@ async fn borrowed_requests_are_shed_before_normal_ones() {
     }
     // Seven in flight: `greedy` still borrows, and its borrowed request is shed, answered
     // with the IETF problem type for reduced capacity ...
-    let shed = h
-        .c
-        .get_with(&h.gw.url("/q"), &[("x-api-key", "greedy")])
-        .await;
+    let shed =
+        h.c.get_with(&h.gw.url("/q"), &[("x-api-key", "greedy")])
+            .await;
     assert_eq!(shed.status, 503);
     assert_eq!(
         shed.json()["type"],

@@ -1083,10 +1083,12 @@ fn plan(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Plan> {
         .optional_with(d, "bandwidths", bandwidths)
         .unwrap_or_default();
     let concurrency = m.optional_with(d, "concurrency", |d, n, p| concurrency(&mut *d.ctx, n, p));
+    let fixed = m.optional::<_, bool>(d, "fixed").unwrap_or(false);
     m.finish(d);
     Some(Plan {
         bandwidths,
         concurrency,
+        fixed,
     })
 }
 
@@ -1324,8 +1326,9 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
     let bandwidths = m.optional_with(d, "bandwidths", bandwidths);
     let concurrency = m.optional_with(d, "concurrency", |d, n, p| concurrency(&mut *d.ctx, n, p));
     let expires = m.optional::<_, crate::units::Timestamp>(d, "expires");
+    let fixed = m.optional::<_, bool>(d, "fixed").unwrap_or(false);
     // `expires` alone changes nothing (a key given but invalid was reported already).
-    let sets = ["plan", "bandwidths", "concurrency"]
+    let sets = ["plan", "bandwidths", "concurrency", "fixed"]
         .iter()
         .any(|k| m.entry(k).is_some());
     m.finish(d);
@@ -1333,7 +1336,7 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
         d.ctx.error(
             node,
             path,
-            "override sets nothing: give `plan`, `bandwidths` or `concurrency`",
+            "override sets nothing: give `plan`, `bandwidths`, `concurrency` or `fixed`",
         );
         return None;
     }
@@ -1342,6 +1345,7 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
         bandwidths,
         concurrency,
         expires,
+        fixed,
     })
 }
 
