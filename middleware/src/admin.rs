@@ -234,15 +234,15 @@ impl AdminState {
     /// Records an operator action: the process log, the decision log, the dashboard.
     fn record_action(&self, action: &str, key: &str, detail: Value) {
         tracing::info!(action, client = key, detail = %detail, "operator action");
-        #[cfg(feature = "decision-log")]
-        if let Some(log) = &self.log {
-            log.log_action(action, key, detail.clone());
-        }
         #[cfg(feature = "dashboard")]
         if let Some(d) = &self.dashboard {
-            d.record_action(action, key, detail);
+            d.record_action(action, key, &detail);
         }
-        #[cfg(not(feature = "dashboard"))]
+        #[cfg(feature = "decision-log")]
+        if let Some(log) = &self.log {
+            log.log_action(action, key, detail);
+        }
+        #[cfg(not(feature = "decision-log"))]
         let _ = detail;
     }
 }

@@ -236,7 +236,7 @@ impl Dashboard {
     }
 
     /// Records an operator action (shown on the page; the caller logs it too).
-    pub fn record_action(&self, action: &str, key: &str, detail: Value) {
+    pub fn record_action(&self, action: &str, key: &str, detail: &Value) {
         let mut a = lock(&self.inner.actions);
         if a.len() == LOG {
             a.pop_front();
@@ -245,7 +245,7 @@ impl Dashboard {
             "at_ms": now_ms(),
             "action": action,
             "key": key,
-            "detail": detail,
+            "detail": detail.clone(),
         }));
     }
 

@@ -219,7 +219,7 @@ fn reloads_and_actions_are_listed_newest_first() {
     store.reload().unwrap();
     std::fs::write(&file, "version: 1\nplans: [").unwrap();
     assert!(store.reload().is_err());
-    dashboard.record_action("reset", "k", json!({"buckets": 1}));
+    dashboard.record_action("reset", "k", &json!({"buckets": 1}));
     let data = dashboard.data();
     let reloads = data["policy"]["reloads"].as_array().unwrap();
     assert_eq!(reloads.len(), 2);
