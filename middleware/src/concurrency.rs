@@ -45,6 +45,8 @@ pub(crate) struct TicketShared {
     /// ([`Engine::keep_alive`](crate::Engine::keep_alive)): a backend's tasks (the Redis
     /// lease releases) keep serving tickets that outlive the engine.
     pub(crate) kept: Mutex<Vec<Box<dyn Send + Sync>>>,
+    /// Promises of staggered retries (`responses.retry_stagger`).
+    pub(crate) stagger: crate::stagger::Stagger,
 }
 
 impl TicketShared {
@@ -57,6 +59,7 @@ impl TicketShared {
             observer: ArcSwapOption::empty(),
             has_observer: AtomicBool::new(false),
             kept: Mutex::new(Vec::new()),
+            stagger: crate::stagger::Stagger::new(),
         }
     }
 }

@@ -517,6 +517,7 @@ impl Engine {
                 context: context.cloned(),
                 quota_status: pol.responses.quota_status,
                 shed_retry_after: shed_retry_after(pol),
+                retry_stagger: pol.responses.retry_stagger.0,
                 headers,
                 priority,
                 shadow_hits,
@@ -838,6 +839,7 @@ pub struct RemoteCheck {
     context: Option<RequestContext>,
     quota_status: u16,
     shed_retry_after: Duration,
+    retry_stagger: Duration,
     headers: HeaderMode,
     priority: Priority,
     shadow_hits: u32,
@@ -1020,9 +1022,25 @@ impl RemoteCheck {
 
     fn reject_quota(self, index: usize, wait: Nanos, tat: Nanos, now: Nanos) -> Decision {
         let bw = self.bandwidths.get(index).or(self.bandwidths.first());
-        let info = bw
-            .filter(|_| self.headers != HeaderMode::Never)
-            .map(|bw| quota::ratelimit_info(bw, Some(&self.bandwidths), tat, now));
+        // Clients rejected together are told to come back one after another.
+        let wait = bw.map_or(wait, |bw| {
+            self.shared.stagger.wait(
+                &bw.id,
+                self.client_key.as_str(),
+                quota::params(bw),
+                self.cost,
+                tat,
+                now,
+                wait,
+                self.retry_stagger,
+            )
+        });
+        let retry_after = gcra::retry_after(wait);
+        let info = bw.filter(|_| self.headers != HeaderMode::Never).map(|bw| {
+            let mut info = quota::ratelimit_info(bw, Some(&self.bandwidths), tat, now);
+            info.reset_secs = info.reset_secs.max(retry_after.as_secs());
+            info
+        });
         let r = Rejection {
             status: self.quota_status,
             stage: Stage::Quota,
@@ -1030,7 +1048,7 @@ impl RemoteCheck {
             plan: self.plan.clone(),
             bandwidth: bw.map(|b| Arc::clone(&b.name)),
             client_key: self.client_key.clone(),
-            retry_after: Some(gcra::retry_after(wait)),
+            retry_after: Some(retry_after),
             ratelimit: info,
             delay: None,
             delay_guard: None,
@@ -1341,8 +1359,24 @@ impl<'d> Deciding<'d> {
                         .borrow_below
                         .is_some_and(|below| engine.shared.shed.below_utilization(below));
                 if !can_borrow {
-                    let info = (self.headers != HeaderMode::Never)
-                        .then(|| quota::ratelimit_info(bandwidth, Some(bws), tat, now));
+                    // Clients rejected together are told to come back one after another.
+                    let wait = engine.shared.stagger.wait(
+                        &bandwidth.id,
+                        self.key,
+                        quota::params(bandwidth),
+                        self.cost,
+                        tat,
+                        now,
+                        wait,
+                        pol.responses.retry_stagger.0,
+                    );
+                    let retry_after = gcra::retry_after(wait);
+                    let info = (self.headers != HeaderMode::Never).then(|| {
+                        let mut info = quota::ratelimit_info(bandwidth, Some(bws), tat, now);
+                        // `t` says no earlier than `Retry-After`.
+                        info.reset_secs = info.reset_secs.max(retry_after.as_secs());
+                        info
+                    });
                     return ControlFlow::Break(self.reject(Rejection {
                         status: pol.responses.quota_status,
                         stage: Stage::Quota,
@@ -1350,7 +1384,7 @@ impl<'d> Deciding<'d> {
                         plan: plan_name.cloned(),
                         bandwidth: Some(Arc::clone(&bandwidth.name)),
                         client_key: self.client_key.clone(),
-                        retry_after: Some(gcra::retry_after(wait)),
+                        retry_after: Some(retry_after),
                         ratelimit: info,
                         delay: None,
                         delay_guard: None,
@@ -1524,11 +1558,31 @@ impl<'d> Deciding<'d> {
             RuleReject::Limit {
                 rule,
                 bandwidth,
+                key,
                 wait,
                 tat,
             } => {
+                // Staggered like a quota's rejections (the sketch estimator has no TAT:
+                // its rejections are told their own wait).
+                let wait = match tat {
+                    Some(tat) => self.engine.shared.stagger.wait(
+                        &bandwidth.id,
+                        key,
+                        quota::params(bandwidth),
+                        1,
+                        tat,
+                        self.now,
+                        wait,
+                        pol.responses.retry_stagger.0,
+                    ),
+                    None => wait,
+                };
+                let retry_after = gcra::retry_after(wait);
                 let info = (self.headers != HeaderMode::Never).then(|| {
-                    quota::ratelimit_info(bandwidth, None, tat.unwrap_or(self.now), self.now)
+                    let mut info =
+                        quota::ratelimit_info(bandwidth, None, tat.unwrap_or(self.now), self.now);
+                    info.reset_secs = info.reset_secs.max(retry_after.as_secs());
+                    info
                 });
                 self.reject(Rejection {
                     status: pol.responses.quota_status,
@@ -1537,7 +1591,7 @@ impl<'d> Deciding<'d> {
                     plan: None,
                     bandwidth: Some(Arc::clone(&bandwidth.name)),
                     client_key: self.client_key.clone(),
-                    retry_after: Some(gcra::retry_after(wait)),
+                    retry_after: Some(retry_after),
                     ratelimit: info,
                     delay: None,
                     delay_guard: None,

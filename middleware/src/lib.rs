@@ -51,6 +51,7 @@ pub mod quota;
 pub mod rules;
 pub mod shed;
 pub mod sketch;
+mod stagger;
 pub mod state;
 
 pub use admission::{

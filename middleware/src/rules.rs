@@ -68,6 +68,8 @@ pub(crate) enum RuleReject<'x> {
     Limit {
         rule: &'x CompiledRule,
         bandwidth: &'x CompiledBandwidth,
+        /// The key the rule counts by.
+        key: &'x str,
         wait: Nanos,
         /// The bucket's TAT (exact estimator) for the RateLimit numbers.
         tat: Option<Nanos>,
@@ -244,6 +246,7 @@ pub(crate) fn evaluate<'x>(
                         reject = Some(RuleReject::Limit {
                             rule,
                             bandwidth,
+                            key,
                             wait,
                             tat,
                         });

@@ -84,6 +84,41 @@ fn ticket(d: Decision) -> fairgate_middleware::Ticket {
     }
 }
 
+/// Rejections of one bucket are told to come back one after another, at its refill rate
+/// (`retry_stagger`), never before its reset and at most `retry_stagger` later; a retry that
+/// comes at its turn is admitted.
+#[test]
+fn rejections_of_one_bucket_are_told_successive_turns() {
+    let (e, clock, _) = engine(
+        "version: 1
+plans:
+  free: {bandwidths: ['3/h burst 3']}
+default_plan: free
+responses: {retry_stagger: 1h}
+",
+    );
+    let r = Req::from("192.0.2.1");
+    assert_eq!(admit_n(&e, &r, 3), 3);
+    let told: Vec<u64> = (0..6)
+        .map(|_| rejection(r.decide(&e)).retry_after.unwrap().as_secs())
+        .collect();
+    assert_eq!(
+        told,
+        [1200, 2400, 3600, 4800, 4800, 4800],
+        "20 min apart, capped at +1h"
+    );
+    // Another client's bucket has its own turns.
+    let other = Req::from("192.0.2.2");
+    assert_eq!(admit_n(&e, &other, 3), 3);
+    assert_eq!(
+        rejection(other.decide(&e)).retry_after,
+        Some(Duration::from_secs(1200))
+    );
+    // The first turn comes: that retry is admitted.
+    clock.advance(Duration::from_secs(1200));
+    assert_eq!(admit_n(&e, &r, 1), 1);
+}
+
 #[test]
 fn composite_bandwidths_are_all_or_nothing() {
     let (e, _clock, _) = engine(
@@ -92,6 +127,7 @@ plans:
   free:
     bandwidths: ['100/s burst 10', '3/h burst 3']
 default_plan: free
+responses: {retry_stagger: off}
 ",
     );
     let r = Req::from("192.0.2.1");

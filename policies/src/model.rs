@@ -809,6 +809,11 @@ pub struct Responses {
     /// `Retry-After` for shed responses (default 1s).
     #[serde(default = "default_shed_retry_after")]
     pub shed_retry_after: HumanDuration,
+    /// Spread the retries of clients rejected together by one bucket: each is told the
+    /// time its turn comes at the refill rate, never earlier than the bucket's own reset, at
+    /// most this much later (default 60s; `off` or `0s`: everyone is told the reset).
+    #[serde(default = "default_retry_stagger")]
+    pub retry_stagger: HumanDuration,
 }
 
 impl Default for Responses {
@@ -819,6 +824,7 @@ impl Default for Responses {
             deny_status: default_deny_status(),
             ratelimit_headers: HeaderMode::default(),
             shed_retry_after: default_shed_retry_after(),
+            retry_stagger: default_retry_stagger(),
         }
     }
 }
@@ -838,6 +844,10 @@ pub fn default_deny_status() -> u16 {
 /// Default shed `Retry-After`.
 pub fn default_shed_retry_after() -> HumanDuration {
     HumanDuration::from_secs(1)
+}
+/// Default retry stagger.
+pub fn default_retry_stagger() -> HumanDuration {
+    HumanDuration::from_secs(60)
 }
 
 /// When RateLimit headers are sent.

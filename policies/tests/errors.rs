@@ -697,3 +697,21 @@ fn an_embedded_policy_reports_full_paths() {
         "gw.yaml:4:29: policy.rules[0].action: unknown value `dney` (did you mean `deny`?)"
     );
 }
+
+#[test]
+fn retry_stagger_is_a_duration_or_off() {
+    let stagger = |v: &str| {
+        let src = format!("version: 1\nresponses: {{retry_stagger: {v}}}\n");
+        fairgate_policies::decode::parse_policy(&src, "p.yaml").map(|p| p.responses.retry_stagger.0)
+    };
+    assert_eq!(stagger("off").unwrap(), std::time::Duration::ZERO);
+    assert_eq!(stagger("0s").unwrap(), std::time::Duration::ZERO);
+    assert_eq!(
+        stagger("2min").unwrap(),
+        std::time::Duration::from_secs(120)
+    );
+    fails(
+        "version: 1\nresponses: {retry_stagger: soon}\n",
+        &["p.yaml:2:28: responses.retry_stagger: `soon` is not a duration (expected e.g. `250ms`, `5s`) (or `off`)"],
+    );
+}

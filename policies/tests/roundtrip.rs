@@ -373,13 +373,15 @@ fn policy() -> impl Strategy<Value = Policy> {
                 Just(HeaderMode::Always)
             ],
             1u64..=120,
+            0u64..=600,
         )
-            .prop_map(|(q, s, d, h, r)| Responses {
+            .prop_map(|(q, s, d, h, r, st)| Responses {
                 quota_status: q,
                 shed_status: s,
                 deny_status: d,
                 ratelimit_headers: h,
                 shed_retry_after: HumanDuration::from_secs(r),
+                retry_stagger: HumanDuration::from_secs(st),
             });
         (
             (Just(plans), plan_ref, rules, operations, clients),

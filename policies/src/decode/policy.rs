@@ -1552,6 +1552,19 @@ fn responses(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Responses> {
         )
     });
     let shed_retry_after = m.optional_with(ctx, "shed_retry_after", positive_duration);
+    let retry_stagger = m.optional_with(ctx, "retry_stagger", |c, n, p| {
+        let text = scalar(c, n, p, "a duration like `60s`, or `off`")?;
+        if text == "off" {
+            return Some(HumanDuration::from_secs(0));
+        }
+        match text.parse::<HumanDuration>() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                c.error(n, p, format!("{} (or `off`)", e.0));
+                None
+            }
+        }
+    });
     m.finish(ctx);
     Some(Responses {
         quota_status: quota_status.unwrap_or(defaults.quota_status),
@@ -1559,6 +1572,7 @@ fn responses(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Responses> {
         deny_status: deny_status.unwrap_or(defaults.deny_status),
         ratelimit_headers: ratelimit_headers.unwrap_or(defaults.ratelimit_headers),
         shed_retry_after: shed_retry_after.unwrap_or(defaults.shed_retry_after),
+        retry_stagger: retry_stagger.unwrap_or(defaults.retry_stagger),
     })
 }
 
