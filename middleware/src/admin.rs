@@ -10,7 +10,7 @@
 //! | POST | `/reload` | reload the policy now |
 //! | GET | `/metrics` | Prometheus text 0.0.4, or OpenMetrics when `Accept` prefers it (when metrics are given) |
 //! | GET | `/clients/top?n=20` | clients using the largest share of a quota |
-//! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight (the plan it is charged to; 404 when no plan applies and it has no state) |
+//! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight, its self-set `cap` (the plan it is charged to; 404 when no plan applies and it has no state) |
 //! | PUT | `/clients/{key}/override` | set a client's override (persisted, applied live) |
 //!
 //! With a token configured, every endpoint but `/health` needs `Authorization: Bearer
@@ -369,6 +369,7 @@ fn usage_json(u: &ClientUsage) -> Value {
         "usage": u.usage(),
         "in_flight": u.in_flight,
         "concurrency_limit": u.concurrency_limit,
+        "cap": u.cap.as_ref(),
         "bandwidths": u.bandwidths.iter().map(|b| json!({
             "id": &*b.id,
             "plan": b.plan.as_deref(),

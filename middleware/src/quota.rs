@@ -28,6 +28,8 @@ pub(crate) struct Quota<'p> {
     pub(crate) plan: Option<&'p CompiledPlan>,
     pub(crate) bandwidths: Option<&'p Arc<[CompiledBandwidth]>>,
     pub(crate) concurrency: Option<u32>,
+    /// The client holds a self-set cap ([`crate::caps`]): it never borrows.
+    pub(crate) capped: bool,
 }
 
 /// Resolves the quota of `client_key` (override, then tagged plan, then default plan).
@@ -51,6 +53,7 @@ pub(crate) fn resolve<'p>(
         concurrency: over
             .and_then(|o| o.concurrency)
             .or(plan.and_then(|p| p.concurrency)),
+        capped: false,
     }
 }
 

@@ -398,6 +398,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                         enabled,
                         below_utilization: below,
                     },
+                    usage_endpoint: None,
                     shedding,
                     responses,
                     state: State {

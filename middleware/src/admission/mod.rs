@@ -33,6 +33,7 @@ mod headers;
 mod layer;
 mod response;
 mod service;
+mod usage;
 
 pub use body::{AdmissionBody, PendingCompletion};
 pub use future::ResponseFuture;
