@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn a_cap_lowers_the_quota_and_scales_the_burst() {
-        let b = bw("10/minute", 20);
+        let b = bw("10/min", 20);
         let c = capped(
             &b,
             &BandwidthCap {
@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn a_cap_never_raises() {
-        let b = bw("10/minute", 20);
+        let b = bw("10/min", 20);
         let c = capped(
             &b,
             &BandwidthCap {
