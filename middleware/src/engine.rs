@@ -213,16 +213,24 @@ impl Engine {
         // Registered before the first load, so no reload can slip between the two.
         let stale = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stale);
-        store.on_reload(move |_| flag.store(true, Ordering::Release));
+        // A reload may add the usage endpoint: the adapter compares paths until the next
+        // generation is prepared (armed before `stale`, so the rebuild that clears `stale`
+        // also settles `usage_armed`).
+        let usage_armed = Arc::new(AtomicBool::new(true));
+        let armed = Arc::clone(&usage_armed);
+        store.on_reload(move |_| {
+            armed.store(true, Ordering::Release);
+            flag.store(true, Ordering::Release);
+        });
         let policy = store.load_full();
         let state = Store::new(policy.state.max_keys);
         let shed = Shedder::default();
         let caps = CapState::of(&policy);
         let prepared = Prepared::build(policy, None, &state, &shed, &caps.by_key);
-        let usage_armed = Arc::new(AtomicBool::new(prepared.usage.is_some()));
-        let armed = Arc::clone(&usage_armed);
-        // A reload may add the endpoint: compare paths until the next generation is prepared.
-        store.on_reload(move |_| armed.store(true, Ordering::Release));
+        usage_armed.store(
+            prepared.usage.is_some() || stale.load(Ordering::Acquire),
+            Ordering::Release,
+        );
         Arc::new(Engine {
             shared: Arc::new(TicketShared::new(clock, state, shed)),
             store,
@@ -356,12 +364,16 @@ impl Engine {
         self.stale.store(false, Ordering::Release);
         let cur = self.store.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
+            self.usage_armed
+                .store(prep.usage.is_some(), Ordering::Release);
             return prep;
         }
         drop(prep);
         let _lock = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
         let prep = self.prepared.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
+            self.usage_armed
+                .store(prep.usage.is_some(), Ordering::Release);
             return prep;
         }
         let caps = {

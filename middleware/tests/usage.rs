@@ -150,3 +150,32 @@ async fn the_layer_serves_the_usage_endpoint_and_keeps_caps() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(hits.load(Ordering::Relaxed), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_the_endpoint_on_and_off_from_the_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let without = POLICY.replace(
+        "usage_endpoint: {path: /.well-known/fairgate/quota, self_caps: true, caps_file: caps.json}\n",
+        "",
+    );
+    std::fs::write(&policy, &without).unwrap();
+    let layer = AdmissionLayer::from_policy_file(&policy).expect("the policy builds");
+    let engine = layer.engine().clone();
+    let app = Router::new().fallback(|| async { "the app" }).layer(layer);
+
+    let (status, _, body) = send(&app, "GET", USAGE, "").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "the app"));
+
+    std::fs::write(&policy, POLICY).unwrap();
+    engine.store().reload().expect("reload");
+    let (status, headers, body) = send(&app, "GET", USAGE, "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["content-type"], "application/json", "{body}");
+    assert_eq!(bandwidth(&body)["quota"], 6, "{body}");
+
+    std::fs::write(&policy, &without).unwrap();
+    engine.store().reload().expect("reload");
+    let (_, _, body) = send(&app, "GET", USAGE, "").await;
+    assert_eq!(body, "the app");
+}
