@@ -242,6 +242,79 @@ mod tests {
         assert_eq!(c, b);
     }
 
+    /// A client that capped itself is refused at its cap even while the service has spare
+    /// capacity that an uncapped client over the same quota borrows; lifting the cap (the
+    /// caps file rewritten each time) lets it borrow again.
+    #[test]
+    fn a_capped_client_never_borrows_and_the_file_follows() {
+        use crate::decision::Decision;
+        use crate::engine::{Engine, RequestFacts};
+        use fairgate_policies::PolicyStore;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(
+            &path,
+            "version: 1
+plans: {free: {bandwidths: ['2/h burst 2']}}
+default_plan: free
+burst_sharing: {enabled: true, below_utilization: 0.9}
+shedding: {limit: 100}
+usage_endpoint: {path: /quota, self_caps: true, caps_file: caps.json}
+",
+        )
+        .expect("write");
+        let engine = Engine::new(PolicyStore::from_file(&path).expect("policy"));
+        let decide = |ip: &str| {
+            engine.decide(&RequestFacts {
+                peer: ip.parse().expect("ip"),
+                method: "GET",
+                host: "",
+                path: "/",
+                query: None,
+                operation: None,
+                headers: &(),
+            })
+        };
+        let borrowed = |d: &Decision| match d {
+            Decision::Admit(a) => Some(a.ticket.borrowed()),
+            Decision::Reject(_) => None,
+        };
+        let cap = ClientCap {
+            bandwidths: BTreeMap::from([(
+                "free-0".to_owned(),
+                BandwidthCap {
+                    quota: 1,
+                    burst: None,
+                },
+            )]),
+            concurrency: None,
+        };
+        assert!(matches!(engine.set_cap("10.0.0.1", Some(cap)), Ok(true)));
+        let file = std::fs::read_to_string(dir.path().join("caps.json")).expect("caps.json");
+        assert!(file.contains("\"10.0.0.1\""), "{file}");
+
+        assert_eq!(borrowed(&decide("10.0.0.1")), Some(false));
+        assert_eq!(borrowed(&decide("10.0.0.1")), None, "held to its cap of 1");
+        assert_eq!(borrowed(&decide("10.0.0.2")), Some(false));
+        assert_eq!(borrowed(&decide("10.0.0.2")), Some(false));
+        assert_eq!(
+            borrowed(&decide("10.0.0.2")),
+            Some(true),
+            "over quota, uncapped: borrows"
+        );
+
+        assert!(matches!(engine.set_cap("10.0.0.1", None), Ok(true)));
+        assert!(matches!(engine.set_cap("10.0.0.1", None), Ok(false)));
+        let file = std::fs::read_to_string(dir.path().join("caps.json")).expect("caps.json");
+        assert_eq!(file.trim(), "{}");
+        assert_eq!(
+            borrowed(&decide("10.0.0.1")),
+            Some(true),
+            "lifted: its bucket is still empty, and it borrows"
+        );
+    }
+
     #[test]
     fn writes_are_limited() {
         let mut s = CapState::default();
