@@ -10,7 +10,7 @@
 //! | POST | `/reload` | reload the policy now |
 //! | GET | `/metrics` | Prometheus text 0.0.4, or OpenMetrics when `Accept` prefers it (when metrics are given) |
 //! | GET | `/clients/top?n=20` | clients using the largest share of a quota |
-//! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight (the plan it is charged to; 404 when no plan applies and it has no state) |
+//! | GET | `/clients/{key}` | one client's usage, remaining quota, limits, in flight, its self-set `cap` (the plan it is charged to; 404 when no plan applies and it has no state) |
 //! | PUT | `/clients/{key}/override` | set a client's override (persisted, applied live; `expires_in: 1h` makes it lapse by itself) |
 //! | DELETE | `/clients/{key}/override` | clear a client's override (persisted, applied live) |
 //! | POST | `/clients/{key}/reset` | refill a client's quota buckets (local state only) |
@@ -440,6 +440,7 @@ pub(crate) fn usage_json(u: &ClientUsage) -> Value {
         "usage": u.usage(),
         "in_flight": u.in_flight,
         "concurrency_limit": u.concurrency_limit,
+        "cap": u.cap.as_ref(),
         "bandwidths": u.bandwidths.iter().map(|b| json!({
             "id": &*b.id,
             "plan": b.plan.as_deref(),

@@ -34,7 +34,7 @@
 //! shedding settings, the set of live bucket ids for pruning); it is rebuilt off the
 //! common path the first time a decision sees a new generation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,15 +43,17 @@ use std::time::Duration;
 
 use ahash::RandomState;
 use arc_swap::{ArcSwap, Guard};
+use fairgate_policies::compiled::PlanId;
 use fairgate_policies::compiled::{
     CompiledBandwidth, CompiledIdentify, CompiledOperation, CompiledPolicy, RequestView,
 };
-use fairgate_policies::model::{HeaderMode, OnFailure, PostHoc, Priority};
+use fairgate_policies::model::{ClientCap, HeaderMode, OnFailure, PostHoc, Priority};
 use fairgate_policies::PolicyStore;
 
 use crate::backend::{
     BackendSnapshot, Embedded, LazyRoute, Route, RuleBucket, StateBackend, Verdict,
 };
+use crate::caps::{self, CapState, CappedMap};
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
 use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket, TicketShared};
 use crate::decision::{
@@ -99,6 +101,8 @@ pub struct ClientUsage {
     pub in_flight: u64,
     /// The concurrency limit.
     pub concurrency_limit: Option<u32>,
+    /// The client's self-set cap (usage endpoint), which the numbers above already apply.
+    pub cap: Option<ClientCap>,
 }
 
 impl ClientUsage {
@@ -146,6 +150,13 @@ pub struct Engine {
     backend: OnceLock<Arc<dyn StateBackend>>,
     /// The backend until one is attached.
     embedded: Arc<dyn StateBackend>,
+    /// The clients' self-set caps (module [`crate::caps`]). Lock order: `rebuild`, then this.
+    caps: Mutex<CapState>,
+    /// Serialises cap writes (file write, then publish).
+    cap_writes: Mutex<()>,
+    /// Set while the policy has a usage endpoint, or a reload may have added one: the
+    /// adapter compares the request path only then.
+    usage_armed: Arc<AtomicBool>,
 }
 
 /// Per-generation cache.
@@ -155,6 +166,38 @@ struct Prepared {
     sketches: Box<[Option<Arc<Sketch>>]>,
     shed: Option<ShedConfig>,
     borrow_below: Option<f64>,
+    /// Self-set caps compiled against this generation (empty without caps).
+    capped: CappedMap,
+    /// The usage endpoint, if the policy has one.
+    usage: Option<UsageSettings>,
+}
+
+/// The usage endpoint's settings (`usage_endpoint`), for the adapter.
+#[derive(Debug, Clone)]
+pub(crate) struct UsageSettings {
+    /// The path it answers on.
+    pub(crate) path: Arc<str>,
+    /// Whether clients may set their own caps.
+    pub(crate) self_caps: bool,
+    /// At most this many clients hold a cap.
+    pub(crate) max_caps: u32,
+}
+
+/// Why a cap write was refused (see [`Engine::set_cap`]).
+#[derive(Debug)]
+pub(crate) enum CapError {
+    /// `usage_endpoint.self_caps` is off.
+    Off,
+    /// There is no caps file to keep caps in (an inline policy).
+    NoFile,
+    /// The cap would raise a limit, or names a bandwidth the quota does not have.
+    Invalid(String),
+    /// `max_caps` clients hold a cap already.
+    TooMany(u32),
+    /// Too many writes: retry after this long.
+    TooFast(Duration),
+    /// The caps file could not be written.
+    Io(String),
 }
 
 // === impl Engine ===
@@ -170,11 +213,24 @@ impl Engine {
         // Registered before the first load, so no reload can slip between the two.
         let stale = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stale);
-        store.on_reload(move |_| flag.store(true, Ordering::Release));
+        // A reload may add the usage endpoint: the adapter compares paths until the next
+        // generation is prepared (armed before `stale`, so the rebuild that clears `stale`
+        // also settles `usage_armed`).
+        let usage_armed = Arc::new(AtomicBool::new(true));
+        let armed = Arc::clone(&usage_armed);
+        store.on_reload(move |_| {
+            armed.store(true, Ordering::Release);
+            flag.store(true, Ordering::Release);
+        });
         let policy = store.load_full();
         let state = Store::new(policy.state.max_keys);
         let shed = Shedder::default();
-        let prepared = Prepared::build(policy, None, &state, &shed);
+        let caps = CapState::of(&policy);
+        let prepared = Prepared::build(policy, None, &state, &shed, &caps.by_key);
+        usage_armed.store(
+            prepared.usage.is_some() || stale.load(Ordering::Acquire),
+            Ordering::Release,
+        );
         Arc::new(Engine {
             shared: Arc::new(TicketShared::new(clock, state, shed)),
             store,
@@ -185,6 +241,9 @@ impl Engine {
             shadow_rejects: AtomicU64::new(0),
             backend: OnceLock::new(),
             embedded: Arc::new(Embedded),
+            caps: Mutex::new(caps),
+            cap_writes: Mutex::new(()),
+            usage_armed,
         })
     }
 
@@ -315,21 +374,39 @@ impl Engine {
         self.stale.store(false, Ordering::Release);
         let cur = self.store.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
+            self.usage_armed
+                .store(prep.usage.is_some(), Ordering::Release);
             return prep;
         }
         drop(prep);
         let _lock = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
         let prep = self.prepared.load();
         if Arc::ptr_eq(&prep.policy, &cur) {
+            self.usage_armed
+                .store(prep.usage.is_some(), Ordering::Release);
             return prep;
         }
+        let caps = {
+            let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+            // Another caps file: its caps replace the live ones (the same file keeps them,
+            // so a reload never loses a cap written since the file was last read).
+            let file = caps::caps_file(&cur);
+            if file != caps.file {
+                caps.file = file;
+                caps.by_key = Arc::clone(&cur.caps);
+            }
+            Arc::clone(&caps.by_key)
+        };
         let next = Prepared::build(
             Arc::clone(&cur),
             Some(&prep),
             &self.shared.state,
             &self.shared.shed,
+            &caps,
         );
         drop(prep);
+        self.usage_armed
+            .store(next.usage.is_some(), Ordering::Release);
         self.prepared.store(Arc::new(next));
         self.prepared.load()
     }
@@ -445,7 +522,7 @@ impl Engine {
         let allow_rule = rules_out.allow_rule.and_then(|i| pol.rules.get(i));
 
         // 3. Per-client quota.
-        let q = quota::resolve(pol, ck, rules_out.plan);
+        let q = prep.quota(ck, rules_out.plan);
         let plan_name = q.plan.map(|p| &p.name);
         let QuotaPassed {
             route,
@@ -591,7 +668,7 @@ impl Engine {
     pub fn client_usage(&self, key: &str) -> Option<ClientUsage> {
         let prep = self.prepared();
         let now = self.shared.clock.now();
-        self.usage_of(&prep.policy, key, now)
+        self.usage_of(&prep, key, now)
     }
 
     /// Refills every quota bucket `key` has in this engine's state (each plan's and its
@@ -621,7 +698,8 @@ impl Engine {
         n
     }
 
-    fn usage_of(&self, pol: &CompiledPolicy, key: &str, now: Nanos) -> Option<ClientUsage> {
+    fn usage_of(&self, prep: &Prepared, key: &str, now: Nanos) -> Option<ClientUsage> {
+        let pol: &CompiledPolicy = &prep.policy;
         let sh = &*self.shared;
         let in_flight = sh
             .state
@@ -640,15 +718,16 @@ impl Engine {
                     continue;
                 };
                 if plan.bandwidths.iter().any(|bw| self.has_bucket(key, bw)) {
-                    quotas.push(quota::resolve(pol, key, Some(i)));
+                    quotas.push(prep.quota(key, Some(i)));
                 }
             }
         }
         if quotas.is_empty() {
-            quotas.push(quota::resolve(pol, key, None));
+            quotas.push(prep.quota(key, None));
         }
         let mut bandwidths: Vec<BandwidthUsage> = Vec::new();
         let mut shown = quotas[0];
+        let cap = self.client_cap(prep, key);
         let mut most = -1.0f64;
         for q in &quotas {
             // An override's own bandwidths belong to no plan.
@@ -693,7 +772,172 @@ impl Engine {
             bandwidths,
             in_flight,
             concurrency_limit: shown.concurrency,
+            cap,
         })
+    }
+
+    /// `key`'s self-set cap, when it has one in `prep`'s generation.
+    fn client_cap(&self, prep: &Prepared, key: &str) -> Option<ClientCap> {
+        if prep.capped.is_empty() {
+            return None;
+        }
+        let caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+        caps.by_key.get(key).cloned()
+    }
+
+    // --- the usage endpoint (module `admission::usage`) ---
+
+    /// Whether the adapter should compare request paths with the usage endpoint's (one
+    /// relaxed load per request; false while the policy has no endpoint).
+    #[inline]
+    pub(crate) fn usage_armed(&self) -> bool {
+        self.usage_armed.load(Ordering::Relaxed)
+    }
+
+    /// The usage endpoint's settings when `path` is its path.
+    pub(crate) fn usage_endpoint_at(&self, path: &str) -> Option<UsageSettings> {
+        let prep = self.prepared();
+        prep.usage.as_ref().filter(|u| &*u.path == path).cloned()
+    }
+
+    /// The client key of a request, found exactly as [`Engine::decide`] finds it (the same
+    /// extractors, trusted proxies and hashing); nothing is decided or counted.
+    pub(crate) fn client_key_of(&self, req: &RequestFacts<'_>) -> String {
+        let prep = self.prepared();
+        let pol: &CompiledPolicy = &prep.policy;
+        let who = self.identify(pol, req);
+        let ip_key =
+            identify::LazyIpKey::new(who.ip, pol.identify.ipv4_prefix, pol.identify.ipv6_prefix);
+        let client_key = who.key(&pol.identify, &ip_key, &self.hasher);
+        who.key_text(&client_key, pol.identify.max_key_length)
+            .to_owned()
+    }
+
+    /// Whether the service has spare capacity a client over its quota could borrow now
+    /// (burst sharing on and shedding utilisation below its threshold).
+    pub(crate) fn spare_capacity(&self) -> bool {
+        let prep = self.prepared();
+        prep.borrow_below
+            .is_some_and(|below| self.shared.shed.below_utilization(below))
+    }
+
+    /// Sets (`Some`) or lifts (`None`) `key`'s own cap: checked against its quota without
+    /// caps (a cap may only lower a limit), bounded by `max_caps` and the write limiter,
+    /// written to the caps file, then applied. Blocking (file I/O); `Ok(false)` when
+    /// nothing changed.
+    pub(crate) fn set_cap(&self, key: &str, cap: Option<ClientCap>) -> Result<bool, CapError> {
+        let prep = self.prepared();
+        let usage = prep
+            .usage
+            .as_ref()
+            .filter(|u| u.self_caps)
+            .ok_or(CapError::Off)?;
+        let max_caps = usage.max_caps;
+        let path = self.store.caps_path().ok_or(CapError::NoFile)?;
+        if let Some(c) = &cap {
+            self.check_cap(&prep.policy, key, c)?;
+        }
+        drop(prep);
+        let _serial = self.cap_writes.lock().unwrap_or_else(|e| e.into_inner());
+        let next = {
+            let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+            if caps.by_key.get(key) == cap.as_ref() {
+                return Ok(false);
+            }
+            let mut next = (*caps.by_key).clone();
+            match cap {
+                Some(c) => {
+                    if !next.contains_key(key) && next.len() >= max_caps as usize {
+                        return Err(CapError::TooMany(max_caps));
+                    }
+                    next.insert(key.to_owned(), c);
+                }
+                None => {
+                    next.remove(key);
+                }
+            }
+            caps.take_write(self.shared.clock.now())
+                .map_err(CapError::TooFast)?;
+            next
+        };
+        caps::persist(&path, &next)
+            .map_err(|e| CapError::Io(format!("cannot write `{}`: {e}", path.display())))?;
+        let _lock = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let next = Arc::new(next);
+        self.caps.lock().unwrap_or_else(|e| e.into_inner()).by_key = Arc::clone(&next);
+        let cur = self.prepared.load_full();
+        let rebuilt = Prepared::build(
+            Arc::clone(&cur.policy),
+            Some(&cur),
+            &self.shared.state,
+            &self.shared.shed,
+            &next,
+        );
+        self.prepared.store(Arc::new(rebuilt));
+        Ok(true)
+    }
+
+    /// Refuses a cap above `key`'s quota without caps (the plan an override or
+    /// `default_plan` gives it, and every plan it has buckets in), or naming a bandwidth
+    /// that quota does not have.
+    fn check_cap(&self, pol: &CompiledPolicy, key: &str, cap: &ClientCap) -> Result<(), CapError> {
+        let mut quotas = vec![quota::resolve(pol, key, None)];
+        for (i, plan) in pol.plans.iter().enumerate() {
+            if plan.bandwidths.iter().any(|bw| self.has_bucket(key, bw)) {
+                quotas.push(quota::resolve(pol, key, Some(i)));
+            }
+        }
+        for (name, c) in &cap.bandwidths {
+            let mut found = false;
+            for bw in quotas
+                .iter()
+                .flat_map(|q| q.bandwidths.map_or(&[][..], |b| &b[..]))
+                .filter(|bw| &*bw.name == name.as_str())
+            {
+                found = true;
+                let (q, w) = quota::quota_window(bw.rate);
+                if c.quota > q || c.burst.is_some_and(|b| b > bw.burst) {
+                    return Err(CapError::Invalid(format!(
+                        "bandwidth `{name}` allows at most quota {q} per {w} s with burst {}; \
+                         a cap can only lower it",
+                        bw.burst
+                    )));
+                }
+                if caps::capped(bw, c).is_none() {
+                    return Err(CapError::Invalid(format!(
+                        "bandwidth `{name}`: quota {} with burst {} cannot be represented",
+                        c.quota,
+                        c.burst.unwrap_or(bw.burst)
+                    )));
+                }
+            }
+            if !found {
+                let names: Vec<&str> = quotas
+                    .iter()
+                    .flat_map(|q| q.bandwidths.map_or(&[][..], |b| &b[..]))
+                    .map(|bw| &*bw.name)
+                    .collect();
+                return Err(CapError::Invalid(if names.is_empty() {
+                    format!("no bandwidth `{name}`: your quota has no bandwidths")
+                } else {
+                    format!(
+                        "no bandwidth `{name}` in your quota; its bandwidths are: {}",
+                        names.join(", ")
+                    )
+                }));
+            }
+        }
+        if let (Some(m), Some(limit)) = (
+            cap.concurrency,
+            quotas.iter().filter_map(|q| q.concurrency).min(),
+        ) {
+            if m > limit {
+                return Err(CapError::Invalid(format!(
+                    "concurrency allows at most {limit}; a cap can only lower it"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether `key` has a bucket of `bw` (a slot of its client entry, or an entry of its
@@ -741,7 +985,7 @@ impl Engine {
             }
         });
         best.into_iter()
-            .filter_map(|(_, k)| self.usage_of(&prep.policy, &k, now))
+            .filter_map(|(_, k)| self.usage_of(&prep, &k, now))
             .collect()
     }
 }
@@ -1353,8 +1597,10 @@ impl<'d> Deciding<'d> {
                 wait,
                 tat,
             }) => {
-                // A fixed quota (cost control) is never borrowed past.
+                // A fixed quota (cost control) is never borrowed past, nor is a client that
+                // capped itself (it asked not to use more).
                 let can_borrow = !q.fixed
+                    && !q.capped
                     && prep
                         .borrow_below
                         .is_some_and(|below| engine.shared.shed.below_utilization(below));
@@ -1622,11 +1868,25 @@ impl Prepared {
         pol.operations.get(i)
     }
 
+    /// The quota of `key` (see [`quota::resolve`]), held to its self-set cap if it has one.
+    #[inline(always)]
+    fn quota(&self, key: &str, tagged: Option<PlanId>) -> quota::Quota<'_> {
+        let q = quota::resolve(&self.policy, key, tagged);
+        if self.capped.is_empty() {
+            return q;
+        }
+        match self.capped.get(key) {
+            Some(c) => caps::apply(q, c),
+            None => q,
+        }
+    }
+
     fn build(
         policy: Arc<CompiledPolicy>,
         old: Option<&Prepared>,
         state: &Store,
         shed: &Shedder,
+        caps: &BTreeMap<String, ClientCap>,
     ) -> Prepared {
         let mut ops_by_name = HashMap::with_hasher(RandomState::new());
         for (i, op) in policy.operations.iter().enumerate() {
@@ -1668,12 +1928,24 @@ impl Prepared {
             shed.configure(shed_cfg.as_ref());
         }
         let borrow_below = policy.burst_sharing.filter(|_| shed_cfg.is_some());
+        let capped = caps::compile(&policy, caps);
+        let usage = policy
+            .source
+            .usage_endpoint
+            .as_ref()
+            .map(|u| UsageSettings {
+                path: Arc::from(u.path.as_str()),
+                self_caps: u.self_caps,
+                max_caps: u.max_caps,
+            });
         Prepared {
             policy,
             ops_by_name,
             sketches,
             shed: shed_cfg,
             borrow_below,
+            capped,
+            usage,
         }
     }
 }

@@ -31,6 +31,7 @@ pub mod admin;
 pub mod admission;
 pub mod backend;
 pub mod builder;
+mod caps;
 pub mod clock;
 pub mod concurrency;
 #[cfg(feature = "dashboard")]

@@ -30,6 +30,8 @@ pub(crate) struct Quota<'p> {
     pub(crate) concurrency: Option<u32>,
     /// Never borrowed past: the plan's or the override's `fixed`.
     pub(crate) fixed: bool,
+    /// The client holds a self-set cap ([`crate::caps`]): it never borrows.
+    pub(crate) capped: bool,
 }
 
 /// Resolves the quota of `client_key` (override, then tagged plan, then default plan).
@@ -51,6 +53,7 @@ pub(crate) fn resolve<'p>(
             .and_then(|o| o.concurrency)
             .or(plan.and_then(|p| p.concurrency)),
         fixed: over.is_some_and(|o| o.fixed) || plan.is_some_and(|p| p.fixed),
+        capped: false,
     }
 }
 

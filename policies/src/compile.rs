@@ -234,6 +234,7 @@ pub fn compile_with_overrides(
         operation_index,
         operation_set,
         clients,
+        caps: Arc::default(),
         burst_sharing: policy
             .burst_sharing
             .enabled

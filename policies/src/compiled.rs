@@ -9,7 +9,7 @@
 //! - plan, rule and operation names are unique; every name reference resolved to an index;
 //! - every regex compiled within the size limits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::model::{self, Estimator, LimitKey, Mode, Policy, Priority, Responses, State};
@@ -84,6 +84,10 @@ pub struct CompiledPolicy {
     pub operation_set: crate::matcher::RuleSet,
     /// Per-client overrides (inline `clients` merged with the overrides file; the file wins).
     pub clients: HashMap<Arc<str>, ClientQuota>,
+    /// The clients' self-set caps read from `usage_endpoint.caps_file` when this policy was
+    /// loaded (empty without one). The engine keeps the live set: see
+    /// `fairgate_middleware`'s usage endpoint.
+    pub caps: Arc<BTreeMap<String, model::ClientCap>>,
     /// Borrowing threshold (utilisation fraction) when burst sharing is on.
     pub burst_sharing: Option<f64>,
     /// Global shedding, if configured.

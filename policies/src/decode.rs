@@ -51,8 +51,8 @@ use crate::yaml::{Limits, Mark, Node, NodeKind};
 mod policy;
 
 pub use policy::{
-    decode_overrides, decode_policy, decode_policy_in, parse_overrides, parse_overrides_for,
-    parse_policy, parse_policy_bytes,
+    decode_overrides, decode_policy, decode_policy_in, parse_caps, parse_client_cap,
+    parse_overrides, parse_overrides_for, parse_policy, parse_policy_bytes,
 };
 
 // === Path ===

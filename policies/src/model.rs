@@ -65,6 +65,10 @@ pub struct Policy {
     /// Letting clients over their quota borrow capacity others leave unused.
     #[serde(default)]
     pub burst_sharing: BurstSharing,
+    /// The usage endpoint on the data port: a client reads its own quota there (and, with
+    /// `self_caps`, sets its own lower caps). Absent: no endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_endpoint: Option<UsageEndpoint>,
     /// Global load shedding. Absent: no global limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shedding: Option<Shedding>,
@@ -610,6 +614,61 @@ pub struct ClientOverride {
     /// admitted past it on spare capacity.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fixed: bool,
+}
+
+/// The usage endpoint (`usage_endpoint`): a path on the data port where a client reads its
+/// own quota and usage, and, with `self_caps`, sets its own lower caps.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageEndpoint {
+    /// The request path it answers on, e.g. `/.well-known/fairgate/quota` (exact match).
+    pub path: String,
+    /// Whether clients may set and lift their own caps there (`PUT`, `DELETE`). Off by
+    /// default; needs `caps_file`.
+    #[serde(default)]
+    pub self_caps: bool,
+    /// The file the caps are kept in (JSON, written by fairgate), relative to the policy
+    /// file. Its caps are enforced whenever it is named, even with `self_caps: false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caps_file: Option<String>,
+    /// At most this many clients hold a cap (default 10,000); more are refused.
+    #[serde(default = "default_max_caps")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_caps: u32,
+}
+
+/// Default bound on stored caps.
+pub fn default_max_caps() -> u32 {
+    10_000
+}
+
+/// A client's self-set cap (`caps_file`, the usage endpoint's `PUT`): lower limits on
+/// bandwidths of its quota, by name, and on its concurrency. Never above its quota: the
+/// engine enforces the lower of the two.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCap {
+    /// Bandwidth name (as in `RateLimit-Policy`) → its cap.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bandwidths: BTreeMap<String, BandwidthCap>,
+    /// At most this many requests in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub concurrency: Option<u32>,
+}
+
+/// A cap on one bandwidth: `quota` units per the bandwidth's window (`q` per `w` of its
+/// `RateLimit-Policy` item), and optionally a lower burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthCap {
+    /// Units per the bandwidth's window, at least 1.
+    #[schemars(range(min = 1))]
+    pub quota: u64,
+    /// Burst; default: the bandwidth's burst scaled by `quota / q` (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u64>,
 }
 
 /// Burst sharing settings.

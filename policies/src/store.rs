@@ -312,6 +312,22 @@ impl PolicyStore {
         Some(overrides_path(path, &rel))
     }
 
+    /// The caps file the current policy names (`usage_endpoint.caps_file`), resolved against
+    /// the policy file's directory; `None` when there is no policy file or no caps file.
+    pub fn caps_path(&self) -> Option<PathBuf> {
+        let path = self.inner.path.as_deref()?;
+        let rel = self
+            .inner
+            .current
+            .load()
+            .source
+            .usage_endpoint
+            .as_ref()?
+            .caps_file
+            .clone()?;
+        Some(overrides_path(path, &rel))
+    }
+
     /// The reload history.
     pub fn last_reload(&self) -> ReloadStatus {
         lock(&self.inner.status).clone()
@@ -513,7 +529,28 @@ fn compile_bytes(path: &Path, name: &str, bytes: &[u8]) -> Result<CompiledPolicy
             }
         }
     };
-    compile_with_overrides(policy, overrides, &name)
+    let caps = match policy
+        .usage_endpoint
+        .as_ref()
+        .and_then(|u| u.caps_file.as_deref())
+    {
+        None => BTreeMap::new(),
+        Some(rel) => {
+            let cpath = overrides_path(path, rel);
+            let cname = cpath.display().to_string();
+            match read_bytes(&cpath, &cname)? {
+                None => BTreeMap::new(),
+                Some(bytes) => {
+                    let text =
+                        crate::decode::source_from_bytes(&bytes, &cname, &Limits::default())?;
+                    crate::decode::parse_caps(text, &cname)?
+                }
+            }
+        }
+    };
+    let mut compiled = compile_with_overrides(policy, overrides, &name)?;
+    compiled.caps = Arc::new(caps);
+    Ok(compiled)
 }
 
 /// Reads at most [`MAX_POLICY_BYTES`] + 1 bytes of a file (the decoder reports the size);

@@ -148,6 +148,18 @@ fn write_summary(out: &mut String, p: &Policy) -> std::fmt::Result {
         writeln!(out, "burst sharing: off")?;
     }
 
+    if let Some(u) = &p.usage_endpoint {
+        let caps = match (&u.caps_file, u.self_caps) {
+            (Some(f), true) => format!(
+                ", clients set their own caps (in {f}, at most {})",
+                u.max_caps
+            ),
+            (Some(f), false) => format!(", reading only (caps in {f} enforced)"),
+            (None, _) => ", reading only".to_owned(),
+        };
+        writeln!(out, "usage endpoint: {}{caps}", u.path)?;
+    }
+
     match &p.shedding {
         None => writeln!(out, "shedding: off")?,
         Some(s) => {

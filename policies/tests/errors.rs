@@ -96,7 +96,7 @@ fn unknown_field_with_did_you_mean() {
         &[
             "p.yaml:3:1: colour: unknown field `colour` (expected one of `version`, `identify`, \
            `rules`, `plans`, `default_plan`, `operations`, `clients`, `overrides_file`, \
-           `burst_sharing`, `shedding`, `responses`, `state`)",
+           `burst_sharing`, `usage_endpoint`, `shedding`, `responses`, `state`)",
         ],
     );
     fails(
@@ -714,4 +714,62 @@ fn retry_stagger_is_a_duration_or_off() {
         "version: 1\nresponses: {retry_stagger: soon}\n",
         &["p.yaml:2:28: responses.retry_stagger: `soon` is not a duration (expected e.g. `250ms`, `5s`) (or `off`)"],
     );
+}
+
+// === usage endpoint and caps ===
+
+#[test]
+fn usage_endpoint_errors_have_their_positions() {
+    fails(
+        "version: 1\nusage_endpoint: {path: quota}\n",
+        &["p.yaml:2:24: usage_endpoint.path: the path must start with `/`"],
+    );
+    fails(
+        "version: 1\nusage_endpoint: {path: /q?x=1}\n",
+        &["p.yaml:2:24: usage_endpoint.path: the path must be a plain path: no query, fragment, spaces or non-ASCII bytes"],
+    );
+    fails(
+        "version: 1\nusage_endpoint: {path: /q, self_caps: true}\n",
+        &["p.yaml:2:17: usage_endpoint: `self_caps: true` needs `caps_file`, the file the caps are kept in"],
+    );
+    fails(
+        "version: 1\nusage_endpoint: {path: /q, max_caps: 0}\n",
+        &["p.yaml:2:38: usage_endpoint.max_caps: 0 is out of range (1 to 1000000)"],
+    );
+    fails(
+        "version: 1\nusage_endpoint: {path: /q, self_cap: true}\n",
+        &["p.yaml:2:28: usage_endpoint.self_cap: unknown field `self_cap` (did you mean `self_caps`?)"],
+    );
+}
+
+#[test]
+fn caps_file_and_cap_errors_have_their_positions() {
+    let errs = |src: &str| -> Vec<String> {
+        match fairgate_policies::decode::parse_caps(src, "caps.json") {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    };
+    assert_eq!(
+        errs("{\"a\": {\"concurrency\": 0}, \"b\": {}}\n"),
+        [
+            "caps.json:1:23: a.concurrency: must be at least 1 (leave `concurrency` out for no limit)",
+            "caps.json:1:32: b: cap sets nothing: give `bandwidths` (name → `{quota: N}`) or `concurrency`",
+        ]
+    );
+    assert_eq!(
+        errs("{\"a\": {\"bandwidths\": {\"free-0\": {\"quota\": 5, \"rate\": 1}}}}\n"),
+        ["caps.json:1:46: a.bandwidths.free-0.rate: unknown field `rate` (expected one of `quota`, `burst`)"]
+    );
+    let cap = fairgate_policies::decode::parse_client_cap(
+        br#"{"bandwidths": {"free-0": {"quota": 5, "burst": 2}}, "concurrency": 3}"#,
+        "request body",
+    )
+    .expect("a valid cap");
+    assert_eq!(cap.concurrency, Some(3));
+    assert_eq!(cap.bandwidths["free-0"].quota, 5);
+    assert_eq!(cap.bandwidths["free-0"].burst, Some(2));
+    assert!(fairgate_policies::decode::parse_caps("", "caps.json")
+        .expect("an empty file is no caps")
+        .is_empty());
 }

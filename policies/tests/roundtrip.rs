@@ -392,12 +392,25 @@ fn policy() -> impl Strategy<Value = Policy> {
                 option::of(shedding()),
                 responses,
                 1u64..=10_000_000,
+                option::of((
+                    "/[a-z.-]{0,12}(/[a-z]{1,6}){0,2}",
+                    any::<bool>(),
+                    1u32..=1_000_000,
+                )),
             ),
         )
             .prop_map(
                 |(
                     (plans, default_plan, rules, operations, clients),
-                    (identify, overrides_file, (enabled, below), shedding, responses, max_keys),
+                    (
+                        identify,
+                        overrides_file,
+                        (enabled, below),
+                        shedding,
+                        responses,
+                        max_keys,
+                        usage,
+                    ),
                 )| Policy {
                     version: 1,
                     identify,
@@ -411,6 +424,13 @@ fn policy() -> impl Strategy<Value = Policy> {
                         enabled,
                         below_utilization: below,
                     },
+                    // `self_caps` needs a caps file; without writes one may still be named.
+                    usage_endpoint: usage.map(|(path, self_caps, max_caps)| UsageEndpoint {
+                        path,
+                        self_caps,
+                        caps_file: (self_caps || max_caps % 2 == 0).then(|| "caps.json".to_owned()),
+                        max_caps,
+                    }),
                     shedding,
                     responses,
                     state: State {

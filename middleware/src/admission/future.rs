@@ -51,6 +51,10 @@ pin_project! {
             call: Option<Call<F>>,
             start: tokio::time::Instant,
         },
+        /// The usage endpoint writing a cap; then its answer.
+        Usage {
+            pending: super::usage::Pending,
+        },
     }
 }
 
@@ -69,6 +73,10 @@ impl<F, B> ResponseFuture<F, B> {
             call: Some(call),
             start,
         }
+    }
+
+    pub(crate) fn usage(pending: super::usage::Pending) -> Self {
+        ResponseFuture::Usage { pending }
     }
 
     pub(crate) fn ready(response: Response<AdmissionBody<B>>) -> Self {
@@ -150,6 +158,10 @@ where
                         }
                     }
                 },
+                Proj::Usage { pending } => {
+                    let reply = ready!(pending.as_mut().poll(cx));
+                    return Poll::Ready(Ok(reply.into_response()));
+                }
             };
             self.set(next);
         }

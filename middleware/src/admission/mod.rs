@@ -26,6 +26,10 @@
 //! [`RequestContext`](crate::decision::RequestContext) extension, if present, is handed to
 //! the engine's observer with every decision event of the request (the gateway carries its
 //! route name and decision-log state in one).
+//!
+//! With `usage_endpoint` in the policy, the layer answers that one path itself (module
+//! `usage`): the calling client's own quota and usage, and its self-set caps; see
+//! `docs/clients.md`. Without it, a request pays one relaxed load of a flag for it.
 
 mod body;
 mod future;
@@ -33,6 +37,7 @@ mod headers;
 mod layer;
 mod response;
 mod service;
+mod usage;
 
 pub use body::{AdmissionBody, PendingCompletion};
 pub use future::ResponseFuture;

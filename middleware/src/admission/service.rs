@@ -14,8 +14,9 @@ use super::body::AdmissionBody;
 use super::future::ResponseFuture;
 use super::headers::HttpHeaders;
 use super::response::rejection_response;
+use super::usage;
 use crate::decision::{Decision, RequestContext};
-use crate::engine::{Begun, Engine, RequestFacts};
+use crate::engine::{Begun, Engine, RequestFacts, UsageSettings};
 
 /// The client's socket address, as a request extension (the gateway inserts it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,34 @@ impl<S> Admission<S> {
     /// The engine.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+}
+
+impl<S> Admission<S> {
+    /// Answers a request to the usage endpoint, for the client it comes from (identified
+    /// as the engine identifies its requests; nothing is decided or charged).
+    fn usage<B, F, ResBody>(&self, u: &UsageSettings, req: Request<B>) -> ResponseFuture<F, ResBody>
+    where
+        B: http_body::Body + Send + 'static,
+    {
+        let key = {
+            let host = host_of(&req);
+            let headers = HttpHeaders(req.headers());
+            let facts = RequestFacts {
+                peer: peer_of(req.extensions()),
+                method: req.method().as_str(),
+                host: &host,
+                path: req.uri().path(),
+                query: req.uri().query(),
+                operation: None,
+                headers: &headers,
+            };
+            self.engine.client_key_of(&facts)
+        };
+        match usage::serve(&self.engine, u, key, req) {
+            usage::Answer::Now(reply) => ResponseFuture::ready(reply.into_response()),
+            usage::Answer::Later(pending) => ResponseFuture::usage(pending),
+        }
     }
 }
 
@@ -90,7 +119,7 @@ where
     // `Send + 'static`: an exact-mode fleet decision carries the service and the request
     // into the future until Redis answers.
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
-    B: Send + 'static,
+    B: http_body::Body + Send + 'static,
     ResBody: http_body::Body,
     ResBody::Data: From<Bytes>,
 {
@@ -103,6 +132,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The usage endpoint: one relaxed load while the policy has none.
+        if self.engine.usage_armed() {
+            if let Some(u) = self.engine.usage_endpoint_at(req.uri().path()) {
+                return self.usage(&u, req);
+            }
+        }
         let start = tokio::time::Instant::now();
         let decision = {
             let host = host_of(&req);

@@ -9,10 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::error::PolicyErrors;
 use crate::model::{
-    Action, AdaptiveAlgorithm, AdaptiveLimit, Backend, Bandwidth, BurstSharing, ClassThresholds,
-    ClientOverride, Condition, DenyAction, Estimator, HeaderMatch, HeaderMode, Identify,
-    KeyExtractor, LimitAction, LimitKey, MatchKind, Mode, Operation, Plan, Policy, PostHoc,
-    Priority, RejectDelay, Responses, Rule, ShedLimit, Shedding, State, StringMatch, TagAction,
+    Action, AdaptiveAlgorithm, AdaptiveLimit, Backend, Bandwidth, BandwidthCap, BurstSharing,
+    ClassThresholds, ClientCap, ClientOverride, Condition, DenyAction, Estimator, HeaderMatch,
+    HeaderMode, Identify, KeyExtractor, LimitAction, LimitKey, MatchKind, Mode, Operation, Plan,
+    Policy, PostHoc, Priority, RejectDelay, Responses, Rule, ShedLimit, Shedding, State,
+    StringMatch, TagAction, UsageEndpoint,
 };
 use crate::model::{FleetMode, OnFailure, RedisState};
 use crate::units::{ByteSize, Cidr, HumanDuration, Rate};
@@ -101,6 +102,29 @@ pub fn decode_overrides(
         clients(&mut d, root, &Path::Root)
     };
     d.cross_check(policy.map_or(Against::Nothing, Against::Policy));
+    ctx.finish(out)
+}
+
+/// Reads a caps file (client key → [`ClientCap`], as the usage endpoint writes it). An
+/// empty file is no caps.
+pub fn parse_caps(source: &str, file: &str) -> Result<BTreeMap<String, ClientCap>, PolicyErrors> {
+    let root = yaml::parse(source, file, &Limits::default())?;
+    let mut ctx = Ctx::new(file);
+    let out = if root.is_null() {
+        Some(BTreeMap::new())
+    } else {
+        caps(&mut ctx, &root, &Path::Root)
+    };
+    ctx.finish(out)
+}
+
+/// Reads one client's cap (the usage endpoint's `PUT` body, JSON or YAML), e.g.
+/// `{"bandwidths": {"free-0": {"quota": 5}}, "concurrency": 2}`.
+pub fn parse_client_cap(source: &[u8], file: &str) -> Result<ClientCap, PolicyErrors> {
+    let text = source_from_bytes(source, file, &Limits::default())?;
+    let root = yaml::parse(text, file, &Limits::default())?;
+    let mut ctx = Ctx::new(file);
+    let out = client_cap(&mut ctx, &root, &Path::Root);
     ctx.finish(out)
 }
 
@@ -555,6 +579,9 @@ fn policy(d: &mut Dec<'_>, root: &Node, path: &Path<'_>) -> Option<Policy> {
             burst_sharing(&mut *d.ctx, n, p)
         })
         .unwrap_or_default();
+    let usage_endpoint = m.optional_with(d, "usage_endpoint", |d, n, p| {
+        usage_endpoint(&mut *d.ctx, n, p)
+    });
     let shedding = m.optional_with(d, "shedding", |d, n, p| shedding(&mut *d.ctx, n, p));
     let responses = m
         .optional_with(d, "responses", |d, n, p| responses(&mut *d.ctx, n, p))
@@ -573,6 +600,7 @@ fn policy(d: &mut Dec<'_>, root: &Node, path: &Path<'_>) -> Option<Policy> {
         clients,
         overrides_file,
         burst_sharing,
+        usage_endpoint,
         shedding,
         responses,
         state,
@@ -1346,6 +1374,121 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
         concurrency,
         expires,
         fixed,
+    })
+}
+
+// === usage endpoint and caps ===
+
+/// Longest usage endpoint path.
+const MAX_USAGE_PATH_LEN: usize = 1024;
+
+fn usage_endpoint(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UsageEndpoint> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let upath = m.required_with(ctx, "path", |c, n, p| {
+        let s = non_empty(c, n, p, "a request path like `/.well-known/fairgate/quota`")?;
+        let problem = if !s.starts_with('/') {
+            "the path must start with `/`"
+        } else if s.len() > MAX_USAGE_PATH_LEN {
+            "the path is longer than 1024 bytes"
+        } else if s.contains(['?', '#']) || s.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+            "the path must be a plain path: no query, fragment, spaces or non-ASCII bytes"
+        } else {
+            return Some(s);
+        };
+        c.error(n, p, problem);
+        None
+    });
+    let self_caps = m.optional::<_, bool>(ctx, "self_caps").unwrap_or(false);
+    let caps_file = m.optional_with(ctx, "caps_file", |c, n, p| {
+        non_empty(c, n, p, "a file name")
+    });
+    let max_caps = m
+        .optional_with(ctx, "max_caps", |c, n, p| in_range(c, n, p, 1, 1_000_000))
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or_else(crate::model::default_max_caps);
+    if self_caps && caps_file.is_none() {
+        ctx.error(
+            node,
+            path,
+            "`self_caps: true` needs `caps_file`, the file the caps are kept in",
+        );
+        m.finish(ctx);
+        return None;
+    }
+    m.finish(ctx);
+    Some(UsageEndpoint {
+        path: upath?,
+        self_caps,
+        caps_file,
+        max_caps,
+    })
+}
+
+fn caps(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<BTreeMap<String, ClientCap>> {
+    let entries = map_entries(ctx, node, path)?;
+    let mut out = BTreeMap::new();
+    let mut ok = true;
+    for e in entries {
+        let kp = path.key(e.key);
+        if e.key.is_empty() {
+            ctx.error(e.key_node, &kp, "client key must not be empty");
+            ok = false;
+        }
+        match client_cap(ctx, e.value, &kp) {
+            Some(c) => {
+                out.insert(e.key.to_owned(), c);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn client_cap(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<ClientCap> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let empty = m.is_empty();
+    let bandwidths = m.optional_with(ctx, "bandwidths", |c, n, p| {
+        let entries = map_entries(c, n, p)?;
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for e in entries {
+            let kp = p.key(e.key);
+            if !check_name(c, e.key_node, &kp, e.key) {
+                ok = false;
+            }
+            match bandwidth_cap(c, e.value, &kp) {
+                Some(b) => {
+                    out.insert(e.key.to_owned(), b);
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    });
+    let concurrency = m.optional_with(ctx, "concurrency", concurrency);
+    m.finish(ctx);
+    if empty {
+        ctx.error(
+            node,
+            path,
+            "cap sets nothing: give `bandwidths` (name → `{quota: N}`) or `concurrency`",
+        );
+        return None;
+    }
+    Some(ClientCap {
+        bandwidths: bandwidths.unwrap_or_default(),
+        concurrency,
+    })
+}
+
+fn bandwidth_cap(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<BandwidthCap> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let quota = m.required_with(ctx, "quota", |c, n, p| at_least_one(c, n, p, u64::MAX, ""));
+    let burst = m.optional_with(ctx, "burst", |c, n, p| at_least_one(c, n, p, u64::MAX, ""));
+    m.finish(ctx);
+    Some(BandwidthCap {
+        quota: quota?,
+        burst,
     })
 }
 
