@@ -55,8 +55,8 @@ use crate::backend::{
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
 use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket, TicketShared};
 use crate::decision::{
-    Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection,
-    RequestContext, Stage,
+    Admitted, Decision, DecisionEvent, DecisionKind, Observer, QuotaUsage, RateLimitInfo,
+    Rejection, RequestContext, Stage,
 };
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
@@ -410,6 +410,8 @@ impl Engine {
         };
         let mut ledger = ChargeBuf::default();
         let mut charges = Charges::new(&self.shared.state, now, &mut ledger);
+        // Each bandwidth's TAT after the admit, for the observer (none without one).
+        let mut usage_buf = observer.map(|_| quota::UsageBuf::default());
 
         // 2. Rules.
         let keys = RuleKeys {
@@ -442,7 +444,14 @@ impl Engine {
             borrowed,
             ratelimit,
             mut permit,
-        } = match d.quota(&prep, &q, &rules_out, &mut backend_route, &mut charges) {
+        } = match d.quota(
+            &prep,
+            &q,
+            &rules_out,
+            &mut backend_route,
+            &mut charges,
+            usage_buf.as_mut(),
+        ) {
             ControlFlow::Continue(passed) => passed,
             ControlFlow::Break(rejected) => return A::decided(rejected),
         };
@@ -543,6 +552,18 @@ impl Engine {
                 retry_after: None,
                 status: 0,
                 ratelimit: ratelimit.as_ref(),
+                // Decided here, on local state: not remote, not by an `allow` rule.
+                usage: match (&usage_buf, q.bandwidths) {
+                    (Some(tats), Some(bws)) if !rules_out.allowed && route != Route::Admit => {
+                        Some(QuotaUsage {
+                            plan: q.plan,
+                            bandwidths: bws,
+                            tats,
+                            now,
+                        })
+                    }
+                    _ => None,
+                },
                 context,
             });
         }
@@ -936,6 +957,7 @@ impl RemoteCheck {
                 self.cost,
                 now,
                 &mut charges,
+                None,
             )
         };
         match out {
@@ -1065,6 +1087,7 @@ impl RemoteCheck {
                 retry_after,
                 status,
                 ratelimit: limit,
+                usage: None,
                 context: self.context.as_ref(),
             });
         }
@@ -1193,6 +1216,7 @@ impl<'d> Deciding<'d> {
                     retry_after: None,
                     status: 0,
                     ratelimit: info.as_ref(),
+                    usage: None,
                     context,
                 });
             }
@@ -1233,6 +1257,7 @@ impl<'d> Deciding<'d> {
         rules_out: &RulesOutcome,
         backend_route: &mut LazyRoute<'_>,
         charges: &mut Charges<'d, '_>,
+        mut usage: Option<&mut quota::UsageBuf>,
     ) -> ControlFlow<Decision, QuotaPassed> {
         let pol: &CompiledPolicy = &prep.policy;
         let (engine, now, ck, cost) = (self.engine, self.now, self.key, self.cost);
@@ -1273,6 +1298,7 @@ impl<'d> Deciding<'d> {
             cost,
             now,
             charges,
+            usage.as_deref_mut(),
         ) {
             Err(_) => ControlFlow::Break(self.reject_full(pol, plan_name, shadow_hits)),
             Ok(Consumed::Admitted { tightest, permit }) => {
@@ -1320,6 +1346,12 @@ impl<'d> Deciding<'d> {
                 }
                 passed.borrowed = true;
                 self.priority = Priority::Borrowed;
+                if let Some(u) = usage {
+                    // Only the exceeded bandwidth was read (the others were refunded).
+                    if let Some(i) = bws.iter().position(|b| std::ptr::eq(b, bandwidth)) {
+                        u.set(i, tat);
+                    }
+                }
                 // Over quota: the exceeded bandwidth (nothing left), so the fields do not
                 // vanish exactly when the client runs out.
                 if self.headers == HeaderMode::Always {
@@ -1410,6 +1442,7 @@ impl<'d> Deciding<'d> {
                 retry_after: r.retry_after,
                 status: r.status,
                 ratelimit: r.ratelimit.as_ref(),
+                usage: None,
                 context: self.context,
             });
         }

@@ -9,8 +9,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fairgate_policies::compiled::CompiledBandwidth;
+use fairgate_policies::compiled::{CompiledBandwidth, CompiledPlan};
 use fairgate_policies::model::Priority;
+
+use crate::clock::Nanos;
+use crate::gcra;
+use crate::quota::{self, UsageBuf};
 
 /// The stage that rejected a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,8 +139,65 @@ pub struct DecisionEvent<'a> {
     pub status: u16,
     /// The limit involved, if a bandwidth.
     pub ratelimit: Option<&'a RateLimitInfo>,
+    /// How far an admit left each of the client's quota bandwidths, whatever
+    /// `ratelimit_headers` says: filled for admits decided on local state (not for a
+    /// Redis `exact`-mode check, nor a request an `allow` rule admitted).
+    pub usage: Option<QuotaUsage<'a>>,
     /// The request's [`RequestContext`], when the adapter was given one.
     pub context: Option<&'a RequestContext>,
+}
+
+/// The client's quota bandwidths as an admit left them: [`DecisionEvent::usage`].
+#[derive(Clone, Copy)]
+pub struct QuotaUsage<'a> {
+    pub(crate) plan: Option<&'a CompiledPlan>,
+    pub(crate) bandwidths: &'a [CompiledBandwidth],
+    pub(crate) tats: &'a UsageBuf,
+    pub(crate) now: Nanos,
+}
+
+impl<'a> QuotaUsage<'a> {
+    /// Each bandwidth whose bucket the decision read: a borrowed admit reads only the
+    /// bandwidth it exceeded (usage 1).
+    pub fn bandwidths(&self) -> impl Iterator<Item = BandwidthUse<'a>> + 'a {
+        let (tats, now) = (self.tats, self.now);
+        self.bandwidths
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, bw)| {
+                let tat = tats.get(i)?;
+                let p = quota::params(bw);
+                let remaining = gcra::remaining(tat, now, p).min(bw.burst);
+                Some(BandwidthUse {
+                    bandwidth: bw,
+                    remaining,
+                    usage: 1.0 - remaining as f64 / bw.burst as f64,
+                })
+            })
+    }
+
+    /// The client's plan (an override's plan, if it names one).
+    pub fn plan(&self) -> Option<&'a CompiledPlan> {
+        self.plan
+    }
+}
+
+impl fmt::Debug for QuotaUsage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.bandwidths()).finish()
+    }
+}
+
+/// One bandwidth of a [`QuotaUsage`].
+#[derive(Debug, Clone, Copy)]
+pub struct BandwidthUse<'a> {
+    /// The bandwidth (its `name` labels metrics; its `id` keys state).
+    pub bandwidth: &'a CompiledBandwidth,
+    /// Units left in the bucket (at most the burst).
+    pub remaining: u64,
+    /// The used share of the bucket, `1 − remaining / burst`: 0 is a full bucket, 1 an
+    /// empty one.
+    pub usage: f64,
 }
 
 /// A per-request value for the [`Observer`]: the adapter hands it to the engine with the

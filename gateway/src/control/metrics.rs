@@ -373,7 +373,7 @@ mod tests {
             r#"fairgate_upstream_duration_seconds_count{upstream="api"} 1"#,
             r#"fairgate_upstream_errors_total{upstream="api",kind="timeout"} 1"#,
             r#"fairgate_policy_reloads_total{result="error"} 0"#,
-            "fairgate_near_limit_total 0",
+            "# TYPE fairgate_near_limit_total counter",
             r#"fairgate_connections_refused_total{reason="per_source"} 0"#,
             r#"fairgate_slow_clients_total{kind="body"} 0"#,
             r#"fairgate_slow_clients_total{kind="read"} 0"#,
