@@ -27,8 +27,8 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::compiled::{
-    ClientQuota, CompiledAction, CompiledBandwidth, CompiledIdentify, CompiledOperation,
-    CompiledPlan, CompiledPolicy, CompiledRule, PlanId, PolicyHash,
+    ClientQuota, CompiledAction, CompiledAlerts, CompiledBandwidth, CompiledIdentify,
+    CompiledOperation, CompiledPlan, CompiledPolicy, CompiledRule, PlanId, PolicyHash,
 };
 use crate::error::{PolicyError, PolicyErrors};
 use crate::matcher::{IpSet, MatcherError, RuleSet};
@@ -101,6 +101,10 @@ pub fn compile_with_overrides(
             name,
             bandwidths,
             concurrency: plan.concurrency,
+            alerts: plan
+                .alerts
+                .as_ref()
+                .map(|a| Arc::new(CompiledAlerts::new(a))),
         });
     }
     let resolve = |cx: &mut Cx<'_>, name: &str, path: &str| -> Option<PlanId> {
@@ -195,6 +199,7 @@ pub fn compile_with_overrides(
                 plan,
                 bandwidths,
                 concurrency: o.concurrency,
+                alerts: o.alerts.as_ref().map(|a| Arc::new(CompiledAlerts::new(a))),
             },
         );
     }
@@ -539,6 +544,7 @@ clients:
                     name: None,
                 }],
                 concurrency: None,
+                alerts: None,
             },
         );
         let errs = compile(p).unwrap_err();
@@ -561,6 +567,7 @@ clients:
                     name: None,
                 }],
                 concurrency: None,
+                alerts: None,
             },
         );
         let text = compile(p).unwrap_err().to_string();

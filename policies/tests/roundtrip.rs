@@ -254,13 +254,30 @@ fn extractor() -> impl Strategy<Value = KeyExtractor> {
     ]
 }
 
+/// Ascending thresholds in (0, 1] (hundredths, so that they print back exactly) and a URL.
+fn alerts() -> impl Strategy<Value = Alerts> {
+    (
+        proptest::collection::btree_set(1u32..=100, 1..4),
+        "[a-z]{1,8}",
+        1u16..=65535,
+        "(/[a-z0-9_-]{0,8}){0,3}",
+    )
+        .prop_map(|(hundredths, host, port, path)| Alerts {
+            thresholds: hundredths.into_iter().map(|h| f64::from(h) / 100.0).collect(),
+            webhook: format!("http://{host}:{port}{path}"),
+        })
+}
+
 fn policy() -> impl Strategy<Value = Policy> {
     let plans = btree_map(
         "[a-z]{1,6}",
-        (bandwidths(), option::of(1u32..=1000)).prop_map(|(bandwidths, concurrency)| Plan {
-            bandwidths,
-            concurrency,
-        }),
+        (bandwidths(), option::of(1u32..=1000), option::of(alerts())).prop_map(
+            |(bandwidths, concurrency, alerts)| Plan {
+                bandwidths,
+                concurrency,
+                alerts,
+            },
+        ),
         0..4,
     );
     plans.prop_flat_map(|plans| {
@@ -331,6 +348,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                     plan,
                     bandwidths,
                     concurrency,
+                    alerts: None,
                 }),
             0..3,
         );
@@ -435,9 +453,9 @@ proptest! {
     fn generated_overrides_round_trip(
         clients in btree_map(
             "[ -~]{1,20}",
-            (option::of("[a-z]{1,6}"), option::of(bandwidths()), option::of(1u32..=100))
-                .prop_filter("sets something", |(p, b, c)| p.is_some() || b.is_some() || c.is_some())
-                .prop_map(|(plan, bandwidths, concurrency)| ClientOverride { plan, bandwidths, concurrency }),
+            (option::of("[a-z]{1,6}"), option::of(bandwidths()), option::of(1u32..=100), option::of(alerts()))
+                .prop_filter("sets something", |(p, b, c, a)| p.is_some() || b.is_some() || c.is_some() || a.is_some())
+                .prop_map(|(plan, bandwidths, concurrency, alerts)| ClientOverride { plan, bandwidths, concurrency, alerts }),
             0..5,
         )
     ) {
