@@ -556,6 +556,8 @@ impl Engine {
                 usage: match (&usage_buf, q.bandwidths) {
                     (Some(tats), Some(bws)) if !rules_out.allowed && route != Route::Admit => {
                         Some(QuotaUsage {
+                            policy: pol,
+                            client_key: ck,
                             plan: q.plan,
                             bandwidths: bws,
                             tats,

@@ -9,7 +9,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fairgate_policies::compiled::{CompiledBandwidth, CompiledPlan};
+use fairgate_policies::compiled::{
+    CompiledAlerts, CompiledBandwidth, CompiledPlan, CompiledPolicy,
+};
 use fairgate_policies::model::Priority;
 
 use crate::clock::Nanos;
@@ -150,6 +152,8 @@ pub struct DecisionEvent<'a> {
 /// The client's quota bandwidths as an admit left them: [`DecisionEvent::usage`].
 #[derive(Clone, Copy)]
 pub struct QuotaUsage<'a> {
+    pub(crate) policy: &'a CompiledPolicy,
+    pub(crate) client_key: &'a str,
     pub(crate) plan: Option<&'a CompiledPlan>,
     pub(crate) bandwidths: &'a [CompiledBandwidth],
     pub(crate) tats: &'a UsageBuf,
@@ -179,6 +183,25 @@ impl<'a> QuotaUsage<'a> {
     /// The client's plan (an override's plan, if it names one).
     pub fn plan(&self) -> Option<&'a CompiledPlan> {
         self.plan
+    }
+
+    /// The usage alerts that apply: the client's override's, else its plan's. Looked up
+    /// when asked (one map lookup when the policy has overrides), not by the engine.
+    pub fn alerts(&self) -> Option<&'a CompiledAlerts> {
+        let over = if self.policy.clients.is_empty() {
+            None
+        } else {
+            self.policy
+                .clients
+                .get(self.client_key)
+                .and_then(|o| o.alerts.as_deref())
+        };
+        over.or_else(|| self.plan.and_then(|p| p.alerts.as_deref()))
+    }
+
+    /// The engine's time of the decision (the clock the TATs are on).
+    pub fn now(&self) -> Nanos {
+        self.now
     }
 }
 

@@ -7,11 +7,15 @@
 //!
 //! This module only listens: it decides nothing and holds no quota state.
 
+#[cfg(feature = "alerts")]
+mod alerts;
 #[cfg(feature = "decision-log")]
 mod decision_log;
 #[cfg(feature = "metrics")]
 mod metrics;
 
+#[cfg(feature = "alerts")]
+pub use alerts::{AlertConfig, AlertEvent, AlertMetrics, AlertWebhook};
 #[cfg(feature = "decision-log")]
 pub use decision_log::{
     tag_route, take_pending, DecisionContext, DecisionLog, DecisionLogConfig, DecisionRecord,
