@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fairgate_middleware::admin::Admin;
-use fairgate_middleware::observe::DecisionLog;
+use fairgate_middleware::observe::{AlertWebhook, DecisionLog};
 use fairgate_middleware::{AdmissionLayer, Engine, EngineBuilder};
 use fairgate_policies::{PolicyErrors, PolicyStore};
 use http::header::{self, HeaderName};
@@ -209,7 +209,14 @@ pub async fn start_with(
     let engine = builder.start()?;
     // Audit-mode stamps are the engine's clock, so the audit replays the engine's time.
     let log = log.with_clock(engine.clock().clone());
-    engine.set_observer(Arc::new((metrics.engine().clone(), log.clone())));
+    // Usage alerts: the sender runs whether or not the policy names alerts now (a reload
+    // may add them); idle, it is one parked task.
+    let alerts = AlertWebhook::start(
+        store.clone(),
+        config.alerts.clone(),
+        metrics.alerts().clone(),
+    );
+    engine.set_observer(Arc::new(((metrics.engine().clone(), log.clone()), alerts)));
     let reload = crate::control::reload::reloader(store.clone(), config.policy.clone());
     {
         let reload = reload.clone();

@@ -94,8 +94,14 @@ fn every_alert_passes_promtool_and_has_a_firing_and_a_silent_unit_test() {
         "alerts without a unit test where they fire: {no_firing:?}; without one where they \
          stay silent: {no_silent:?} (add them to tests/alerts/alerts_test.yaml)"
     );
-    let unknown: Vec<&String> = fires.union(&silent).filter(|n| !names.contains(*n)).collect();
-    assert!(unknown.is_empty(), "tests of alerts that do not exist: {unknown:?}");
+    let unknown: Vec<&String> = fires
+        .union(&silent)
+        .filter(|n| !names.contains(*n))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "tests of alerts that do not exist: {unknown:?}"
+    );
 }
 
 /// The check above can fail: a rules file with an alert the unit tests do not cover is

@@ -299,6 +299,16 @@ impl EngineMetrics {
         });
         self.tracked_keys.set(gauge_of(engine.tracked_keys()));
         self.evictions.set(engine.evictions());
+        // Every plan bandwidth's near-limit series exists (at 0) before its first count.
+        for plan in engine.store().load().plans.iter() {
+            for bw in plan.bandwidths.iter() {
+                let labels = NearLimitLabels {
+                    plan: Arc::clone(&plan.name),
+                    bandwidth: Arc::clone(&bw.name),
+                };
+                let _ = self.near_limit.get_or_create(&labels);
+            }
+        }
         let reloads = engine.store().last_reload();
         self.reloads_ok.set(reloads.succeeded);
         self.reloads_error.set(reloads.failed);
