@@ -410,8 +410,6 @@ impl Engine {
         };
         let mut ledger = ChargeBuf::default();
         let mut charges = Charges::new(&self.shared.state, now, &mut ledger);
-        // Each bandwidth's TAT after the admit, for the observer (none without one).
-        let mut usage_buf = observer.map(|_| quota::UsageBuf::default());
 
         // 2. Rules.
         let keys = RuleKeys {
@@ -444,14 +442,7 @@ impl Engine {
             borrowed,
             ratelimit,
             mut permit,
-        } = match d.quota(
-            &prep,
-            &q,
-            &rules_out,
-            &mut backend_route,
-            &mut charges,
-            usage_buf.as_mut(),
-        ) {
+        } = match d.quota(&prep, &q, &rules_out, &mut backend_route, &mut charges) {
             ControlFlow::Continue(passed) => passed,
             ControlFlow::Break(rejected) => return A::decided(rejected),
         };
@@ -530,44 +521,17 @@ impl Engine {
             }
         }
         if let Some(obs) = observer {
-            obs.on_decision(&DecisionEvent {
-                client_key: ck,
-                operation: op_name,
-                kind: if borrowed {
-                    DecisionKind::Borrowed
-                } else {
-                    DecisionKind::Admit
-                },
-                // An `allow` rule settled it: no plan was involved.
-                stage: allow_rule.map(|_| Stage::Rule),
-                rule: allow_rule.map(|r| &*r.name),
-                plan: if allow_rule.is_some() {
-                    None
-                } else {
-                    plan_name.map(|p| &**p)
-                },
-                bandwidth: ratelimit.as_ref().map(|r: &RateLimitInfo| &*r.bandwidth),
-                cost,
-                priority,
-                retry_after: None,
-                status: 0,
-                ratelimit: ratelimit.as_ref(),
-                // Decided here, on local state: not remote, not by an `allow` rule.
-                usage: match (&usage_buf, q.bandwidths) {
-                    (Some(tats), Some(bws)) if !rules_out.allowed && route != Route::Admit => {
-                        Some(QuotaUsage {
-                            policy: pol,
-                            client_key: ck,
-                            plan: q.plan,
-                            bandwidths: bws,
-                            tats,
-                            now,
-                        })
-                    }
-                    _ => None,
-                },
-                context,
-            });
+            // Out of line: the event (and its usage) is built only with an observer, and
+            // inlined here it made the frame of every decision larger (callgrind).
+            d.observe_admit(
+                obs,
+                pol,
+                &q,
+                allow_rule,
+                borrowed,
+                ratelimit.as_ref(),
+                !rules_out.allowed && route != Route::Admit,
+            );
         }
         charges.commit();
         let ticket = Ticket::new(
@@ -959,7 +923,6 @@ impl RemoteCheck {
                 self.cost,
                 now,
                 &mut charges,
-                None,
             )
         };
         match out {
@@ -1182,6 +1145,54 @@ struct Deciding<'d> {
 }
 
 impl<'d> Deciding<'d> {
+    /// Tells `obs` of an admit; `local` when its quota was decided here, on local state
+    /// (not remotely, not by an `allow` rule), so that the event carries its usage.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)] // one call site, the admit's own parts
+    fn observe_admit(
+        &self,
+        obs: &Arc<dyn Observer>,
+        pol: &CompiledPolicy,
+        q: &quota::Quota<'_>,
+        allow_rule: Option<&fairgate_policies::compiled::CompiledRule>,
+        borrowed: bool,
+        ratelimit: Option<&RateLimitInfo>,
+        local: bool,
+    ) {
+        obs.on_decision(&DecisionEvent {
+            client_key: self.key,
+            operation: self.op_name,
+            kind: if borrowed {
+                DecisionKind::Borrowed
+            } else {
+                DecisionKind::Admit
+            },
+            // An `allow` rule settled it: no plan was involved.
+            stage: allow_rule.map(|_| Stage::Rule),
+            rule: allow_rule.map(|r| &*r.name),
+            plan: if allow_rule.is_some() {
+                None
+            } else {
+                q.plan.map(|p| &*p.name)
+            },
+            bandwidth: ratelimit.map(|r| &*r.bandwidth),
+            cost: self.cost,
+            priority: self.priority,
+            retry_after: None,
+            status: 0,
+            ratelimit,
+            usage: q.bandwidths.filter(|_| local).map(|bws| QuotaUsage {
+                policy: pol,
+                store: &self.engine.shared.state,
+                client_key: self.key,
+                plan: q.plan,
+                bandwidths: bws,
+                now: self.now,
+            }),
+            context: self.context,
+        });
+    }
+
     /// Stage 2: every matching rule in order (`deny`, `allow`, `limit`, `tag`; a shadow
     /// rule's would-be rejection is counted and reported). A rejection keeps the priority
     /// class `tag` rules gave the request before the rejecting rule.
@@ -1259,7 +1270,6 @@ impl<'d> Deciding<'d> {
         rules_out: &RulesOutcome,
         backend_route: &mut LazyRoute<'_>,
         charges: &mut Charges<'d, '_>,
-        mut usage: Option<&mut quota::UsageBuf>,
     ) -> ControlFlow<Decision, QuotaPassed> {
         let pol: &CompiledPolicy = &prep.policy;
         let (engine, now, ck, cost) = (self.engine, self.now, self.key, self.cost);
@@ -1300,7 +1310,6 @@ impl<'d> Deciding<'d> {
             cost,
             now,
             charges,
-            usage.as_deref_mut(),
         ) {
             Err(_) => ControlFlow::Break(self.reject_full(pol, plan_name, shadow_hits)),
             Ok(Consumed::Admitted { tightest, permit }) => {
@@ -1348,12 +1357,7 @@ impl<'d> Deciding<'d> {
                 }
                 passed.borrowed = true;
                 self.priority = Priority::Borrowed;
-                if let Some(u) = usage {
-                    // Only the exceeded bandwidth was read (the others were refunded).
-                    if let Some(i) = bws.iter().position(|b| std::ptr::eq(b, bandwidth)) {
-                        u.set(i, tat);
-                    }
-                }
+
                 // Over quota: the exceeded bandwidth (nothing left), so the fields do not
                 // vanish exactly when the client runs out.
                 if self.headers == HeaderMode::Always {

@@ -16,7 +16,8 @@ use fairgate_policies::model::Priority;
 
 use crate::clock::Nanos;
 use crate::gcra;
-use crate::quota::{self, UsageBuf};
+use crate::quota;
+use crate::state::Store;
 
 /// The stage that rejected a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -153,31 +154,32 @@ pub struct DecisionEvent<'a> {
 #[derive(Clone, Copy)]
 pub struct QuotaUsage<'a> {
     pub(crate) policy: &'a CompiledPolicy,
+    pub(crate) store: &'a Store,
     pub(crate) client_key: &'a str,
     pub(crate) plan: Option<&'a CompiledPlan>,
     pub(crate) bandwidths: &'a [CompiledBandwidth],
-    pub(crate) tats: &'a UsageBuf,
     pub(crate) now: Nanos,
 }
 
 impl<'a> QuotaUsage<'a> {
-    /// Each bandwidth whose bucket the decision read: a borrowed admit reads only the
-    /// bandwidth it exceeded (usage 1).
+    /// Each bandwidth of the client's quota, read from the state table when asked: the
+    /// engine records nothing for it, so an engine without observers pays nothing (a
+    /// request of the same client decided meanwhile may already show). A bandwidth without
+    /// a bucket is left out.
     pub fn bandwidths(&self) -> impl Iterator<Item = BandwidthUse<'a>> + 'a {
-        let (tats, now) = (self.tats, self.now);
-        self.bandwidths
-            .iter()
-            .enumerate()
-            .filter_map(move |(i, bw)| {
-                let tat = tats.get(i)?;
-                let p = quota::params(bw);
-                let remaining = gcra::remaining(tat, now, p).min(bw.burst);
-                Some(BandwidthUse {
-                    bandwidth: bw,
-                    remaining,
-                    usage: 1.0 - remaining as f64 / bw.burst as f64,
-                })
+        let (store, key, now) = (self.store, self.client_key, self.now);
+        self.bandwidths.iter().filter_map(move |bw| {
+            let tat = store
+                .with_client_slot(key, &bw.id, |b| b.peek(now, bw.c_ns))
+                .or_else(|| store.with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns)))?;
+            let p = quota::params(bw);
+            let remaining = gcra::remaining(tat, now, p).min(bw.burst);
+            Some(BandwidthUse {
+                bandwidth: bw,
+                remaining,
+                usage: 1.0 - remaining as f64 / bw.burst as f64,
             })
+        })
     }
 
     /// The client's plan (an override's plan, if it names one).

@@ -127,79 +127,10 @@ pub(crate) enum Consumed<'p> {
 /// Fewest remaining so far: (bandwidth, TAT after the charge, remaining).
 type Tightest<'p> = Option<(&'p CompiledBandwidth, Nanos, u64)>;
 
-/// A TAT not known (the bandwidth was not consumed, e.g. a borrowed admit's other
-/// bandwidths).
-pub(crate) const UNKNOWN_TAT: Nanos = Nanos::MAX;
-
-/// Bandwidths whose TAT a [`UsageBuf`] holds without allocating.
-const INLINE_USAGE: usize = 8;
-
-/// Each bandwidth's TAT after an admit, by its index in the quota: what an observer's
-/// [`QuotaUsage`](crate::decision::QuotaUsage) reads. Filled only when an observer is
-/// attached (see [`consume`]); a quota of more than eight bandwidths spills into a `Vec`.
-#[derive(Debug)]
-pub(crate) struct UsageBuf {
-    inline: [Nanos; INLINE_USAGE],
-    spill: Vec<Nanos>,
-}
-
-impl Default for UsageBuf {
-    fn default() -> Self {
-        UsageBuf {
-            inline: [UNKNOWN_TAT; INLINE_USAGE],
-            spill: Vec::new(),
-        }
-    }
-}
-
-impl UsageBuf {
-    /// Records bandwidth `i`'s TAT.
-    pub(crate) fn set(&mut self, i: usize, tat: Nanos) {
-        match self.inline.get_mut(i) {
-            Some(slot) => *slot = tat,
-            None => {
-                let j = i - INLINE_USAGE;
-                if self.spill.len() <= j {
-                    self.spill.resize(j + 1, UNKNOWN_TAT);
-                }
-                self.spill[j] = tat;
-            }
-        }
-    }
-
-    /// Bandwidth `i`'s TAT, if recorded.
-    pub(crate) fn get(&self, i: usize) -> Option<Nanos> {
-        let tat = match self.inline.get(i) {
-            Some(&t) => t,
-            None => *self.spill.get(i - INLINE_USAGE)?,
-        };
-        (tat != UNKNOWN_TAT).then_some(tat)
-    }
-}
-
-/// What [`consume`] notes of each admitted bandwidth: the tightest, and, when an observer
-/// wants them, every TAT.
-struct Seen<'p, 'u> {
-    tightest: Tightest<'p>,
-    usage: Option<&'u mut UsageBuf>,
-}
-
-impl<'p> Seen<'p, '_> {
-    #[inline(always)]
-    fn note(&mut self, i: usize, bw: &'p CompiledBandwidth, tat: Nanos, now: Nanos, p: Params) {
-        note_tightest(&mut self.tightest, bw, tat, now, p);
-        if let Some(u) = self.usage.as_deref_mut() {
-            u.set(i, tat);
-        }
-    }
-}
-
 /// Checks and consumes `cost` on every bandwidth for `key`, all or nothing, then, when
 /// all are admitted and `concurrency` is set, takes a permit of that limit: one lookup of
 /// the client entry when every bandwidth lives in its slots. The permit is left to the
-/// caller ([`Permit::NotTried`]) when some bandwidth lives in its own entry. With `usage`
-/// (an observer is attached), every admitted bandwidth's TAT is recorded there.
-#[allow(clippy::too_many_arguments)] // two call sites; the parts are the decision's own
+/// caller ([`Permit::NotTried`]) when some bandwidth lives in its own entry.
 pub(crate) fn consume<'x>(
     store: &Store,
     bandwidths: &'x [CompiledBandwidth],
@@ -208,15 +139,11 @@ pub(crate) fn consume<'x>(
     cost: u64,
     now: Nanos,
     charges: &mut Charges<'x, '_>,
-    usage: Option<&mut UsageBuf>,
 ) -> Result<Consumed<'x>, Full> {
     let start = charges.len();
-    let mut seen = Seen {
-        tightest: None,
-        usage,
-    };
+    let mut tightest: Tightest<'x> = None;
     let (slotted, map) = store.with_client(key, now, bandwidths, |e, map| {
-        let r = consume_slots(e, map, bandwidths, key, cost, now, charges, &mut seen);
+        let r = consume_slots(e, map, bandwidths, key, cost, now, charges, &mut tightest);
         let r = match r {
             None => {
                 let all_slotted =
@@ -262,7 +189,7 @@ pub(crate) fn consume<'x>(
                     key,
                     amount: cost.saturating_mul(p.t),
                 });
-                seen.note(i, bw, tat, now, p);
+                note_tightest(&mut tightest, bw, tat, now, p);
             }
             Verdict::Reject { wait } => {
                 charges.rollback_from(start);
@@ -277,7 +204,7 @@ pub(crate) fn consume<'x>(
         }
     }
     Ok(Consumed::Admitted {
-        tightest: seen.tightest.map(|(bw, tat, _)| (bw, tat)),
+        tightest: tightest.map(|(bw, tat, _)| (bw, tat)),
         permit,
     })
 }
@@ -306,7 +233,7 @@ fn consume_slots<'x>(
     cost: u64,
     now: Nanos,
     charges: &mut Charges<'x, '_>,
-    seen: &mut Seen<'x, '_>,
+    tightest: &mut Tightest<'x>,
 ) -> Option<Consumed<'x>> {
     for (i, (bw, &slot)) in bandwidths.iter().zip(map).enumerate() {
         if slot == OVERFLOW {
@@ -315,7 +242,7 @@ fn consume_slots<'x>(
         let p = params(bw);
         let bucket = e.slot(slot);
         match bucket.consume(now, p, cost) {
-            Verdict::Admit { tat } => seen.note(i, bw, tat, now, p),
+            Verdict::Admit { tat } => note_tightest(tightest, bw, tat, now, p),
             Verdict::Reject { wait } => {
                 for (earlier, &s) in bandwidths[..i].iter().zip(map) {
                     if s != OVERFLOW {
