@@ -263,7 +263,10 @@ fn alerts() -> impl Strategy<Value = Alerts> {
         "(/[a-z0-9_-]{0,8}){0,3}",
     )
         .prop_map(|(hundredths, host, port, path)| Alerts {
-            thresholds: hundredths.into_iter().map(|h| f64::from(h) / 100.0).collect(),
+            thresholds: hundredths
+                .into_iter()
+                .map(|h| f64::from(h) / 100.0)
+                .collect(),
             webhook: format!("http://{host}:{port}{path}"),
         })
 }
