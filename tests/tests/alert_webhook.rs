@@ -147,17 +147,23 @@ async fn a_receiver_that_never_answers_delays_no_request_and_its_queue_stays_bou
         "a request waited {slowest:?} behind the silent receiver"
     );
     assert_eq!(up.count(), 300, "every request reached the upstream");
+    // One event is with the sender (held for 60 s), the rest wait or were dropped.
     assert!(
         eventually(DEADLINE, || {
             let (admin, gw) = (&admin, &gw);
-            async move { scrape(admin, gw, QUEUED).await == 4.0 }
+            async move {
+                scrape(admin, gw, QUEUED).await + scrape(admin, gw, DROPPED).await == 59.0
+            }
         })
         .await,
-        "the queue holds its bound"
+        "every event but the one being tried is queued or dropped"
     );
     let text = admin.get(&gw.admin_url("/metrics")).await.text();
-    // One event is with the sender, 4 wait, the rest were dropped (none sent or failed).
-    assert_eq!(metric(&text, DROPPED), Some(55.0), "{text}");
+    // The queue holds its bound: 4 (or 3, when the sender took its event only after the
+    // queue had filled, so that one more was dropped).
+    let queued = metric(&text, QUEUED).expect("queued");
+    assert!((3.0..=4.0).contains(&queued), "{text}");
+    assert_eq!(metric(&text, DROPPED), Some(59.0 - queued), "{text}");
     assert_eq!(metric(&text, SENT), Some(0.0), "{text}");
     assert_eq!(metric(&text, FAILED), Some(0.0), "{text}");
     assert!(receiver.count() <= 1, "one try in flight at most");
