@@ -16,7 +16,6 @@ use fairgate_policies::model::Priority;
 
 use crate::clock::Nanos;
 use crate::gcra;
-use crate::quota;
 use crate::state::Store;
 
 /// The stage that rejected a request.
@@ -172,7 +171,10 @@ impl<'a> QuotaUsage<'a> {
             let tat = store
                 .with_client_slot(key, &bw.id, |b| b.peek(now, bw.c_ns))
                 .or_else(|| store.with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns)))?;
-            let p = quota::params(bw);
+            let p = gcra::Params {
+                t: bw.t_ns,
+                c: bw.c_ns,
+            };
             let remaining = gcra::remaining(tat, now, p).min(bw.burst);
             Some(BandwidthUse {
                 bandwidth: bw,
