@@ -147,7 +147,9 @@ struct Crossed {
     stale_at: Nanos,
 }
 
-/// Sharded, bounded crossing state, keyed by a hash of (client key, bandwidth id).
+/// Sharded, bounded crossing state, keyed by a 64-bit hash of (client key, bandwidth id),
+/// with a per-process random seed: two pairs would share a state only at odds of 2⁻⁶⁴ (a
+/// missed or repeated alert), and an entry costs no allocation of its own.
 struct Crossings {
     shards: Box<[Mutex<HashMap<u64, Crossed>>]>,
     per_shard: usize,
