@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use fairgate_middleware::admin::Admin;
 use fairgate_middleware::dashboard::Dashboard;
-use fairgate_middleware::observe::DecisionLog;
+use fairgate_middleware::observe::{AlertWebhook, DecisionLog};
 use fairgate_middleware::{AdmissionLayer, Engine, EngineBuilder};
 use fairgate_policies::{PolicyErrors, PolicyStore};
 use http::header::{self, HeaderName};
@@ -210,6 +210,14 @@ pub async fn start_with(
     let engine = builder.start()?;
     // Audit-mode stamps are the engine's clock, so the audit replays the engine's time.
     let log = log.with_clock(engine.clock().clone());
+    // Usage alerts: the sender runs whether or not the policy names alerts now (a reload
+    // may add them); idle, it is one parked task.
+    let alerts = AlertWebhook::start(
+        store.clone(),
+        config.alerts.clone(),
+        metrics.alerts().clone(),
+    );
+    let observers = ((metrics.engine().clone(), log.clone()), alerts);
     // The dashboard (with the admin listener) also sees every decision, for drill-downs.
     let dashboard = config
         .admin
@@ -219,12 +227,9 @@ pub async fn start_with(
     match &dashboard {
         Some(d) => {
             d.start();
-            engine.set_observer(Arc::new((
-                (metrics.engine().clone(), log.clone()),
-                d.clone(),
-            )));
+            engine.set_observer(Arc::new((observers, d.clone())));
         }
-        None => engine.set_observer(Arc::new((metrics.engine().clone(), log.clone()))),
+        None => engine.set_observer(Arc::new(observers)),
     }
     let reload = crate::control::reload::reloader(store.clone(), config.policy.clone());
     {

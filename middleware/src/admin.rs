@@ -66,8 +66,8 @@ use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::clock::rfc3339;
-use crate::engine::{ClientUsage, Engine};
-use crate::observe::{EngineMetrics, Format};
+use crate::engine::Engine;
+use crate::observe::{usage_json, EngineMetrics, Format};
 
 const MAX_CONCURRENT: usize = 16;
 const MAX_TOP: usize = 1000;
@@ -431,28 +431,6 @@ async fn metrics(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Re
 #[derive(Deserialize)]
 struct TopQuery {
     n: Option<usize>,
-}
-
-pub(crate) fn usage_json(u: &ClientUsage) -> Value {
-    json!({
-        "key": u.key,
-        "plan": u.plan.as_deref(),
-        "usage": u.usage(),
-        "in_flight": u.in_flight,
-        "concurrency_limit": u.concurrency_limit,
-        "cap": u.cap.as_ref(),
-        "bandwidths": u.bandwidths.iter().map(|b| json!({
-            "id": &*b.id,
-            "plan": b.plan.as_deref(),
-            "name": &*b.ratelimit.bandwidth,
-            "quota": b.ratelimit.quota,
-            "window_seconds": b.ratelimit.window_secs,
-            "burst": b.ratelimit.burst,
-            "remaining": b.ratelimit.remaining,
-            "reset_seconds": b.ratelimit.reset_secs,
-            "fill_fraction": b.fill_fraction,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 async fn top_clients(State(state): State<Arc<AdminState>>, Query(q): Query<TopQuery>) -> Response {

@@ -57,8 +57,8 @@ use crate::caps::{self, CapState, CappedMap};
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
 use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket, TicketShared};
 use crate::decision::{
-    Admitted, Decision, DecisionEvent, DecisionKind, Observer, RateLimitInfo, Rejection,
-    RequestContext, Stage,
+    Admitted, Decision, DecisionEvent, DecisionKind, Observer, QuotaUsage, RateLimitInfo,
+    Rejection, RequestContext, Stage,
 };
 use crate::gcra;
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
@@ -609,30 +609,17 @@ impl Engine {
             }
         }
         if let Some(obs) = observer {
-            obs.on_decision(&DecisionEvent {
-                client_key: ck,
-                operation: op_name,
-                kind: if borrowed {
-                    DecisionKind::Borrowed
-                } else {
-                    DecisionKind::Admit
-                },
-                // An `allow` rule settled it: no plan was involved.
-                stage: allow_rule.map(|_| Stage::Rule),
-                rule: allow_rule.map(|r| &*r.name),
-                plan: if allow_rule.is_some() {
-                    None
-                } else {
-                    plan_name.map(|p| &**p)
-                },
-                bandwidth: ratelimit.as_ref().map(|r: &RateLimitInfo| &*r.bandwidth),
-                cost,
-                priority,
-                retry_after: None,
-                status: 0,
-                ratelimit: ratelimit.as_ref(),
-                context,
-            });
+            // Out of line: the event (and its usage) is built only with an observer, and
+            // inlined here it made the frame of every decision larger (callgrind).
+            d.observe_admit(
+                obs,
+                pol,
+                &q,
+                allow_rule,
+                borrowed,
+                ratelimit.as_ref(),
+                !rules_out.allowed && route != Route::Admit,
+            );
         }
         charges.commit();
         let ticket = Ticket::new(
@@ -1364,6 +1351,7 @@ impl RemoteCheck {
                 retry_after,
                 status,
                 ratelimit: limit,
+                usage: None,
                 context: self.context.as_ref(),
             });
         }
@@ -1456,6 +1444,54 @@ struct Deciding<'d> {
 }
 
 impl<'d> Deciding<'d> {
+    /// Tells `obs` of an admit; `local` when its quota was decided here, on local state
+    /// (not remotely, not by an `allow` rule), so that the event carries its usage.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)] // one call site, the admit's own parts
+    fn observe_admit(
+        &self,
+        obs: &Arc<dyn Observer>,
+        pol: &CompiledPolicy,
+        q: &quota::Quota<'_>,
+        allow_rule: Option<&fairgate_policies::compiled::CompiledRule>,
+        borrowed: bool,
+        ratelimit: Option<&RateLimitInfo>,
+        local: bool,
+    ) {
+        obs.on_decision(&DecisionEvent {
+            client_key: self.key,
+            operation: self.op_name,
+            kind: if borrowed {
+                DecisionKind::Borrowed
+            } else {
+                DecisionKind::Admit
+            },
+            // An `allow` rule settled it: no plan was involved.
+            stage: allow_rule.map(|_| Stage::Rule),
+            rule: allow_rule.map(|r| &*r.name),
+            plan: if allow_rule.is_some() {
+                None
+            } else {
+                q.plan.map(|p| &*p.name)
+            },
+            bandwidth: ratelimit.map(|r| &*r.bandwidth),
+            cost: self.cost,
+            priority: self.priority,
+            retry_after: None,
+            status: 0,
+            ratelimit,
+            usage: q.bandwidths.filter(|_| local).map(|bws| QuotaUsage {
+                policy: pol,
+                store: &self.engine.shared.state,
+                client_key: self.key,
+                plan: q.plan,
+                bandwidths: bws,
+                now: self.now,
+            }),
+            context: self.context,
+        });
+    }
+
     /// Stage 2: every matching rule in order (`deny`, `allow`, `limit`, `tag`; a shadow
     /// rule's would-be rejection is counted and reported). A rejection keeps the priority
     /// class `tag` rules gave the request before the rejecting rule.
@@ -1492,6 +1528,7 @@ impl<'d> Deciding<'d> {
                     retry_after: None,
                     status: 0,
                     ratelimit: info.as_ref(),
+                    usage: None,
                     context,
                 });
             }
@@ -1729,6 +1766,7 @@ impl<'d> Deciding<'d> {
                 retry_after: r.retry_after,
                 status: r.status,
                 ratelimit: r.ratelimit.as_ref(),
+                usage: None,
                 context: self.context,
             });
         }

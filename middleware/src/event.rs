@@ -9,8 +9,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fairgate_policies::compiled::CompiledBandwidth;
+use fairgate_policies::compiled::{
+    CompiledAlerts, CompiledBandwidth, CompiledPlan, CompiledPolicy,
+};
 use fairgate_policies::model::Priority;
+
+use crate::clock::Nanos;
+use crate::gcra;
+use crate::state::Store;
 
 /// The stage that rejected a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,8 +141,90 @@ pub struct DecisionEvent<'a> {
     pub status: u16,
     /// The limit involved, if a bandwidth.
     pub ratelimit: Option<&'a RateLimitInfo>,
+    /// How far an admit left each of the client's quota bandwidths, whatever
+    /// `ratelimit_headers` says: filled for admits decided on local state (not for a
+    /// Redis `exact`-mode check, nor a request an `allow` rule admitted).
+    pub usage: Option<QuotaUsage<'a>>,
     /// The request's [`RequestContext`], when the adapter was given one.
     pub context: Option<&'a RequestContext>,
+}
+
+/// The client's quota bandwidths as an admit left them: [`DecisionEvent::usage`].
+#[derive(Clone, Copy)]
+pub struct QuotaUsage<'a> {
+    pub(crate) policy: &'a CompiledPolicy,
+    pub(crate) store: &'a Store,
+    pub(crate) client_key: &'a str,
+    pub(crate) plan: Option<&'a CompiledPlan>,
+    pub(crate) bandwidths: &'a [CompiledBandwidth],
+    pub(crate) now: Nanos,
+}
+
+impl<'a> QuotaUsage<'a> {
+    /// Each bandwidth of the client's quota, read from the state table when asked: the
+    /// engine records nothing for it, so an engine without observers pays nothing (a
+    /// request of the same client decided meanwhile may already show). A bandwidth without
+    /// a bucket is left out.
+    pub fn bandwidths(&self) -> impl Iterator<Item = BandwidthUse<'a>> + 'a {
+        let (store, key, now) = (self.store, self.client_key, self.now);
+        self.bandwidths.iter().filter_map(move |bw| {
+            let tat = store
+                .with_client_slot(key, &bw.id, |b| b.peek(now, bw.c_ns))
+                .or_else(|| store.with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns)))?;
+            let p = gcra::Params {
+                t: bw.t_ns,
+                c: bw.c_ns,
+            };
+            let remaining = gcra::remaining(tat, now, p).min(bw.burst);
+            Some(BandwidthUse {
+                bandwidth: bw,
+                remaining,
+                usage: 1.0 - remaining as f64 / bw.burst as f64,
+            })
+        })
+    }
+
+    /// The client's plan (an override's plan, if it names one).
+    pub fn plan(&self) -> Option<&'a CompiledPlan> {
+        self.plan
+    }
+
+    /// The usage alerts that apply: the client's override's, else its plan's. Looked up
+    /// when asked (one map lookup when the policy has overrides), not by the engine.
+    pub fn alerts(&self) -> Option<&'a CompiledAlerts> {
+        let over = if self.policy.clients.is_empty() {
+            None
+        } else {
+            self.policy
+                .clients
+                .get(self.client_key)
+                .and_then(|o| o.alerts.as_deref())
+        };
+        over.or_else(|| self.plan.and_then(|p| p.alerts.as_deref()))
+    }
+
+    /// The engine's time of the decision (the clock the TATs are on).
+    pub fn now(&self) -> Nanos {
+        self.now
+    }
+}
+
+impl fmt::Debug for QuotaUsage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.bandwidths()).finish()
+    }
+}
+
+/// One bandwidth of a [`QuotaUsage`].
+#[derive(Debug, Clone, Copy)]
+pub struct BandwidthUse<'a> {
+    /// The bandwidth (its `name` labels metrics; its `id` keys state).
+    pub bandwidth: &'a CompiledBandwidth,
+    /// Units left in the bucket (at most the burst).
+    pub remaining: u64,
+    /// The used share of the bucket, `1 − remaining / burst`: 0 is a full bucket, 1 an
+    /// empty one.
+    pub usage: f64,
 }
 
 /// A per-request value for the [`Observer`]: the adapter hands it to the engine with the

@@ -61,8 +61,9 @@ pub use admission::{
 pub use builder::{BuildError, EngineBuilder};
 pub use clock::{Clock, ManualClock, MonotonicClock, Nanos, TokioClock};
 pub use decision::{
-    Admitted, ClientKey, CompletionEvent, Decision, DecisionEvent, DecisionKind, DelayGuard,
-    Observer, Outcome, Priority, RateLimitInfo, Rejection, RequestContext, Stage, Ticket,
+    Admitted, BandwidthUse, ClientKey, CompletionEvent, Decision, DecisionEvent, DecisionKind,
+    DelayGuard, Observer, Outcome, Priority, QuotaUsage, RateLimitInfo, Rejection, RequestContext,
+    Stage, Ticket,
 };
 pub use engine::{BandwidthUsage, ClientUsage, Engine, RequestFacts};
 pub use identify::HeaderValues;

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::compiled::{
-    ClientQuota, CompiledAction, CompiledBandwidth, CompiledIdentify, CompiledOperation,
-    CompiledPlan, CompiledPolicy, CompiledRule, PlanId, PolicyHash,
+    ClientQuota, CompiledAction, CompiledAlerts, CompiledBandwidth, CompiledIdentify,
+    CompiledOperation, CompiledPlan, CompiledPolicy, CompiledRule, PlanId, PolicyHash,
 };
 use crate::error::{PolicyError, PolicyErrors};
 use crate::matcher::{IpSet, MatcherError, RuleSet};
@@ -102,6 +102,10 @@ pub fn compile_with_overrides(
             bandwidths,
             concurrency: plan.concurrency,
             fixed: plan.fixed,
+            alerts: plan
+                .alerts
+                .as_ref()
+                .map(|a| Arc::new(CompiledAlerts::new(a))),
         });
     }
     let resolve = |cx: &mut Cx<'_>, name: &str, path: &str| -> Option<PlanId> {
@@ -198,6 +202,7 @@ pub fn compile_with_overrides(
                 concurrency: o.concurrency,
                 expires_at: o.expires.map(|t| t.to_system_time()),
                 fixed: o.fixed,
+                alerts: o.alerts.as_ref().map(|a| Arc::new(CompiledAlerts::new(a))),
             },
         );
     }
@@ -564,6 +569,7 @@ clients:
                 }],
                 concurrency: None,
                 fixed: false,
+                alerts: None,
             },
         );
         let errs = compile(p).unwrap_err();
@@ -587,6 +593,7 @@ clients:
                 }],
                 concurrency: None,
                 fixed: false,
+                alerts: None,
             },
         );
         let text = compile(p).unwrap_err().to_string();

@@ -231,6 +231,39 @@ pub struct CompiledPlan {
     pub concurrency: Option<u32>,
     /// Never borrowed past (`fixed: true`).
     pub fixed: bool,
+    /// Usage alerts of the plan's clients.
+    pub alerts: Option<Arc<CompiledAlerts>>,
+}
+
+/// Usage alerts ([`model::Alerts`]): a client's crossing of a threshold of a bandwidth's
+/// usage is POSTed to `webhook`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledAlerts {
+    /// Usage thresholds, each in (0, 1], ascending.
+    pub thresholds: Arc<[f64]>,
+    /// `http://host[:port][/path]`.
+    pub webhook: Arc<str>,
+}
+
+impl CompiledAlerts {
+    /// Compiles validated alerts.
+    pub fn new(a: &model::Alerts) -> CompiledAlerts {
+        CompiledAlerts {
+            thresholds: Arc::from(a.thresholds.as_slice()),
+            webhook: Arc::from(a.webhook.as_str()),
+        }
+    }
+
+    /// How many thresholds `usage` (a used share in [0, 1]) has reached: 0 below the first.
+    /// Compared in units of the bucket so that `usage` 8/10 reaches 0.8 exactly.
+    pub fn level(&self, used: u64, burst: u64) -> usize {
+        let used = used as f64;
+        let burst = burst as f64;
+        self.thresholds
+            .iter()
+            .take_while(|&&t| used + 1e-9 >= t * burst)
+            .count()
+    }
 }
 
 /// A compiled operation.
@@ -253,6 +286,8 @@ pub struct ClientQuota {
     pub bandwidths: Option<Arc<[CompiledBandwidth]>>,
     /// Own concurrency, replacing the plan's when `Some`.
     pub concurrency: Option<u32>,
+    /// Own usage alerts, replacing the plan's when `Some`.
+    pub alerts: Option<Arc<CompiledAlerts>>,
     /// When the override lapses (`expires`); from then on it is ignored.
     pub expires_at: Option<std::time::SystemTime>,
     /// Never borrowed past (`fixed: true`), whatever the plan says.

@@ -512,6 +512,27 @@ pub struct Plan {
     /// capacity, whatever `burst_sharing` says.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fixed: bool,
+    /// Usage alerts of the plan's clients. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Alerts>,
+}
+
+/// Usage alerts: when a client's usage of a bandwidth (the used share of its bucket,
+/// `1 − remaining / burst`) reaches a threshold, an alert event is POSTed to `webhook`, once
+/// per crossing (re-armed when usage falls back below the threshold).
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    /// Usage thresholds, each in (0, 1], ascending (default `[0.8, 1.0]`).
+    #[serde(default = "default_alert_thresholds")]
+    pub thresholds: Vec<f64>,
+    /// Where alert events are POSTed: an `http://host[:port][/path]` URL.
+    pub webhook: String,
+}
+
+/// `alerts.thresholds` when absent: 80 % and 100 % of a bandwidth.
+pub fn default_alert_thresholds() -> Vec<f64> {
+    vec![0.8, 1.0]
 }
 
 /// One bandwidth: `rate` with a `burst`. YAML also accepts the short string form
@@ -606,6 +627,9 @@ pub struct ClientOverride {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub concurrency: Option<u32>,
+    /// Replace the plan's usage alerts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Alerts>,
     /// The override lapses at this time (UTC): from then on the client is on what the
     /// policy gives it without the override, as if the entry were gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -478,7 +478,7 @@ fn client_key_longer_than_max_key_length() {
 fn empty_override() {
     fails(
         "version: 1\nclients:\n  k: {}\n",
-        &["p.yaml:3:6: clients.k: override sets nothing: give `plan`, `bandwidths`, `concurrency` or `fixed`"],
+        &["p.yaml:3:6: clients.k: override sets nothing: give `plan`, `bandwidths`, `concurrency`, `fixed` or `alerts`"],
     );
 }
 
@@ -772,4 +772,57 @@ fn caps_file_and_cap_errors_have_their_positions() {
     assert!(fairgate_policies::decode::parse_caps("", "caps.json")
         .expect("an empty file is no caps")
         .is_empty());
+}
+
+#[test]
+fn alerts_thresholds_and_webhook_are_checked() {
+    // Every bad value at once, each at its own position.
+    fails(
+        "version: 1
+plans:
+  free:
+    alerts: {thresholds: [0.5, 1.5, 0.4, 0.4], webhook: 'https://h/x'}
+  pro:
+    alerts: {thresholds: [], webhook: 'ftp://h'}
+  max:
+    alerts: {thresholds: 0.8}
+clients:
+  k:
+    alerts: {webhook: 'http://h:0/x'}
+  j:
+    alerts: {webhook: 'http://user@h/x', thresholds: [0]}
+",
+        &[
+            "p.yaml:4:32: plans.free.alerts.thresholds[1]: 1.5 is out of range (a fraction greater than 0 and at most 1)",
+            "p.yaml:4:37: plans.free.alerts.thresholds[2]: thresholds must ascend: 0.4 follows 0.5",
+            "p.yaml:4:42: plans.free.alerts.thresholds[3]: thresholds must ascend: 0.4 follows 0.4",
+            "p.yaml:4:57: plans.free.alerts.webhook: `https://h/x` is not a webhook URL: https is not supported (the webhook client speaks plain HTTP; relay through a local proxy for TLS)",
+            "p.yaml:6:26: plans.pro.alerts.thresholds: no thresholds: give at least one (or leave `thresholds` out for [0.8, 1.0])",
+            "p.yaml:6:39: plans.pro.alerts.webhook: `ftp://h` is not a webhook URL: it must start with `http://`",
+            "p.yaml:8:13: plans.max.alerts: missing field `webhook`",
+            "p.yaml:8:26: plans.max.alerts.thresholds: expected a list of thresholds, e.g. [0.8, 1.0], found `0.8`",
+            "p.yaml:11:23: clients.k.alerts.webhook: `http://h:0/x` is not a webhook URL: the port must be a number from 1 to 65535",
+            "p.yaml:13:23: clients.j.alerts.webhook: `http://user@h/x` is not a webhook URL: user information (`user@`) is not supported",
+            "p.yaml:13:55: clients.j.alerts.thresholds[0]: 0 is out of range (a fraction greater than 0 and at most 1)",
+        ],
+    );
+}
+
+#[test]
+fn alerts_decode_with_their_defaults() {
+    let p = parse_policy(
+        "version: 1
+plans:
+  free: {alerts: {webhook: 'http://127.0.0.1:9000/hook'}}
+clients:
+  k: {alerts: {thresholds: [0.5, 0.9, 1], webhook: 'http://[::1]:80'}}
+",
+        "p.yaml",
+    )
+    .expect("valid");
+    let free = p.plans["free"].alerts.as_ref().expect("alerts");
+    assert_eq!(free.thresholds, [0.8, 1.0]);
+    assert_eq!(free.webhook, "http://127.0.0.1:9000/hook");
+    let k = p.clients["k"].alerts.as_ref().expect("alerts");
+    assert_eq!(k.thresholds, [0.5, 0.9, 1.0]);
 }

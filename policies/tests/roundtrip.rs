@@ -259,16 +259,38 @@ fn extractor() -> impl Strategy<Value = KeyExtractor> {
     ]
 }
 
+/// Ascending thresholds in (0, 1] (hundredths, so that they print back exactly) and a URL.
+fn alerts() -> impl Strategy<Value = Alerts> {
+    (
+        proptest::collection::btree_set(1u32..=100, 1..4),
+        "[a-z]{1,8}",
+        1u16..=65535,
+        "(/[a-z0-9_-]{0,8}){0,3}",
+    )
+        .prop_map(|(hundredths, host, port, path)| Alerts {
+            thresholds: hundredths
+                .into_iter()
+                .map(|h| f64::from(h) / 100.0)
+                .collect(),
+            webhook: format!("http://{host}:{port}{path}"),
+        })
+}
+
 fn policy() -> impl Strategy<Value = Policy> {
     let plans = btree_map(
         "[a-z]{1,6}",
-        (bandwidths(), option::of(1u32..=1000), any::<bool>()).prop_map(
-            |(bandwidths, concurrency, fixed)| Plan {
+        (
+            bandwidths(),
+            option::of(1u32..=1000),
+            any::<bool>(),
+            option::of(alerts()),
+        )
+            .prop_map(|(bandwidths, concurrency, fixed, alerts)| Plan {
                 bandwidths,
                 concurrency,
                 fixed,
-            },
-        ),
+                alerts,
+            }),
         0..4,
     );
     plans.prop_flat_map(|plans| {
@@ -342,6 +364,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                     concurrency,
                     expires,
                     fixed: false,
+                    alerts: None,
                 }),
             0..3,
         );
@@ -468,9 +491,9 @@ proptest! {
     fn generated_overrides_round_trip(
         clients in btree_map(
             "[ -~]{1,20}",
-            (option::of("[a-z]{1,6}"), option::of(bandwidths()), option::of(1u32..=100), option::of(timestamp()))
-                .prop_filter("sets something", |(p, b, c, _)| p.is_some() || b.is_some() || c.is_some())
-                .prop_map(|(plan, bandwidths, concurrency, expires)| ClientOverride { plan, bandwidths, concurrency, expires, fixed: false }),
+            (option::of("[a-z]{1,6}"), option::of(bandwidths()), option::of(1u32..=100), option::of(timestamp()), option::of(alerts()))
+                .prop_filter("sets something", |(p, b, c, _, a)| p.is_some() || b.is_some() || c.is_some() || a.is_some())
+                .prop_map(|(plan, bandwidths, concurrency, expires, alerts)| ClientOverride { plan, bandwidths, concurrency, expires, fixed: false, alerts }),
             0..5,
         )
     ) {

@@ -18,6 +18,8 @@ use fairgate_policies::{Policy, PolicyErrors};
 use http::header::HeaderName;
 use http::Method;
 
+use fairgate_middleware::observe::AlertConfig;
+
 use crate::tls::TlsError;
 
 use super::model::{
@@ -208,6 +210,7 @@ fn config(
     let log = m
         .optional_with(ctx, "log", |c, n, p| log(c, n, p, base))
         .unwrap_or_default();
+    let alerts = m.optional_with(ctx, "alerts", alerts).unwrap_or_default();
     m.finish(ctx);
 
     let listen = listen?;
@@ -242,6 +245,7 @@ fn config(
             limits,
             policy,
             log,
+            alerts,
         },
         inline_policy,
     })
@@ -733,6 +737,32 @@ fn count(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<u32> {
         return None;
     }
     Some(n as u32)
+}
+
+/// `alerts: {queue, max_crossings, attempts, timeout, backoff}`: the usage-alert sender.
+fn alerts(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<AlertConfig> {
+    let d = AlertConfig::default();
+    let mut m = MapReader::new(ctx, node, path)?;
+    let queue = m.optional_with(ctx, "queue", count);
+    let max_crossings = m.optional_with(ctx, "max_crossings", count);
+    let attempts = m.optional_with(ctx, "attempts", |c, n, p| {
+        let a = count(c, n, p)?;
+        if a > 20 {
+            c.error(n, p, format!("{a} is out of range (1 to 20)"));
+            return None;
+        }
+        Some(a)
+    });
+    let timeout = m.optional_with(ctx, "timeout", positive_duration);
+    let backoff = m.optional_with(ctx, "backoff", positive_duration);
+    m.finish(ctx);
+    Some(AlertConfig {
+        queue: queue.map_or(d.queue, |q| q as usize),
+        max_crossings: max_crossings.map_or(d.max_crossings, |q| q as usize),
+        attempts: attempts.unwrap_or(d.attempts),
+        timeout: timeout.unwrap_or(d.timeout),
+        backoff: backoff.unwrap_or(d.backoff),
+    })
 }
 
 fn limits(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Limits> {

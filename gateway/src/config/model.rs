@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub policy: PolicySource,
     /// Logging and the decision log.
     pub log: LogConfig,
+    /// The usage-alert sender's limits (`alerts:`; the alerts themselves are the policy's).
+    pub alerts: fairgate_middleware::observe::AlertConfig,
 }
 
 /// One data-plane listener.

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fairgate_middleware::observe::{encode, DecisionLog, EngineMetrics, Format};
+use fairgate_middleware::observe::{encode, AlertMetrics, DecisionLog, EngineMetrics, Format};
 use fairgate_middleware::outbound::{OutboundEvent, OutboundObserver};
 use fairgate_middleware::Engine;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -118,6 +118,7 @@ impl UpstreamMetrics {
 pub struct Metrics {
     registry: Registry,
     engine: Arc<EngineMetrics>,
+    alerts: AlertMetrics,
     upstream_duration: Family<UpstreamLabels, Histogram>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     outbound: OutboundMetrics,
@@ -136,6 +137,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let engine = EngineMetrics::register(&mut registry);
+        let alerts = AlertMetrics::register(&mut registry);
         let gateway = registry.sub_registry_with_prefix("fairgate");
         let upstream_duration = Family::<UpstreamLabels, Histogram>::new_with_constructor(
             duration_histogram as fn() -> Histogram,
@@ -174,6 +176,7 @@ impl Metrics {
         Metrics {
             registry,
             engine,
+            alerts,
             upstream_duration,
             upstream_errors,
             outbound,
@@ -184,6 +187,11 @@ impl Metrics {
     /// The engine's series: install them as (part of) the engine's observer.
     pub fn engine(&self) -> &Arc<EngineMetrics> {
         &self.engine
+    }
+
+    /// The usage-alert series, for the alert sender.
+    pub fn alerts(&self) -> &AlertMetrics {
+        &self.alerts
     }
 
     /// The counters of the connection limits (see [`ClientCounters`]).
@@ -373,7 +381,8 @@ mod tests {
             r#"fairgate_upstream_duration_seconds_count{upstream="api"} 1"#,
             r#"fairgate_upstream_errors_total{upstream="api",kind="timeout"} 1"#,
             r#"fairgate_policy_reloads_total{result="error"} 0"#,
-            "fairgate_near_limit_total 0",
+            r#"fairgate_alerts_total{result="dropped"} 0"#,
+            "fairgate_alerts_queued 0",
             r#"fairgate_connections_refused_total{reason="per_source"} 0"#,
             r#"fairgate_slow_clients_total{kind="body"} 0"#,
             r#"fairgate_slow_clients_total{kind="read"} 0"#,

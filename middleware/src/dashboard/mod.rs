@@ -333,7 +333,7 @@ impl Dashboard {
                 },
             },
             "tracked_keys": &h.tracked_keys,
-            "top": h.top.iter().map(crate::admin::usage_json).collect::<Vec<_>>(),
+            "top": h.top.iter().map(crate::observe::usage_json).collect::<Vec<_>>(),
             "policy": {
                 "version": policy.version,
                 "hash": policy.hash.to_hex(),
@@ -387,7 +387,7 @@ impl Dashboard {
         }
         Some(json!({
             "key": key,
-            "usage": usage.as_ref().map(crate::admin::usage_json),
+            "usage": usage.as_ref().map(crate::observe::usage_json),
             "history": history,
             "recent": recent,
         }))

@@ -41,6 +41,13 @@ struct DecisionLabels {
     plan: Arc<str>,
 }
 
+/// Labels of `fairgate_near_limit_total`: names from the policy, never a client key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NearLimitLabels {
+    plan: Arc<str>,
+    bandwidth: Arc<str>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
     rule: Arc<str>,
@@ -99,7 +106,7 @@ pub struct EngineMetrics {
     policy_version: Gauge,
     tracked_keys: Gauge,
     evictions: Mirror,
-    near_limit: Counter,
+    near_limit: Family<NearLimitLabels, Counter>,
     decision_log_dropped: Mirror,
     /// The watched decision log's drop count, mirrored by `refresh`.
     #[cfg(feature = "decision-log")]
@@ -109,6 +116,9 @@ pub struct EngineMetrics {
     counters: DecisionCounters,
     /// `fairgate_shadow_rejects_total`, pre-resolved per rule.
     shadow: DecisionCounters,
+    /// `fairgate_near_limit_total`, pre-resolved per plan and bandwidth (the bandwidth's
+    /// name in the `rule` part of the key).
+    near: DecisionCounters,
 }
 
 /// The `fairgate_redis_*` series (present, at zero, without a Redis backend).
@@ -149,7 +159,7 @@ impl EngineMetrics {
             policy_version: Gauge::default(),
             tracked_keys: Gauge::default(),
             evictions: Mirror::default(),
-            near_limit: Counter::default(),
+            near_limit: Family::default(),
             decision_log_dropped: Mirror::default(),
             #[cfg(feature = "decision-log")]
             watched_log: std::sync::OnceLock::new(),
@@ -165,6 +175,7 @@ impl EngineMetrics {
             },
             counters: DecisionCounters::default(),
             shadow: DecisionCounters::default(),
+            near: DecisionCounters::default(),
         };
         registry.register(
             "requests",
@@ -219,7 +230,7 @@ impl EngineMetrics {
         );
         registry.register(
             "near_limit",
-            "Admits that left a client under 20% of a quota",
+            "Admits that left a client's quota bandwidth under 20% of its burst, by plan and bandwidth",
             m.near_limit.clone(),
         );
         registry.register(
@@ -288,6 +299,16 @@ impl EngineMetrics {
         });
         self.tracked_keys.set(gauge_of(engine.tracked_keys()));
         self.evictions.set(engine.evictions());
+        // Every plan bandwidth's near-limit series exists (at 0) before its first count.
+        for plan in engine.store().load().plans.iter() {
+            for bw in plan.bandwidths.iter() {
+                let labels = NearLimitLabels {
+                    plan: Arc::clone(&plan.name),
+                    bandwidth: Arc::clone(&bw.name),
+                };
+                let _ = self.near_limit.get_or_create(&labels);
+            }
+        }
         let reloads = engine.store().last_reload();
         self.reloads_ok.set(reloads.succeeded);
         self.reloads_error.set(reloads.failed);
@@ -375,9 +396,9 @@ impl EngineMetrics {
             .map_or(0, |c| c.get())
     }
 
-    /// `fairgate_near_limit_total`.
+    /// `fairgate_near_limit_total`, summed over its plans and bandwidths.
     pub(crate) fn near_limit_count(&self) -> u64 {
-        self.near_limit.get()
+        self.near.map.load().values().map(Counter::get).sum()
     }
 }
 
@@ -426,11 +447,27 @@ impl Observer for EngineMetrics {
                     .inc();
             }
             DecisionKind::Admit | DecisionKind::Borrowed => {
-                if let Some(l) = e.ratelimit {
+                let Some(usage) = &e.usage else { return };
+                let plan = e.plan.unwrap_or("");
+                for b in usage.bandwidths() {
                     // Under 20% of the bucket (its burst) left after this admit.
-                    if l.burst > 0 && l.remaining.saturating_mul(5) < l.burst {
-                        self.near_limit.inc();
+                    if b.remaining.saturating_mul(5) >= b.bandwidth.burst {
+                        continue;
                     }
+                    let labels = LabelRef {
+                        stage: "",
+                        decision: "",
+                        rule: &b.bandwidth.name,
+                        plan,
+                    };
+                    self.near.count_with(&labels, || {
+                        self.near_limit
+                            .get_or_create(&NearLimitLabels {
+                                plan: Arc::from(plan),
+                                bandwidth: Arc::clone(&b.bandwidth.name),
+                            })
+                            .clone()
+                    });
                 }
             }
             _ => {}
@@ -695,6 +732,61 @@ mod tests {
         m.refresh_decision_log_dropped(3);
         m.refresh_decision_log_dropped(5);
         assert!(encode(&registry, Format::Text).contains("fairgate_decision_log_dropped_total 5\n"));
+    }
+
+    /// Near-limit admits are counted per plan and bandwidth whatever `ratelimit_headers`
+    /// says (here its default, `on_reject`, under which admits carry no RateLimit numbers).
+    #[test]
+    fn near_limit_admits_count_by_plan_and_bandwidth_without_ratelimit_headers() {
+        use crate::clock::ManualClock;
+        use crate::decision::Decision;
+        use crate::engine::RequestFacts;
+        use fairgate_policies::PolicyStore;
+
+        let policy = "version: 1
+default_plan: free
+plans:
+  free:
+    bandwidths:
+      - {rate: 10/s, burst: 10, name: burst}
+      - {rate: 100/h, name: hourly}
+";
+        let store = PolicyStore::from_yaml_str(policy, "p.yaml").expect("policy");
+        let engine = Engine::with_clock(store, ManualClock::new(1_000_000_000_000));
+        let mut registry = Registry::default();
+        let m = EngineMetrics::register(&mut registry);
+        engine.set_observer(m);
+        let facts = RequestFacts {
+            peer: std::net::IpAddr::from([192, 0, 2, 1]),
+            method: "GET",
+            host: "example.test",
+            path: "/",
+            query: None,
+            operation: None,
+            headers: &(),
+        };
+        let near = |text: &str, bw: &str| -> Option<u64> {
+            let prefix = format!("fairgate_near_limit_total{{plan=\"free\",bandwidth=\"{bw}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(|v| v.parse().expect("count"))
+        };
+        // Eight admits leave 2 of 10: not under 20%.
+        for _ in 0..8 {
+            assert!(matches!(engine.decide(&facts), Decision::Admit(_)));
+        }
+        let text = encode(&registry, Format::Text);
+        assert_eq!(near(&text, "burst"), None, "{text}");
+        // The 9th and 10th leave 1 and 0; the hourly bandwidth (100) is far from its limit.
+        for _ in 0..2 {
+            assert!(matches!(engine.decide(&facts), Decision::Admit(_)));
+        }
+        let text = encode(&registry, Format::Text);
+        assert_eq!(near(&text, "burst"), Some(2), "{text}");
+        assert_eq!(near(&text, "hourly"), None, "{text}");
+        // A rejection is not a near-limit admit.
+        assert!(matches!(engine.decide(&facts), Decision::Reject(_)));
+        assert_eq!(near(&encode(&registry, Format::Text), "burst"), Some(2));
     }
 
     #[test]

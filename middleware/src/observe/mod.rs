@@ -7,11 +7,17 @@
 //!
 //! This module only listens: it decides nothing and holds no quota state.
 
+#[cfg(feature = "alerts")]
+mod alerts;
 #[cfg(feature = "decision-log")]
 mod decision_log;
 #[cfg(feature = "metrics")]
 mod metrics;
+#[cfg(feature = "admin")]
+mod usage_json;
 
+#[cfg(feature = "alerts")]
+pub use alerts::{AlertConfig, AlertEvent, AlertMetrics, AlertWebhook};
 #[cfg(feature = "decision-log")]
 pub use decision_log::{
     tag_route, take_pending, ActionRecord, DecisionContext, DecisionLog, DecisionLogConfig,
@@ -22,3 +28,5 @@ pub use metrics::{encode, EngineMetrics, Format};
 /// The prometheus-client crate whose `Registry` [`EngineMetrics::register`] takes.
 #[cfg(feature = "metrics")]
 pub use prometheus_client;
+#[cfg(feature = "admin")]
+pub(crate) use usage_json::usage_json;

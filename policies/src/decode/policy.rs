@@ -9,11 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::error::PolicyErrors;
 use crate::model::{
-    Action, AdaptiveAlgorithm, AdaptiveLimit, Backend, Bandwidth, BandwidthCap, BurstSharing,
-    ClassThresholds, ClientCap, ClientOverride, Condition, DenyAction, Estimator, HeaderMatch,
-    HeaderMode, Identify, KeyExtractor, LimitAction, LimitKey, MatchKind, Mode, Operation, Plan,
-    Policy, PostHoc, Priority, RejectDelay, Responses, Rule, ShedLimit, Shedding, State,
-    StringMatch, TagAction, UsageEndpoint,
+    Action, AdaptiveAlgorithm, AdaptiveLimit, Alerts, Backend, Bandwidth, BandwidthCap,
+    BurstSharing, ClassThresholds, ClientCap, ClientOverride, Condition, DenyAction, Estimator,
+    HeaderMatch, HeaderMode, Identify, KeyExtractor, LimitAction, LimitKey, MatchKind, Mode,
+    Operation, Plan, Policy, PostHoc, Priority, RejectDelay, Responses, Rule, ShedLimit, Shedding,
+    State, StringMatch, TagAction, UsageEndpoint,
 };
 use crate::model::{FleetMode, OnFailure, RedisState};
 use crate::units::{ByteSize, Cidr, HumanDuration, Rate};
@@ -1112,12 +1112,133 @@ fn plan(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Plan> {
         .unwrap_or_default();
     let concurrency = m.optional_with(d, "concurrency", |d, n, p| concurrency(&mut *d.ctx, n, p));
     let fixed = m.optional::<_, bool>(d, "fixed").unwrap_or(false);
+    let alerts = m.optional_with(d, "alerts", |d, n, p| alerts(&mut *d.ctx, n, p));
     m.finish(d);
     Some(Plan {
         bandwidths,
         concurrency,
         fixed,
+        alerts,
     })
+}
+
+/// `alerts: {thresholds: [..], webhook: URL}`.
+fn alerts(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Alerts> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let thresholds = m.optional_with(ctx, "thresholds", alert_thresholds);
+    let webhook = m.required_with(ctx, "webhook", webhook_url);
+    m.finish(ctx);
+    Some(Alerts {
+        thresholds: thresholds.unwrap_or_else(crate::model::default_alert_thresholds),
+        webhook: webhook?,
+    })
+}
+
+/// A non-empty list of fractions in (0, 1], strictly ascending.
+fn alert_thresholds(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Vec<f64>> {
+    let NodeKind::Seq(items) = &node.kind else {
+        expected(ctx, node, path, "a list of thresholds, e.g. [0.8, 1.0]");
+        return None;
+    };
+    if items.is_empty() {
+        ctx.error(
+            node,
+            path,
+            "no thresholds: give at least one (or leave `thresholds` out for [0.8, 1.0])",
+        );
+        return None;
+    }
+    let mut out: Vec<f64> = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let p = path.index(i);
+        let Some(v) = fraction(ctx, item, &p) else {
+            ok = false;
+            continue;
+        };
+        if let Some(&prev) = out.last() {
+            if v <= prev {
+                ctx.error(
+                    item,
+                    &p,
+                    format!("thresholds must ascend: {v} follows {prev}"),
+                );
+                ok = false;
+            }
+        }
+        out.push(v);
+    }
+    ok.then_some(out)
+}
+
+/// An `http://host[:port][/path]` URL (plain HTTP: the webhook client has no TLS).
+fn webhook_url(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<String> {
+    let s = String::decode(ctx, node, path)?;
+    match check_webhook_url(&s) {
+        Ok(()) => Some(s),
+        Err(why) => {
+            ctx.error(node, path, format!("`{s}` is not a webhook URL: {why}"));
+            None
+        }
+    }
+}
+
+/// Why `s` is not an `http://host[:port][/path]` URL, if it is not.
+fn check_webhook_url(s: &str) -> Result<(), &'static str> {
+    let Some(rest) = s.strip_prefix("http://") else {
+        return Err(if s.starts_with("https://") {
+            "https is not supported (the webhook client speaks plain HTTP; relay through a local proxy for TLS)"
+        } else {
+            "it must start with `http://`"
+        });
+    };
+    if !s.bytes().all(|b| b.is_ascii_graphic()) || s.contains('#') {
+        return Err("only printable ASCII without spaces or a `#fragment`");
+    }
+    let (authority, _path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    if authority.contains('@') {
+        return Err("user information (`user@`) is not supported");
+    }
+    // `[v6]`, `[v6]:port`, `host`, `host:port`.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6.split_once(']').ok_or("an IPv6 host needs its `]`")?;
+            if addr.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err("the host is not an IPv6 address");
+            }
+            match after {
+                "" => (addr, None),
+                _ => (
+                    addr,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or("`]` must be followed by `:port`")?,
+                    ),
+                ),
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("no host");
+    }
+    if !authority.starts_with('[')
+        && !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+    {
+        return Err("the host may hold only letters, digits, `.`, `-` and `_`");
+    }
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err("the port must be a number from 1 to 65535");
+        }
+    }
+    Ok(())
 }
 
 fn concurrency(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<u32> {
@@ -1353,10 +1474,11 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
     let plan = m.optional_with(d, "plan", plan_ref);
     let bandwidths = m.optional_with(d, "bandwidths", bandwidths);
     let concurrency = m.optional_with(d, "concurrency", |d, n, p| concurrency(&mut *d.ctx, n, p));
+    let alerts = m.optional_with(d, "alerts", |d, n, p| alerts(&mut *d.ctx, n, p));
     let expires = m.optional::<_, crate::units::Timestamp>(d, "expires");
     let fixed = m.optional::<_, bool>(d, "fixed").unwrap_or(false);
     // `expires` alone changes nothing (a key given but invalid was reported already).
-    let sets = ["plan", "bandwidths", "concurrency", "fixed"]
+    let sets = ["plan", "bandwidths", "concurrency", "fixed", "alerts"]
         .iter()
         .any(|k| m.entry(k).is_some());
     m.finish(d);
@@ -1364,7 +1486,7 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
         d.ctx.error(
             node,
             path,
-            "override sets nothing: give `plan`, `bandwidths`, `concurrency` or `fixed`",
+            "override sets nothing: give `plan`, `bandwidths`, `concurrency`, `fixed` or `alerts`",
         );
         return None;
     }
@@ -1372,6 +1494,7 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
         plan,
         bandwidths,
         concurrency,
+        alerts,
         expires,
         fixed,
     })

@@ -490,3 +490,35 @@ fn the_dashboard_is_on_by_default_and_its_history_is_bounded() {
         assert!(e.contains(msg), "{bad}: {e}");
     }
 }
+
+#[test]
+fn the_alert_sender_block_is_checked_and_defaults() {
+    let base =
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [builtin:echo]}}\n";
+    let c = parse_ok(base);
+    assert_eq!(c.config.alerts.queue, 1024);
+    assert_eq!(c.config.alerts.attempts, 4);
+    let c = parse_ok(&format!(
+        "{base}alerts: {{queue: 16, max_crossings: 100, attempts: 2, timeout: 500ms, backoff: 1s}}\n"
+    ));
+    let a = &c.config.alerts;
+    assert_eq!((a.queue, a.max_crossings, a.attempts), (16, 100, 2));
+    assert_eq!(
+        (a.timeout, a.backoff),
+        (Duration::from_millis(500), Duration::from_secs(1))
+    );
+    let e = parse_err(&format!(
+        "{base}alerts: {{queue: 0, attempts: 50, timeout: 0s, retries: 3}}\n"
+    ));
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "gw.yaml:4:17: alerts.queue: must be at least 1",
+            "gw.yaml:4:30: alerts.attempts: 50 is out of range (1 to 20)",
+            "gw.yaml:4:43: alerts.timeout: must be greater than zero",
+            "gw.yaml:4:47: alerts.retries: unknown field `retries` (expected one of `queue`, `max_crossings`, `attempts`, `timeout`, `backoff`)",
+        ],
+        "{e}"
+    );
+}
