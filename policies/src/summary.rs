@@ -113,6 +113,9 @@ fn write_summary(out: &mut String, p: &Policy) -> std::fmt::Result {
         if parts.is_empty() {
             parts.push("no limits".to_owned());
         }
+        if plan.fixed {
+            parts.push("fixed (never borrowed past)".to_owned());
+        }
         writeln!(out, "  {name}: {}", parts.join(", "))?;
     }
     more(out, p.plans.len())?;
@@ -197,7 +200,7 @@ fn write_summary(out: &mut String, p: &Policy) -> std::fmt::Result {
     let r = &p.responses;
     writeln!(
         out,
-        "responses: quota {}, shed {}, deny {}; RateLimit headers {}; shed Retry-After {}",
+        "responses: quota {}, shed {}, deny {}; RateLimit headers {}; shed Retry-After {}; {}",
         r.quota_status,
         r.shed_status,
         r.deny_status,
@@ -206,7 +209,12 @@ fn write_summary(out: &mut String, p: &Policy) -> std::fmt::Result {
             HeaderMode::OnReject => "on reject",
             HeaderMode::Always => "always",
         },
-        r.shed_retry_after
+        r.shed_retry_after,
+        if r.retry_stagger.0.is_zero() {
+            "retries not staggered".to_owned()
+        } else {
+            format!("retries staggered up to {}", r.retry_stagger)
+        }
     )?;
     write_state(out, p)
 }
@@ -313,7 +321,7 @@ operations: 1
 clients: 0 inline override(s)
 burst sharing: off
 shedding: adaptive limit (aimd, 8..64, target 50ms); thresholds critical 1, normal 0.9, borrowed 0.7, sheddable 0.5; rejections delayed up to 1s (1024 at once)
-responses: quota 429, shed 503, deny 403; RateLimit headers on reject; shed Retry-After 1s
+responses: quota 429, shed 503, deny 403; RateLimit headers on reject; shed Retry-After 1s; retries staggered up to 1min
 state: local, at most 100000 keys
 "
         );
