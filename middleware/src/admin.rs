@@ -48,7 +48,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
@@ -731,17 +731,8 @@ fn write_override(
     let mut text = serde_json::to_string_pretty(&all)
         .map_err(|e| PolicyErrors::unlocated(&name, format!("cannot serialise overrides: {e}")))?;
     text.push('\n');
-    let stamp = std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp = path.with_extension(format!("tmp.{}.{stamp}", std::process::id()));
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            PolicyErrors::unlocated(&name, format!("cannot write the file: {e}"))
-        })?;
+    crate::caps::write_atomically(path, &text)
+        .map_err(|e| PolicyErrors::unlocated(&name, format!("cannot write the file: {e}")))?;
     Ok(existed)
 }
 

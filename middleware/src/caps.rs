@@ -182,6 +182,13 @@ pub(crate) fn apply<'p>(q: Quota<'p>, capped: &'p Capped) -> Quota<'p> {
 pub(crate) fn persist(path: &Path, caps: &BTreeMap<String, ClientCap>) -> std::io::Result<()> {
     let mut text = serde_json::to_string_pretty(caps).map_err(std::io::Error::other)?;
     text.push('\n');
+    write_atomically(path, &text)
+}
+
+/// Replaces `path` with `text` atomically (a temporary file beside it, then a rename), so a
+/// reader (the policy store's watcher) sees the old file or the new one, never a part. Shared
+/// by the caps file and the admin API's overrides file.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let stamp = std::time::SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())

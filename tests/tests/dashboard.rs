@@ -7,7 +7,8 @@
 //! `docs/dashboard/` were made with `FAIRGATE_SCREENSHOTS=docs/dashboard cargo test -p
 //! fairgate-tests --test dashboard`), else into the test's temp directory.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -59,26 +60,35 @@ struct Driver {
 }
 
 impl Driver {
+    /// Starts chromedriver on a port it picks, and waits for the line that names it.
     fn start() -> Driver {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
+        let mut child = Command::new("chromedriver")
+            .arg("--port=0")
             .arg("--allowed-ips=127.0.0.1")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn chromedriver");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let started = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(started.elapsed() < DEADLINE, "chromedriver did not listen");
-            std::thread::sleep(Duration::from_millis(20));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let port = line
+                    .strip_prefix("ChromeDriver was started successfully on port ")
+                    .and_then(|p| p.trim_end_matches('.').parse::<u16>().ok());
+                if let Some(port) = port {
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(DEADLINE)
+            .expect("chromedriver said which port it listens on");
+        Driver {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
         }
-        Driver { child, addr }
     }
 }
 
@@ -101,6 +111,8 @@ async fn browser(driver: &Driver) -> Browser {
                      "--disable-dev-shm-usage", "--window-size=1280,1000"],
         }),
     );
+    // What `until` waits at most for one redraw.
+    caps.insert("timeouts".into(), json!({"script": 10_000}));
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
     ClientBuilder::new(connector)
         .capabilities(caps)
@@ -109,7 +121,9 @@ async fn browser(driver: &Driver) -> Browser {
         .expect("a WebDriver session")
 }
 
-/// Polls `script` (a function body returning a value) until `ok` accepts its result.
+/// Evaluates `script` (a function body returning a value) until `ok` accepts its result;
+/// between two tries it waits for the page's next redraw (its `fairgate:drawn` event), so
+/// nothing here sleeps.
 async fn until(b: &Browser, what: &str, script: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let started = Instant::now();
     loop {
@@ -121,7 +135,14 @@ async fn until(b: &Browser, what: &str, script: &str, ok: impl Fn(&Value) -> boo
             started.elapsed() < Duration::from_secs(30),
             "the page never showed {what}; last: {v}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Within the session's script timeout; the page redraws every step (1 s here).
+        let _ = b
+            .execute_async(
+                "const done = arguments[arguments.length - 1];\n\
+                 document.addEventListener('fairgate:drawn', () => done(true), {once: true});",
+                vec![],
+            )
+            .await;
     }
 }
 
