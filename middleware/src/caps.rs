@@ -174,6 +174,8 @@ pub(crate) fn apply<'p>(q: Quota<'p>, capped: &'p Capped) -> Quota<'p> {
         concurrency,
         fixed: q.fixed,
         capped: true,
+        // A client that capped itself chose its limit: it is not grown.
+        growth: None,
     }
 }
 

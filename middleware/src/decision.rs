@@ -13,8 +13,8 @@ pub use fairgate_policies::model::Priority;
 
 pub use crate::concurrency::Ticket;
 pub use crate::event::{
-    BandwidthUse, CompletionEvent, DecisionEvent, DecisionKind, Observer, Outcome, QuotaUsage,
-    RateLimitInfo, RequestContext, Stage,
+    BandwidthUse, CompletionEvent, DecisionEvent, DecisionKind, GrowthEvent, Observer, Outcome,
+    QuotaUsage, RateLimitInfo, RequestContext, Stage,
 };
 pub use crate::identify::ClientKey;
 pub use crate::shed::DelayGuard;

@@ -45,7 +45,8 @@ use ahash::RandomState;
 use arc_swap::{ArcSwap, Guard};
 use fairgate_policies::compiled::PlanId;
 use fairgate_policies::compiled::{
-    CompiledBandwidth, CompiledIdentify, CompiledOperation, CompiledPolicy, RequestView,
+    CompiledBandwidth, CompiledGrowth, CompiledIdentify, CompiledOperation, CompiledPolicy,
+    RequestView,
 };
 use fairgate_policies::model::{ClientCap, HeaderMode, OnFailure, PostHoc, Priority};
 use fairgate_policies::PolicyStore;
@@ -57,10 +58,11 @@ use crate::caps::{self, CapState, CappedMap};
 use crate::clock::{duration_to_nanos, Clock, MonotonicClock, Nanos};
 use crate::concurrency::{PostHocCharge, PostHocUnit, Ticket, TicketShared};
 use crate::decision::{
-    Admitted, Decision, DecisionEvent, DecisionKind, Observer, QuotaUsage, RateLimitInfo,
-    Rejection, RequestContext, Stage,
+    Admitted, Decision, DecisionEvent, DecisionKind, GrowthEvent, Observer, QuotaUsage,
+    RateLimitInfo, Rejection, RequestContext, Stage,
 };
 use crate::gcra;
+use crate::growth::{self, ClientGrowth, GrowthState};
 use crate::identify::{self, AsSource, ClientKey, HeaderValues};
 use crate::ledger::{Charge, ChargeBuf, Charges};
 use crate::quota::{self, Consumed, Permit};
@@ -154,6 +156,12 @@ pub struct Engine {
     caps: Mutex<CapState>,
     /// Serialises cap writes (file write, then publish).
     cap_writes: Mutex<()>,
+    /// Grown clients (module [`crate::growth`]). Lock order: `rebuild`, `caps`, then this.
+    growth: Mutex<GrowthState>,
+    /// Usage counts of clients whose quota may grow.
+    growth_counts: growth::Counters,
+    /// The engine time of the last shed rejection + 1 (0: none): growth waits a window.
+    last_shed: AtomicU64,
     /// Set while the policy has a usage endpoint, or a reload may have added one: the
     /// adapter compares the request path only then.
     usage_armed: Arc<AtomicBool>,
@@ -168,6 +176,10 @@ struct Prepared {
     borrow_below: Option<f64>,
     /// Self-set caps compiled against this generation (empty without caps).
     capped: CappedMap,
+    /// Grown clients' bandwidth sets under this generation (empty when nobody grew).
+    grown: growth::GrownMap,
+    /// The longest growth window of the policy (0: no growth anywhere).
+    growth_window: Nanos,
     /// The usage endpoint, if the policy has one.
     usage: Option<UsageSettings>,
 }
@@ -226,7 +238,8 @@ impl Engine {
         let state = Store::new(policy.state.max_keys);
         let shed = Shedder::default();
         let caps = CapState::of(&policy);
-        let prepared = Prepared::build(policy, None, &state, &shed, &caps.by_key);
+        let growth = growth_state(&store, clock.now());
+        let prepared = Prepared::build(policy, None, &state, &shed, &caps.by_key, &growth.by_key);
         usage_armed.store(
             prepared.usage.is_some() || stale.load(Ordering::Acquire),
             Ordering::Release,
@@ -243,6 +256,9 @@ impl Engine {
             embedded: Arc::new(Embedded),
             caps: Mutex::new(caps),
             cap_writes: Mutex::new(()),
+            growth: Mutex::new(growth),
+            growth_counts: growth::Counters::default(),
+            last_shed: AtomicU64::new(0),
             usage_armed,
         })
     }
@@ -306,8 +322,14 @@ impl Engine {
     /// of bucket ids the policy no longer has. Bounded by `max_keys`; call it from a
     /// background task every few seconds (it also runs, per shard, whenever a shard fills).
     pub fn prune(&self) -> u64 {
-        let _ = self.prepared();
-        self.shared.state.prune(self.shared.clock.now())
+        let prep = self.prepared();
+        let now = self.shared.clock.now();
+        if prep.growth_window > 0 {
+            self.growth_counts.prune(now, prep.growth_window);
+        }
+        drop(prep);
+        self.persist_growth();
+        self.shared.state.prune(now)
     }
 
     /// Runs [`Engine::prune`] every `every` on the current tokio runtime until the engine
@@ -397,12 +419,14 @@ impl Engine {
             }
             Arc::clone(&caps.by_key)
         };
+        let grown = self.growth_snapshot();
         let next = Prepared::build(
             Arc::clone(&cur),
             Some(&prep),
             &self.shared.state,
             &self.shared.shed,
             &caps,
+            &grown,
         );
         drop(prep);
         self.usage_armed
@@ -608,6 +632,11 @@ impl Engine {
                 self.backend().count_failure_admit();
             }
         }
+        if let (Some(g), Some(bws)) = (q.growth, q.bandwidths) {
+            if !borrowed && !rules_out.allowed {
+                self.count_growth(&prep, ck, g, bws, plan_name, cost, now);
+            }
+        }
         if let Some(obs) = observer {
             // Out of line: the event (and its usage) is built only with an observer, and
             // inlined here it made the frame of every decision larger (callgrind).
@@ -763,6 +792,212 @@ impl Engine {
         })
     }
 
+    // --- adaptive growth (module `growth`) ---
+
+    /// Every grown client's growth (a copy, for a generation being built).
+    fn growth_snapshot(&self) -> BTreeMap<String, ClientGrowth> {
+        self.growth
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_key
+            .clone()
+    }
+
+    /// Counts an admit of a client whose quota may grow; takes a step when the window
+    /// before this one reached the threshold. Out of line: only growth's clients pay.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn count_growth(
+        &self,
+        prep: &Prepared,
+        key: &str,
+        g: &CompiledGrowth,
+        set: &[CompiledBandwidth],
+        plan: Option<&Arc<str>>,
+        cost: u64,
+        now: Nanos,
+    ) {
+        let max = usize::try_from(prep.policy.state.max_keys).unwrap_or(usize::MAX);
+        let Some(due) = self
+            .growth_counts
+            .add(key, cost, now, g, growth::t_max(set), max)
+        else {
+            return;
+        };
+        self.grow(key, g, plan, due, now);
+    }
+
+    /// Takes one growth step for `key`, unless shedding or `max_rise` forbids it.
+    #[cold]
+    fn grow(
+        &self,
+        key: &str,
+        g: &CompiledGrowth,
+        plan: Option<&Arc<str>>,
+        due: growth::Due,
+        now: Nanos,
+    ) {
+        let last_shed = self.last_shed.load(Ordering::Relaxed);
+        if last_shed != 0 && now.saturating_sub(last_shed - 1) < g.window_ns {
+            tracing::info!(
+                client = key,
+                usage = due.usage,
+                "quota not grown: the service shed requests within the window"
+            );
+            return;
+        }
+        let _lock = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let (steps, by_key) = {
+            let mut gs = self.growth.lock().unwrap_or_else(|e| e.into_inner());
+            let max =
+                usize::try_from(self.prepared.load().policy.state.max_keys).unwrap_or(usize::MAX);
+            if !gs.by_key.contains_key(key) && gs.by_key.len() >= max {
+                return;
+            }
+            let cg = gs.by_key.entry(key.to_owned()).or_default();
+            if !growth::may_rise(cg, g, now) {
+                if cg.steps == 0 {
+                    gs.by_key.remove(key);
+                }
+                return;
+            }
+            growth::rise(cg, now, g.within_ns);
+            let steps = cg.steps;
+            gs.dirty = true;
+            (steps, gs.by_key.clone())
+        };
+        let caps = Arc::clone(&self.caps.lock().unwrap_or_else(|e| e.into_inner()).by_key);
+        let cur = self.prepared.load_full();
+        let rebuilt = Prepared::build(
+            Arc::clone(&cur.policy),
+            Some(&cur),
+            &self.shared.state,
+            &self.shared.shed,
+            &caps,
+            &by_key,
+        );
+        self.prepared.store(Arc::new(rebuilt));
+        let factor = g.factor(steps);
+        tracing::info!(
+            client = key,
+            plan = plan.map(|p| &**p),
+            steps,
+            factor,
+            usage = due.usage,
+            threshold = g.threshold,
+            window_s = g.window_ns as f64 / 1e9,
+            "quota grown"
+        );
+        self.notify_growth(&GrowthEvent {
+            client_key: key,
+            plan: plan.map(|p| &**p),
+            action: "growth",
+            steps,
+            factor,
+            usage: Some(due.usage),
+            threshold: Some(g.threshold),
+            window_secs: Some(g.window_ns as f64 / 1e9),
+        });
+    }
+
+    fn notify_growth(&self, event: &GrowthEvent<'_>) {
+        if self.shared.has_observer.load(Ordering::Acquire) {
+            if let Some(obs) = self.shared.observer.load().as_deref() {
+                obs.on_growth(event);
+            }
+        }
+    }
+
+    /// `key`'s growth: steps taken and the factor its quota is grown by now (`None` when it
+    /// has not grown, or its quota has no `growth` now).
+    pub fn client_growth(&self, key: &str) -> Option<(u32, f64)> {
+        let prep = self.prepared();
+        if prep.growth_window == 0 {
+            return None;
+        }
+        let steps = self
+            .growth
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_key
+            .get(key)
+            .map_or(0, |g| g.steps);
+        if steps == 0 {
+            return None;
+        }
+        let q = quota::resolve(&prep.policy, key, None);
+        let factor = q.growth.map_or(1.0, |g| g.factor(steps));
+        Some((steps, factor))
+    }
+
+    /// Resets `key`'s growth (an operator's action): its quota is the policy's again, its
+    /// usage count starts over. Returns the steps it had (0: nothing to reset).
+    pub fn reset_growth(&self, key: &str) -> u32 {
+        let _lock = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let (had, by_key) = {
+            let mut gs = self.growth.lock().unwrap_or_else(|e| e.into_inner());
+            let had = gs.by_key.remove(key).map_or(0, |g| g.steps);
+            if had > 0 {
+                gs.dirty = true;
+            }
+            (had, gs.by_key.clone())
+        };
+        self.growth_counts.forget(key);
+        if had == 0 {
+            return 0;
+        }
+        let caps = Arc::clone(&self.caps.lock().unwrap_or_else(|e| e.into_inner()).by_key);
+        let cur = self.prepared.load_full();
+        let rebuilt = Prepared::build(
+            Arc::clone(&cur.policy),
+            Some(&cur),
+            &self.shared.state,
+            &self.shared.shed,
+            &caps,
+            &by_key,
+        );
+        self.prepared.store(Arc::new(rebuilt));
+        drop(_lock);
+        self.persist_growth();
+        self.notify_growth(&GrowthEvent {
+            client_key: key,
+            plan: None,
+            action: "growth_reset",
+            steps: 0,
+            factor: 1.0,
+            usage: None,
+            threshold: None,
+            window_secs: None,
+        });
+        had
+    }
+
+    /// Writes the growth file when growth changed since it was last written (the pruner
+    /// calls this every few seconds; the engine's drop once more).
+    fn persist_growth(&self) {
+        let mut gs = self.growth.lock().unwrap_or_else(|e| e.into_inner());
+        if !gs.dirty {
+            return;
+        }
+        let Some(path) = gs.file.clone() else {
+            gs.dirty = false;
+            return;
+        };
+        match growth::persist(
+            &path,
+            &gs.by_key,
+            self.shared.clock.now(),
+            std::time::SystemTime::now(),
+        ) {
+            Ok(()) => gs.dirty = false,
+            Err(e) => tracing::error!(
+                file = %path.display(),
+                error = %e,
+                "cannot write the growth file; retried at the next prune"
+            ),
+        }
+    }
+
     /// `key`'s self-set cap, when it has one in `prep`'s generation.
     fn client_cap(&self, prep: &Prepared, key: &str) -> Option<ClientCap> {
         if prep.capped.is_empty() {
@@ -853,12 +1088,14 @@ impl Engine {
         let next = Arc::new(next);
         self.caps.lock().unwrap_or_else(|e| e.into_inner()).by_key = Arc::clone(&next);
         let cur = self.prepared.load_full();
+        let grown = self.growth_snapshot();
         let rebuilt = Prepared::build(
             Arc::clone(&cur.policy),
             Some(&cur),
             &self.shared.state,
             &self.shared.shed,
             &next,
+            &grown,
         );
         self.prepared.store(Arc::new(rebuilt));
         Ok(true)
@@ -1731,6 +1968,9 @@ impl<'d> Deciding<'d> {
         if let Some(p) = permit.take() {
             p.release();
         }
+        engine
+            .last_shed
+            .store(self.now.saturating_add(1), Ordering::Relaxed);
         let (delay, delay_guard) = match shed.reject_delay(prep.shed.as_ref()) {
             Some((d, g)) => (Some(d), Some(g)),
             None => (None, None),
@@ -1909,14 +2149,19 @@ impl Prepared {
     /// The quota of `key` (see [`quota::resolve`]), held to its self-set cap if it has one.
     #[inline(always)]
     fn quota(&self, key: &str, tagged: Option<PlanId>) -> quota::Quota<'_> {
-        let q = quota::resolve(&self.policy, key, tagged);
-        if self.capped.is_empty() {
-            return q;
+        let mut q = quota::resolve(&self.policy, key, tagged);
+        if !self.capped.is_empty() {
+            // A capped client is not grown: its cap applies to its base quota.
+            if let Some(c) = self.capped.get(key) {
+                return caps::apply(q, c);
+            }
         }
-        match self.capped.get(key) {
-            Some(c) => caps::apply(q, c),
-            None => q,
+        if !self.grown.is_empty() {
+            if let (Some(sets), Some(set)) = (self.grown.get(key), q.bandwidths) {
+                q.bandwidths = Some(growth::apply(set, sets));
+            }
         }
+        q
     }
 
     fn build(
@@ -1925,6 +2170,7 @@ impl Prepared {
         state: &Store,
         shed: &Shedder,
         caps: &BTreeMap<String, ClientCap>,
+        grown: &BTreeMap<String, ClientGrowth>,
     ) -> Prepared {
         let mut ops_by_name = HashMap::with_hasher(RandomState::new());
         for (i, op) in policy.operations.iter().enumerate() {
@@ -1967,6 +2213,15 @@ impl Prepared {
         }
         let borrow_below = policy.burst_sharing.filter(|_| shed_cfg.is_some());
         let capped = caps::compile(&policy, caps);
+        let grown = growth::compile(&policy, grown);
+        let growth_window = policy
+            .plans
+            .iter()
+            .filter_map(|p| p.growth.as_ref())
+            .chain(policy.clients.values().filter_map(|c| c.growth.as_ref()))
+            .map(|g| g.window_ns)
+            .max()
+            .unwrap_or(0);
         let usage = policy
             .source
             .usage_endpoint
@@ -1983,8 +2238,43 @@ impl Prepared {
             shed: shed_cfg,
             borrow_below,
             capped,
+            grown,
+            growth_window,
             usage,
         }
+    }
+}
+
+/// The growth an engine starts with: read from the policy's growth file (absent: none). A
+/// file that cannot be read is set aside (renamed `*.unreadable`) and reported, so that it
+/// is neither lost nor silently overwritten.
+fn growth_state(store: &PolicyStore, now: Nanos) -> GrowthState {
+    let file = store.growth_path();
+    let mut by_key = BTreeMap::new();
+    if let Some(path) = &file {
+        match growth::load(path, now, std::time::SystemTime::now()) {
+            Ok(g) => by_key = g,
+            Err(e) => {
+                let aside = path.with_extension("unreadable");
+                let moved = std::fs::rename(path, &aside).is_ok();
+                tracing::error!(
+                    error = %e,
+                    set_aside = moved.then(|| aside.display().to_string()),
+                    "the growth file cannot be read: clients start at their base quota"
+                );
+            }
+        }
+    }
+    GrowthState {
+        file,
+        by_key,
+        dirty: false,
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.persist_growth();
     }
 }
 

@@ -271,6 +271,27 @@ pub struct CompletionEvent<'a> {
     pub borrowed: bool,
 }
 
+/// A client's quota grew, or an operator reset its growth (adaptive growth, `growth:`).
+#[derive(Debug, Clone, Copy)]
+pub struct GrowthEvent<'a> {
+    /// The client key.
+    pub client_key: &'a str,
+    /// The plan the client was charged to when it grew (`None` for a reset).
+    pub plan: Option<&'a str>,
+    /// `growth` (a step) or `growth_reset` (an operator's reset).
+    pub action: &'a str,
+    /// Steps taken now (0 after a reset).
+    pub steps: u32,
+    /// The growth factor now (1 after a reset).
+    pub factor: f64,
+    /// Why: the finished window's usage that reached the threshold (`None` for a reset).
+    pub usage: Option<f64>,
+    /// The threshold and window it was measured against (`None` for a reset).
+    pub threshold: Option<f64>,
+    /// The window, seconds.
+    pub window_secs: Option<f64>,
+}
+
 /// Receives decisions and completions (metrics, decision log). Called inline: keep it
 /// cheap and non-blocking.
 pub trait Observer: Send + Sync {
@@ -278,6 +299,10 @@ pub trait Observer: Send + Sync {
     fn on_decision(&self, event: &DecisionEvent<'_>);
     /// A ticket completed.
     fn on_complete(&self, event: &CompletionEvent<'_>);
+    /// A client's quota grew or its growth was reset (rare; default: ignored).
+    fn on_growth(&self, event: &GrowthEvent<'_>) {
+        let _ = event;
+    }
 }
 
 /// Two observers are one: both see every event, `A` first.
@@ -291,6 +316,11 @@ impl<A: Observer, B: Observer> Observer for (A, B) {
         self.0.on_complete(event);
         self.1.on_complete(event);
     }
+
+    fn on_growth(&self, event: &GrowthEvent<'_>) {
+        self.0.on_growth(event);
+        self.1.on_growth(event);
+    }
 }
 
 impl<T: Observer + ?Sized> Observer for Arc<T> {
@@ -300,5 +330,9 @@ impl<T: Observer + ?Sized> Observer for Arc<T> {
 
     fn on_complete(&self, event: &CompletionEvent<'_>) {
         (**self).on_complete(event);
+    }
+
+    fn on_growth(&self, event: &GrowthEvent<'_>) {
+        (**self).on_growth(event);
     }
 }

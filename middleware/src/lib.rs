@@ -42,6 +42,7 @@ mod event;
 #[cfg(feature = "redis")]
 pub mod fleet;
 pub mod gcra;
+mod growth;
 pub mod identify;
 mod ledger;
 #[cfg(any(feature = "metrics", feature = "decision-log"))]
@@ -62,8 +63,8 @@ pub use builder::{BuildError, EngineBuilder};
 pub use clock::{Clock, ManualClock, MonotonicClock, Nanos, TokioClock};
 pub use decision::{
     Admitted, BandwidthUse, ClientKey, CompletionEvent, Decision, DecisionEvent, DecisionKind,
-    DelayGuard, Observer, Outcome, Priority, QuotaUsage, RateLimitInfo, Rejection, RequestContext,
-    Stage, Ticket,
+    DelayGuard, GrowthEvent, Observer, Outcome, Priority, QuotaUsage, RateLimitInfo, Rejection,
+    RequestContext, Stage, Ticket,
 };
 pub use engine::{BandwidthUsage, ClientUsage, Engine, RequestFacts};
 pub use identify::HeaderValues;

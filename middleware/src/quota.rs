@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use fairgate_policies::compiled::{
-    ClientQuota, CompiledBandwidth, CompiledPlan, CompiledPolicy, PlanId,
+    ClientQuota, CompiledBandwidth, CompiledGrowth, CompiledPlan, CompiledPolicy, PlanId,
 };
 use fairgate_policies::units::Rate;
 
@@ -32,6 +32,9 @@ pub(crate) struct Quota<'p> {
     pub(crate) fixed: bool,
     /// The client holds a self-set cap ([`crate::caps`]): it never borrows.
     pub(crate) capped: bool,
+    /// Adaptive growth ([`crate::growth`]): the override's, else the plan's; `None` when
+    /// fixed or capped.
+    pub(crate) growth: Option<&'p CompiledGrowth>,
 }
 
 /// Resolves the quota of `client_key` (override, then tagged plan, then default plan).
@@ -44,6 +47,7 @@ pub(crate) fn resolve<'p>(
     let over: Option<&ClientQuota> = pol.client(client_key);
     let plan_id = over.and_then(|o| o.plan).or(tagged).or(pol.default_plan);
     let plan = plan_id.and_then(|i| pol.plans.get(i));
+    let fixed = over.is_some_and(|o| o.fixed) || plan.is_some_and(|p| p.fixed);
     Quota {
         plan,
         bandwidths: over
@@ -52,8 +56,12 @@ pub(crate) fn resolve<'p>(
         concurrency: over
             .and_then(|o| o.concurrency)
             .or(plan.and_then(|p| p.concurrency)),
-        fixed: over.is_some_and(|o| o.fixed) || plan.is_some_and(|p| p.fixed),
+        fixed,
         capped: false,
+        growth: over
+            .and_then(|o| o.growth.as_deref())
+            .or(plan.and_then(|p| p.growth.as_deref()))
+            .filter(|_| !fixed),
     }
 }
 

@@ -27,12 +27,13 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::compiled::{
-    ClientQuota, CompiledAction, CompiledAlerts, CompiledBandwidth, CompiledIdentify,
-    CompiledOperation, CompiledPlan, CompiledPolicy, CompiledRule, PlanId, PolicyHash,
+    ClientQuota, CompiledAction, CompiledAlerts, CompiledBandwidth, CompiledGrowth,
+    CompiledIdentify, CompiledOperation, CompiledPlan, CompiledPolicy, CompiledRule, PlanId,
+    PolicyHash,
 };
 use crate::error::{PolicyError, PolicyErrors};
 use crate::matcher::{IpSet, MatcherError, RuleSet};
-use crate::model::{Action, Bandwidth, ClientOverride, Condition, KeyExtractor, Policy};
+use crate::model::{Action, Backend, Bandwidth, ClientOverride, Condition, KeyExtractor, Policy};
 
 /// File name used in errors by [`compile`], which is not told the real one.
 const UNNAMED: &str = "policy";
@@ -106,6 +107,10 @@ pub fn compile_with_overrides(
                 .alerts
                 .as_ref()
                 .map(|a| Arc::new(CompiledAlerts::new(a))),
+            growth: plan
+                .growth
+                .as_ref()
+                .map(|g| Arc::new(CompiledGrowth::new(g))),
         });
     }
     let resolve = |cx: &mut Cx<'_>, name: &str, path: &str| -> Option<PlanId> {
@@ -203,7 +208,24 @@ pub fn compile_with_overrides(
                 expires_at: o.expires.map(|t| t.to_system_time()),
                 fixed: o.fixed,
                 alerts: o.alerts.as_ref().map(|a| Arc::new(CompiledAlerts::new(a))),
+                growth: o.growth.as_ref().map(|g| Arc::new(CompiledGrowth::new(g))),
             },
+        );
+    }
+
+    // A grown quota must survive a restart: it lives in Redis or in the growth file.
+    let grows = policy.plans.values().any(|p| p.growth.is_some())
+        || policy
+            .clients
+            .values()
+            .chain(overrides.values())
+            .any(|o| o.growth.is_some());
+    if grows && policy.state.backend == Backend::Local && policy.state.growth_file.is_none() {
+        cx.error(
+            "state",
+            "`growth` needs `state.growth_file` (or `backend: redis`): the file a grown quota is \
+             kept in, so that it survives a restart"
+                .to_owned(),
         );
     }
 
@@ -570,6 +592,7 @@ clients:
                 concurrency: None,
                 fixed: false,
                 alerts: None,
+                growth: None,
             },
         );
         let errs = compile(p).unwrap_err();
@@ -594,6 +617,7 @@ clients:
                 concurrency: None,
                 fixed: false,
                 alerts: None,
+                growth: None,
             },
         );
         let text = compile(p).unwrap_err().to_string();

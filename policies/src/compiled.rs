@@ -233,6 +233,54 @@ pub struct CompiledPlan {
     pub fixed: bool,
     /// Usage alerts of the plan's clients.
     pub alerts: Option<Arc<CompiledAlerts>>,
+    /// Adaptive growth of the plan's clients' quotas.
+    pub growth: Option<Arc<CompiledGrowth>>,
+}
+
+/// Adaptive growth ([`model::Growth`]) in the engine's units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledGrowth {
+    /// Usage over a window at or above which the quota grows, in (0, 1].
+    pub threshold: f64,
+    /// The window, ns.
+    pub window_ns: u64,
+    /// One step multiplies the factor by `1 + step`.
+    pub step: f64,
+    /// The factor's bound.
+    pub max_factor: f64,
+    /// Steps to reach `max_factor` (the last one is clamped to it).
+    pub max_steps: u32,
+    /// Steps allowed within any `within_ns` (`max_rise`).
+    pub rise_steps: u32,
+    /// `max_rise.within`, ns.
+    pub within_ns: u64,
+}
+
+impl CompiledGrowth {
+    /// Compiles validated growth settings.
+    pub fn new(g: &model::Growth) -> CompiledGrowth {
+        let ln_step = (1.0 + g.step).ln();
+        // A tolerance so that e.g. ×1.25 twice reaches a bound of 1.5625 in two steps.
+        let max_steps = ((g.max_factor.ln() / ln_step) - 1e-9).ceil().max(1.0) as u32;
+        let rise_steps = ((g.max_rise.factor.ln() / ln_step) + 1e-9).floor().max(1.0) as u32;
+        CompiledGrowth {
+            threshold: g.threshold,
+            window_ns: u64::try_from(g.window.0.as_nanos()).unwrap_or(u64::MAX),
+            step: g.step,
+            max_factor: g.max_factor,
+            max_steps,
+            rise_steps,
+            within_ns: u64::try_from(g.max_rise.within.0.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The growth factor after `steps` steps: `(1 + step)^steps`, at most `max_factor`.
+    pub fn factor(&self, steps: u32) -> f64 {
+        let steps = steps.min(self.max_steps);
+        (1.0 + self.step)
+            .powi(i32::try_from(steps).unwrap_or(i32::MAX))
+            .min(self.max_factor)
+    }
 }
 
 /// Usage alerts ([`model::Alerts`]): a client's crossing of a threshold of a bandwidth's
@@ -292,6 +340,8 @@ pub struct ClientQuota {
     pub expires_at: Option<std::time::SystemTime>,
     /// Never borrowed past (`fixed: true`), whatever the plan says.
     pub fixed: bool,
+    /// Own adaptive growth, replacing the plan's when `Some`.
+    pub growth: Option<Arc<CompiledGrowth>>,
 }
 
 impl ClientQuota {

@@ -515,6 +515,71 @@ pub struct Plan {
     /// Usage alerts of the plan's clients. Absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alerts: Option<Alerts>,
+    /// Adaptive growth of the plan's clients' quotas. Absent: quotas never grow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub growth: Option<Growth>,
+}
+
+/// Adaptive growth (opt-in): when a client's usage of its quota over a `window` stays at or
+/// above `threshold`, each of its bandwidths (rate and burst) grows by `step`; the growth
+/// factor never exceeds `max_factor` of the base quota, rises at most `max_rise.factor`
+/// within any `max_rise.within`, and never rises while the service is shedding. A client's
+/// growth is kept in `state.growth_file` (or in Redis with `backend: redis`), so it survives
+/// reloads and restarts; it applies to whatever the policy makes the base quota.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Growth {
+    /// Usage over a window (admitted cost ÷ what the quota allows in that window) at or above
+    /// which the quota grows; a fraction in (0, 1] (default 0.8).
+    #[serde(default = "default_growth_threshold")]
+    pub threshold: f64,
+    /// The window usage is measured over (default 10m, at least 1s).
+    #[serde(default = "default_growth_window")]
+    pub window: HumanDuration,
+    /// How much one growth step adds: the factor is multiplied by `1 + step`; a fraction in
+    /// (0, 1] (default 0.1).
+    #[serde(default = "default_growth_step")]
+    pub step: f64,
+    /// The growth factor never exceeds this (an absolute bound: the quota is never above
+    /// `max_factor` × the base quota); greater than 1, at most 100. Required.
+    pub max_factor: f64,
+    /// At most this much rise in any period (default: ×2 within 30m).
+    #[serde(default)]
+    pub max_rise: MaxRise,
+}
+
+/// `growth.max_rise`: the factor rises at most `factor` times within any `within`.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaxRise {
+    /// Greater than 1 (default 2).
+    pub factor: f64,
+    /// At least the growth window (default 30m).
+    pub within: HumanDuration,
+}
+
+impl Default for MaxRise {
+    fn default() -> Self {
+        MaxRise {
+            factor: 2.0,
+            within: HumanDuration(std::time::Duration::from_secs(30 * 60)),
+        }
+    }
+}
+
+/// `growth.threshold` when absent.
+pub fn default_growth_threshold() -> f64 {
+    0.8
+}
+
+/// `growth.window` when absent.
+pub fn default_growth_window() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10 * 60))
+}
+
+/// `growth.step` when absent.
+pub fn default_growth_step() -> f64 {
+    0.1
 }
 
 /// Usage alerts: when a client's usage of a bandwidth (the used share of its bucket,
@@ -635,9 +700,12 @@ pub struct ClientOverride {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<crate::units::Timestamp>,
     /// This client's quota is fixed (cost control), whatever its plan says: never
-    /// admitted past it on spare capacity.
+    /// admitted past it on spare capacity, never grown.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fixed: bool,
+    /// Replace the plan's adaptive growth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub growth: Option<Growth>,
 }
 
 /// The usage endpoint (`usage_endpoint`): a path on the data port where a client reads its
@@ -962,6 +1030,10 @@ pub struct State {
     /// Redis settings; required with `backend: redis`, refused otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisState>,
+    /// The file grown quotas are kept in with `backend: local` (JSON, written by fairgate),
+    /// relative to the policy file; required when a plan or override has `growth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub growth_file: Option<String>,
 }
 
 impl Default for State {
@@ -970,6 +1042,7 @@ impl Default for State {
             backend: Backend::Local,
             max_keys: default_max_keys(),
             redis: None,
+            growth_file: None,
         }
     }
 }

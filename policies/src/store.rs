@@ -328,6 +328,16 @@ impl PolicyStore {
         Some(overrides_path(path, &rel))
     }
 
+    /// The growth file the current policy names (`state.growth_file`), resolved against the
+    /// policy file's directory (an inline policy's: against the working directory).
+    pub fn growth_path(&self) -> Option<PathBuf> {
+        let rel = self.inner.current.load().source.state.growth_file.clone()?;
+        Some(match self.inner.path.as_deref() {
+            Some(path) => overrides_path(path, &rel),
+            None => PathBuf::from(rel),
+        })
+    }
+
     /// The reload history.
     pub fn last_reload(&self) -> ReloadStatus {
         lock(&self.inner.status).clone()

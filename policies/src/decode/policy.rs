@@ -11,9 +11,9 @@ use crate::error::PolicyErrors;
 use crate::model::{
     Action, AdaptiveAlgorithm, AdaptiveLimit, Alerts, Backend, Bandwidth, BandwidthCap,
     BurstSharing, ClassThresholds, ClientCap, ClientOverride, Condition, DenyAction, Estimator,
-    HeaderMatch, HeaderMode, Identify, KeyExtractor, LimitAction, LimitKey, MatchKind, Mode,
-    Operation, Plan, Policy, PostHoc, Priority, RejectDelay, Responses, Rule, ShedLimit, Shedding,
-    State, StringMatch, TagAction, UsageEndpoint,
+    Growth, HeaderMatch, HeaderMode, Identify, KeyExtractor, LimitAction, LimitKey, MatchKind,
+    MaxRise, Mode, Operation, Plan, Policy, PostHoc, Priority, RejectDelay, Responses, Rule,
+    ShedLimit, Shedding, State, StringMatch, TagAction, UsageEndpoint,
 };
 use crate::model::{FleetMode, OnFailure, RedisState};
 use crate::units::{ByteSize, Cidr, HumanDuration, Rate};
@@ -1113,13 +1113,150 @@ fn plan(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Plan> {
     let concurrency = m.optional_with(d, "concurrency", |d, n, p| concurrency(&mut *d.ctx, n, p));
     let fixed = m.optional::<_, bool>(d, "fixed").unwrap_or(false);
     let alerts = m.optional_with(d, "alerts", |d, n, p| alerts(&mut *d.ctx, n, p));
+    let growth_at = m.entry("growth").map(|e| e.value.mark);
+    let growth = m.optional_with(d, "growth", |d, n, p| growth(&mut *d.ctx, n, p));
     m.finish(d);
+    if let (true, Some(at)) = (fixed, growth_at) {
+        d.ctx.error_at(
+            at,
+            &path.key("growth"),
+            "a fixed quota is never grown: remove `growth` or `fixed: true`",
+        );
+        return None;
+    }
     Some(Plan {
         bandwidths,
         concurrency,
         fixed,
         alerts,
+        growth,
     })
+}
+
+/// Longest growth window and `max_rise.within`: a day.
+const MAX_GROWTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// `growth: {threshold, window, step, max_factor, max_rise: {factor, within}}`.
+fn growth(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Growth> {
+    let before = ctx.errors().len();
+    let mut m = MapReader::new(ctx, node, path)?;
+    let threshold = m.optional_with(ctx, "threshold", fraction);
+    let window = m.optional_with(ctx, "window", |c, n, p| {
+        duration_between(
+            c,
+            n,
+            p,
+            std::time::Duration::from_secs(1),
+            MAX_GROWTH_WINDOW,
+        )
+    });
+    let step = m.optional_with(ctx, "step", fraction);
+    let max_factor = m.required_with(ctx, "max_factor", |c, n, p| factor_between(c, n, p, 100.0));
+    let rise_at = m.entry("max_rise").map(|e| e.value.mark);
+    let max_rise = m.optional_with(ctx, "max_rise", max_rise);
+    m.finish(ctx);
+    let bad = ctx.errors().len() > before;
+    let g = Growth {
+        threshold: threshold.unwrap_or_else(crate::model::default_growth_threshold),
+        window: window.unwrap_or_else(crate::model::default_growth_window),
+        step: step.unwrap_or_else(crate::model::default_growth_step),
+        max_factor: max_factor?,
+        max_rise: max_rise.unwrap_or_default(),
+    };
+    if bad {
+        return None;
+    }
+    let at = rise_at.unwrap_or(node.mark);
+    let rise_path = path.key("max_rise");
+    if g.max_rise.within.0 < g.window.0 {
+        ctx.error_at(
+            at,
+            &rise_path,
+            format!(
+                "`max_rise.within` ({}) is shorter than `window` ({}): the quota is measured \
+                 over a window, so a rise cannot be bounded over less",
+                g.max_rise.within, g.window
+            ),
+        );
+        return None;
+    }
+    if g.max_rise.factor + 1e-9 < 1.0 + g.step {
+        ctx.error_at(
+            at,
+            &rise_path,
+            format!(
+                "`max_rise.factor` {} is below one step (×{}): the quota could never grow",
+                g.max_rise.factor,
+                1.0 + g.step
+            ),
+        );
+        return None;
+    }
+    Some(g)
+}
+
+/// `max_rise: {factor, within}`.
+fn max_rise(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<MaxRise> {
+    let before = ctx.errors().len();
+    let mut m = MapReader::new(ctx, node, path)?;
+    let defaults = MaxRise::default();
+    let factor = m.optional_with(ctx, "factor", |c, n, p| factor_between(c, n, p, 100.0));
+    let within = m.optional_with(ctx, "within", |c, n, p| {
+        duration_between(
+            c,
+            n,
+            p,
+            std::time::Duration::from_secs(1),
+            MAX_GROWTH_WINDOW,
+        )
+    });
+    m.finish(ctx);
+    let bad = ctx.errors().len() > before;
+    if bad {
+        return None;
+    }
+    Some(MaxRise {
+        factor: factor.unwrap_or(defaults.factor),
+        within: within.unwrap_or(defaults.within),
+    })
+}
+
+/// A number greater than 1 and at most `max`.
+fn factor_between(ctx: &mut Ctx, node: &Node, path: &Path<'_>, max: f64) -> Option<f64> {
+    let v = f64::decode(ctx, node, path)?;
+    if !(v > 1.0 && v <= max) {
+        ctx.error(
+            node,
+            path,
+            format!("{v} is out of range (a factor greater than 1 and at most {max})"),
+        );
+        return None;
+    }
+    Some(v)
+}
+
+/// A duration in `[min, max]`.
+fn duration_between(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> Option<HumanDuration> {
+    let d = HumanDuration::decode(ctx, node, path)?;
+    if d.0 < min || d.0 > max {
+        ctx.error(
+            node,
+            path,
+            format!(
+                "{d} is out of range (from {} to {})",
+                HumanDuration(min),
+                HumanDuration(max)
+            ),
+        );
+        return None;
+    }
+    Some(d)
 }
 
 /// `alerts: {thresholds: [..], webhook: URL}`.
@@ -1477,16 +1614,33 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
     let alerts = m.optional_with(d, "alerts", |d, n, p| alerts(&mut *d.ctx, n, p));
     let expires = m.optional::<_, crate::units::Timestamp>(d, "expires");
     let fixed = m.optional::<_, bool>(d, "fixed").unwrap_or(false);
+    let growth_at = m.entry("growth").map(|e| e.value.mark);
+    let growth = m.optional_with(d, "growth", |d, n, p| growth(&mut *d.ctx, n, p));
     // `expires` alone changes nothing (a key given but invalid was reported already).
-    let sets = ["plan", "bandwidths", "concurrency", "fixed", "alerts"]
-        .iter()
-        .any(|k| m.entry(k).is_some());
+    let sets = [
+        "plan",
+        "bandwidths",
+        "concurrency",
+        "fixed",
+        "alerts",
+        "growth",
+    ]
+    .iter()
+    .any(|k| m.entry(k).is_some());
     m.finish(d);
     if empty || !sets {
         d.ctx.error(
             node,
             path,
-            "override sets nothing: give `plan`, `bandwidths`, `concurrency`, `fixed` or `alerts`",
+            "override sets nothing: give `plan`, `bandwidths`, `concurrency`, `fixed`, `alerts` or `growth`",
+        );
+        return None;
+    }
+    if let (true, Some(at)) = (fixed, growth_at) {
+        d.ctx.error_at(
+            at,
+            &path.key("growth"),
+            "a fixed quota is never grown: remove `growth` or `fixed: true`",
         );
         return None;
     }
@@ -1497,6 +1651,7 @@ fn client_override(d: &mut Dec<'_>, node: &Node, path: &Path<'_>) -> Option<Clie
         alerts,
         expires,
         fixed,
+        growth,
     })
 }
 
@@ -1863,6 +2018,9 @@ fn state(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<State> {
         .unwrap_or(defaults.max_keys);
     let redis_at = m.entry("redis").map(|e| e.value.mark);
     let redis = m.optional_with(ctx, "redis", redis_state);
+    let growth_file = m.optional_with(ctx, "growth_file", |c, n, p| {
+        non_empty(c, n, p, "a file name")
+    });
     m.finish(ctx);
     match (backend, redis_at, backend_at) {
         (Backend::Redis, None, Some(at)) => ctx.error_at(
@@ -1881,6 +2039,7 @@ fn state(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<State> {
         backend,
         max_keys,
         redis,
+        growth_file,
     })
 }
 
