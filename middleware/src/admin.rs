@@ -55,7 +55,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use fairgate_policies::model::ClientOverride;
 use fairgate_policies::yaml::{self, Node, NodeKind, ScalarStyle};
@@ -196,7 +196,8 @@ impl Admin {
                 "/clients/{key}/override",
                 axum::routing::put(set_override).delete(clear_override),
             )
-            .route("/clients/{key}/reset", post(reset_client));
+            .route("/clients/{key}/reset", post(reset_client))
+            .route("/clients/{key}/growth", delete(reset_growth));
         if has_metrics {
             router = router.route("/metrics", get(metrics));
         }
@@ -697,6 +698,27 @@ async fn reset_client(State(state): State<Arc<AdminState>>, Path(key): Path<Stri
     }
     state.record_action("reset", &key, json!({ "buckets": refilled }));
     Json(json!({ "result": "ok", "key": key, "buckets": refilled })).into_response()
+}
+
+/// Resets `key`'s adaptive growth: its quota is the policy's base quota again.
+async fn reset_growth(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -> Response {
+    let engine = Arc::clone(&state.engine);
+    let k = key.clone();
+    // Blocking: the growth file is rewritten.
+    let had = match tokio::task::spawn_blocking(move || engine.reset_growth(&k)).await {
+        Ok(had) => had,
+        Err(_) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the growth reset did not complete",
+            )
+        }
+    };
+    if had == 0 {
+        return problem(StatusCode::NOT_FOUND, "this client's quota has not grown");
+    }
+    state.record_action("growth_reset", &key, json!({ "steps": had }));
+    Json(json!({ "result": "ok", "key": key, "steps": had })).into_response()
 }
 
 /// Sets (`Some`) or removes (`None`) `key`'s override in the overrides file (atomically:

@@ -105,6 +105,18 @@ pub struct ClientUsage {
     pub concurrency_limit: Option<u32>,
     /// The client's self-set cap (usage endpoint), which the numbers above already apply.
     pub cap: Option<ClientCap>,
+    /// The client's adaptive growth, which the numbers above already apply (`None`: its
+    /// quota has not grown).
+    pub growth: Option<Grown>,
+}
+
+/// A client's adaptive growth (`growth:`): its quota is the base quota × `factor`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grown {
+    /// Growth steps taken.
+    pub steps: u32,
+    /// The factor its bandwidths' rates and bursts are multiplied by.
+    pub factor: f64,
 }
 
 impl ClientUsage {
@@ -788,6 +800,11 @@ impl Engine {
             bandwidths,
             in_flight,
             concurrency_limit: shown.concurrency,
+            growth: if cap.is_none() {
+                self.grown_of(prep, key)
+            } else {
+                None
+            },
             cap,
         })
     }
@@ -910,8 +927,12 @@ impl Engine {
 
     /// `key`'s growth: steps taken and the factor its quota is grown by now (`None` when it
     /// has not grown, or its quota has no `growth` now).
-    pub fn client_growth(&self, key: &str) -> Option<(u32, f64)> {
+    pub fn client_growth(&self, key: &str) -> Option<Grown> {
         let prep = self.prepared();
+        self.grown_of(&prep, key)
+    }
+
+    fn grown_of(&self, prep: &Prepared, key: &str) -> Option<Grown> {
         if prep.growth_window == 0 {
             return None;
         }
@@ -927,7 +948,7 @@ impl Engine {
         }
         let q = quota::resolve(&prep.policy, key, None);
         let factor = q.growth.map_or(1.0, |g| g.factor(steps));
-        Some((steps, factor))
+        Some(Grown { steps, factor })
     }
 
     /// Resets `key`'s growth (an operator's action): its quota is the policy's again, its

@@ -607,7 +607,13 @@ state: {growth_file: growth.json}
         // 1.25⁴), and the bound is ×2 = 20.
         assert_eq!(seen, vec![10, 12, 15, 19, 19, 19, 19], "{seen:?}");
         assert_eq!(quota(&e, "f"), 10, "a fixed quota never grows");
-        assert_eq!(e.client_growth("a"), Some((3, 1.953125)));
+        assert_eq!(
+            e.client_growth("a"),
+            Some(crate::engine::Grown {
+                steps: 3,
+                factor: 1.953125
+            })
+        );
         assert_eq!(e.client_growth("f"), None);
         // After `within`, the last step to the bound.
         t += 60 * S;
@@ -620,7 +626,13 @@ state: {growth_file: growth.json}
         t += 100 * S;
         clock.set(t);
         assert!(send(&e, "a"));
-        assert_eq!(e.client_growth("a"), Some((4, 2.0)));
+        assert_eq!(
+            e.client_growth("a"),
+            Some(crate::engine::Grown {
+                steps: 4,
+                factor: 2.0
+            })
+        );
 
         // A restart (a new engine on the same files) keeps the grown quota.
         drop(e);

@@ -66,5 +66,5 @@ pub use decision::{
     DelayGuard, GrowthEvent, Observer, Outcome, Priority, QuotaUsage, RateLimitInfo, Rejection,
     RequestContext, Stage, Ticket,
 };
-pub use engine::{BandwidthUsage, ClientUsage, Engine, RequestFacts};
+pub use engine::{BandwidthUsage, ClientUsage, Engine, Grown, RequestFacts};
 pub use identify::HeaderValues;

@@ -220,6 +220,15 @@ pub fn compile_with_overrides(
             .values()
             .chain(overrides.values())
             .any(|o| o.growth.is_some());
+    if grows && policy.state.backend == Backend::Redis {
+        cx.error(
+            "state.backend",
+            "`growth` is not shared through Redis yet: with `backend: redis` each gateway would \
+             grow a client on its own share of the traffic; use `backend: local` with \
+             `state.growth_file`"
+                .to_owned(),
+        );
+    }
     if grows && policy.state.backend == Backend::Local && policy.state.growth_file.is_none() {
         cx.error(
             "state",

@@ -613,8 +613,9 @@ fn parse(
             }
             "action" => {
                 return Err(err(
-                    "an operator action (override or reset) changes the limits from here on; \
-                     the audit checks one policy: audit the lines before it"
+                    "an action line (an operator's override or reset, or a client's quota \
+                     growth) changes the limits from here on; the audit checks one policy: \
+                     audit the lines before it"
                         .to_owned(),
                 ))
             }

@@ -252,6 +252,7 @@ fn usage_json(u: Option<&ClientUsage>, spare: bool, self_caps: bool) -> Value {
             "borrowing": false,
             "spare_capacity": spare,
             "cap": null,
+            "growth": null,
             "self_caps": self_caps,
         });
     };
@@ -275,6 +276,7 @@ fn usage_json(u: Option<&ClientUsage>, spare: bool, self_caps: bool) -> Value {
         "borrowing": borrowing,
         "spare_capacity": spare,
         "cap": u.cap.as_ref(),
+        "growth": u.growth.map(|g| json!({"steps": g.steps, "factor": g.factor})),
         "self_caps": self_caps,
     })
 }

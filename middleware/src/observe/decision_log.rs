@@ -99,7 +99,7 @@ pub struct ActionRecord {
     /// Always `action`.
     #[serde(rename = "type")]
     pub kind: &'static str,
-    /// What was done: `override_set`, `override_clear`, `reset`.
+    /// What was done: `override_set`, `override_clear`, `reset`, `growth`, `growth_reset`.
     pub action: String,
     /// The client key acted on.
     pub client: String,
@@ -795,6 +795,26 @@ impl Observer for DecisionLog {
     }
 
     fn on_complete(&self, _e: &CompletionEvent<'_>) {}
+
+    /// A growth step is an action line (`action: growth`, with its reason) beside the
+    /// operator's actions. A reset is an operator's action: the admin API logs it.
+    fn on_growth(&self, e: &crate::decision::GrowthEvent<'_>) {
+        if e.action != "growth" {
+            return;
+        }
+        self.log_action(
+            e.action,
+            e.client_key,
+            serde_json::json!({
+                "plan": e.plan,
+                "steps": e.steps,
+                "factor": e.factor,
+                "usage": e.usage,
+                "threshold": e.threshold,
+                "window_s": e.window_secs,
+            }),
+        );
+    }
 }
 
 #[cfg(test)]

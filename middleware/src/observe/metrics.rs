@@ -48,6 +48,13 @@ struct NearLimitLabels {
     bandwidth: Arc<str>,
 }
 
+/// Labels of `fairgate_growth_total`: the plan and what happened, never a client key.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrowthLabels {
+    plan: String,
+    action: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
     rule: Arc<str>,
@@ -107,6 +114,7 @@ pub struct EngineMetrics {
     tracked_keys: Gauge,
     evictions: Mirror,
     near_limit: Family<NearLimitLabels, Counter>,
+    growth: Family<GrowthLabels, Counter>,
     decision_log_dropped: Mirror,
     /// The watched decision log's drop count, mirrored by `refresh`.
     #[cfg(feature = "decision-log")]
@@ -160,6 +168,7 @@ impl EngineMetrics {
             tracked_keys: Gauge::default(),
             evictions: Mirror::default(),
             near_limit: Family::default(),
+            growth: Family::default(),
             decision_log_dropped: Mirror::default(),
             #[cfg(feature = "decision-log")]
             watched_log: std::sync::OnceLock::new(),
@@ -232,6 +241,11 @@ impl EngineMetrics {
             "near_limit",
             "Admits that left a client's quota bandwidth under 20% of its burst, by plan and bandwidth",
             m.near_limit.clone(),
+        );
+        registry.register(
+            "growth",
+            "Adaptive growth: quota steps taken (action growth) and operator resets (action growth_reset), by plan",
+            m.growth.clone(),
         );
         registry.register(
             "decision_log_dropped",
@@ -475,6 +489,15 @@ impl Observer for EngineMetrics {
     }
 
     fn on_complete(&self, _e: &CompletionEvent<'_>) {}
+
+    fn on_growth(&self, e: &crate::decision::GrowthEvent<'_>) {
+        self.growth
+            .get_or_create(&GrowthLabels {
+                plan: e.plan.unwrap_or("").to_owned(),
+                action: e.action.to_owned(),
+            })
+            .inc();
+    }
 }
 
 /// The `priority` label of a class.

@@ -13,6 +13,7 @@ pub(crate) fn usage_json(u: &ClientUsage) -> Value {
         "in_flight": u.in_flight,
         "concurrency_limit": u.concurrency_limit,
         "cap": u.cap.as_ref(),
+        "growth": u.growth.map(|g| json!({"steps": g.steps, "factor": g.factor})),
         "bandwidths": u.bandwidths.iter().map(|b| json!({
             "id": &*b.id,
             "plan": b.plan.as_deref(),
