@@ -116,6 +116,15 @@ fn write_summary(out: &mut String, p: &Policy) -> std::fmt::Result {
         if plan.fixed {
             parts.push("fixed (never borrowed past)".to_owned());
         }
+        if let Some(g) = &plan.growth {
+            parts.push(format!(
+                "grows ×{} when usage ≥ {} over {}, up to ×{}",
+                1.0 + g.step,
+                g.threshold,
+                g.window,
+                g.max_factor
+            ));
+        }
         writeln!(out, "  {name}: {}", parts.join(", "))?;
     }
     more(out, p.plans.len())?;
@@ -228,7 +237,14 @@ fn write_state(out: &mut String, p: &Policy) -> std::fmt::Result {
         .as_ref()
         .filter(|_| p.state.backend == Backend::Redis);
     let Some(r) = redis else {
-        return writeln!(out, "state: local, at most {} keys", p.state.max_keys);
+        return match &p.state.growth_file {
+            Some(f) => writeln!(
+                out,
+                "state: local, at most {} keys, growth kept in {f}",
+                p.state.max_keys
+            ),
+            None => writeln!(out, "state: local, at most {} keys", p.state.max_keys),
+        };
     };
     let mode = match r.mode {
         FleetMode::Async => format!("async mode, exchange every {}", r.sync_interval),

@@ -478,7 +478,7 @@ fn client_key_longer_than_max_key_length() {
 fn empty_override() {
     fails(
         "version: 1\nclients:\n  k: {}\n",
-        &["p.yaml:3:6: clients.k: override sets nothing: give `plan`, `bandwidths`, `concurrency`, `fixed` or `alerts`"],
+        &["p.yaml:3:6: clients.k: override sets nothing: give `plan`, `bandwidths`, `concurrency`, `fixed`, `alerts` or `growth`"],
     );
 }
 
@@ -825,4 +825,29 @@ clients:
     assert_eq!(free.webhook, "http://127.0.0.1:9000/hook");
     let k = p.clients["k"].alerts.as_ref().expect("alerts");
     assert_eq!(k.thresholds, [0.5, 0.9, 1.0]);
+}
+
+#[test]
+fn growth_settings() {
+    let base = "version: 1\nstate: {growth_file: g.json}\nplans:\n  p:\n    bandwidths: ['10/s']\n";
+    fails(
+        &format!("{base}    growth: {{max_factor: 2, threshold: 1.5, window: 2d, max_rise: {{within: 0s}}}}\n"),
+        &[
+            "p.yaml:6:40: plans.p.growth.threshold: 1.5 is out of range (a fraction greater than 0 and at most 1)",
+            "p.yaml:6:53: plans.p.growth.window: 2day is out of range (from 1s to 1day)",
+            "p.yaml:6:76: plans.p.growth.max_rise.within: 0s is out of range (from 1s to 1day)",
+        ],
+    );
+    fails(
+        &format!("{base}    growth: {{threshold: 0.5}}\n"),
+        &["p.yaml:6:13: plans.p.growth: missing field `max_factor`"],
+    );
+    fails(
+        &format!("{base}    growth: {{max_factor: 2, window: 1h, max_rise: {{within: 30m}}}}\n"),
+        &["p.yaml:6:51: plans.p.growth.max_rise: `max_rise.within` (30min) is shorter than `window` (1h): the quota is measured over a window, so a rise cannot be bounded over less"],
+    );
+    fails(
+        "version: 1\nstate: {growth_file: g.json}\nplans: {p: {bandwidths: ['10/s']}}\nclients:\n  k: {fixed: true, growth: {max_factor: 2}}\n",
+        &["p.yaml:5:28: clients.k.growth: a fixed quota is never grown: remove `growth` or `fixed: true`"],
+    );
 }

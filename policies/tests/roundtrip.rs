@@ -260,6 +260,28 @@ fn extractor() -> impl Strategy<Value = KeyExtractor> {
 }
 
 /// Ascending thresholds in (0, 1] (hundredths, so that they print back exactly) and a URL.
+fn growth() -> impl Strategy<Value = Growth> {
+    (1u32..=100, 1u64..=3600, 1u32..=100, 2u32..=10, 0u64..=3600).prop_map(
+        |(threshold, window, step, max_factor, extra)| {
+            let step = f64::from(step) / 100.0;
+            Growth {
+                threshold: f64::from(threshold) / 100.0,
+                window: fairgate_policies::units::HumanDuration(std::time::Duration::from_secs(
+                    window,
+                )),
+                step,
+                max_factor: f64::from(max_factor),
+                max_rise: MaxRise {
+                    factor: 2.0,
+                    within: fairgate_policies::units::HumanDuration(
+                        std::time::Duration::from_secs(window + extra),
+                    ),
+                },
+            }
+        },
+    )
+}
+
 fn alerts() -> impl Strategy<Value = Alerts> {
     (
         proptest::collection::btree_set(1u32..=100, 1..4),
@@ -284,12 +306,15 @@ fn policy() -> impl Strategy<Value = Policy> {
             option::of(1u32..=1000),
             any::<bool>(),
             option::of(alerts()),
+            option::of(growth()),
         )
-            .prop_map(|(bandwidths, concurrency, fixed, alerts)| Plan {
+            .prop_map(|(bandwidths, concurrency, fixed, alerts, growth)| Plan {
                 bandwidths,
                 concurrency,
                 fixed,
                 alerts,
+                // A fixed quota is never grown (the decoder refuses both).
+                growth: growth.filter(|_| !fixed),
             }),
         0..4,
     );
@@ -365,6 +390,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                     expires,
                     fixed: false,
                     alerts: None,
+                    growth: None,
                 }),
             0..3,
         );
@@ -460,6 +486,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                         backend: Backend::Local,
                         max_keys,
                         redis: None,
+                        growth_file: Some("growth.json".to_owned()),
                     },
                 },
             )
@@ -493,7 +520,7 @@ proptest! {
             "[ -~]{1,20}",
             (option::of("[a-z]{1,6}"), option::of(bandwidths()), option::of(1u32..=100), option::of(timestamp()), option::of(alerts()))
                 .prop_filter("sets something", |(p, b, c, _, a)| p.is_some() || b.is_some() || c.is_some() || a.is_some())
-                .prop_map(|(plan, bandwidths, concurrency, expires, alerts)| ClientOverride { plan, bandwidths, concurrency, expires, fixed: false, alerts }),
+                .prop_map(|(plan, bandwidths, concurrency, expires, alerts)| ClientOverride { plan, bandwidths, concurrency, expires, fixed: false, alerts, growth: None }),
             0..5,
         )
     ) {
