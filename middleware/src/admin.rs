@@ -703,15 +703,26 @@ async fn reset_client(State(state): State<Arc<AdminState>>, Path(key): Path<Stri
 /// Resets `key`'s adaptive growth: its quota is the policy's base quota again.
 async fn reset_growth(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -> Response {
     let engine = Arc::clone(&state.engine);
-    let k = key.clone();
-    // Blocking: the growth file is rewritten.
-    let had = match tokio::task::spawn_blocking(move || engine.reset_growth(&k)).await {
-        Ok(had) => had,
-        Err(_) => {
-            return problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the growth reset did not complete",
-            )
+    let had = if engine.growth_is_shared() {
+        // The fleet's growth lives in the state backend: reset there, then here.
+        match engine.reset_shared_growth(&key).await {
+            Some(had) => had,
+            None => return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the state backend keeping the fleet's growth did not answer; nothing was reset",
+            ),
+        }
+    } else {
+        let k = key.clone();
+        // Blocking: the growth file is rewritten.
+        match tokio::task::spawn_blocking(move || engine.reset_growth(&k)).await {
+            Ok(had) => had,
+            Err(_) => {
+                return problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the growth reset did not complete",
+                )
+            }
         }
     };
     if had == 0 {

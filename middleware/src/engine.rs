@@ -172,6 +172,8 @@ pub struct Engine {
     growth: Mutex<GrowthState>,
     /// Usage counts of clients whose quota may grow.
     growth_counts: growth::Counters,
+    /// With a backend that keeps growth for the fleet: admitted cost to report.
+    growth_pending: growth::Pending,
     /// The engine time of the last shed rejection + 1 (0: none): growth waits a window.
     last_shed: AtomicU64,
     /// Set while the policy has a usage endpoint, or a reload may have added one: the
@@ -270,6 +272,7 @@ impl Engine {
             cap_writes: Mutex::new(()),
             growth: Mutex::new(growth),
             growth_counts: growth::Counters::default(),
+            growth_pending: growth::Pending::default(),
             last_shed: AtomicU64::new(0),
             usage_armed,
         })
@@ -601,6 +604,13 @@ impl Engine {
         if rules_shared.degraded && !matches!(route, Route::Degraded | Route::Admit) {
             self.backend().count_failure_admit();
         }
+        // Counted here, before an exact-mode remote check: a request Redis then rejects is
+        // counted too (its client is at its quota then, growing either way).
+        if let (Some(g), Some(bws)) = (q.growth, q.bandwidths) {
+            if !borrowed && !rules_out.allowed {
+                self.count_growth(&prep, ck, g, bws, plan_name, cost, now);
+            }
+        }
         // Exact mode: the quota's bandwidths (when the route is remote) and the enforced
         // rules' buckets go to one remote check; what was decided here is kept.
         let remote_quota = q.bandwidths.filter(|_| route == Route::Remote);
@@ -642,11 +652,6 @@ impl Engine {
             }
             if matches!(route, Route::Degraded | Route::Admit) {
                 self.backend().count_failure_admit();
-            }
-        }
-        if let (Some(g), Some(bws)) = (q.growth, q.bandwidths) {
-            if !borrowed && !rules_out.allowed {
-                self.count_growth(&prep, ck, g, bws, plan_name, cost, now);
             }
         }
         if let Some(obs) = observer {
@@ -828,13 +833,19 @@ impl Engine {
         &self,
         prep: &Prepared,
         key: &str,
-        g: &CompiledGrowth,
+        g: &Arc<CompiledGrowth>,
         set: &[CompiledBandwidth],
         plan: Option<&Arc<str>>,
         cost: u64,
         now: Nanos,
     ) {
         let max = usize::try_from(prep.policy.state.max_keys).unwrap_or(usize::MAX);
+        if self.backend().shares_growth() {
+            // The fleet decides: reported within a second (`flush_growth`).
+            self.growth_pending
+                .add(key, cost, g, growth::t_max(set), plan, max);
+            return;
+        }
         let Some(due) = self
             .growth_counts
             .add(key, cost, now, g, growth::t_max(set), max)
@@ -923,6 +934,98 @@ impl Engine {
                 obs.on_growth(event);
             }
         }
+    }
+
+    /// Reports the admitted cost of growing clients to a backend that keeps growth for the
+    /// fleet, and applies the steps it answers (the report that took a step logs and counts
+    /// it). Called every [`GROWTH_REPORT_EVERY`](crate::backend::redis::GROWTH_REPORT_EVERY)
+    /// by the fleet's growth task.
+    #[cfg(feature = "redis")]
+    pub(crate) async fn flush_growth(&self) {
+        let mut reports = self.growth_pending.drain();
+        if reports.is_empty() {
+            return;
+        }
+        let now = self.shared.clock.now();
+        let last_shed = self.last_shed.load(Ordering::Relaxed);
+        for r in &mut reports {
+            r.shed = last_shed != 0 && now.saturating_sub(last_shed - 1) < r.growth.window_ns;
+        }
+        let backend = Arc::clone(self.backend());
+        let answers = backend.report_growth(&reports).await;
+        let mut changed = false;
+        let mut stepped = Vec::new();
+        {
+            let mut gs = self.growth.lock().unwrap_or_else(|e| e.into_inner());
+            for (r, a) in reports.iter().zip(answers) {
+                let Some((steps, step)) = a else { continue };
+                let known = gs.by_key.get(&*r.client).map_or(0, |g| g.steps);
+                if known != steps {
+                    changed = true;
+                    if steps == 0 {
+                        gs.by_key.remove(&*r.client);
+                    } else {
+                        gs.by_key.entry(r.client.to_string()).or_default().steps = steps;
+                    }
+                }
+                if let Some(usage) = step {
+                    stepped.push((r, steps, usage));
+                }
+            }
+        }
+        if changed {
+            let _lock = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+            let by_key = self.growth_snapshot();
+            let caps = Arc::clone(&self.caps.lock().unwrap_or_else(|e| e.into_inner()).by_key);
+            let cur = self.prepared.load_full();
+            let rebuilt = Prepared::build(
+                Arc::clone(&cur.policy),
+                Some(&cur),
+                &self.shared.state,
+                &self.shared.shed,
+                &caps,
+                &by_key,
+            );
+            self.prepared.store(Arc::new(rebuilt));
+        }
+        for (r, steps, usage) in stepped {
+            let g = &r.growth;
+            let factor = g.factor(steps);
+            let plan = r.plan.as_deref();
+            tracing::info!(
+                client = &*r.client,
+                plan,
+                steps,
+                factor,
+                usage,
+                threshold = g.threshold,
+                window_s = g.window_ns as f64 / 1e9,
+                "quota grown"
+            );
+            self.notify_growth(&GrowthEvent {
+                client_key: &r.client,
+                plan,
+                action: "growth",
+                steps,
+                factor,
+                usage: Some(usage),
+                threshold: Some(g.threshold),
+                window_secs: Some(g.window_ns as f64 / 1e9),
+            });
+        }
+    }
+
+    /// Whether clients' growth is the fleet's (kept in the state backend).
+    pub fn growth_is_shared(&self) -> bool {
+        self.backend().shares_growth()
+    }
+
+    /// Resets `key`'s growth in the state backend that keeps it for the fleet, then here.
+    /// `None` when the backend could not be asked (nothing was reset).
+    pub async fn reset_shared_growth(&self, key: &str) -> Option<u32> {
+        let backend = Arc::clone(self.backend());
+        let had = backend.reset_growth(key).await?;
+        Some(had.max(self.reset_growth(key)))
     }
 
     /// `key`'s growth: steps taken and the factor its quota is grown by now (`None` when it

@@ -134,7 +134,19 @@ pub fn start(engine: &Arc<Engine>) -> Result<Option<FleetHandle>, FleetError> {
     if !engine.attach_backend(Arc::clone(&fleet) as Arc<dyn StateBackend>) {
         tracing::warn!("a fleet backend is already attached to this engine");
     }
-    Ok(Some(
-        fleet.start_tasks(Arc::downgrade(engine), Engine::state_store),
-    ))
+    let mut handle = fleet.start_tasks(Arc::downgrade(engine), Engine::state_store);
+    // Adaptive growth is the fleet's: report growing clients' usage every second.
+    let weak = Arc::downgrade(engine);
+    handle.keep(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::backend::redis::GROWTH_REPORT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(engine) = weak.upgrade() else {
+                return;
+            };
+            engine.flush_growth().await;
+        }
+    }));
+    Ok(Some(handle))
 }

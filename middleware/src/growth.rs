@@ -154,6 +154,71 @@ impl Counters {
     }
 }
 
+/// With a backend that keeps growth for the fleet: each client's admitted cost since the last
+/// report (a report per second drains it). Bounded by `max` clients.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    shards: Box<[Mutex<HashMap<Box<str>, crate::backend::GrowthReport, RandomState>>]>,
+    hasher: RandomState,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::new())))
+                .collect(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl Pending {
+    /// Adds `cost` to `key`'s report.
+    pub(crate) fn add(
+        &self,
+        key: &str,
+        cost: u64,
+        growth: &Arc<CompiledGrowth>,
+        t_max: u64,
+        plan: Option<&Arc<str>>,
+        max: usize,
+    ) {
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        let mut shard = self.shards[i].lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = shard.get_mut(key) {
+            r.cost = r.cost.saturating_add(cost);
+            r.t_max = t_max;
+            return;
+        }
+        if shard.len() >= max.div_ceil(SHARDS) {
+            return;
+        }
+        shard.insert(
+            Box::from(key),
+            crate::backend::GrowthReport {
+                client: Box::from(key),
+                cost,
+                growth: Arc::clone(growth),
+                t_max,
+                plan: plan.cloned(),
+                shed: false,
+            },
+        );
+    }
+
+    /// Takes every client's report.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn drain(&self) -> Vec<crate::backend::GrowthReport> {
+        let mut out = Vec::new();
+        for s in self.shards.iter() {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(s.drain().map(|(_, r)| r));
+        }
+        out
+    }
+}
+
 /// The growth settings that apply to a client on a bandwidth set's plan: the override's,
 /// else the plan's; none when the quota is fixed.
 pub(crate) fn settings_for<'p>(

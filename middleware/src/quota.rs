@@ -34,7 +34,7 @@ pub(crate) struct Quota<'p> {
     pub(crate) capped: bool,
     /// Adaptive growth ([`crate::growth`]): the override's, else the plan's; `None` when
     /// fixed or capped.
-    pub(crate) growth: Option<&'p CompiledGrowth>,
+    pub(crate) growth: Option<&'p Arc<CompiledGrowth>>,
 }
 
 /// Resolves the quota of `client_key` (override, then tagged plan, then default plan).
@@ -59,8 +59,8 @@ pub(crate) fn resolve<'p>(
         fixed,
         capped: false,
         growth: over
-            .and_then(|o| o.growth.as_deref())
-            .or(plan.and_then(|p| p.growth.as_deref()))
+            .and_then(|o| o.growth.as_ref())
+            .or(plan.and_then(|p| p.growth.as_ref()))
             .filter(|_| !fixed),
     }
 }

@@ -220,12 +220,11 @@ pub fn compile_with_overrides(
             .values()
             .chain(overrides.values())
             .any(|o| o.growth.is_some());
-    if grows && policy.state.backend == Backend::Redis {
+    if policy.state.backend == Backend::Redis && policy.state.growth_file.is_some() {
         cx.error(
-            "state.backend",
-            "`growth` is not shared through Redis yet: with `backend: redis` each gateway would \
-             grow a client on its own share of the traffic; use `backend: local` with \
-             `state.growth_file`"
+            "state.growth_file",
+            "`growth_file` is for `backend: local`: with `backend: redis` clients' growth is \
+             kept in Redis, for the fleet"
                 .to_owned(),
         );
     }

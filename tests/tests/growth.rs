@@ -190,3 +190,105 @@ fn growth_settings_are_checked() {
         "{out}"
     );
 }
+
+/// With `backend: redis` growth is the fleet's: two gateways each see half of a client's
+/// traffic (usage ≈ 0.5 each, under the 0.7 threshold), the fleet sees all of it (≈ 1), so
+/// the client grows, once per window for the fleet, on both gateways; its steps live in Redis
+/// and survive both gateways' restart; an operator's reset clears them for the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_growth_is_the_fleets_and_survives_every_gateways_restart() {
+    use fairgate_tests::redis::{fleet_config, wait_fleet, RedisServer};
+
+    let redis = RedisServer::start();
+    let up = Upstream::start().await;
+    let cfg = fleet_config(&up, &redis.url(), "async", "local", "20/s burst 20")
+        .replace(
+            "plans: {free: {bandwidths: ['20/s burst 20']}}",
+            "plans:\n    free:\n      bandwidths: ['20/s burst 20']\n      growth: {threshold: 0.7, window: 1s, step: 0.5, max_factor: 2, max_rise: {factor: 4, within: 1s}}",
+        )
+        .replace(
+            "  default_plan: free\n",
+            "  default_plan: free\n  responses: {ratelimit_headers: always}\n",
+        );
+    assert!(cfg.contains("growth:"), "{cfg}");
+    let q_of = |policy: &str| -> Option<u64> {
+        policy
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("q="))?
+            .parse()
+            .ok()
+    };
+    let q_at = |gw: &Gateway| {
+        let url = gw.url("/x");
+        let q_of = q_of;
+        async move {
+            let r = Client::new().get_with(&url, &[("x-api-key", "a")]).await;
+            q_of(r.header("ratelimit-policy")).unwrap_or_else(|| panic!("{:?}", r.headers))
+        }
+    };
+    let gws = vec![Gateway::start(&cfg), Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut seen = vec![20u64];
+    while Instant::now() < deadline && !(seen.last() == Some(&40)) {
+        for gw in &gws {
+            let q = q_at(gw).await;
+            if seen.last() != Some(&q) && !seen.contains(&q) {
+                seen.push(q);
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![20, 30, 40],
+        "×1.5 a window for the fleet, bounded at ×2"
+    );
+    // Both gateways apply it (the other learns it from its next report).
+    for gw in &gws {
+        let ok =
+            fairgate_tests::eventually(Duration::from_secs(5), || async { q_at(gw).await == 40 })
+                .await;
+        assert!(ok, "every gateway applies the fleet's growth");
+    }
+    assert_eq!(
+        redis
+            .cli(&["--raw", "HGET", "fairgate:{a}:growth", "steps"])
+            .trim(),
+        "2"
+    );
+    // One step logged per step for the fleet (by the gateway whose report took it).
+    let steps: usize = gws
+        .iter()
+        .map(|g| g.stderr().matches("quota grown").count())
+        .sum();
+    assert_eq!(steps, 2);
+
+    // Both gateways restart: the fleet's growth is still there (learnt at the first report).
+    drop(gws);
+    let gws = vec![Gateway::start(&cfg), Gateway::start(&cfg)];
+    wait_fleet(&gws).await;
+    let ok = fairgate_tests::eventually(Duration::from_secs(5), || async {
+        q_at(&gws[0]).await == 40
+    })
+    .await;
+    assert!(ok, "the grown quota survives the restart of every gateway");
+
+    // An operator resets it: gone from Redis, base quota here at once.
+    let r = Client::new()
+        .request(
+            "DELETE",
+            &gws[0].admin_url("/clients/a/growth"),
+            &[],
+            empty(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        redis
+            .cli(&["--raw", "EXISTS", "fairgate:{a}:growth"])
+            .trim(),
+        "0"
+    );
+    assert_eq!(q_at(&gws[0]).await, 20);
+}

@@ -36,7 +36,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use fairgate_policies::compiled::CompiledBandwidth;
+use fairgate_policies::compiled::{CompiledBandwidth, CompiledGrowth};
 use fairgate_policies::model::OnFailure;
 
 use crate::clock::Nanos;
@@ -230,7 +230,53 @@ pub trait StateBackend: Send + Sync + std::fmt::Debug + 'static {
 
     /// The backend's counters; `None` when it shares nothing ([`Embedded`]).
     fn snapshot(&self) -> Option<BackendSnapshot>;
+
+    /// Whether clients' adaptive growth is the fleet's: counted, decided and kept in the
+    /// backend ([`StateBackend::report_growth`]) instead of in this process.
+    fn shares_growth(&self) -> bool {
+        false
+    }
+
+    /// Adds each client's admitted cost to the fleet's count and takes the steps that are
+    /// due (see [`GrowthFuture`]).
+    fn report_growth<'a>(&'a self, reports: &'a [GrowthReport]) -> GrowthFuture<'a> {
+        let n = reports.len();
+        Box::pin(async move { vec![None; n] })
+    }
+
+    /// Resets `client`'s growth for the fleet.
+    fn reset_growth<'a>(&'a self, client: &'a str) -> ResetFuture<'a> {
+        let _ = client;
+        Box::pin(async { Some(0) })
+    }
 }
+
+/// One client's admitted cost since the last report, for a backend that keeps adaptive
+/// growth for the fleet ([`StateBackend::report_growth`]).
+#[derive(Debug, Clone)]
+pub struct GrowthReport {
+    /// The client key.
+    pub client: Box<str>,
+    /// Admitted cost since the last report.
+    pub cost: u64,
+    /// The growth settings of the client's quota.
+    pub growth: Arc<CompiledGrowth>,
+    /// The longest emission interval (ns per unit) of the bandwidth set in effect.
+    pub t_max: u64,
+    /// The plan charged (for the event of a step).
+    pub plan: Option<Arc<str>>,
+    /// This gateway shed a request within the growth window.
+    pub shed: bool,
+}
+
+/// What the backend says of each reported client, in order: `None` when it could not be
+/// asked; else its steps, and the usage that made this report take a step (if it did).
+pub type GrowthFuture<'a> =
+    Pin<Box<dyn Future<Output = Vec<Option<(u32, Option<f64>)>>> + Send + 'a>>;
+
+/// A growth reset's answer: the steps the client had, `None` when the backend could not be
+/// asked.
+pub type ResetFuture<'a> = Pin<Box<dyn Future<Output = Option<u32>> + Send + 'a>>;
 
 #[cfg(test)]
 mod tests;

@@ -20,7 +20,10 @@ use fairgate_policies::model::{FleetMode, OnFailure, RedisState};
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use crate::backend::{BackendSnapshot, CheckFuture, Route, RuleBucket, StateBackend};
+use crate::backend::{
+    BackendSnapshot, CheckFuture, GrowthFuture, GrowthReport, ResetFuture, Route, RuleBucket,
+    StateBackend,
+};
 use crate::clock::{Clock, TokioClock};
 use crate::state::Store;
 
@@ -29,17 +32,19 @@ mod breaker;
 mod conn;
 mod exact;
 mod exchange;
+mod growth;
 mod keys;
 mod lease;
 mod registry;
 mod scripts;
 
 pub use breaker::{Breaker, BREAKER_THRESHOLD, PROBES_PER_SEC};
+pub(crate) use growth::GROWTH_REPORT_EVERY;
 
 use batch::{Pending, RuleEntry, SHARDS};
 use conn::{connect_cluster, exchange_budget, Conn};
 use lease::Released;
-use scripts::{EXACT_LUA, HEARTBEAT_LUA, RENEW_LUA, SYNC_LUA, SYNC_MANY_LUA};
+use scripts::{EXACT_LUA, GROWTH_LUA, HEARTBEAT_LUA, RENEW_LUA, SYNC_LUA, SYNC_MANY_LUA};
 
 /// Why the fleet backend could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,7 @@ pub struct Fleet {
     sync_many: Script,
     heartbeat: Script,
     renew: Script,
+    growth: Script,
     /// Concurrency leases this gateway holds: id → client key.
     leases: Mutex<HashMap<u64, Box<str>>>,
     next_lease: AtomicU64,
@@ -111,6 +117,11 @@ impl FleetHandle {
     /// The backend.
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
+    }
+
+    /// Keeps `task` running as long as the handle (stopped with the others).
+    pub(crate) fn keep(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.tasks.push(task);
     }
 }
 
@@ -179,6 +190,7 @@ impl Fleet {
             sync_many: Script::new(SYNC_MANY_LUA),
             heartbeat: Script::new(HEARTBEAT_LUA),
             renew: Script::new(RENEW_LUA),
+            growth: Script::new(GROWTH_LUA),
             leases: Mutex::new(HashMap::new()),
             next_lease: AtomicU64::new(1),
             release_tx,
@@ -348,5 +360,17 @@ impl StateBackend for Fleet {
 
     fn snapshot(&self) -> Option<BackendSnapshot> {
         Some(Fleet::snapshot(self))
+    }
+
+    fn shares_growth(&self) -> bool {
+        true
+    }
+
+    fn report_growth<'a>(&'a self, reports: &'a [GrowthReport]) -> GrowthFuture<'a> {
+        Box::pin(Fleet::report_growth(self, reports))
+    }
+
+    fn reset_growth<'a>(&'a self, client: &'a str) -> ResetFuture<'a> {
+        Box::pin(Fleet::reset_growth(self, client))
     }
 }

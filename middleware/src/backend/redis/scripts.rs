@@ -29,6 +29,16 @@ pub(super) const SYNC_LUA: &str = include_str!("lua/sync.lua");
 /// keys live in different slots there.
 pub(super) const SYNC_MANY_LUA: &str = include_str!("lua/sync_many.lua");
 
+/// Adaptive growth for the fleet: adds this gateway's admitted cost to the client's count of
+/// the current window (on Redis time, ms) and, when the window before it is complete, takes a
+/// step if its usage reached the threshold (the same rules as the engine's local growth).
+/// KEYS: the client's growth hash. ARGV: cost, window (ms), threshold, the tightest emission
+/// interval of the set in effect (ns), max steps, rise steps, `max_rise.within` (ms), 1 when
+/// this gateway shed within the window; or ARGV `reset` alone (deletes it).
+/// Returns `{steps, stepped}`: `stepped` is the step's usage × 10⁶ when this call took a step,
+/// else −1.
+pub(super) const GROWTH_LUA: &str = include_str!("lua/growth.lua");
+
 /// Registers this gateway until now + ttl and counts the registered ones.
 /// KEYS: the registry zset (`<prefix>:{gateways}`: its own hash tag). ARGV: gateway id, ttl ms.
 pub(super) const HEARTBEAT_LUA: &str = include_str!("lua/heartbeat.lua");
