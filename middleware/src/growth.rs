@@ -41,6 +41,9 @@ use crate::quota;
 /// Shards of the usage counters.
 const SHARDS: usize = 16;
 
+/// One shard of a per-client map.
+type Shard<V> = Mutex<HashMap<Box<str>, V, RandomState>>;
+
 /// One client's growth: how many steps it took and when its recent rises were.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ClientGrowth {
@@ -68,7 +71,7 @@ pub(crate) struct Due {
 /// The usage counters: client key → count in its current window. Bounded by `max`.
 #[derive(Debug)]
 pub(crate) struct Counters {
-    shards: Box<[Mutex<HashMap<Box<str>, Count, RandomState>>]>,
+    shards: Box<[Shard<Count>]>,
     hasher: RandomState,
 }
 
@@ -84,7 +87,7 @@ impl Default for Counters {
 }
 
 impl Counters {
-    fn shard(&self, key: &str) -> &Mutex<HashMap<Box<str>, Count, RandomState>> {
+    fn shard(&self, key: &str) -> &Shard<Count> {
         let i = (self.hasher.hash_one(key) as usize) % SHARDS;
         &self.shards[i]
     }
@@ -158,7 +161,7 @@ impl Counters {
 /// report (a report per second drains it). Bounded by `max` clients.
 #[derive(Debug)]
 pub(crate) struct Pending {
-    shards: Box<[Mutex<HashMap<Box<str>, crate::backend::GrowthReport, RandomState>>]>,
+    shards: Box<[Shard<crate::backend::GrowthReport>]>,
     hasher: RandomState,
 }
 

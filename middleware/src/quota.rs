@@ -38,6 +38,7 @@ pub(crate) struct Quota<'p> {
 }
 
 /// Resolves the quota of `client_key` (override, then tagged plan, then default plan).
+#[inline]
 pub(crate) fn resolve<'p>(
     pol: &'p CompiledPolicy,
     client_key: &str,
@@ -236,6 +237,7 @@ fn note_tightest<'p>(
 /// Consumes on the slotted bandwidths of a client entry; on a rejection, refunds what it
 /// consumed here and returns the rejection.
 #[allow(clippy::too_many_arguments)] // one call site; the parts are the decision's own
+#[inline]
 fn consume_slots<'x>(
     e: &Entry,
     map: &SlotMap,

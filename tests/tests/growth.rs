@@ -220,7 +220,6 @@ async fn with_redis_growth_is_the_fleets_and_survives_every_gateways_restart() {
     };
     let q_at = |gw: &Gateway| {
         let url = gw.url("/x");
-        let q_of = q_of;
         async move {
             let r = Client::new().get_with(&url, &[("x-api-key", "a")]).await;
             q_of(r.header("ratelimit-policy")).unwrap_or_else(|| panic!("{:?}", r.headers))
@@ -231,7 +230,7 @@ async fn with_redis_growth_is_the_fleets_and_survives_every_gateways_restart() {
 
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut seen = vec![20u64];
-    while Instant::now() < deadline && !(seen.last() == Some(&40)) {
+    while Instant::now() < deadline && seen.last() != Some(&40) {
         for gw in &gws {
             let q = q_at(gw).await;
             if seen.last() != Some(&q) && !seen.contains(&q) {
@@ -291,4 +290,27 @@ async fn with_redis_growth_is_the_fleets_and_survives_every_gateways_restart() {
         "0"
     );
     assert_eq!(q_at(&gws[0]).await, 20);
+}
+
+#[test]
+fn a_growth_file_is_refused_with_redis() {
+    let dir = tempfile::tempdir().expect("dir");
+    let p = dir.path().join("p.yaml");
+    std::fs::write(
+        &p,
+        "version: 1\nplans: {p: {bandwidths: ['10/s'], growth: {max_factor: 2}}}\nstate:\n  backend: redis\n  redis: {url: 'redis://127.0.0.1:1'}\n  growth_file: g.json\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(fairgate_tests::fairgate_bin())
+        .arg("check")
+        .arg(&p)
+        .output()
+        .expect("fairgate check");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("state.growth_file: `growth_file` is for `backend: local`"),
+        "{text}"
+    );
 }

@@ -244,6 +244,7 @@ impl Entry {
     }
 
     /// The slots of `ids` found by address alone (the hot path), or `None`.
+    #[inline]
     pub(super) fn map_fast(&self, ids: &[CompiledBandwidth]) -> Option<SlotMap> {
         let mut map = [OVERFLOW; SLOTS];
         if ids.is_empty() {

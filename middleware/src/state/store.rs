@@ -196,6 +196,7 @@ impl Store {
     /// needed. The hot path is one hash, one shared lock and, per bandwidth, one compare
     /// with the slots' id addresses (read from their shapes). `f` runs while the shard is
     /// locked.
+    #[inline]
     pub(crate) fn with_client<R>(
         &self,
         key: &str,
