@@ -702,6 +702,22 @@ state: {growth_file: growth.json}
             })
         );
 
+        // A reload that changes the base quota keeps the steps: new base × factor.
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            POLICY.replace("25%", "0.25").replace(
+                "bandwidths: ['10/s burst 10']\n    growth",
+                "bandwidths: ['30/s burst 30']\n    growth",
+            ),
+        )
+        .expect("write");
+        e.store().reload().expect("reload");
+        assert_eq!(quota(&e, "a"), 60, "30/s × 2");
+        std::fs::write(dir.path().join("policy.yaml"), POLICY.replace("25%", "0.25"))
+            .expect("write");
+        e.store().reload().expect("reload");
+        assert_eq!(quota(&e, "a"), 20);
+
         // A restart (a new engine on the same files) keeps the grown quota.
         drop(e);
         let file = std::fs::read_to_string(dir.path().join("growth.json")).expect("file");
