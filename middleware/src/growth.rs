@@ -713,8 +713,11 @@ state: {growth_file: growth.json}
         .expect("write");
         e.store().reload().expect("reload");
         assert_eq!(quota(&e, "a"), 60, "30/s × 2");
-        std::fs::write(dir.path().join("policy.yaml"), POLICY.replace("25%", "0.25"))
-            .expect("write");
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            POLICY.replace("25%", "0.25"),
+        )
+        .expect("write");
         e.store().reload().expect("reload");
         assert_eq!(quota(&e, "a"), 20);
 

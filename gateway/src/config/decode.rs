@@ -606,6 +606,8 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
     let hash_key = m
         .optional_with(ctx, "hash_key", hash_key)
         .unwrap_or_default();
+    let factor_at = m.entry("hash_balance_factor").map(|e| e.value);
+    let hash_balance_factor = m.optional_with(ctx, "hash_balance_factor", balance_factor);
     let health_check = m.optional_with(ctx, "health_check", health_check);
     let connect_timeout = m
         .optional_with(ctx, "connect_timeout", positive_duration)
@@ -621,6 +623,13 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
         .map_or(DEFAULT_MAX_IDLE, |v| v as usize);
     let outbound = m.optional_with(ctx, "outbound", outbound::outbound);
     m.finish(ctx);
+    if let (Some(at), true) = (factor_at, balance != Balance::ConsistentHash) {
+        ctx.error(
+            at,
+            &path.key("hash_balance_factor"),
+            "`hash_balance_factor` bounds `balance: consistent_hash`; this pool does not hash",
+        );
+    }
     let targets = targets?;
     if targets.is_empty() {
         ctx.error(
@@ -634,6 +643,7 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
         targets,
         balance,
         hash_key,
+        hash_balance_factor,
         health_check,
         connect_timeout,
         request_timeout,
@@ -641,6 +651,31 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
         max_idle,
         outbound,
     })
+}
+
+/// `125%` or a factor like `1.25`: at least 100 %, at most 1000 %.
+fn balance_factor(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<f64> {
+    let what = "a percentage like `125%` or a factor like `1.25`";
+    let s = scalar(ctx, node, path, what)?;
+    let value = match s.trim().strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().ok().map(|v| v / 100.0),
+        None => s.trim().parse::<f64>().ok(),
+    };
+    match value {
+        Some(v) if v.is_finite() && (1.0..=10.0).contains(&v) => Some(v),
+        Some(_) => {
+            ctx.error(
+                node,
+                path,
+                format!("`{s}` must be between 100% and 1000% (a target may take the average load, at least)"),
+            );
+            None
+        }
+        None => {
+            expected(ctx, node, path, what);
+            None
+        }
+    }
 }
 
 /// An upstream pool's idle keep-alive connections live this long by default.

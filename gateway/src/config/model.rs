@@ -129,6 +129,10 @@ pub struct UpstreamConfig {
     pub balance: Balance,
     /// Key of `consistent_hash` (default `client`).
     pub hash_key: HashKey,
+    /// Bounded load for `consistent_hash`: no target takes a request while its in-flight
+    /// count would pass this factor × the pool's average (`1.25` for `125%`); a key whose
+    /// target is full moves to the next target on the ring. Absent: unbounded.
+    pub hash_balance_factor: Option<f64>,
     /// Active health checks. Absent: every target is always considered healthy.
     pub health_check: Option<HealthCheck>,
     /// TCP connect timeout (default 1s).

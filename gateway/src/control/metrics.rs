@@ -85,6 +85,7 @@ impl UpstreamErrorKind {
 #[derive(Clone, Debug)]
 pub struct UpstreamMetrics {
     duration: Histogram,
+    hash_moves: Counter,
     connect: Counter,
     timeout: Counter,
     protocol: Counter,
@@ -92,6 +93,11 @@ pub struct UpstreamMetrics {
 }
 
 impl UpstreamMetrics {
+    /// Counts a request `consistent_hash`'s load bound sent off its key's target.
+    pub fn hash_moved(&self) {
+        self.hash_moves.inc();
+    }
+
     /// Records the time to the response head.
     pub fn observe(&self, latency: Duration) {
         self.duration.observe(latency.as_secs_f64());
@@ -121,6 +127,7 @@ pub struct Metrics {
     alerts: AlertMetrics,
     upstream_duration: Family<UpstreamLabels, Histogram>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    upstream_hash_moves: Family<UpstreamLabels, Counter>,
     outbound: OutboundMetrics,
     clients: ClientCounters,
 }
@@ -153,6 +160,12 @@ impl Metrics {
             "Upstream failures by pool and kind (connect, timeout, protocol, body)",
             upstream_errors.clone(),
         );
+        let upstream_hash_moves = Family::<UpstreamLabels, Counter>::default();
+        gateway.register(
+            "upstream_hash_moves",
+            "Requests consistent_hash's load bound (hash_balance_factor) sent off their key's target",
+            upstream_hash_moves.clone(),
+        );
         let outbound = OutboundMetrics::register(gateway);
         let refused = Family::<ReasonLabels, Counter>::default();
         gateway.register(
@@ -179,6 +192,7 @@ impl Metrics {
             alerts,
             upstream_duration,
             upstream_errors,
+            upstream_hash_moves,
             outbound,
             clients,
         }
@@ -217,6 +231,11 @@ impl Metrics {
             duration: self.upstream_duration.get_or_create_owned(&UpstreamLabels {
                 upstream: name.clone(),
             }),
+            hash_moves: self
+                .upstream_hash_moves
+                .get_or_create_owned(&UpstreamLabels {
+                    upstream: name.clone(),
+                }),
             connect: err(UpstreamErrorKind::Connect),
             timeout: err(UpstreamErrorKind::Timeout),
             protocol: err(UpstreamErrorKind::Protocol),

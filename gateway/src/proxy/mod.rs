@@ -281,6 +281,11 @@ impl Proxy {
                     None,
                 );
             };
+            if in_flight.moved() {
+                if let Some(m) = &metrics {
+                    m.hash_moved();
+                }
+            }
             let uri = in_flight.target().uri(parts.uri.path_and_query());
             let (send_body, reclaim) = match body.take() {
                 Some(b) if retryable && exclude.is_none() => {
@@ -712,6 +717,7 @@ mod tests {
             targets: Vec::new(),
             balance: crate::config::Balance::RoundRobin,
             hash_key: crate::config::HashKey::Peer,
+            hash_balance_factor: None,
             health_check: None,
             connect_timeout: std::time::Duration::from_secs(1),
             request_timeout: std::time::Duration::from_secs(5),

@@ -259,6 +259,7 @@ mod tests {
             targets: Vec::new(),
             balance: Balance::RoundRobin,
             hash_key: HashKey::Peer,
+            hash_balance_factor: None,
             health_check: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(7),

@@ -119,16 +119,23 @@ pub struct InFlight {
     target: Arc<Target>,
     started: Instant,
     head_latency: Option<Duration>,
+    moved: bool,
 }
 
 impl InFlight {
-    fn new(target: Arc<Target>) -> InFlight {
+    fn new(target: Arc<Target>, moved: bool) -> InFlight {
         target.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             target,
             started: Instant::now(),
             head_latency: None,
+            moved,
         }
+    }
+
+    /// Whether `consistent_hash`'s load bound moved this request off its key's target.
+    pub fn moved(&self) -> bool {
+        self.moved
     }
 
     /// Records that the response head arrived now (the latency fed to the EWMA).
@@ -159,6 +166,7 @@ pub struct Pool {
     targets: Box<[Arc<Target>]>,
     balance: Balance,
     hash_key: HashKey,
+    hash_balance_factor: Option<f64>,
     ring: Option<pingora_ketama::Continuum>,
     next: AtomicUsize,
     /// Used by every thread except per-core threads (and by health checks).
@@ -202,6 +210,7 @@ impl Pool {
             targets,
             balance: config.balance,
             hash_key: config.hash_key.clone(),
+            hash_balance_factor: config.hash_balance_factor,
             ring,
             next: AtomicUsize::new(0),
             client,
@@ -265,6 +274,7 @@ impl Pool {
         // Panic threshold: with no healthy target left, consider them all.
         let usable = |t: &Arc<Target>| !excluded(t) && (!any_healthy || t.is_healthy());
         let n = self.targets.len();
+        let mut moved = false;
         let chosen = match self.balance {
             Balance::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -277,11 +287,38 @@ impl Pool {
                     .ring
                     .as_ref()
                     .expect("consistent_hash pools have a ring");
-                ring.node_iter(hash)
-                    .take(n * 8)
-                    .filter_map(|addr| self.targets.iter().find(|t| t.addr == *addr))
-                    .find(|t| usable(t))
-                    .or_else(|| self.targets.iter().find(|t| usable(t)))
+                let on_ring = || {
+                    ring.node_iter(hash)
+                        .take(n * 8)
+                        .filter_map(|addr| self.targets.iter().find(|t| t.addr == *addr))
+                        .filter(|t| usable(t))
+                };
+                let home = on_ring()
+                    .next()
+                    .or_else(|| self.targets.iter().find(|t| usable(t)));
+                match (self.hash_balance_factor, home) {
+                    (Some(factor), Some(h)) => {
+                        // Bounded load (Mirrokni et al.; HAProxy's `hash-balance-factor`):
+                        // a target takes the request while its in-flight count stays within
+                        // `factor` × the average, counting this request.
+                        let usable_n = self.targets.iter().filter(|t| usable(t)).count().max(1);
+                        let total: u64 = self.targets.iter().map(|t| t.in_flight()).sum();
+                        let bound = (factor * (total + 1) as f64 / usable_n as f64).ceil() as u64;
+                        let fits = |t: &&Arc<Target>| t.in_flight() < bound;
+                        if fits(&h) {
+                            Some(h)
+                        } else {
+                            moved = true;
+                            on_ring().find(fits).or_else(|| {
+                                self.targets
+                                    .iter()
+                                    .filter(|t| usable(t))
+                                    .min_by_key(|t| t.in_flight())
+                            })
+                        }
+                    }
+                    (_, home) => home,
+                }
             }
             Balance::P2cEwma => {
                 let candidates = self.targets.iter().filter(|t| usable(t)).count();
@@ -306,7 +343,7 @@ impl Pool {
                 }
             }
         };
-        chosen.map(|t| InFlight::new(t.clone()))
+        chosen.map(|t| InFlight::new(t.clone(), moved))
     }
 
     /// Runs active health checks forever (spawned when the pool has `health_check`).
@@ -402,6 +439,7 @@ mod tests {
             targets: Vec::new(),
             balance,
             hash_key: HashKey::Peer,
+            hash_balance_factor: None,
             health_check: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
@@ -463,13 +501,65 @@ mod tests {
         let pool = Pool::new("p", &config(Balance::P2cEwma), addrs(2));
         // Hold many requests on the first target: with two targets p2c always compares both.
         let held: Vec<_> = (0..50)
-            .map(|_| InFlight::new(pool.targets[0].clone()))
+            .map(|_| InFlight::new(pool.targets[0].clone(), false))
             .collect();
         for _ in 0..20 {
             assert_eq!(pool.pick(b"", None).unwrap().target().addr().port(), 10_001);
         }
         drop(held);
         assert_eq!(pool.targets[0].in_flight(), 0);
+    }
+
+    /// A hot key stays on its target while the target has room (in flight below 125 % of
+    /// the average, counting the new request), then spills to the next targets on the ring;
+    /// without a bound it all lands on one target.
+    #[tokio::test]
+    async fn a_load_bound_moves_a_hot_key_off_its_full_target() {
+        let mut cfg = config(Balance::ConsistentHash);
+        let bounded = Pool::new(
+            "p",
+            &{
+                cfg.hash_balance_factor = Some(1.25);
+                cfg.clone()
+            },
+            addrs(4),
+        );
+        let unbounded = Pool::new("p", &config(Balance::ConsistentHash), addrs(4));
+        let hold = |pool: &Pool| -> Vec<InFlight> {
+            (0..40).map(|_| pool.pick(b"hot", None).unwrap()).collect()
+        };
+        let held = hold(&unbounded);
+        let home = held[0].target().addr();
+        assert!(held.iter().all(|f| f.target().addr() == home && !f.moved()));
+        let held = hold(&bounded);
+        let home = held[0].target().addr();
+        assert!(
+            !held[0].moved(),
+            "the first request goes to the key's own target"
+        );
+        let per_target = |addr| held.iter().filter(|f| f.target().addr() == addr).count();
+        for t in bounded.targets() {
+            // The bound for the 40th request: ⌈1.25 × 40 / 4⌉ = 13.
+            assert!(
+                per_target(t.addr()) <= 13,
+                "{} took {}",
+                t.addr(),
+                per_target(t.addr())
+            );
+        }
+        assert_eq!(
+            per_target(home),
+            13,
+            "it keeps its own target while there is room"
+        );
+        assert_eq!(held.iter().filter(|f| f.moved()).count(), 40 - 13);
+        drop(held);
+        let again = bounded.pick(b"hot", None).unwrap();
+        assert_eq!(
+            again.target().addr(),
+            home,
+            "back home once the load is gone"
+        );
     }
 
     #[tokio::test]

@@ -522,3 +522,31 @@ fn the_alert_sender_block_is_checked_and_defaults() {
         "{e}"
     );
 }
+
+#[test]
+fn a_hash_balance_factor_bounds_consistent_hash_only() {
+    let cfg = |balance: &str, factor: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nroutes: [{{upstream: u}}]\nupstreams: {{u: {{targets: [builtin:echo], balance: {balance}, hash_balance_factor: {factor}}}}}\n"
+        )
+    };
+    let ok = parse_ok(&cfg("consistent_hash", "125%"));
+    assert_eq!(ok.config.upstreams["u"].hash_balance_factor, Some(1.25));
+    let ok = parse_ok(&cfg("consistent_hash", "1.5"));
+    assert_eq!(ok.config.upstreams["u"].hash_balance_factor, Some(1.5));
+    let errors = parse_err(&cfg("consistent_hash", "90%"));
+    assert!(
+        errors.contains("upstreams.u.hash_balance_factor: `90%` must be between 100% and 1000%"),
+        "{errors}"
+    );
+    let errors = parse_err(&cfg("consistent_hash", "lots"));
+    assert!(
+        errors.contains("upstreams.u.hash_balance_factor:"),
+        "{errors}"
+    );
+    let errors = parse_err(&cfg("p2c_ewma", "125%"));
+    assert!(
+        errors.contains("upstreams.u.hash_balance_factor: `hash_balance_factor` bounds `balance: consistent_hash`; this pool does not hash"),
+        "{errors}"
+    );
+}
