@@ -516,14 +516,8 @@ mod tests {
     #[tokio::test]
     async fn a_load_bound_moves_a_hot_key_off_its_full_target() {
         let mut cfg = config(Balance::ConsistentHash);
-        let bounded = Pool::new(
-            "p",
-            &{
-                cfg.hash_balance_factor = Some(1.25);
-                cfg.clone()
-            },
-            addrs(4),
-        );
+        cfg.hash_balance_factor = Some(1.25);
+        let bounded = Pool::new("p", &cfg, addrs(4));
         let unbounded = Pool::new("p", &config(Balance::ConsistentHash), addrs(4));
         let hold = |pool: &Pool| -> Vec<InFlight> {
             (0..40).map(|_| pool.pick(b"hot", None).unwrap()).collect()
