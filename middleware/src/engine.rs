@@ -956,10 +956,16 @@ impl Engine {
         let mut changed = false;
         let mut stepped = Vec::new();
         {
+            let max = usize::try_from(self.prepared.load().policy.state.max_keys)
+                .unwrap_or(usize::MAX);
             let mut gs = self.growth.lock().unwrap_or_else(|e| e.into_inner());
             for (r, a) in reports.iter().zip(answers) {
                 let Some((steps, step)) = a else { continue };
                 let known = gs.by_key.get(&*r.client).map_or(0, |g| g.steps);
+                // At most `max_keys` grown clients are held here (Redis keeps them all).
+                if known == 0 && steps > 0 && gs.by_key.len() >= max {
+                    continue;
+                }
                 if known != steps {
                     changed = true;
                     if steps == 0 {
