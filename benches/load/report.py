@@ -30,6 +30,7 @@ LABELS = {
     "fairgate-full": "fairgate, full policy",
     "fairgate-reject30": "fairgate, full policy, 30% rejected",
     "fairgate-full-mt": "fairgate, full policy, `runtime: multi_thread`",
+    "fairgate-full-access": "fairgate, full policy, access log on (JSON, to a file)",
     "axum": "axum, no middleware",
     "axum-fairgate": "axum + AdmissionLayer, full policy",
     "axum-fairgate-reject30": "axum + AdmissionLayer, 30% rejected",

@@ -21,7 +21,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 
-ALL_CONTENDERS="direct hyper hyper-conn pingora nginx nginx-limit haproxy fairgate-empty fairgate-full fairgate-reject30 fairgate-full-mt"
+ALL_CONTENDERS="direct hyper hyper-conn pingora nginx nginx-limit haproxy fairgate-empty fairgate-full fairgate-reject30 fairgate-full-mt fairgate-full-access"
 AXUM_CONTENDERS="axum axum-fairgate axum-fairgate-reject30 axum-governor"
 REDIS_CONTENDERS="fairgate-redis-async fairgate-redis-exact"
 
@@ -530,11 +530,16 @@ start_contender() { # start_contender NAME THREADS PIN(cmd prefix)
             write_haproxy_conf "$name" "$port" "$threads"
             $pin haproxy -db -f "$RUN/$name.cfg" >"$RUN/$name.log" 2>&1 &
             pid=$! ;;
-        fairgate-empty|fairgate-full|fairgate-reject30|fairgate-full-mt)
+        fairgate-empty|fairgate-full|fairgate-reject30|fairgate-full-mt|fairgate-full-access)
             local policy=full runtime=default
             [ "$name" = fairgate-empty ] && policy=empty
             [ "$name" = fairgate-full-mt ] && runtime=multi_thread
             write_fairgate_conf "$name" "$port" "$threads" "$policy" "$runtime"
+            if [ "$name" = fairgate-full-access ]; then
+                # The access log on, in JSON, to a file in the run directory (what it costs).
+                echo "  access: {path: $RUN/$name.access.log, format: json}" \
+                    >>"$RUN/$name.gateway.yaml"
+            fi
             $pin "$FAIRGATE_BIN" run --config "$RUN/$name.gateway.yaml" >"$RUN/$name.log" 2>&1 &
             pid=$! ;;
         fairgate-redis-async|fairgate-redis-exact)

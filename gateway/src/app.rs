@@ -37,7 +37,9 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::{LoadedConfig, PolicySource, RuntimeModel, TargetSpec};
+use crate::control::access_log::AccessLog;
 use crate::control::metrics::Metrics;
+use crate::proxy::access::AccessLayer;
 use crate::proxy::routing::{Route, RouteTable, RoutingLayer};
 use crate::proxy::upstream::Pool;
 use crate::proxy::Proxy;
@@ -168,6 +170,18 @@ pub async fn start_with(
     } = loaded;
     let metrics = Arc::new(Metrics::new());
     let log = DecisionLog::start(&config.log.decision_log())?;
+    let access_log = match &config.log.access {
+        Some(a) => {
+            let access = AccessLog::start(a, metrics.access_log_dropped())?;
+            let reopen = access.clone();
+            server::on_sigusr1(move || {
+                reopen.reopen();
+                async {}
+            });
+            Some(access)
+        }
+        None => None,
+    };
 
     // Policy and engine.
     let store = match (&config.policy, inline_policy) {
@@ -306,6 +320,7 @@ pub async fn start_with(
             ]))
             .layer(request_ids.clone())
             .layer(TraceLayer::new_for_http())
+            .layer(AccessLayer::new(access_log.clone(), table.clone()))
             .layer(RoutingLayer::new(table.clone()))
             .layer(BodyLimitLayer::new(max_body))
             .layer(AdmissionLayer::new(engine.clone()))

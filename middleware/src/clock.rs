@@ -138,14 +138,31 @@ impl Clock for TokioClock {
     }
 }
 
-/// Formats a time as RFC 3339 UTC with milliseconds: `2024-05-01T12:00:00.123Z`.
-pub fn rfc3339(t: SystemTime) -> String {
+/// A time's UTC calendar date and time of day (proleptic Gregorian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CivilTime {
+    /// Year.
+    pub year: i64,
+    /// Month, 1–12.
+    pub month: u32,
+    /// Day of the month, 1–31.
+    pub day: u32,
+    /// Hour, 0–23.
+    pub hour: u32,
+    /// Minute, 0–59.
+    pub minute: u32,
+    /// Second, 0–59.
+    pub second: u32,
+    /// Millisecond, 0–999.
+    pub millis: u32,
+}
+
+/// `t` in UTC (a time before 1970 is read as 1970-01-01T00:00:00Z).
+pub fn civil_utc(t: SystemTime) -> CivilTime {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
-    let millis = d.subsec_millis();
     let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    let rem = (secs % 86_400) as u32;
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -154,10 +171,26 @@ pub fn rfc3339(t: SystemTime) -> String {
     let y = yoe + era * 400;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    CivilTime {
+        year: if month <= 2 { y + 1 } else { y },
+        month,
+        day,
+        hour: rem / 3600,
+        minute: (rem % 3600) / 60,
+        second: rem % 60,
+        millis: d.subsec_millis(),
+    }
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds: `2024-05-01T12:00:00.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let c = civil_utc(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        c.year, c.month, c.day, c.hour, c.minute, c.second, c.millis
+    )
 }
 
 #[cfg(test)]

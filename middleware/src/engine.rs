@@ -956,8 +956,8 @@ impl Engine {
         let mut changed = false;
         let mut stepped = Vec::new();
         {
-            let max = usize::try_from(self.prepared.load().policy.state.max_keys)
-                .unwrap_or(usize::MAX);
+            let max =
+                usize::try_from(self.prepared.load().policy.state.max_keys).unwrap_or(usize::MAX);
             let mut gs = self.growth.lock().unwrap_or_else(|e| e.into_inner());
             for (r, a) in reports.iter().zip(answers) {
                 let Some((steps, step)) = a else { continue };

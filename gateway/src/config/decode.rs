@@ -23,9 +23,9 @@ use fairgate_middleware::observe::AlertConfig;
 use crate::tls::TlsError;
 
 use super::model::{
-    AdminConfig, Balance, DecisionTarget, GatewayConfig, HashKey, HealthCheck, Limits,
-    ListenerConfig, LogConfig, LogFormat, PolicySource, RouteConfig, RuntimeModel, TargetSpec,
-    TlsConfig, UpstreamConfig,
+    AccessFormat, AccessLogConfig, AccessTarget, AdminConfig, Balance, DecisionTarget,
+    GatewayConfig, HashKey, HealthCheck, Limits, ListenerConfig, LogConfig, LogFormat,
+    PolicySource, RouteConfig, RuntimeModel, TargetSpec, TlsConfig, UpstreamConfig,
 };
 
 /// A decoded gateway config, with its inline policy (if it has one) already decoded.
@@ -895,7 +895,20 @@ fn log(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<Log
         from_str::<tracing_subscriber::EnvFilter>(c, n, p, "a log filter like `info`")
             .map(|_| s.to_owned())
     });
+    let access_at = m.entry("access").map(|e| e.value);
+    let access = m.optional_with(ctx, "access", |c, n, p| access_log(c, n, p, base));
     m.finish(ctx);
+    let decisions_to_stdout = decisions.as_ref().unwrap_or(&d.decisions) == &DecisionTarget::Stdout;
+    if let (Some(at), Some(Some(a))) = (access_at, &access) {
+        if a.target == AccessTarget::Stdout && decisions_to_stdout {
+            ctx.error(
+                at,
+                &path.key("access"),
+                "the decision log already writes to stdout: give the access log a file (or \
+                 the decision log one)",
+            );
+        }
+    }
     Some(LogConfig {
         decisions: decisions.unwrap_or(d.decisions),
         sample_admits: sample_admits.unwrap_or(d.sample_admits),
@@ -903,8 +916,68 @@ fn log(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<Log
         audit: audit.unwrap_or(d.audit),
         format: format.unwrap_or(d.format),
         level: level.unwrap_or(d.level),
+        access: access.flatten(),
     })
 }
+
+/// `log.access`: `off`, a file path, `stdout`, or `{path, format, buffer}`.
+fn access_log(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+    base: &FsPath,
+) -> Option<Option<AccessLogConfig>> {
+    let target = |c: &mut Ctx, n: &Node, p: &Path<'_>| -> Option<Option<AccessTarget>> {
+        let s = scalar(c, n, p, "`stdout`, `off` or a file path")?;
+        Some(match s {
+            "off" => None,
+            "stdout" | "-" => Some(AccessTarget::Stdout),
+            "" => {
+                c.error(n, p, "must not be empty");
+                return None;
+            }
+            file => Some(AccessTarget::File(base.join(file))),
+        })
+    };
+    if !matches!(node.kind, NodeKind::Map(_)) {
+        return Some(target(ctx, node, path)?.map(|t| AccessLogConfig {
+            target: t,
+            format: AccessFormat::Json,
+            buffer: DEFAULT_ACCESS_BUFFER,
+        }));
+    }
+    let mut m = MapReader::new(ctx, node, path)?;
+    let t = m.required_with(ctx, "path", target);
+    let format = m.optional_with(ctx, "format", |c, n, p| {
+        choice(
+            c,
+            n,
+            p,
+            &[
+                ("json", AccessFormat::Json),
+                ("common", AccessFormat::Common),
+                ("combined", AccessFormat::Combined),
+            ],
+        )
+    });
+    let buffer = m.optional_with(ctx, "buffer", |c, n, p| {
+        let v = uint(c, n, p, 10_000_000)?;
+        if v == 0 {
+            c.error(n, p, "must be at least 1");
+            return None;
+        }
+        Some(v as usize)
+    });
+    m.finish(ctx);
+    Some(t?.map(|target| AccessLogConfig {
+        target,
+        format: format.unwrap_or(AccessFormat::Json),
+        buffer: buffer.unwrap_or(DEFAULT_ACCESS_BUFFER),
+    }))
+}
+
+/// Access-log lines queued for the writer by default.
+const DEFAULT_ACCESS_BUFFER: usize = 10_000;
 
 mod conn;
 mod http2;

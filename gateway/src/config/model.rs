@@ -297,6 +297,40 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Process log filter, `tracing` env-filter syntax (default `info`; `RUST_LOG` wins).
     pub level: String,
+    /// The access log: one line per request (absent: off).
+    pub access: Option<AccessLogConfig>,
+}
+
+/// The access log (`log.access`): one line per request, written off the request path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    /// Where lines go: a file (relative to the gateway config file), or stdout.
+    pub target: AccessTarget,
+    /// Line format (default `json`).
+    pub format: AccessFormat,
+    /// Lines queued for the writer at most; a line past it is dropped and counted
+    /// (default 10,000).
+    pub buffer: usize,
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessTarget {
+    /// Standard output.
+    Stdout,
+    /// A file, appended to; reopened on SIGUSR1 (rotation).
+    File(PathBuf),
+}
+
+/// An access-log line's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessFormat {
+    /// One JSON object per line.
+    Json,
+    /// The Common Log Format (NCSA).
+    Common,
+    /// The Combined Log Format (Common plus referer and user agent).
+    Combined,
 }
 
 impl Default for LogConfig {
@@ -310,6 +344,7 @@ impl Default for LogConfig {
             audit: d.audit,
             format: LogFormat::Pretty,
             level: "info".to_owned(),
+            access: None,
         }
     }
 }

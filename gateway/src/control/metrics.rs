@@ -128,6 +128,7 @@ pub struct Metrics {
     upstream_duration: Family<UpstreamLabels, Histogram>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     upstream_hash_moves: Family<UpstreamLabels, Counter>,
+    access_log_dropped: Counter,
     outbound: OutboundMetrics,
     clients: ClientCounters,
 }
@@ -166,6 +167,12 @@ impl Metrics {
             "Requests consistent_hash's load bound (hash_balance_factor) sent off their key's target",
             upstream_hash_moves.clone(),
         );
+        let access_log_dropped = Counter::default();
+        gateway.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer's queue (log.access.buffer) was full",
+            access_log_dropped.clone(),
+        );
         let outbound = OutboundMetrics::register(gateway);
         let refused = Family::<ReasonLabels, Counter>::default();
         gateway.register(
@@ -193,6 +200,7 @@ impl Metrics {
             upstream_duration,
             upstream_errors,
             upstream_hash_moves,
+            access_log_dropped,
             outbound,
             clients,
         }
@@ -201,6 +209,11 @@ impl Metrics {
     /// The engine's series: install them as (part of) the engine's observer.
     pub fn engine(&self) -> &Arc<EngineMetrics> {
         &self.engine
+    }
+
+    /// `fairgate_access_log_dropped_total`, for the access log.
+    pub fn access_log_dropped(&self) -> Counter {
+        self.access_log_dropped.clone()
     }
 
     /// The usage-alert series, for the alert sender.

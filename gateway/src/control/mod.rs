@@ -1,6 +1,7 @@
 //! The operator's side of the gateway: its metrics registry, policy reloads from SIGHUP and
 //! the admin API, the process log, and `fairgate audit`.
 
+pub mod access_log;
 pub mod audit;
 pub mod logging;
 pub mod metrics;

@@ -27,6 +27,7 @@
 //! are upgraded and spliced together; any other answer is an ordinary response, so no raw
 //! tunnel exists without a `101`.
 
+pub mod access;
 pub mod admission;
 pub mod echo;
 pub mod outbound;

@@ -458,21 +458,43 @@ where
     Fut: Future<Output = ()> + Send,
 {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => {
-                tokio::spawn(async move {
-                    while hup.recv().await.is_some() {
-                        f().await;
-                    }
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
-        }
-    }
+    on_signal(tokio::signal::unix::SignalKind::hangup(), "SIGHUP", f);
     #[cfg(not(unix))]
     let _ = f;
+}
+
+/// Runs `f` on every SIGUSR1 until the process ends (the access log's reopen).
+pub fn on_sigusr1<F, Fut>(f: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    #[cfg(unix)]
+    on_signal(
+        tokio::signal::unix::SignalKind::user_defined1(),
+        "SIGUSR1",
+        f,
+    );
+    #[cfg(not(unix))]
+    let _ = f;
+}
+
+#[cfg(unix)]
+fn on_signal<F, Fut>(kind: tokio::signal::unix::SignalKind, name: &'static str, f: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    match tokio::signal::unix::signal(kind) {
+        Ok(mut sig) => {
+            tokio::spawn(async move {
+                while sig.recv().await.is_some() {
+                    f().await;
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, signal = name, "cannot listen for the signal"),
+    }
 }
 
 #[cfg(test)]

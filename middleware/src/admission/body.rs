@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::decision::{Outcome, Ticket};
+use crate::decision::{Outcome, Stage, Ticket};
 
 pin_project! {
     /// The response body of [`super::Admission`].
@@ -24,9 +24,11 @@ pin_project! {
             body: B,
             done: Option<PendingCompletion>,
         },
-        /// A rejection's body.
+        /// A fixed body: a rejection's (`stage` names the stage that rejected), or the
+        /// usage endpoint's.
         Full {
             data: Option<Bytes>,
+            stage: Option<Stage>,
         },
     }
 }
@@ -80,6 +82,24 @@ impl<B> AdmissionBody<B> {
     pub fn full(data: Bytes) -> Self {
         AdmissionBody::Full {
             data: (!data.is_empty()).then_some(data),
+            stage: None,
+        }
+    }
+
+    /// A rejection's body: `stage` rejected the request.
+    pub(crate) fn rejection(data: Bytes, stage: Stage) -> Self {
+        AdmissionBody::Full {
+            data: (!data.is_empty()).then_some(data),
+            stage: Some(stage),
+        }
+    }
+
+    /// The stage that rejected the request this body answers (`None` for an admitted
+    /// request's body and the usage endpoint's): what an access log records.
+    pub fn rejected_by(&self) -> Option<Stage> {
+        match self {
+            AdmissionBody::Full { stage, .. } => *stage,
+            AdmissionBody::Inner { .. } => None,
         }
     }
 }
@@ -126,21 +146,21 @@ where
                 }
                 polled
             }
-            Proj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d.into())))),
+            Proj::Full { data, .. } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d.into())))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             AdmissionBody::Inner { body, .. } => body.is_end_stream(),
-            AdmissionBody::Full { data } => data.is_none(),
+            AdmissionBody::Full { data, .. } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             AdmissionBody::Inner { body, .. } => body.size_hint(),
-            AdmissionBody::Full { data } => {
+            AdmissionBody::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
@@ -154,7 +174,7 @@ impl<B> std::fmt::Debug for AdmissionBody<B> {
                 .debug_struct("AdmissionBody::Inner")
                 .field("pending_ticket", &done.is_some())
                 .finish_non_exhaustive(),
-            AdmissionBody::Full { data } => f
+            AdmissionBody::Full { data, .. } => f
                 .debug_struct("AdmissionBody::Full")
                 .field("len", &data.as_ref().map_or(0, Bytes::len))
                 .finish(),

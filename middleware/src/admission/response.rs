@@ -540,7 +540,7 @@ pub fn rejection_response<B>(r: &Rejection) -> Response<AdmissionBody<B>> {
             .get(|t| t.is_for(r, status), || Template::new(r, status))
             .render(r, response.headers_mut())
     });
-    *response.body_mut() = AdmissionBody::full(body);
+    *response.body_mut() = AdmissionBody::rejection(body, r.stage);
     response
 }
 
