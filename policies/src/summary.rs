@@ -272,7 +272,15 @@ fn bandwidth(b: &Bandwidth) -> String {
         .as_deref()
         .map(|n| format!(" ({n})"))
         .unwrap_or_default();
-    format!("{} burst {burst}{name}", b.rate)
+    match &b.period {
+        Some(p) => format!(
+            "{} per calendar {} ({}){name}",
+            b.rate.count(),
+            p.unit.as_str(),
+            p.time_zone.as_deref().unwrap_or("UTC")
+        ),
+        None => format!("{} burst {burst}{name}", b.rate),
+    }
 }
 
 fn more(out: &mut String, total: usize) -> std::fmt::Result {

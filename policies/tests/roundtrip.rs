@@ -134,7 +134,12 @@ fn bandwidth() -> impl Strategy<Value = Bandwidth> {
         option::of(20u64..=10_000),
         option::of("[a-z][a-z-]{0,6}"),
     )
-        .prop_map(|(rate, burst, name)| Bandwidth { rate, burst, name })
+        .prop_map(|(rate, burst, name)| Bandwidth {
+            rate,
+            burst,
+            name,
+            period: None,
+        })
 }
 
 /// Bandwidths with distinct names; every effective burst is ≥ 20 (the largest cost below).
