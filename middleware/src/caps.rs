@@ -134,7 +134,16 @@ pub(crate) fn compile(pol: &CompiledPolicy, caps: &BTreeMap<String, ClientCap>) 
 /// item, burst `cap.burst` or the burst scaled by `quota / q`, never above `bw.burst`.
 /// The same id and name, so the bucket carries over. `None` when the bucket cannot be
 /// represented (the caller refuses such a cap).
+///
+/// A calendar period's cap lowers its quota for the period (same id, period and capacity,
+/// so the period's count carries over as it is).
 pub(crate) fn capped(bw: &CompiledBandwidth, cap: &BandwidthCap) -> Option<CompiledBandwidth> {
+    if let Some(period) = &bw.period {
+        let mut out = bw.clone();
+        out.burst = cap.quota.clamp(1, bw.burst);
+        out.rate = Rate::new(out.burst, period.unit.nominal())?;
+        return Some(out);
+    }
     let (q, w) = quota::quota_window(bw.rate);
     let quota = cap.quota.clamp(1, q.max(1));
     let scaled = (u128::from(bw.burst) * u128::from(quota) / u128::from(q.max(1))).max(1);

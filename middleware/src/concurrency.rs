@@ -47,12 +47,15 @@ pub(crate) struct TicketShared {
     pub(crate) kept: Mutex<Vec<Box<dyn Send + Sync>>>,
     /// Promises of staggered retries (`responses.retry_stagger`).
     pub(crate) stagger: crate::stagger::Stagger,
+    /// The clock's place in wall time (calendar periods).
+    pub(crate) wall: crate::clock::WallAnchor,
 }
 
 impl TicketShared {
     /// Shares `state` and `shed`, read with `clock`, with no observer and nothing kept.
     pub(crate) fn new(clock: Arc<dyn Clock>, state: Store, shed: Shedder) -> Self {
         TicketShared {
+            wall: crate::clock::WallAnchor::new(&*clock),
             clock,
             state,
             shed,
