@@ -346,6 +346,13 @@ impl Engine {
         self.shared.wall.set(self.shared.clock.now(), wall);
     }
 
+    /// The clock's place in wall time, shared with a state backend that names calendar
+    /// periods (the Redis keys of a period's count).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn wall_anchor(&self) -> &Arc<crate::clock::WallAnchor> {
+        &self.shared.wall
+    }
+
     /// Attaches the state backend that decides how quotas are decided (until then the
     /// engine runs on [`Embedded`]); false if one is attached already (the first stays).
     pub fn attach_backend(&self, backend: Arc<dyn StateBackend>) -> bool {
