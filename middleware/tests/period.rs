@@ -172,3 +172,49 @@ default_plan: free
         Some(Duration::from_secs(7 * 86_400))
     );
 }
+
+/// In an axum app: the layer's answers point at the reset, and under paused tokio time
+/// (the engine on `TokioClock`) the month ends and the quota comes back.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_axum_app_refuses_until_the_first_and_admits_after_it() {
+    use axum::{routing::get, Router};
+    use fairgate_middleware::{AdmissionLayer, EngineBuilder, TokioClock};
+    use tower::ServiceExt as _;
+
+    let store = fairgate_policies::PolicyStore::from_yaml_str(
+        "version: 1
+identify: {client_key: [{header: x-api-key}]}
+plans:
+  metered: {bandwidths: [{quota: 2, period: month, name: monthly}]}
+default_plan: metered
+",
+        "policy.yaml",
+    )
+    .unwrap();
+    let engine = EngineBuilder::new(store)
+        .clock(std::sync::Arc::new(TokioClock::new()))
+        .start()
+        .unwrap();
+    engine.set_wall_time(wall("2026-01-31T23:59:00Z"));
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(AdmissionLayer::new(engine));
+    let call = |app: Router| async move {
+        let req = http::Request::get("/")
+            .header("x-api-key", "acme")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        app.oneshot(req).await.unwrap()
+    };
+    assert_eq!(call(app.clone()).await.status(), 200);
+    assert_eq!(call(app.clone()).await.status(), 200);
+    let refused = call(app.clone()).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "60");
+    let limit = refused.headers()["ratelimit"].to_str().unwrap();
+    assert!(limit.contains(";r=0;t=60"), "RateLimit: {limit}");
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(call(app.clone()).await.status(), 429);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(call(app.clone()).await.status(), 200);
+}
