@@ -6,7 +6,7 @@
 //! ends within a test.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fairgate_tests::redis::RedisServer;
 use fairgate_tests::{empty, Client, Gateway, Reply, Upstream};
