@@ -1228,7 +1228,7 @@ impl RemoteCheck {
                 key,
                 self.cost,
                 now,
-                self.shared.wall.offset(),
+                &self.shared.wall,
                 &mut charges,
             )
         };
@@ -1513,7 +1513,7 @@ impl<'d> Deciding<'d> {
                 plan: q.plan,
                 bandwidths: bws,
                 now: self.now,
-                wall: self.engine.shared.wall.offset(),
+                wall: &self.engine.shared.wall,
             }),
             context: self.context,
         });
@@ -1628,7 +1628,7 @@ impl<'d> Deciding<'d> {
         let Some(bws) = q.bandwidths.filter(|_| !rules_out.allowed && local_quota) else {
             return ControlFlow::Continue(passed);
         };
-        let wall = engine.shared.wall.offset();
+        let wall = &engine.shared.wall;
         match quota::consume(
             &engine.shared.state,
             bws,
@@ -1653,8 +1653,9 @@ impl<'d> Deciding<'d> {
                     }
                 }
                 if self.headers == HeaderMode::Always {
-                    passed.ratelimit = tightest
-                        .map(|(bw, tat)| quota::ratelimit_info(bw, Some(bws), tat, now, wall));
+                    passed.ratelimit = tightest.map(|(bw, tat)| {
+                        quota::ratelimit_info(bw, Some(bws), tat, now, wall.offset())
+                    });
                 }
                 ControlFlow::Continue(passed)
             }
@@ -1692,7 +1693,8 @@ impl<'d> Deciding<'d> {
                     };
                     let retry_after = gcra::retry_after(wait);
                     let info = (self.headers != HeaderMode::Never).then(|| {
-                        let mut info = quota::ratelimit_info(bandwidth, Some(bws), tat, now, wall);
+                        let mut info =
+                            quota::ratelimit_info(bandwidth, Some(bws), tat, now, wall.offset());
                         // `t` says no earlier than `Retry-After`.
                         info.reset_secs = info.reset_secs.max(retry_after.as_secs());
                         info
@@ -1716,8 +1718,13 @@ impl<'d> Deciding<'d> {
                 // Over quota: the exceeded bandwidth (nothing left), sent as a rejection's
                 // are (unless `never`): the client must see that it is over its quota.
                 if self.headers != HeaderMode::Never {
-                    passed.ratelimit =
-                        Some(quota::ratelimit_info(bandwidth, Some(bws), tat, now, wall));
+                    passed.ratelimit = Some(quota::ratelimit_info(
+                        bandwidth,
+                        Some(bws),
+                        tat,
+                        now,
+                        wall.offset(),
+                    ));
                 }
                 ControlFlow::Continue(passed)
             }

@@ -21,7 +21,7 @@ use fairgate_policies::compiled::{
 };
 use fairgate_policies::units::Rate;
 
-use crate::clock::Nanos;
+use crate::clock::{Nanos, WallAnchor};
 use crate::decision::RateLimitInfo;
 use crate::gcra::{self, Params, Verdict};
 use crate::ledger::{Charge, Charges};
@@ -181,7 +181,7 @@ pub(crate) fn consume<'x>(
     key: &'x str,
     cost: u64,
     now: Nanos,
-    wall: u64,
+    wall: &WallAnchor,
     charges: &mut Charges<'x, '_>,
 ) -> Result<Consumed<'x>, Full> {
     let start = charges.len();
@@ -227,7 +227,10 @@ pub(crate) fn consume<'x>(
             continue;
         }
         let p = params(bw);
-        let at = bucket_now(bw, now, wall);
+        let (at, lim) = match bw.period {
+            None => (now, p),
+            Some(_) => (bucket_now(bw, now, wall.offset()), limit(bw)),
+        };
         let result = store.with_entry(&bw.id, key, now, bw.c_ns, |e| match bw.period {
             None => e.consume(now, p, cost),
             Some(_) => e.consume_period(now, at, bw.c_ns, bw.burst, cost),
@@ -246,7 +249,7 @@ pub(crate) fn consume<'x>(
                     key,
                     amount: cost.saturating_mul(p.t),
                 });
-                note_tightest(&mut tightest, bw, tat, at);
+                note_tightest(&mut tightest, bw, tat, at, lim);
             }
             Verdict::Reject { wait } => {
                 charges.rollback_from(start);
@@ -266,14 +269,15 @@ pub(crate) fn consume<'x>(
     })
 }
 
-/// `at` is the bandwidth's [`bucket_now`].
+/// `at` is the bandwidth's [`bucket_now`], `p` its [`limit`].
 fn note_tightest<'p>(
     tightest: &mut Tightest<'p>,
     bw: &'p CompiledBandwidth,
     tat: Nanos,
     at: Nanos,
+    p: Params,
 ) {
-    let left = gcra::remaining(tat, at, limit(bw));
+    let left = gcra::remaining(tat, at, p);
     if tightest.is_none_or(|(_, _, l)| left < l) {
         *tightest = Some((bw, tat, left));
     }
@@ -288,7 +292,7 @@ fn consume_slots<'x>(
     bandwidths: &'x [CompiledBandwidth],
     key: &'x str,
     cost: u64,
-    (now, wall): (Nanos, u64),
+    (now, wall): (Nanos, &WallAnchor),
     charges: &mut Charges<'x, '_>,
     tightest: &mut Tightest<'x>,
 ) -> Option<Consumed<'x>> {
@@ -297,16 +301,20 @@ fn consume_slots<'x>(
             continue;
         }
         let bucket = e.slot(slot);
-        let (verdict, at) = match bw.period {
-            None => (bucket.consume(now, params(bw), cost), now),
+        // The offset to wall time is read only for a calendar period.
+        let (verdict, at, p) = match bw.period {
+            None => {
+                let p = params(bw);
+                (bucket.consume(now, p, cost), now, p)
+            }
             Some(_) => {
-                let at = bucket_now(bw, now, wall);
+                let at = bucket_now(bw, now, wall.offset());
                 let v = bucket.consume_period(now, at, bw.c_ns, bw.burst, cost);
-                (v, at)
+                (v, at, limit(bw))
             }
         };
         match verdict {
-            Verdict::Admit { tat } => note_tightest(tightest, bw, tat, at),
+            Verdict::Admit { tat } => note_tightest(tightest, bw, tat, at, p),
             Verdict::Reject { wait } => {
                 for (earlier, &s) in bandwidths[..i].iter().zip(map) {
                     if s != OVERFLOW {
