@@ -246,6 +246,30 @@ mod tests {
     }
 
     #[test]
+    fn a_cap_lowers_a_calendar_periods_quota_and_keeps_its_state() {
+        use fairgate_policies::model::Period;
+        use fairgate_policies::period::CompiledPeriod;
+        let b = CompiledBandwidth::per_period(
+            Arc::from("plan:free/0@month"),
+            Arc::from("monthly"),
+            1000,
+            CompiledPeriod::new(Period::Month, None).expect("utc"),
+        )
+        .expect("bandwidth");
+        let cap = |quota| BandwidthCap { quota, burst: None };
+        let c = capped(&b, &cap(300)).expect("capped");
+        assert_eq!((c.burst, c.rate.count()), (300, 300));
+        // The same id, period and state capacity: the month's count carries over.
+        assert!(Arc::ptr_eq(&c.id, &b.id));
+        assert_eq!((c.t_ns, c.c_ns, &c.period), (b.t_ns, b.c_ns, &b.period));
+        assert_eq!(
+            capped(&b, &cap(5000)).expect("capped").burst,
+            1000,
+            "never raised"
+        );
+    }
+
+    #[test]
     fn a_cap_never_raises() {
         let b = bw("10/min", 20);
         let c = capped(

@@ -218,3 +218,27 @@ default_plan: metered
     tokio::time::advance(Duration::from_secs(1)).await;
     assert_eq!(call(app.clone()).await.status(), 200);
 }
+
+/// A period beyond the client entry's two slots lives in an entry of its own, checked the
+/// same way.
+#[test]
+fn a_period_in_its_own_entry_counts_the_same() {
+    let (e, clock, _) = engine(
+        "version: 1
+plans:
+  free:
+    bandwidths: ['100/s', '1000/min', {quota: 2, period: day, name: daily}]
+default_plan: free
+",
+    );
+    e.set_wall_time(wall("2026-06-30T23:00:00Z"));
+    let r = Req::from("192.0.2.1");
+    assert_eq!(admit_n(&e, &r, 4), 2);
+    let rej = rejection(r.decide(&e));
+    assert_eq!(rej.bandwidth.as_deref(), Some("daily"));
+    assert_eq!(rej.retry_after, Some(Duration::from_secs(3600)));
+    // The rates were given back: 98 of 100 left on the first.
+    assert_eq!(remaining(&e, "192.0.2.1", "free-0"), 98);
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(admit_n(&e, &r, 4), 2);
+}

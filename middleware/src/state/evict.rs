@@ -30,7 +30,7 @@ impl Store {
                     store_debt(self.debt_slot(h), h, b.tat(), now);
                 }
             }
-        } else {
+        } else if e.capacity() != PERIOD_CAPACITY {
             store_debt(self.debt_slot(hash), hash, e.tat(), now);
         }
     }
