@@ -1411,8 +1411,9 @@ fn period_bandwidth(
         let z = scalar(c, n, p, "an IANA time zone name like `Europe/Paris`")?;
         match crate::period::CompiledPeriod::new(Period::Day, Some(z)) {
             Ok(_) => Some(z.to_owned()),
-            Err(e) => {
-                c.error(n, p, e.to_string());
+            Err(_) => {
+                let shown = crate::period::UnknownTimeZone(yaml::shorten(z).to_string());
+                c.error(n, p, shown.to_string());
                 None
             }
         }
