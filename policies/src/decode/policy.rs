@@ -1412,7 +1412,7 @@ fn period_bandwidth(
         match crate::period::CompiledPeriod::new(Period::Day, Some(z)) {
             Ok(_) => Some(z.to_owned()),
             Err(_) => {
-                let shown = crate::period::UnknownTimeZone(yaml::shorten(z).to_string());
+                let shown = crate::period::UnknownTimeZone(yaml::shorten(z));
                 c.error(n, p, shown.to_string());
                 None
             }
