@@ -98,6 +98,29 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+/// Test only: `FAIRGATE_TEST_WALL_CLOCK=2026-01-31T23:00:00Z` places the engine's clock at
+/// that wall time when the gateway starts (it moves on from there with the engine's own
+/// clock), so that an end-to-end test sees a calendar period end without waiting for one.
+/// Never set in production; logged as a warning when set, and a value that is not an RFC
+/// 3339 UTC time refuses to start rather than be ignored.
+fn test_wall_clock(engine: &Engine) -> Result<(), StartError> {
+    let Ok(text) = std::env::var("FAIRGATE_TEST_WALL_CLOCK") else {
+        return Ok(());
+    };
+    let at: fairgate_policies::units::Timestamp = text.parse().map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("FAIRGATE_TEST_WALL_CLOCK: {e}"),
+        )
+    })?;
+    engine.set_wall_time(at.to_system_time());
+    tracing::warn!(
+        wall_clock = %text,
+        "FAIRGATE_TEST_WALL_CLOCK is set: calendar periods count from this time (tests only)"
+    );
+    Ok(())
+}
+
 /// What an "address in use" means, for the operator.
 fn bind_hint(source: &std::io::Error, sharing: Sharing) -> &'static str {
     match (source.kind(), sharing) {
@@ -222,6 +245,7 @@ pub async fn start_with(
         builder = builder.watch_file(path, fairgate_policies::watch::DEFAULT_DEBOUNCE);
     }
     let engine = builder.start()?;
+    test_wall_clock(&engine)?;
     // Audit-mode stamps are the engine's clock, so the audit replays the engine's time.
     let log = log.with_clock(engine.clock().clone());
     // Usage alerts: the sender runs whether or not the policy names alerts now (a reload

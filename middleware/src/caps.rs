@@ -134,7 +134,16 @@ pub(crate) fn compile(pol: &CompiledPolicy, caps: &BTreeMap<String, ClientCap>) 
 /// item, burst `cap.burst` or the burst scaled by `quota / q`, never above `bw.burst`.
 /// The same id and name, so the bucket carries over. `None` when the bucket cannot be
 /// represented (the caller refuses such a cap).
+///
+/// A calendar period's cap lowers its quota for the period (same id, period and capacity,
+/// so the period's count carries over as it is).
 pub(crate) fn capped(bw: &CompiledBandwidth, cap: &BandwidthCap) -> Option<CompiledBandwidth> {
+    if let Some(period) = &bw.period {
+        let mut out = bw.clone();
+        out.burst = cap.quota.clamp(1, bw.burst);
+        out.rate = Rate::new(out.burst, period.unit.nominal())?;
+        return Some(out);
+    }
     let (q, w) = quota::quota_window(bw.rate);
     let quota = cap.quota.clamp(1, q.max(1));
     let scaled = (u128::from(bw.burst) * u128::from(quota) / u128::from(q.max(1))).max(1);
@@ -236,6 +245,30 @@ mod tests {
         )
         .expect("capped");
         assert_eq!(c.burst, 3);
+    }
+
+    #[test]
+    fn a_cap_lowers_a_calendar_periods_quota_and_keeps_its_state() {
+        use fairgate_policies::model::Period;
+        use fairgate_policies::period::CompiledPeriod;
+        let b = CompiledBandwidth::per_period(
+            Arc::from("plan:free/0@month"),
+            Arc::from("monthly"),
+            1000,
+            CompiledPeriod::new(Period::Month, None).expect("utc"),
+        )
+        .expect("bandwidth");
+        let cap = |quota| BandwidthCap { quota, burst: None };
+        let c = capped(&b, &cap(300)).expect("capped");
+        assert_eq!((c.burst, c.rate.count()), (300, 300));
+        // The same id, period and state capacity: the month's count carries over.
+        assert!(Arc::ptr_eq(&c.id, &b.id));
+        assert_eq!((c.t_ns, c.c_ns, &c.period), (b.t_ns, b.c_ns, &b.period));
+        assert_eq!(
+            capped(&b, &cap(5000)).expect("capped").burst,
+            1000,
+            "never raised"
+        );
     }
 
     #[test]

@@ -138,6 +138,36 @@ impl Clock for TokioClock {
     }
 }
 
+// === impl WallAnchor ===
+
+/// Where an engine's clock stands in wall time, for calendar periods: Unix nanoseconds
+/// are the clock's nanoseconds plus one offset, taken from `SystemTime` once when the
+/// engine is built (a decision never reads wall time; a wall-clock step, e.g. by NTP, is
+/// not followed). Tests move it with [`Engine::set_wall_time`](crate::Engine::set_wall_time).
+#[derive(Debug)]
+pub(crate) struct WallAnchor(AtomicU64);
+
+impl WallAnchor {
+    /// `clock`'s now is the system's wall time now.
+    pub(crate) fn new(clock: &dyn Clock) -> Self {
+        let a = WallAnchor(AtomicU64::new(0));
+        a.set(clock.now(), SystemTime::now());
+        a
+    }
+
+    /// The clock reading `now` is the wall time `wall`.
+    pub(crate) fn set(&self, now: Nanos, wall: SystemTime) {
+        let unix = wall.duration_since(UNIX_EPOCH).map_or(0, duration_to_nanos);
+        self.0.store(unix.saturating_sub(now), Ordering::Relaxed);
+    }
+
+    /// Unix nanoseconds minus the clock's nanoseconds.
+    #[inline]
+    pub(crate) fn offset(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// A time's UTC calendar date and time of day (proleptic Gregorian).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CivilTime {

@@ -47,12 +47,15 @@ pub(crate) struct TicketShared {
     pub(crate) kept: Mutex<Vec<Box<dyn Send + Sync>>>,
     /// Promises of staggered retries (`responses.retry_stagger`).
     pub(crate) stagger: crate::stagger::Stagger,
+    /// The clock's place in wall time (calendar periods).
+    pub(crate) wall: Arc<crate::clock::WallAnchor>,
 }
 
 impl TicketShared {
     /// Shares `state` and `shed`, read with `clock`, with no observer and nothing kept.
     pub(crate) fn new(clock: Arc<dyn Clock>, state: Store, shed: Shedder) -> Self {
         TicketShared {
+            wall: Arc::new(crate::clock::WallAnchor::new(&*clock)),
             clock,
             state,
             shed,
@@ -179,11 +182,14 @@ impl Ticket {
             t: bw.t_ns,
             c: bw.c_ns,
         };
+        // A calendar period's debt counts in the period holding now (charged at its end).
+        let wall = self.shared.wall.offset();
+        let at = |bw: &CompiledBandwidth| crate::quota::bucket_now(bw, now, wall);
         // A full table cannot take new debt; the client is then at worst as it was.
         let Ok(map) = state.with_client(key, now, &ph.bandwidths, |e, map| {
             for (bw, &s) in ph.bandwidths.iter().zip(map) {
                 if s != OVERFLOW {
-                    e.slot(s).charge_debt(now, params(bw), units);
+                    e.slot(s).charge_debt(at(bw), params(bw), units);
                 }
             }
             *map
@@ -193,7 +199,7 @@ impl Ticket {
         for (i, bw) in ph.bandwidths.iter().enumerate() {
             if map.get(i).is_none_or(|&s| s == OVERFLOW) {
                 let _ = state.with_entry(&bw.id, key, now, bw.c_ns, |e| {
-                    e.charge_debt(now, params(bw), units)
+                    e.charge_debt(at(bw), params(bw), units)
                 });
             }
         }

@@ -375,6 +375,21 @@ impl Engine {
         &self.shared.clock
     }
 
+    /// Tells the engine that its clock, as it reads now, stands at wall time `wall`: the
+    /// calendar periods of quotas (`period: month`) are counted from there on, following
+    /// the engine's own clock. The engine takes the system's wall time once when it is
+    /// built; tests (and the gateway's `FAIRGATE_TEST_WALL_CLOCK`) move it here.
+    pub fn set_wall_time(&self, wall: std::time::SystemTime) {
+        self.shared.wall.set(self.shared.clock.now(), wall);
+    }
+
+    /// The clock's place in wall time, shared with a state backend that names calendar
+    /// periods (the Redis keys of a period's count).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn wall_anchor(&self) -> &Arc<crate::clock::WallAnchor> {
+        &self.shared.wall
+    }
+
     /// Attaches the state backend that decides how quotas are decided (until then the
     /// engine runs on [`Embedded`]); false if one is attached already (the first stays).
     pub fn attach_backend(&self, backend: Arc<dyn StateBackend>) -> bool {
@@ -778,12 +793,14 @@ impl Engine {
                             .with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns))
                     })
                     .unwrap_or(0);
-                let fill_fraction = gcra::fill_fraction(tat, now, quota::params(bw));
+                let wall = sh.wall.offset();
+                let at = quota::bucket_now(bw, now, wall);
+                let fill_fraction = gcra::fill_fraction(tat, at, quota::limit(bw));
                 used = used.max(1.0 - fill_fraction);
                 bandwidths.push(BandwidthUsage {
                     id: Arc::clone(&bw.id),
                     plan: plan.clone(),
-                    ratelimit: quota::ratelimit_info(bw, q.bandwidths, tat, now),
+                    ratelimit: quota::ratelimit_info(bw, q.bandwidths, tat, now, wall),
                     fill_fraction,
                 });
             }
@@ -1249,6 +1266,12 @@ impl Engine {
                 .filter(|bw| &*bw.name == name.as_str())
             {
                 found = true;
+                if bw.period.is_some() && c.burst.is_some() {
+                    return Err(CapError::Invalid(format!(
+                        "bandwidth `{name}` is a quota per calendar period: cap its `quota`; \
+                         it has no burst"
+                    )));
+                }
                 let (q, w) = quota::quota_window(bw.rate);
                 if c.quota > q || c.burst.is_some_and(|b| b > bw.burst) {
                     return Err(CapError::Invalid(format!(
@@ -1572,6 +1595,7 @@ impl RemoteCheck {
                 key,
                 self.cost,
                 now,
+                &self.shared.wall,
                 &mut charges,
             )
         };
@@ -1620,8 +1644,10 @@ impl RemoteCheck {
 
     fn reject_quota(self, index: usize, wait: Nanos, tat: Nanos, now: Nanos) -> Decision {
         let bw = self.bandwidths.get(index).or(self.bandwidths.first());
-        // Clients rejected together are told to come back one after another.
-        let wait = bw.map_or(wait, |bw| {
+        let wall = self.shared.wall.offset();
+        // Clients rejected together are told to come back one after another (not at a
+        // calendar period's reset: see `Decider::quota`).
+        let wait = bw.filter(|bw| bw.period.is_none()).map_or(wait, |bw| {
             self.shared.stagger.wait(
                 &bw.id,
                 self.client_key.as_str(),
@@ -1635,7 +1661,7 @@ impl RemoteCheck {
         });
         let retry_after = gcra::retry_after(wait);
         let info = bw.filter(|_| self.headers != HeaderMode::Never).map(|bw| {
-            let mut info = quota::ratelimit_info(bw, Some(&self.bandwidths), tat, now);
+            let mut info = quota::ratelimit_info(bw, Some(&self.bandwidths), tat, now, wall);
             info.reset_secs = info.reset_secs.max(retry_after.as_secs());
             info
         });
@@ -1661,7 +1687,7 @@ impl RemoteCheck {
             return self.reject_quota(0, wait, tat, now);
         };
         let info = (self.headers != HeaderMode::Never)
-            .then(|| quota::ratelimit_info(&bucket.bandwidth, None, tat, now));
+            .then(|| quota::ratelimit_info(&bucket.bandwidth, None, tat, now, 0));
         let r = Rejection {
             status: self.quota_status,
             stage: Stage::Rule,
@@ -1854,6 +1880,7 @@ impl<'d> Deciding<'d> {
                 plan: q.plan,
                 bandwidths: bws,
                 now: self.now,
+                wall: &self.engine.shared.wall,
             }),
             context: self.context,
         });
@@ -1881,7 +1908,7 @@ impl<'d> Deciding<'d> {
             if let Some(obs) = observer {
                 let info = hit
                     .bandwidth
-                    .map(|(bw, tat)| quota::ratelimit_info(bw, None, tat, now));
+                    .map(|(bw, tat)| quota::ratelimit_info(bw, None, tat, now, 0));
                 obs.on_decision(&DecisionEvent {
                     client_key: ck,
                     operation: op_name,
@@ -1968,6 +1995,7 @@ impl<'d> Deciding<'d> {
         let Some(bws) = q.bandwidths.filter(|_| !rules_out.allowed && local_quota) else {
             return ControlFlow::Continue(passed);
         };
+        let wall = &engine.shared.wall;
         match quota::consume(
             &engine.shared.state,
             bws,
@@ -1975,6 +2003,7 @@ impl<'d> Deciding<'d> {
             ck,
             cost,
             now,
+            wall,
             charges,
         ) {
             Err(_) => ControlFlow::Break(self.reject_full(pol, plan_name, shadow_hits)),
@@ -1991,8 +2020,9 @@ impl<'d> Deciding<'d> {
                     }
                 }
                 if self.headers == HeaderMode::Always {
-                    passed.ratelimit =
-                        tightest.map(|(bw, tat)| quota::ratelimit_info(bw, Some(bws), tat, now));
+                    passed.ratelimit = tightest.map(|(bw, tat)| {
+                        quota::ratelimit_info(bw, Some(bws), tat, now, wall.offset())
+                    });
                 }
                 ControlFlow::Continue(passed)
             }
@@ -2010,19 +2040,28 @@ impl<'d> Deciding<'d> {
                         .is_some_and(|below| engine.shared.shed.below_utilization(below));
                 if !can_borrow {
                     // Clients rejected together are told to come back one after another.
-                    let wait = engine.shared.stagger.wait(
-                        &bandwidth.id,
-                        self.key,
-                        quota::params(bandwidth),
-                        self.cost,
-                        tat,
-                        now,
-                        wait,
-                        pol.responses.retry_stagger.0,
-                    );
+                    // Not at a calendar period's reset: `wait` is the time to the period's
+                    // end, and the stagger spreads by emission intervals, which a period
+                    // does not have.
+                    let stagger = bandwidth.period.is_none();
+                    let wait = if !stagger {
+                        wait
+                    } else {
+                        engine.shared.stagger.wait(
+                            &bandwidth.id,
+                            self.key,
+                            quota::params(bandwidth),
+                            self.cost,
+                            tat,
+                            now,
+                            wait,
+                            pol.responses.retry_stagger.0,
+                        )
+                    };
                     let retry_after = gcra::retry_after(wait);
                     let info = (self.headers != HeaderMode::Never).then(|| {
-                        let mut info = quota::ratelimit_info(bandwidth, Some(bws), tat, now);
+                        let mut info =
+                            quota::ratelimit_info(bandwidth, Some(bws), tat, now, wall.offset());
                         // `t` says no earlier than `Retry-After`.
                         info.reset_secs = info.reset_secs.max(retry_after.as_secs());
                         info
@@ -2046,7 +2085,13 @@ impl<'d> Deciding<'d> {
                 // Over quota: the exceeded bandwidth (nothing left), sent as a rejection's
                 // are (unless `never`): the client must see that it is over its quota.
                 if self.headers != HeaderMode::Never {
-                    passed.ratelimit = Some(quota::ratelimit_info(bandwidth, Some(bws), tat, now));
+                    passed.ratelimit = Some(quota::ratelimit_info(
+                        bandwidth,
+                        Some(bws),
+                        tat,
+                        now,
+                        wall.offset(),
+                    ));
                 }
                 ControlFlow::Continue(passed)
             }
@@ -2233,8 +2278,13 @@ impl<'d> Deciding<'d> {
                 };
                 let retry_after = gcra::retry_after(wait);
                 let info = (self.headers != HeaderMode::Never).then(|| {
-                    let mut info =
-                        quota::ratelimit_info(bandwidth, None, tat.unwrap_or(self.now), self.now);
+                    let mut info = quota::ratelimit_info(
+                        bandwidth,
+                        None,
+                        tat.unwrap_or(self.now),
+                        self.now,
+                        0,
+                    );
                     info.reset_secs = info.reset_secs.max(retry_after.as_secs());
                     info
                 });

@@ -158,6 +158,8 @@ pub struct QuotaUsage<'a> {
     pub(crate) plan: Option<&'a CompiledPlan>,
     pub(crate) bandwidths: &'a [CompiledBandwidth],
     pub(crate) now: Nanos,
+    /// The clock's place in wall time (calendar periods; read only for one).
+    pub(crate) wall: &'a crate::clock::WallAnchor,
 }
 
 impl<'a> QuotaUsage<'a> {
@@ -166,16 +168,16 @@ impl<'a> QuotaUsage<'a> {
     /// request of the same client decided meanwhile may already show). A bandwidth without
     /// a bucket is left out.
     pub fn bandwidths(&self) -> impl Iterator<Item = BandwidthUse<'a>> + 'a {
-        let (store, key, now) = (self.store, self.client_key, self.now);
+        let (store, key, now, anchor) = (self.store, self.client_key, self.now, self.wall);
         self.bandwidths.iter().filter_map(move |bw| {
             let tat = store
                 .with_client_slot(key, &bw.id, |b| b.peek(now, bw.c_ns))
                 .or_else(|| store.with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns)))?;
-            let p = gcra::Params {
-                t: bw.t_ns,
-                c: bw.c_ns,
+            let at = match bw.period {
+                None => now,
+                Some(_) => crate::quota::bucket_now(bw, now, anchor.offset()),
             };
-            let remaining = gcra::remaining(tat, now, p).min(bw.burst);
+            let remaining = gcra::remaining(tat, at, crate::quota::limit(bw)).min(bw.burst);
             Some(BandwidthUse {
                 bandwidth: bw,
                 remaining,

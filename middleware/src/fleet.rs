@@ -126,11 +126,10 @@ pub fn start(engine: &Arc<Engine>) -> Result<Option<FleetHandle>, FleetError> {
     else {
         return Ok(None);
     };
-    let fleet = Arc::new(Fleet::connect(
-        settings,
-        Arc::clone(engine.clock()),
-        policy.state.max_keys,
-    )?);
+    let mut fleet = Fleet::connect(settings, Arc::clone(engine.clock()), policy.state.max_keys)?;
+    // Calendar periods are named by the engine's wall time (which a test may move).
+    fleet.wall = Arc::clone(engine.wall_anchor());
+    let fleet = Arc::new(fleet);
     if !engine.attach_backend(Arc::clone(&fleet) as Arc<dyn StateBackend>) {
         tracing::warn!("a fleet backend is already attached to this engine");
     }

@@ -319,7 +319,6 @@ fn grown_set(set: &Arc<[CompiledBandwidth]>, factor: f64) -> Option<Arc<[Compile
 /// burst `⌊burst × factor⌋`; the same id and name, so the bucket carries over. `bw` itself
 /// when the grown bucket cannot be represented.
 pub(crate) fn grown(bw: &CompiledBandwidth, factor: f64) -> CompiledBandwidth {
-    let (q, w) = quota::quota_window(bw.rate);
     let scale = |v: u64| -> u64 {
         let g = (v as f64 * factor).floor();
         if g >= u64::MAX as f64 {
@@ -328,6 +327,20 @@ pub(crate) fn grown(bw: &CompiledBandwidth, factor: f64) -> CompiledBandwidth {
             (g as u64).max(v)
         }
     };
+    // A calendar period's quota grows for the period (same id, period and state capacity, so
+    // the period's count carries over as it is), as a cap lowers it.
+    if let Some(period) = &bw.period {
+        let mut out = bw.clone();
+        out.burst = scale(bw.burst);
+        return match Rate::new(out.burst, period.unit.nominal()) {
+            Some(rate) => {
+                out.rate = rate;
+                out
+            }
+            None => bw.clone(),
+        };
+    }
+    let (q, w) = quota::quota_window(bw.rate);
     let Some(rate) = Rate::new(scale(q), Duration::from_secs(w)) else {
         return bw.clone();
     };
@@ -359,7 +372,15 @@ pub(crate) fn apply<'p>(
 /// The longest emission interval of `set` (ns per unit): the bandwidth a window's count is
 /// measured against.
 pub(crate) fn t_max(set: &[CompiledBandwidth]) -> u64 {
-    set.iter().map(|b| b.t_ns).max().unwrap_or(0)
+    set.iter()
+        .map(|b| match b.period {
+            // A calendar period's pace: its quota over the period's nominal length (its
+            // `t_ns` is the state's encoding, not a pace).
+            Some(_) => b.rate.period_ns() / b.rate.count().max(1),
+            None => b.t_ns,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 // --- the growth file ---
@@ -544,6 +565,24 @@ mod tests {
         assert!(Arc::ptr_eq(&g.id, &b.id));
         assert_eq!(quota::quota_window(g.rate), (150, 60));
         assert_eq!(g.burst, 15);
+    }
+
+    #[test]
+    fn a_calendar_periods_quota_grows_and_keeps_its_state() {
+        use fairgate_policies::model::Period;
+        use fairgate_policies::period::CompiledPeriod;
+        let b = CompiledBandwidth::per_period(
+            Arc::from("plan:p/0@month"),
+            Arc::from("p-0"),
+            1000,
+            CompiledPeriod::new(Period::Month, None).expect("utc"),
+        )
+        .expect("bw");
+        let g = grown(&b, 1.5);
+        assert_eq!(g.burst, 1500);
+        assert_eq!((g.t_ns, g.c_ns, &g.period), (b.t_ns, b.c_ns, &b.period));
+        // Its pace for usage: 1000 per nominal month.
+        assert_eq!(t_max(&[b.clone()]), b.rate.period_ns() / 1000);
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! The bandwidths are consumed one by one (a CAS each); when one rejects, the ones already
 //! consumed are refunded (`TAT ← max(TAT − c·T, now)`), which restores them exactly when no
 //! other request of the same key raced in between, so a rejected request consumes nothing.
+//!
+//! A calendar-period bandwidth (`{quota: N, period: month}`) is checked by the same
+//! arithmetic at another time ([`bucket_now`]): its count `n` is kept as `TAT = end + n`
+//! (`T` = 1 ns) against the end of the period holding now, so it takes part in the same
+//! all-or-nothing check and the same refunds, and a TAT left by an earlier period reads as 0.
 
 use std::sync::Arc;
 
@@ -16,7 +21,7 @@ use fairgate_policies::compiled::{
 };
 use fairgate_policies::units::Rate;
 
-use crate::clock::Nanos;
+use crate::clock::{Nanos, WallAnchor};
 use crate::decision::RateLimitInfo;
 use crate::gcra::{self, Params, Verdict};
 use crate::ledger::{Charge, Charges};
@@ -66,7 +71,8 @@ pub(crate) fn resolve<'p>(
     }
 }
 
-/// GCRA parameters of a compiled bandwidth.
+/// GCRA parameters of a compiled bandwidth: what its state is kept with (for a calendar
+/// period `T` = 1 ns and the capacity every period shares, see [`limit`]).
 pub(crate) fn params(bw: &CompiledBandwidth) -> Params {
     Params {
         t: bw.t_ns,
@@ -74,23 +80,55 @@ pub(crate) fn params(bw: &CompiledBandwidth) -> Params {
     }
 }
 
+/// The parameters a bandwidth admits by: [`params`], or for a calendar period `T` = 1 ns
+/// and `C` = its quota.
+#[inline]
+pub(crate) fn limit(bw: &CompiledBandwidth) -> Params {
+    match bw.period {
+        None => params(bw),
+        Some(_) => Params { t: 1, c: bw.burst },
+    }
+}
+
+/// The time a bandwidth's state is read at: `now` for a GCRA bucket; for a calendar period
+/// the end of the period holding `now`, on the engine's clock (`wall` is the clock's
+/// offset to Unix time, [`crate::clock::WallAnchor`]). A period's count `n` is kept as
+/// `TAT = end + n`, so at this time GCRA admits iff `n + cost ≤ quota` and leaves
+/// `quota − n`; a TAT of an earlier period (at most its end + quota, and a quota is at most
+/// 10¹² ns, less than any period) reads as 0. Two compares while the period lasts.
+#[inline]
+pub(crate) fn bucket_now(bw: &CompiledBandwidth, now: Nanos, wall: u64) -> Nanos {
+    match &bw.period {
+        None => now,
+        Some(p) => p.current(now.saturating_add(wall)).1.saturating_sub(wall),
+    }
+}
+
 /// The RateLimit numbers of `bw` for a bucket at `tat`; `all` is the client's whole quota
 /// (`None` for a rule's `limit`), advertised with it.
+///
+/// A calendar period's `reset_secs` is the time to the period's end (its reset), whatever
+/// is used; its window is the period's nominal length (a day, 7 days, 30 days).
 pub(crate) fn ratelimit_info(
     bw: &CompiledBandwidth,
     all: Option<&Arc<[CompiledBandwidth]>>,
     tat: Nanos,
     now: Nanos,
+    wall: u64,
 ) -> RateLimitInfo {
-    let p = params(bw);
+    let at = bucket_now(bw, now, wall);
     let (quota, window_secs) = quota_window(bw.rate);
+    let reset = match bw.period {
+        None => gcra::until_full(tat, now),
+        Some(_) => at.saturating_sub(now),
+    };
     RateLimitInfo {
         bandwidth: Arc::clone(&bw.name),
         quota,
         window_secs,
         burst: bw.burst,
-        remaining: gcra::remaining(tat, now, p),
-        reset_secs: gcra::until_full(tat, now).div_ceil(1_000_000_000),
+        remaining: gcra::remaining(tat, at, limit(bw)),
+        reset_secs: reset.div_ceil(1_000_000_000),
         bandwidths: all.cloned(),
     }
 }
@@ -142,7 +180,9 @@ type Tightest<'p> = Option<(&'p CompiledBandwidth, Nanos, u64)>;
 /// Checks and consumes `cost` on every bandwidth for `key`, all or nothing, then, when
 /// all are admitted and `concurrency` is set, takes a permit of that limit: one lookup of
 /// the client entry when every bandwidth lives in its slots. The permit is left to the
-/// caller ([`Permit::NotTried`]) when some bandwidth lives in its own entry.
+/// caller ([`Permit::NotTried`]) when some bandwidth lives in its own entry. `wall` places
+/// the clock in wall time for calendar periods ([`bucket_now`]).
+#[allow(clippy::too_many_arguments)] // the decision's own parts, passed through
 pub(crate) fn consume<'x>(
     store: &Store,
     bandwidths: &'x [CompiledBandwidth],
@@ -150,12 +190,22 @@ pub(crate) fn consume<'x>(
     key: &'x str,
     cost: u64,
     now: Nanos,
+    wall: &WallAnchor,
     charges: &mut Charges<'x, '_>,
 ) -> Result<Consumed<'x>, Full> {
     let start = charges.len();
     let mut tightest: Tightest<'x> = None;
     let (slotted, map) = store.with_client(key, now, bandwidths, |e, map| {
-        let r = consume_slots(e, map, bandwidths, key, cost, now, charges, &mut tightest);
+        let r = consume_slots(
+            e,
+            map,
+            bandwidths,
+            key,
+            cost,
+            (now, wall),
+            charges,
+            &mut tightest,
+        );
         let r = match r {
             None => {
                 let all_slotted =
@@ -186,7 +236,14 @@ pub(crate) fn consume<'x>(
             continue;
         }
         let p = params(bw);
-        let result = store.with_entry(&bw.id, key, now, bw.c_ns, |e| e.consume(now, p, cost));
+        let (at, lim) = match bw.period {
+            None => (now, p),
+            Some(_) => (bucket_now(bw, now, wall.offset()), limit(bw)),
+        };
+        let result = store.with_entry(&bw.id, key, now, bw.c_ns, |e| match bw.period {
+            None => e.consume(now, p, cost),
+            Some(_) => e.consume_period(now, at, bw.c_ns, bw.burst, cost),
+        });
         let verdict = match result {
             Ok(v) => v,
             Err(full) => {
@@ -201,7 +258,7 @@ pub(crate) fn consume<'x>(
                     key,
                     amount: cost.saturating_mul(p.t),
                 });
-                note_tightest(&mut tightest, bw, tat, now, p);
+                note_tightest(&mut tightest, bw, tat, at, lim);
             }
             Verdict::Reject { wait } => {
                 charges.rollback_from(start);
@@ -221,14 +278,15 @@ pub(crate) fn consume<'x>(
     })
 }
 
+/// `at` is the bandwidth's [`bucket_now`], `p` its [`limit`].
 fn note_tightest<'p>(
     tightest: &mut Tightest<'p>,
     bw: &'p CompiledBandwidth,
     tat: Nanos,
-    now: Nanos,
+    at: Nanos,
     p: Params,
 ) {
-    let left = gcra::remaining(tat, now, p);
+    let left = gcra::remaining(tat, at, p);
     if tightest.is_none_or(|(_, _, l)| left < l) {
         *tightest = Some((bw, tat, left));
     }
@@ -244,7 +302,7 @@ fn consume_slots<'x>(
     bandwidths: &'x [CompiledBandwidth],
     key: &'x str,
     cost: u64,
-    now: Nanos,
+    (now, wall): (Nanos, &WallAnchor),
     charges: &mut Charges<'x, '_>,
     tightest: &mut Tightest<'x>,
 ) -> Option<Consumed<'x>> {
@@ -252,10 +310,21 @@ fn consume_slots<'x>(
         if slot == OVERFLOW {
             continue;
         }
-        let p = params(bw);
         let bucket = e.slot(slot);
-        match bucket.consume(now, p, cost) {
-            Verdict::Admit { tat } => note_tightest(tightest, bw, tat, now, p),
+        // The offset to wall time is read only for a calendar period.
+        let (verdict, at, p) = match bw.period {
+            None => {
+                let p = params(bw);
+                (bucket.consume(now, p, cost), now, p)
+            }
+            Some(_) => {
+                let at = bucket_now(bw, now, wall.offset());
+                let v = bucket.consume_period(now, at, bw.c_ns, bw.burst, cost);
+                (v, at, limit(bw))
+            }
+        };
+        match verdict {
+            Verdict::Admit { tat } => note_tightest(tightest, bw, tat, at, p),
             Verdict::Reject { wait } => {
                 for (earlier, &s) in bandwidths[..i].iter().zip(map) {
                     if s != OVERFLOW {

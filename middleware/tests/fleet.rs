@@ -668,3 +668,99 @@ async fn a_limit_rule_follows_on_failure_when_redis_is_unreachable() {
     }
     assert_eq!(admitted, 5);
 }
+
+// === calendar periods ===
+
+/// `rfc3339` (UTC, whole seconds) as a `SystemTime`.
+fn wall(rfc3339: &str) -> std::time::SystemTime {
+    let secs = rfc3339
+        .parse::<fairgate_policies::units::Timestamp>()
+        .expect("a UTC time")
+        .unix_secs();
+    std::time::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// A quota per calendar month is the fleet's in exact mode: one count in Redis, in a key
+/// named by the period's start that expires at its end; Retry-After and `t` point at the
+/// reset, and the next month is a new key with the whole quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_a_month_quota_is_one_count_for_the_fleet_reset_on_the_first() {
+    let redis = RedisServer::start();
+    let yaml = policy(
+        &redis.url(),
+        "exact",
+        "closed",
+        "[{quota: 4, period: month}, '100/s']",
+    );
+    let (a, _ha) = gateway(&yaml);
+    let (b, _hb) = gateway(&yaml);
+    for e in [&a, &b] {
+        e.set_wall_time(wall("2026-01-31T23:00:00Z"));
+    }
+    let r = Req::from("192.0.2.1");
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let e = if i % 2 == 0 { &a } else { &b };
+        statuses.push(status(&decide(e, &r).await));
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    let Decision::Reject(rej) = decide(&b, &r).await else {
+        panic!("expected a rejection");
+    };
+    // The manual clocks stand still at 23:00:00: the reset is one hour away, exactly.
+    assert_eq!(rej.retry_after, Some(Duration::from_secs(3600)));
+    let info = rej.ratelimit.expect("ratelimit numbers");
+    assert_eq!((info.remaining, info.reset_secs), (0, 3600));
+    // January 2026 starts at 1767225600.
+    let key = "fairgate:{192.0.2.1}:p:plan:free/0@month:1767225600";
+    assert_eq!(redis.cli(&["--raw", "GET", key]).trim(), "4");
+    let ttl_ms: u64 = redis.cli(&["--raw", "PTTL", key]).trim().parse().unwrap();
+    assert!(
+        (3_590_000..=3_601_000).contains(&ttl_ms),
+        "expires with the period (+1 s): {ttl_ms} ms"
+    );
+    // February 1st: a new period, a new key, the whole quota.
+    for e in [&a, &b] {
+        e.set_wall_time(wall("2026-02-01T00:00:00Z"));
+    }
+    let mut admitted = 0;
+    for i in 0..6 {
+        let e = if i % 2 == 0 { &a } else { &b };
+        admitted += usize::from(status(&decide(e, &r).await) == 200);
+    }
+    assert_eq!(admitted, 4);
+    let feb = "fairgate:{192.0.2.1}:p:plan:free/0@month:1769904000";
+    assert_eq!(redis.cli(&["--raw", "GET", feb]).trim(), "4");
+    assert_eq!(a.backend_snapshot().unwrap().errors, 0);
+}
+
+/// In async mode a period's count is exchanged like a bucket: a gateway that has not seen
+/// the client learns the fleet's count at its next exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_shares_a_day_count_between_gateways() {
+    let redis = RedisServer::start();
+    let yaml = policy(&redis.url(), "async", "local", "[{quota: 10, period: day}]");
+    let (a, _ha) = gateway(&yaml);
+    let (b, _hb) = gateway(&yaml);
+    for e in [&a, &b] {
+        e.set_wall_time(wall("2026-05-04T12:00:00Z"));
+    }
+    let r = Req::from("192.0.2.1");
+    assert_eq!(common::admit_n(&a, &r, 15), 10);
+    wait_for("a's exchange", || a.backend_snapshot().unwrap().syncs >= 1).await;
+    // B decides its first request alone, then its exchange brings the fleet's count in.
+    assert!(common::admit(&b, &r));
+    wait_for("b's exchange", || b.backend_snapshot().unwrap().syncs >= 1).await;
+    assert_eq!(
+        common::admit_n(&b, &r, 10),
+        0,
+        "b now sees the fleet's count"
+    );
+    // 2026-05-04 starts at 1777852800.
+    let key = "fairgate:{192.0.2.1}:p:plan:free/0@day:1777852800";
+    assert_eq!(redis.cli(&["--raw", "GET", key]).trim(), "11");
+    assert_eq!(
+        a.backend_snapshot().unwrap().errors + b.backend_snapshot().unwrap().errors,
+        0
+    );
+}

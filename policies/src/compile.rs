@@ -355,11 +355,24 @@ impl Cx<'_> {
         let mut out = Vec::with_capacity(list.len());
         for (i, b) in list.iter().enumerate() {
             let suffix = b.name.clone().unwrap_or_else(|| i.to_string());
-            let id: Arc<str> = Arc::from(format!("{id_prefix}{suffix}"));
             let name: Arc<str> = match &b.name {
                 Some(n) => Arc::from(n.as_str()),
                 None => Arc::from(format!("{name_prefix}{i}")),
             };
+            if let Some(p) = &b.period {
+                // The unit is part of the id: a day's count is not a month's, and a GCRA
+                // bucket's TAT is not a count.
+                let id: Arc<str> = Arc::from(format!("{id_prefix}{suffix}@{}", p.unit.as_str()));
+                let period = crate::period::CompiledPeriod::new(p.unit, p.time_zone.as_deref());
+                match period.ok().and_then(|period| {
+                    CompiledBandwidth::per_period(id, name, b.rate.count(), period)
+                }) {
+                    Some(c) => out.push(c),
+                    None => self.bad_bandwidth(&format!("{path}[{i}]")),
+                }
+                continue;
+            }
+            let id: Arc<str> = Arc::from(format!("{id_prefix}{suffix}"));
             match CompiledBandwidth::new(id, name, b.rate, b.burst.unwrap_or(b.rate.count())) {
                 Some(c) => out.push(c),
                 None => self.bad_bandwidth(&format!("{path}[{i}]")),
@@ -596,6 +609,7 @@ clients:
                     rate: "1/s".parse().unwrap(),
                     burst: Some(u64::MAX),
                     name: None,
+                    period: None,
                 }],
                 concurrency: None,
                 fixed: false,
@@ -621,6 +635,7 @@ clients:
                     rate: "1/s".parse().unwrap(),
                     burst: Some(u64::MAX),
                     name: None,
+                    period: None,
                 }],
                 concurrency: None,
                 fixed: false,

@@ -196,9 +196,18 @@ pub struct CompiledBandwidth {
     pub burst: u64,
     /// Emission interval `T = period / count`, in ns, ≥ 1.
     pub t_ns: u64,
-    /// Capacity `C = burst · T`, in ns.
+    /// Capacity `C = burst · T`, in ns. For a calendar-period bandwidth
+    /// [`PERIOD_CAPACITY`], the same for every quota (see [`CompiledBandwidth::per_period`]).
     pub c_ns: u64,
+    /// A quota per calendar period: `burst` units from each period's start. `None` for a
+    /// GCRA bandwidth.
+    pub period: Option<Arc<crate::period::CompiledPeriod>>,
 }
+
+/// The capacity every calendar-period bandwidth's state is kept with: one value for all
+/// quotas, so that a reload that changes a period's quota keeps the period's count as it is
+/// (a capacity change would rescale it keeping the used fraction, as a GCRA bucket's is).
+pub const PERIOD_CAPACITY: u64 = 1 << 62;
 
 impl CompiledBandwidth {
     /// Builds the GCRA parameters. `None` when they overflow or round to zero
@@ -216,6 +225,28 @@ impl CompiledBandwidth {
             burst,
             t_ns,
             c_ns,
+            period: None,
+        })
+    }
+
+    /// A quota of `quota` units per calendar `period`. Its state is a count in the engine's
+    /// nanoseconds (`T` = 1 ns, a count `n` is `TAT = end + n` against the period's end), kept
+    /// with capacity [`PERIOD_CAPACITY`]; `burst` is the quota.
+    pub fn per_period(
+        id: Arc<str>,
+        name: Arc<str>,
+        quota: u64,
+        period: crate::period::CompiledPeriod,
+    ) -> Option<Self> {
+        let rate = Rate::new(quota, period.unit.nominal())?;
+        Some(CompiledBandwidth {
+            id,
+            name,
+            rate,
+            burst: quota,
+            t_ns: 1,
+            c_ns: PERIOD_CAPACITY,
+            period: Some(Arc::new(period)),
         })
     }
 }

@@ -14,6 +14,7 @@ pub mod decode;
 pub mod error;
 pub mod matcher;
 pub mod model;
+pub mod period;
 pub mod request;
 pub mod store;
 pub mod summary;

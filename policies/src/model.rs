@@ -601,18 +601,88 @@ pub fn default_alert_thresholds() -> Vec<f64> {
 }
 
 /// One bandwidth: `rate` with a `burst`. YAML also accepts the short string form
-/// `"10/s burst 20"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(deny_unknown_fields)]
+/// `"10/s burst 20"`. Or a quota per calendar period: `{quota: 1000000, period: month}`
+/// (then `period` is set, `rate` is the quota per the period's nominal length and `burst`
+/// is `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bandwidth {
-    /// Sustained rate.
+    /// Sustained rate; for a calendar-period bandwidth `quota` per the period's nominal
+    /// length ([`Period::nominal`]).
     pub rate: Rate,
     /// Burst capacity in cost units (default: the rate's count).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
     /// Name used in `RateLimit-Policy` and metrics (default: derived from plan and index).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// A quota per calendar period instead of a rate: `rate.count()` units from the
+    /// period's start, all of them again at the next period's start.
+    pub period: Option<CalendarPeriod>,
+}
+
+/// The calendar period of a quota and the time zone its periods start in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalendarPeriod {
+    /// Day, week (from Monday) or month (from the 1st).
+    pub unit: Period,
+    /// IANA time zone name; `None` is UTC.
+    pub time_zone: Option<String>,
+}
+
+/// A calendar period: each starts at local midnight in its time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    /// From midnight to midnight.
+    Day,
+    /// From Monday's midnight (ISO 8601 weeks).
+    Week,
+    /// From the 1st's midnight.
+    Month,
+}
+
+impl Period {
+    /// The word written in the policy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+
+    /// The nominal length, for a `RateLimit-Policy` window: a day, 7 days, 30 days.
+    pub fn nominal(self) -> std::time::Duration {
+        std::time::Duration::from_secs(match self {
+            Period::Day => 86_400,
+            Period::Week => 7 * 86_400,
+            Period::Month => 30 * 86_400,
+        })
+    }
+}
+
+impl Serialize for Bandwidth {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match &self.period {
+            None => {
+                m.serialize_entry("rate", &self.rate)?;
+                if let Some(b) = self.burst {
+                    m.serialize_entry("burst", &b)?;
+                }
+            }
+            Some(p) => {
+                m.serialize_entry("quota", &self.rate.count())?;
+                m.serialize_entry("period", &p.unit)?;
+                if let Some(z) = &p.time_zone {
+                    m.serialize_entry("time_zone", z)?;
+                }
+            }
+        }
+        if let Some(n) = &self.name {
+            m.serialize_entry("name", n)?;
+        }
+        m.end()
+    }
 }
 
 impl JsonSchema for Bandwidth {
@@ -624,7 +694,9 @@ impl JsonSchema for Bandwidth {
         let rate = generator.subschema_for::<Rate>();
         json_schema!({
             "description": "a rate with a burst: `10/s burst 20`, `100000/day`, or \
-                `{rate: 1/s, burst: 5, name: slow}`; the burst defaults to the rate's count",
+                `{rate: 1/s, burst: 5, name: slow}` (the burst defaults to the rate's count); \
+                or a quota per calendar period: `{quota: 1000000, period: month, \
+                time_zone: Europe/Paris}`",
             "anyOf": [
                 {
                     "type": "string",
@@ -639,11 +711,26 @@ impl JsonSchema for Bandwidth {
                     },
                     "required": ["rate"],
                     "additionalProperties": false
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "quota": {"type": "integer", "minimum": 1, "maximum": MAX_PERIOD_QUOTA},
+                        "period": {"enum": ["day", "week", "month"]},
+                        "time_zone": {"type": "string", "minLength": 1},
+                        "name": {"type": "string", "minLength": 1}
+                    },
+                    "required": ["quota", "period"],
+                    "additionalProperties": false
                 }
             ]
         })
     }
 }
+
+/// The largest quota of a calendar-period bandwidth (10¹²): a period's count is kept in
+/// nanosecond units of the engine's clock, which must stay below a day's length.
+pub const MAX_PERIOD_QUOTA: u64 = 1_000_000_000_000;
 
 /// A named operation with its cost.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]

@@ -288,7 +288,15 @@ fn bandwidth(b: &Bandwidth) -> String {
         .as_deref()
         .map(|n| format!(" ({n})"))
         .unwrap_or_default();
-    format!("{} burst {burst}{name}", b.rate)
+    match &b.period {
+        Some(p) => format!(
+            "{} per calendar {} ({}){name}",
+            b.rate.count(),
+            p.unit.as_str(),
+            p.time_zone.as_deref().unwrap_or("UTC")
+        ),
+        None => format!("{} burst {burst}{name}", b.rate),
+    }
 }
 
 fn more(out: &mut String, total: usize) -> std::fmt::Result {
@@ -316,6 +324,7 @@ rules:
 plans:
   free: {bandwidths: ["10/s burst 20", 100000/day], concurrency: 4}
   pro: {}
+  metered: {bandwidths: [{quota: 5000, period: month, time_zone: Europe/Paris, name: monthly}]}
 default_plan: free
 operations: [{name: export, cost: 20, post_hoc: {bytes: 1MiB}}]
 shedding: {limit: {adaptive: {algorithm: aimd, min: 8, max: 64, target_latency: 50ms}}, reject_delay: {max: 1s}}
@@ -329,8 +338,9 @@ shedding: {limit: {adaptive: {algorithm: aimd, min: 8, max: 64, target_latency: 
             "policy version 1
 identify: client key from header x-api-key, bearer token, else the client ip; 1 trusted proxy; ipv4 /32, ipv6 /64
 rules: 3 (deny 1, limit 1, tag 1; enforce 2, shadow 1)
-plans: 2 (default free)
+plans: 3 (default free)
   free: 10/s burst 20, 100000/day burst 100000, concurrency 4
+  metered: 5000 per calendar month (Europe/Paris) (monthly)
   pro: no limits
 operations: 1
   export: cost 20, then 1 per 1MiB of response

@@ -851,3 +851,65 @@ fn growth_settings() {
         &["p.yaml:5:28: clients.k.growth: a fixed quota is never grown: remove `growth` or `fixed: true`"],
     );
 }
+
+// === calendar periods ===
+
+/// A plan `p` whose one bandwidth is `bw` (flow YAML), as a complete policy.
+fn with_bandwidth(bw: &str) -> String {
+    format!("version: 1\nplans:\n  p:\n    bandwidths: [{bw}]\n")
+}
+
+#[test]
+fn calendar_period_errors_name_the_field() {
+    fails(
+        &with_bandwidth("{quota: 100, period: year}"),
+        &["p.yaml:4:39: plans.p.bandwidths[0].period: unknown value `year` (expected one of `day`, `week`, `month`)"],
+    );
+    fails(
+        &with_bandwidth("{quota: 100, period: mnth}"),
+        &["p.yaml:4:39: plans.p.bandwidths[0].period: unknown value `mnth` (did you mean `month`?)"],
+    );
+    fails(
+        &with_bandwidth("{quota: 0, period: day}"),
+        &["p.yaml:4:26: plans.p.bandwidths[0].quota: must be at least 1"],
+    );
+    fails(
+        &with_bandwidth("{quota: 100, period: day, time_zone: Europe/Pariss}"),
+        &["p.yaml:4:55: plans.p.bandwidths[0].time_zone: unknown time zone `Europe/Pariss` (write an IANA name like `Europe/Paris`, or `UTC`)"],
+    );
+    fails(
+        &with_bandwidth("{quota: 100}"),
+        &["p.yaml:4:18: plans.p.bandwidths[0]: missing field `period`"],
+    );
+    fails(
+        &with_bandwidth("{period: month}"),
+        &["p.yaml:4:18: plans.p.bandwidths[0]: missing field `quota`"],
+    );
+}
+
+#[test]
+fn a_calendar_period_is_not_mixed_with_a_rate() {
+    fails(
+        &with_bandwidth("{quota: 100, period: day, rate: 5/s, burst: 10}"),
+        &[
+            "p.yaml:4:44: plans.p.bandwidths[0].rate: a quota per calendar period counts `quota` per `period`; it has no `rate` (write a rate as a bandwidth of its own beside it)",
+            "p.yaml:4:55: plans.p.bandwidths[0].burst: a quota per calendar period has no `burst`: its whole `quota` is there from the period's start",
+        ],
+    );
+    fails(
+        &with_bandwidth("{rate: 5/s, time_zone: UTC}"),
+        &["p.yaml:4:30: plans.p.bandwidths[0].time_zone: `time_zone` applies to a quota per calendar period (`{quota: 1000000, period: month, time_zone: Europe/Paris}`), not to a rate"],
+    );
+}
+
+#[test]
+fn a_calendar_period_compiles_with_the_unit_in_its_id() {
+    let src = with_bandwidth("{quota: 1000000, period: month, time_zone: Europe/Paris}, 10/s");
+    let pol = fairgate_policies::compile::compile(parse_policy(&src, "p.yaml").unwrap()).unwrap();
+    let bws = &pol.plan("p").unwrap().bandwidths;
+    assert_eq!(&*bws[0].id, "plan:p/0@month");
+    assert_eq!(bws[0].burst, 1_000_000);
+    let period = bws[0].period.as_ref().unwrap();
+    assert_eq!(&*period.time_zone, "Europe/Paris");
+    assert!(bws[1].period.is_none());
+}

@@ -134,7 +134,38 @@ fn bandwidth() -> impl Strategy<Value = Bandwidth> {
         option::of(20u64..=10_000),
         option::of("[a-z][a-z-]{0,6}"),
     )
-        .prop_map(|(rate, burst, name)| Bandwidth { rate, burst, name })
+        .prop_map(|(rate, burst, name)| Bandwidth {
+            rate,
+            burst,
+            name,
+            period: None,
+        })
+        .boxed()
+        .prop_union(period_bandwidth().boxed())
+}
+
+/// A quota per calendar period (quota ≥ 20, the largest cost below).
+fn period_bandwidth() -> impl Strategy<Value = Bandwidth> {
+    use fairgate_policies::model::{CalendarPeriod, Period};
+    (
+        20u64..=1_000_000,
+        prop_oneof![Just(Period::Day), Just(Period::Week), Just(Period::Month)],
+        option::of(prop_oneof![
+            Just("Europe/Paris"),
+            Just("America/New_York"),
+            Just("UTC")
+        ]),
+        option::of("[a-z][a-z-]{0,6}"),
+    )
+        .prop_map(|(quota, unit, zone, name)| Bandwidth {
+            rate: fairgate_policies::units::Rate::new(quota, unit.nominal()).unwrap(),
+            burst: None,
+            name,
+            period: Some(CalendarPeriod {
+                unit,
+                time_zone: zone.map(str::to_owned),
+            }),
+        })
 }
 
 /// Bandwidths with distinct names; every effective burst is ≥ 20 (the largest cost below).

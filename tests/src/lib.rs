@@ -233,6 +233,21 @@ impl Gateway {
     ///
     /// When the process exits or prints no listening line within [`DEADLINE`].
     pub fn start_with_args(dir: Arc<tempfile::TempDir>, config: &str, args: &[&str]) -> Gateway {
+        Self::start_with_env(dir, config, args, &[])
+    }
+
+    /// [`start_with_args`](Self::start_with_args) with environment variables set for the
+    /// process (such as the test-only `FAIRGATE_TEST_WALL_CLOCK`).
+    ///
+    /// # Panics
+    ///
+    /// When the process exits or prints no listening line within [`DEADLINE`].
+    pub fn start_with_env(
+        dir: Arc<tempfile::TempDir>,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write gateway.yaml");
         let mut child = Command::new(fairgate_bin())
@@ -240,6 +255,7 @@ impl Gateway {
             .arg("--config")
             .arg(&path)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -75,6 +75,12 @@ pub enum AuditError {
     /// The policy is invalid (every error, one per line, as `file:line:column: …`).
     #[error("{0}")]
     Policy(PolicyErrors),
+    /// The policy has a quota per calendar period, which the reference does not model (it
+    /// needs the wall time of each decision, which the log's monotonic stamps do not give).
+    #[error(
+        "bandwidth `{0}` is a quota per calendar period: fairgate audit replays rate bandwidths only"
+    )]
+    CalendarPeriod(String),
 }
 
 /// Audit settings.
@@ -343,6 +349,10 @@ pub fn audit(
     policy: &CompiledPolicy,
     opts: AuditOptions,
 ) -> Result<Report, AuditError> {
+    // Refused rather than judged wrong: a period's reset would read as over-admission.
+    if let Some(bw) = policy.bandwidths().find(|b| b.period.is_some()) {
+        return Err(AuditError::CalendarPeriod(bw.id.to_string()));
+    }
     let mut clients: Vec<String> = Vec::new();
     let mut client_ids: HashMap<String, usize> = HashMap::new();
     let mut events = parse(text, file, &mut clients, &mut client_ids)?;
@@ -834,6 +844,20 @@ pub fn run(log: &Path, policy: &Path, json: bool, opts: AuditOptions) -> ExitCod
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_with_a_calendar_period_is_refused_not_misjudged() {
+        let store = PolicyStore::from_yaml_str(
+            "version: 1\nplans: {p: {bandwidths: ['1/s', {quota: 5, period: day}]}}\n",
+            "p.yaml",
+        )
+        .unwrap();
+        let err = audit("", "log", &store.load_full(), AuditOptions::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bandwidth `plan:p/1@day` is a quota per calendar period: fairgate audit replays rate bandwidths only"
+        );
+    }
 
     fn bucket(n: u64, period_ns: u64, burst: u64) -> Bucket {
         Bucket {

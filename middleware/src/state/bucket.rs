@@ -114,6 +114,38 @@ impl<'a> Bucket<'a> {
         verdict
     }
 
+    /// A calendar period's check-and-consume of `cost` against `quota` (see
+    /// [`crate::quota::bucket_now`]): GCRA with `T = 1 ns`, `C = quota` at `end`, the
+    /// period's end. The bucket keeps capacity `shape_c` (the same for every quota, so a
+    /// quota change keeps the count). A rejection waits until `end`, the period's reset.
+    pub(crate) fn consume_period(
+        &self,
+        now: Nanos,
+        end: Nanos,
+        shape_c: Nanos,
+        quota: u64,
+        cost: u64,
+    ) -> Verdict {
+        let mut verdict = Verdict::Reject { wait: 1 };
+        if !self.sync_capacity(end, shape_c) {
+            return verdict;
+        }
+        let p = Params { t: 1, c: quota };
+        self.update(|tat| {
+            verdict = gcra::check(tat, end, p, cost);
+            match verdict {
+                Verdict::Admit { tat } => Some(tat),
+                Verdict::Reject { .. } => None,
+            }
+        });
+        match verdict {
+            Verdict::Reject { .. } => Verdict::Reject {
+                wait: end.saturating_sub(now).max(1),
+            },
+            admit => admit,
+        }
+    }
+
     /// Returns `amount_ns` of consumption (never below `now`).
     pub(crate) fn refund(&self, now: Nanos, amount_ns: Nanos) {
         self.update(|tat| Some(gcra::refund(tat, now, amount_ns)));

@@ -192,6 +192,19 @@ impl Entry {
         self.bucket().consume(now, p, cost)
     }
 
+    /// A calendar period's check-and-consume on the entry's own bucket (see
+    /// `Bucket::consume_period`).
+    pub(crate) fn consume_period(
+        &self,
+        now: Nanos,
+        end: Nanos,
+        shape_c: Nanos,
+        quota: u64,
+        cost: u64,
+    ) -> Verdict {
+        self.bucket().consume_period(now, end, shape_c, quota, cost)
+    }
+
     /// Returns `amount_ns` of consumption on the entry's own bucket (never below `now`).
     pub fn refund(&self, now: Nanos, amount_ns: Nanos) {
         self.bucket().refund(now, amount_ns);

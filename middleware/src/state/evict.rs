@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use fairgate_policies::compiled::PERIOD_CAPACITY;
 use hashbrown::HashTable;
 
 use super::debt::{client_debt_hash, store_debt};
@@ -14,17 +15,22 @@ use super::store::Store;
 use crate::clock::Nanos;
 
 impl Store {
-    /// Remembers the debt of an entry being evicted.
+    /// Remembers the debt of an entry being evicted. A calendar period's count is not a
+    /// debt (its TAT is the period's end plus the count) and is not remembered: an evicted
+    /// client starts its period's count again from 0.
     fn remember_debt(&self, e: &Entry, pinned: &Pinned, now: Nanos) {
         let hash = self.entry_hash(e);
         if e.is_client() {
             for b in e.buckets() {
+                if b.capacity() == PERIOD_CAPACITY {
+                    continue;
+                }
                 if let Some((_, id_hash)) = pinned.get(&b.addr()) {
                     let h = client_debt_hash(hash, *id_hash);
                     store_debt(self.debt_slot(h), h, b.tat(), now);
                 }
             }
-        } else {
+        } else if e.capacity() != PERIOD_CAPACITY {
             store_debt(self.debt_slot(hash), hash, e.tat(), now);
         }
     }

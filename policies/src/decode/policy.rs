@@ -10,10 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 use crate::error::PolicyErrors;
 use crate::model::{
     Action, AdaptiveAlgorithm, AdaptiveLimit, Alerts, Backend, Bandwidth, BandwidthCap,
-    BurstSharing, ClassThresholds, ClientCap, ClientOverride, Condition, DenyAction, Estimator,
-    Growth, HeaderMatch, HeaderMode, Identify, KeyExtractor, LimitAction, LimitKey, MatchKind,
-    MaxRise, Mode, Operation, Plan, Policy, PostHoc, Priority, RejectDelay, Responses, Rule,
-    ShedLimit, Shedding, State, StringMatch, TagAction, UsageEndpoint,
+    BurstSharing, CalendarPeriod, ClassThresholds, ClientCap, ClientOverride, Condition,
+    DenyAction, Estimator, Growth, HeaderMatch, HeaderMode, Identify, KeyExtractor, LimitAction,
+    LimitKey, MatchKind, MaxRise, Mode, Operation, Period, Plan, Policy, PostHoc, Priority,
+    RejectDelay, Responses, Rule, ShedLimit, Shedding, State, StringMatch, TagAction,
+    UsageEndpoint,
 };
 use crate::model::{FleetMode, OnFailure, RedisState};
 use crate::units::{ByteSize, Cidr, HumanDuration, Rate};
@@ -1402,9 +1403,25 @@ fn bandwidth(
 ) -> Option<Bandwidth> {
     let bw = match &node.kind {
         NodeKind::Scalar(s, _) => short_bandwidth(&mut *d.ctx, node, path, s)?,
+        NodeKind::Map(pairs)
+            if pairs
+                .iter()
+                .any(|(k, _)| matches!(k.as_str(), Some("quota" | "period"))) =>
+        {
+            period_bandwidth(&mut *d.ctx, node, path, names)?
+        }
         NodeKind::Map(_) => {
             let ctx = &mut *d.ctx;
             let mut m = MapReader::new(ctx, node, path)?;
+            if let Some(e) = m.entry("time_zone") {
+                let base = m.path();
+                ctx.error(
+                    e.key_node,
+                    &base.key("time_zone"),
+                    "`time_zone` applies to a quota per calendar period \
+                     (`{quota: 1000000, period: month, time_zone: Europe/Paris}`), not to a rate",
+                );
+            }
             let rate = m.required::<_, Rate>(ctx, "rate");
             let burst = m.optional_with(ctx, "burst", burst);
             let name = m.optional_with(ctx, "name", |c, n, p| bandwidth_name(c, n, p, names));
@@ -1419,6 +1436,7 @@ fn bandwidth(
                 rate: rate?,
                 burst,
                 name,
+                period: None,
             }
         }
         _ => {
@@ -1487,6 +1505,69 @@ fn short_bandwidth(ctx: &mut Ctx, node: &Node, path: &Path<'_>, s: &str) -> Opti
         rate,
         burst,
         name: None,
+        period: None,
+    })
+}
+
+/// `{quota: 1000000, period: month, time_zone: Europe/Paris, name: monthly}`.
+fn period_bandwidth(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+    names: &mut HashMap<String, Mark>,
+) -> Option<Bandwidth> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let base = m.path();
+    for (key, why) in [
+        ("rate", "counts `quota` per `period`; it has no `rate` (write a rate as a bandwidth of its own beside it)"),
+        ("burst", "has no `burst`: its whole `quota` is there from the period's start"),
+    ] {
+        if let Some(e) = m.entry(key) {
+            ctx.error(
+                e.key_node,
+                &base.key(key),
+                format!("a quota per calendar period {why}"),
+            );
+        }
+    }
+    let quota = m.required_with(ctx, "quota", |c, n, p| {
+        at_least_one(c, n, p, crate::model::MAX_PERIOD_QUOTA, "")
+    });
+    let unit = m.required_with(ctx, "period", |c, n, p| {
+        choice(
+            c,
+            n,
+            p,
+            &[
+                ("day", Period::Day),
+                ("week", Period::Week),
+                ("month", Period::Month),
+            ],
+        )
+    });
+    let time_zone = m.optional_with(ctx, "time_zone", |c, n, p| {
+        let z = scalar(c, n, p, "an IANA time zone name like `Europe/Paris`")?;
+        match crate::period::CompiledPeriod::new(Period::Day, Some(z)) {
+            Ok(_) => Some(z.to_owned()),
+            Err(_) => {
+                let shown = crate::period::UnknownTimeZone(yaml::shorten(z));
+                c.error(n, p, shown.to_string());
+                None
+            }
+        }
+    });
+    let zone_ok = m.entry("time_zone").is_none_or(|e| e.value.is_null()) || time_zone.is_some();
+    let name = m.optional_with(ctx, "name", |c, n, p| bandwidth_name(c, n, p, names));
+    m.finish(ctx);
+    let (quota, unit) = (quota?, unit?);
+    if !zone_ok {
+        return None;
+    }
+    Some(Bandwidth {
+        rate: Rate::new(quota, unit.nominal())?,
+        burst: None,
+        name,
+        period: Some(CalendarPeriod { unit, time_zone }),
     })
 }
 

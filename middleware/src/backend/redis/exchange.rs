@@ -80,9 +80,10 @@ fn charge_peers_share<'b>(
     if others == 0 {
         return;
     }
+    let wall = fleet.wall.offset();
     for (key, p) in batch {
         let units = p.units.saturating_mul(others);
-        charge(store, key, p, now, |_| units);
+        charge(store, key, p, (now, wall), |_| units);
     }
 }
 
@@ -107,14 +108,15 @@ async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pendin
     let mut unshared = Vec::new();
     for (c, chunk) in batch.chunks(EXCHANGE_CHUNK).enumerate() {
         let base = c * EXCHANGE_CHUNK;
+        let sent_at = fleet.clock.now();
         let calls = chunk.iter().map(|(key, p)| {
             let mut inv = fleet.sync.prepare_invoke();
             for bw in p.bandwidths.iter() {
-                inv.key(fleet.key(key, "t", bw));
+                inv.key(fleet.bandwidth_key(key, bw, sent_at));
             }
             inv.arg(p.units);
             for bw in p.bandwidths.iter() {
-                inv.arg(bw.t_ns);
+                inv.arg(fleet.t_arg(bw, sent_at));
             }
             let mut conn = fleet.conn.clone();
             async move { inv.invoke_async::<Vec<i64>>(&mut conn).await }
@@ -136,10 +138,8 @@ async fn exchange_batch(fleet: &Fleet, store: &Store, batch: &[(Box<str>, Pendin
         let mut backend_error = None;
         for (i, ((key, p), result)) in chunk.iter().zip(results).enumerate() {
             match result {
-                Ok(ahead_us) => raise(store, key, p, now, |i| {
-                    ahead_us
-                        .get(i)
-                        .map_or(0, |&us| u64::try_from(us).unwrap_or(0).saturating_mul(1000))
+                Ok(values) => raise(store, key, p, (now, fleet.wall.offset()), |i| {
+                    values.get(i).map_or(0, |&v| u64::try_from(v).unwrap_or(0))
                 }),
                 Err(e) if key_scoped(&e) => {
                     fleet.key_failed(key, &e);
@@ -193,16 +193,17 @@ async fn exchange_batch_one_call_per_chunk(
         let keys: usize = chunk.iter().map(|(_, p)| p.bandwidths.len()).sum();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(fleet.sync_many.get_hash()).arg(keys);
+        let sent_at = fleet.clock.now();
         for (key, p) in chunk {
             for bw in p.bandwidths.iter() {
-                fleet.write_key(&mut name, key, "t", bw);
+                fleet.write_bandwidth_key(&mut name, key, bw, sent_at);
                 cmd.arg(name.as_bytes());
             }
         }
         for (_, p) in chunk {
             cmd.arg(p.bandwidths.len()).arg(p.units);
             for bw in p.bandwidths.iter() {
-                cmd.arg(bw.t_ns);
+                cmd.arg(fleet.t_arg(bw, sent_at));
             }
         }
         let mut conn = fleet.conn.clone();
@@ -260,10 +261,10 @@ async fn exchange_batch_one_call_per_chunk(
             let (status, ahead_us) = (values[at], &values[at + 1..at + 1 + n]);
             at += 1 + n;
             if status == 0 {
-                raise(store, key, p, now, |i| {
+                raise(store, key, p, (now, fleet.wall.offset()), |i| {
                     ahead_us
                         .get(i)
-                        .map_or(0, |&us| u64::try_from(us).unwrap_or(0).saturating_mul(1000))
+                        .map_or(0, |&v| u64::try_from(v).unwrap_or(0))
                 });
             } else {
                 fleet.key_failed(
@@ -281,20 +282,34 @@ async fn exchange_batch_one_call_per_chunk(
     }
 }
 
-/// Raises bandwidth `i` of `key`'s entry `p` to `TAT ≥ now + ahead(i)`.
-fn raise(store: &Store, key: &str, p: &Pending, now: Nanos, ahead: impl Fn(usize) -> Nanos) {
+/// Raises bandwidth `i` of `key`'s entry `p` to what the fleet answered, `value(i)`: a
+/// bucket to `TAT ≥ now + value(i)` µs, a calendar period to a count of at least `value(i)`
+/// (`TAT ≥ end + value(i)`, see [`crate::quota::bucket_now`]; `wall` places `now`).
+fn raise(
+    store: &Store,
+    key: &str,
+    p: &Pending,
+    (now, wall): (Nanos, u64),
+    value: impl Fn(usize) -> u64,
+) {
     let bandwidths = &*p.bandwidths;
-    let missing = |i: usize, tat: Nanos, t: Nanos| {
-        let want = now.saturating_add(ahead(i));
-        want.saturating_sub(tat.max(now)) / t.max(1)
+    // The units bandwidth `i` lacks, and the time its debt is charged at.
+    let missing = |i: usize, bw: &CompiledBandwidth, tat: Nanos| {
+        let at = crate::quota::bucket_now(bw, now, wall);
+        let ahead = match bw.period {
+            None => value(i).saturating_mul(1000),
+            Some(_) => value(i),
+        };
+        let want = at.saturating_add(ahead);
+        (want.saturating_sub(tat.max(at)) / bw.t_ns.max(1), at)
     };
     if p.rule {
         // A rule's bucket is its own entry (scope `rule:<name>`), not a client's slot.
         for (i, bw) in bandwidths.iter().enumerate() {
             let _ = store.with_entry(&bw.id, key, now, bw.c_ns, |e| {
-                let units = missing(i, e.peek(now, bw.c_ns), bw.t_ns);
+                let (units, at) = missing(i, bw, e.peek(now, bw.c_ns));
                 if units > 0 {
-                    e.charge_debt(now, params(bw), units);
+                    e.charge_debt(at, params(bw), units);
                 }
             });
         }
@@ -307,9 +322,9 @@ fn raise(store: &Store, key: &str, p: &Pending, now: Nanos, ahead: impl Fn(usize
                     continue;
                 }
                 let b = e.slot(s);
-                let units = missing(i, b.peek(now, bw.c_ns), bw.t_ns);
+                let (units, at) = missing(i, bw, b.peek(now, bw.c_ns));
                 if units > 0 {
-                    b.charge_debt(now, params(bw), units);
+                    b.charge_debt(at, params(bw), units);
                 }
             }
             *map
@@ -318,9 +333,9 @@ fn raise(store: &Store, key: &str, p: &Pending, now: Nanos, ahead: impl Fn(usize
             for (i, bw) in bandwidths.iter().enumerate() {
                 if map.get(i).is_none_or(|&s| s == OVERFLOW) {
                     let _ = store.with_entry(&bw.id, key, now, bw.c_ns, |e| {
-                        let units = missing(i, e.peek(now, bw.c_ns), bw.t_ns);
+                        let (units, at) = missing(i, bw, e.peek(now, bw.c_ns));
                         if units > 0 {
-                            e.charge_debt(now, params(bw), units);
+                            e.charge_debt(at, params(bw), units);
                         }
                     });
                 }
@@ -335,15 +350,23 @@ fn params(bw: &CompiledBandwidth) -> Params {
     }
 }
 
-/// Charges `units(i)` of debt to bandwidth `i` of `key`'s entry `p`.
-fn charge(store: &Store, key: &str, p: &Pending, now: Nanos, units: impl Fn(usize) -> u64) {
+/// Charges `units(i)` of debt to bandwidth `i` of `key`'s entry `p` (a calendar period's
+/// at its end, so that it counts in the period, see [`crate::quota::bucket_now`]).
+fn charge(
+    store: &Store,
+    key: &str,
+    p: &Pending,
+    (now, wall): (Nanos, u64),
+    units: impl Fn(usize) -> u64,
+) {
     let bandwidths = &*p.bandwidths;
+    let at = |bw: &CompiledBandwidth| crate::quota::bucket_now(bw, now, wall);
     if p.rule {
         for (i, bw) in bandwidths.iter().enumerate() {
             let u = units(i);
             if u > 0 {
                 let _ = store.with_entry(&bw.id, key, now, bw.c_ns, |e| {
-                    e.charge_debt(now, params(bw), u)
+                    e.charge_debt(at(bw), params(bw), u)
                 });
             }
         }
@@ -354,7 +377,7 @@ fn charge(store: &Store, key: &str, p: &Pending, now: Nanos, units: impl Fn(usiz
         for (i, (bw, &s)) in bandwidths.iter().zip(map).enumerate() {
             let u = units(i);
             if s != OVERFLOW && u > 0 {
-                e.slot(s).charge_debt(now, params(bw), u);
+                e.slot(s).charge_debt(at(bw), params(bw), u);
             }
         }
         *map
@@ -365,7 +388,7 @@ fn charge(store: &Store, key: &str, p: &Pending, now: Nanos, units: impl Fn(usiz
         let u = units(i);
         if u > 0 && map.get(i).is_none_or(|&s| s == OVERFLOW) {
             let _ = store.with_entry(&bw.id, key, now, bw.c_ns, |e| {
-                e.charge_debt(now, params(bw), u)
+                e.charge_debt(at(bw), params(bw), u)
             });
         }
     }

@@ -93,6 +93,8 @@ pub struct Fleet {
     last_error_log: AtomicU64,
     last_key_error_log: AtomicU64,
     clock: Arc<dyn Clock>,
+    /// The engine's clock in wall time: names the Redis key of a calendar period's count.
+    pub(crate) wall: Arc<crate::clock::WallAnchor>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -209,6 +211,7 @@ impl Fleet {
             syncs: AtomicU64::new(0),
             last_error_log: AtomicU64::new(0),
             last_key_error_log: AtomicU64::new(0),
+            wall: Arc::new(crate::clock::WallAnchor::new(&*clock)),
             clock,
         })
     }

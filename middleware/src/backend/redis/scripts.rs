@@ -7,7 +7,10 @@
 /// nothing, on Redis time (µs), and a concurrency lease when a limit is given.
 /// KEYS: one TAT key per bucket, then the lease set. ARGV: n (buckets), then per bucket T
 /// and C (integer ns, as every script takes them; the script works in µs) and its cost,
-/// then the concurrency limit (0: none), the lease id, the lease ttl (ms).
+/// then the concurrency limit (0: none), the lease id, the lease ttl (ms). A calendar
+/// period's count is passed as T = −(ms to the period's end), C = its quota: its key holds
+/// the count and expires at the period's end; a rejection by it answers the wait to the
+/// period's end (µs) and the count.
 /// Returns `{1}` when admitted, `{0, i, wait_us, tat_minus_now_us}` when bucket `i`
 /// (1-based) rejects, `{2}` when the concurrency limit is reached.
 pub(super) const EXACT_LUA: &str = include_str!("lua/exact.lua");
@@ -17,7 +20,9 @@ pub(super) const RENEW_LUA: &str = include_str!("lua/renew.lua");
 
 /// Async mode: charges this gateway's batch to the fleet bucket of each bandwidth and
 /// answers how far ahead of now each TAT is (µs). KEYS: one TAT key per bandwidth.
-/// ARGV: units, then T (integer ns) per bandwidth.
+/// ARGV: units, then T (integer ns) per bandwidth. A calendar period's count is passed as
+/// T = −(ms to the period's end) and answered as the count itself (its key expires at the
+/// period's end).
 pub(super) const SYNC_LUA: &str = include_str!("lua/sync.lua");
 
 /// Async mode on one Redis server: [`SYNC_LUA`] for many clients in one call, so a round
@@ -25,7 +30,8 @@ pub(super) const SYNC_LUA: &str = include_str!("lua/sync.lua");
 /// KEYS: every client's TAT keys, client after client. ARGV: per client, its number of
 /// bandwidths n, its units, then T (integer ns) per bandwidth. Answer: per client a status
 /// (0, or 1 when one of its keys holds something else than a number: that client only) then
-/// n values (µs ahead of now; zeros after a status 1). Not for Redis Cluster: the clients'
+/// n values (µs ahead of now, or a calendar period's count as for [`SYNC_LUA`]; zeros after
+/// a status 1). Not for Redis Cluster: the clients'
 /// keys live in different slots there.
 pub(super) const SYNC_MANY_LUA: &str = include_str!("lua/sync_many.lua");
 
