@@ -53,6 +53,8 @@
 pub mod body;
 pub mod cache;
 pub mod coalesce;
+#[cfg(feature = "redis")]
+pub mod fleet;
 pub mod limit;
 pub mod retry;
 
@@ -66,6 +68,8 @@ use http::Method;
 pub use body::{BufferedResponse, OutboundBody};
 pub use cache::{Cache, CacheConfig, CacheLayer};
 pub use coalesce::{Coalesce, CoalesceConfig, CoalesceLayer};
+#[cfg(feature = "redis")]
+pub use fleet::OutboundFleet;
 pub use limit::{KeyBy, LimitBody, LimitConfig, OutboundLimit, OutboundLimitLayer};
 pub use retry::{AdaptiveThrottle, Retry, RetryBudget, RetryConfig, RetryLayer};
 

@@ -31,6 +31,10 @@ mod exact;
 mod exchange;
 mod keys;
 mod lease;
+#[cfg(feature = "outbound")]
+mod outbound;
+#[cfg(feature = "outbound")]
+pub(crate) use outbound::{Fetch, Reserve, Settle};
 mod registry;
 mod scripts;
 
