@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fairgate_middleware::outbound::{
-    BoxError, CacheConfig, CacheLayer, CoalesceConfig, CoalesceLayer, LimitConfig,
-    OutboundFleet, OutboundLimitLayer, OutboundStats, RetryConfig, RetryLayer,
+    BoxError, CacheConfig, CacheLayer, CoalesceConfig, CoalesceLayer, LimitConfig, OutboundFleet,
+    OutboundLimitLayer, OutboundStats, RetryConfig, RetryLayer,
 };
 use fairgate_policies::model::{
     default_key_prefix, default_redis_timeout, default_sync_interval, FleetMode, OnFailure,
@@ -194,9 +194,9 @@ async fn main() {
     let mut fleets = Vec::new();
     let mut replicas = Vec::new();
     for _ in 0..REPLICAS {
-        let fleet = redis.as_ref().map(|r| {
-            OutboundFleet::connect(&redis_settings(r.url())).expect("a valid redis url")
-        });
+        let fleet = redis
+            .as_ref()
+            .map(|r| OutboundFleet::connect(&redis_settings(r.url())).expect("a valid redis url"));
         replicas.push(replica(fleet.as_ref(), &stats));
         fleets.extend(fleet);
     }

@@ -427,3 +427,53 @@ log: {{decisions: off}}
         "upstream saw {after_heal} requests in the 2nd second after healing, offered {RATE}"
     );
 }
+
+/// Issue #18 through the real binary: three gateways whose pool's `outbound:` block is in
+/// fleet mode on one real `redis-server` hold one rate and one cache together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_on_one_redis_hold_one_outbound_rate_and_share_one_cache() {
+    let _serial = SERIAL.lock().await;
+    let redis = fairgate_tests::redis::RedisServer::start();
+    // The upstream takes 20 a second; each gateway alone would send 2 + 12 in a second,
+    // three of them 42: only the fleet's one bucket keeps them under 20.
+    let up = Limited::start(20).await;
+    let outbound = format!(
+        "      rate: {{rate: 12/s, burst: 2}}
+      queue: {{max: 1000, timeout: 10s}}
+      cache: {{ttl: 30s}}
+      fleet: {{redis: {{url: '{}'}}}}",
+        redis.url()
+    );
+    let gws: Vec<Gateway> = (0..3)
+        .map(|_| Gateway::start(&config(&up, &outbound)))
+        .collect();
+    let client = Client::new();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let (c, url) = (client.clone(), gws[i % 3].url(&format!("/item/{i}")));
+            tokio::spawn(async move { c.get(&url).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(
+        up.calls(),
+        30,
+        "no 429s: the fleet stayed under the upstream's limit"
+    );
+    assert!(up.max_per_window() <= 14, "{}", up.max_per_window());
+    // /item/0 was fetched through the first gateway; the others answer it from Redis, with
+    // its age.
+    for gw in &gws[1..] {
+        let r = client.get(&gw.url("/item/0")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(&r.body[..], b"quota");
+        assert!(
+            r.header("age").parse::<u64>().is_ok(),
+            "Age: {:?}",
+            r.header("age")
+        );
+    }
+    assert_eq!(up.calls(), 30, "served from the shared cache");
+}

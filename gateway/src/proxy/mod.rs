@@ -121,6 +121,16 @@ impl Proxy {
     /// Pools with an `outbound:` block get their stack here; a cache `warm_up` list is
     /// fetched in the background when a tokio runtime is running.
     pub fn new(pools: &[Arc<Pool>], metrics: &Metrics) -> Proxy {
+        Proxy::with_fleets(pools, metrics, &std::collections::HashMap::new())
+    }
+
+    /// [`Proxy::new`], with the `OutboundFleet` of each pool whose `outbound:` block has
+    /// `fleet:` (by pool name; see [`crate::app`]).
+    pub fn with_fleets(
+        pools: &[Arc<Pool>],
+        metrics: &Metrics,
+        fleets: &std::collections::HashMap<String, fairgate_middleware::outbound::OutboundFleet>,
+    ) -> Proxy {
         let direct = Proxy {
             upstreams: pools
                 .iter()
@@ -134,9 +144,18 @@ impl Proxy {
             let Some(config) = pool.outbound() else {
                 continue;
             };
+            let fleet = fleets.get(&**pool.name()).map(|f| {
+                let name = config
+                    .fleet
+                    .as_ref()
+                    .and_then(|s| s.name.as_deref())
+                    .unwrap_or(pool.name());
+                (f, name)
+            });
             let stack = crate::proxy::outbound::build_stack(
                 config,
                 metrics.outbound(pool.name()),
+                fleet,
                 Direct(direct.clone()),
             );
             let warm = config.cache.as_ref().is_some_and(|c| !c.warm_up.is_empty());
