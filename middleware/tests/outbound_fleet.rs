@@ -380,48 +380,53 @@ async fn redis_killed_mid_run_each_replica_falls_back_to_its_share_and_nothing_f
         .map(|_| replica(&redis.url(), Some(cache()), Some(limit())))
         .collect();
     formed(&rs.iter().collect::<Vec<_>>()).await;
-    let burst = |phase: &'static str| {
-        let mut tasks = Vec::new();
-        for (i, r) in rs.iter().enumerate() {
-            for j in 0..12 {
-                let svc = r.svc.clone();
-                let uri = up.uri(&format!("/{phase}/{i}-{j}"));
-                tasks.push(tokio::spawn(async move {
-                    send(svc.clone(), &uri, &[]).await.status
-                }));
-            }
-            // And one resource every replica asks for.
+    // Each replica calls one distinct resource after another, as fast as its limit lets it,
+    // then one resource every replica asks for: a steady stream across the kill.
+    let tasks: Vec<_> = rs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
             let svc = r.svc.clone();
-            let uri = up.uri(&format!("/{phase}/common"));
-            tasks.push(tokio::spawn(async move {
-                send(svc.clone(), &uri, &[]).await.status
-            }));
-        }
-        tasks
-    };
-    for t in burst("up") {
-        assert_eq!(t.await.unwrap(), StatusCode::OK);
-    }
-    let before = up.calls();
-    assert_eq!(
-        before, 37,
-        "36 distinct calls and one for the common resource"
-    );
-    // Mid-run: the next burst is under way when Redis dies.
-    let tasks = burst("down");
+            let up = up.clone();
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for j in 0..30 {
+                    statuses.push(
+                        send(svc.clone(), &up.uri(&format!("/{i}-{j}")), &[])
+                            .await
+                            .status,
+                    );
+                }
+                statuses.push(send(svc.clone(), &up.uri("/common"), &[]).await.status);
+                statuses
+            })
+        })
+        .collect();
     assert!(
-        eventually(DEADLINE, || async { up.calls() > before }).await,
-        "the second burst started"
+        eventually(DEADLINE, || async { up.calls() >= 30 }).await,
+        "the stream is under way"
     );
     redis.kill();
+    let killed = Instant::now();
+    let before = up.calls();
     for t in tasks {
-        assert_eq!(t.await.unwrap(), StatusCode::OK, "no call fails for Redis");
+        let statuses = t.await.unwrap();
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "no call fails for Redis: {statuses:?}"
+        );
     }
-    assert!(up.calls() >= before + 37);
-    // Before the kill: 3 + 30 a second for the fleet; after: 3 × (1 + 10). Without the
-    // share each replica would keep 3 + 30 of its own.
+    assert!(before < 85, "calls were left for after the kill: {before}");
+    // Before the kill 3 + 30 a second for the fleet; after, 3 × (1 + 10). A replica that
+    // kept the whole limit for itself would send 30 a second alone.
     let max = up.max_per_second();
     assert!(max <= 33, "{max} calls in one second");
+    let after = up.calls() - before;
+    let took = killed.elapsed();
+    assert!(
+        after as f64 <= 3.0 + 30.0 * took.as_secs_f64() + 3.0,
+        "{after} calls in {took:?} after the kill"
+    );
     assert!(
         rs.iter().all(|r| r.fleet.snapshot().errors > 0),
         "every replica met the dead Redis"

@@ -341,10 +341,8 @@ impl Shared {
         };
         #[cfg(feature = "redis")]
         if let Some(f) = &self.fleet {
-            if waiter.is_none() {
-                waiter = Some(self.enqueue()?);
-            }
-            self.lease_fleet(f, state, deadline, &mut held).await?;
+            self.lease_fleet(f, state, deadline, &mut held, &mut waiter)
+                .await?;
         }
         drop(waiter);
         Ok(held)
@@ -391,12 +389,13 @@ impl Shared {
     /// Fleet mode: takes one of the fleet's concurrency leases (waiting until one is given
     /// back, up to the deadline), or a place in the share while Redis does not answer.
     #[cfg(feature = "redis")]
-    async fn lease_fleet(
-        &self,
+    async fn lease_fleet<'a>(
+        &'a self,
         f: &FleetLimit,
         state: &KeyState,
         deadline: Instant,
         held: &mut Held,
+        waiter: &mut Option<Waiter<'a>>,
     ) -> Result<(), Throttled> {
         let Some(limit) = self.config.concurrency else {
             return Ok(());
@@ -427,7 +426,11 @@ impl Shared {
                     cell.fetch_sub(1, Ordering::AcqRel);
                 }
             }
-            // A lease is given back by another replica: ask again, 5 ms doubling to 50 ms.
+            // A lease is given back by another replica: ask again, 5 ms doubling to 50 ms,
+            // in the queue meanwhile.
+            if waiter.is_none() {
+                *waiter = Some(self.enqueue()?);
+            }
             if Instant::now() + pause > deadline {
                 return Err(Throttled::new(ThrottleReason::QueueTimeout, None));
             }
