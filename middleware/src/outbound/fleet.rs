@@ -22,6 +22,34 @@
 //! Redis down: every call has the backend's budget (`timeout`) and feeds its breaker; a
 //! call with no answer falls back to the local layers at once (the local cache, in-process
 //! coalescing, the share of the limit), so no request fails because Redis does.
+//!
+//! An application configures it as the gateway's `outbound.fleet` block does (`redis: {url,
+//! timeout, key_prefix}`, `name`, `lease`, `max_wait`):
+//!
+//! ```no_run
+//! # async fn app() -> Result<(), fairgate_middleware::fleet::FleetError> {
+//! use std::time::Duration;
+//! use fairgate_middleware::outbound::*;
+//! # let client = tower::service_fn(|_: http::Request<String>| async {
+//! #     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+//! # });
+//! let fleet = OutboundFleet::connect_url("redis://127.0.0.1:6379")?;
+//! let client = tower::ServiceBuilder::new()
+//!     .layer(
+//!         CacheLayer::new(CacheConfig::default().ttl(Duration::from_secs(30)).lease(Duration::from_secs(2)))
+//!             .shared(fleet.clone(), "quota-api"),
+//!     )
+//!     .layer(CoalesceLayer::new(CoalesceConfig::default()))
+//!     .layer(RetryLayer::new(RetryConfig::default()))
+//!     .layer(
+//!         OutboundLimitLayer::new(LimitConfig::default().rate(8, Duration::from_secs(1), 1))
+//!             .fleet(fleet, "quota-api"),
+//!     )
+//!     .service(client);
+//! # drop(client);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::fmt;
@@ -101,6 +129,29 @@ impl OutboundFleet {
                 _handle: handle,
                 pubsub,
             }),
+        })
+    }
+
+    /// [`OutboundFleet::connect`] to the Redis server at `url` with the defaults of
+    /// `state.redis` (`timeout` 25 ms, `key_prefix` `fairgate`).
+    ///
+    /// # Errors
+    ///
+    /// A url the redis client refuses.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn connect_url(url: &str) -> Result<OutboundFleet, FleetError> {
+        use fairgate_policies::model as m;
+        OutboundFleet::connect(&RedisState {
+            url: Some(url.to_owned()),
+            cluster: Vec::new(),
+            mode: m::FleetMode::default(),
+            sync_interval: m::default_sync_interval(),
+            timeout: m::default_redis_timeout(),
+            on_failure: m::OnFailure::default(),
+            key_prefix: m::default_key_prefix(),
         })
     }
 

@@ -13,6 +13,10 @@
 //! | [`RetryLayer`] | retries 429/503/connect failures with full-jitter exponential backoff, honouring `Retry-After`, under a retry budget; optional client-side adaptive throttling | [`retry`] |
 //! | [`OutboundLimitLayer`] | outbound rate (GCRA) and concurrency per upstream or per key, a bounded queue with a deadline, then [`Throttled`] | [`limit`] |
 //!
+//! With the `redis` feature too, the cache and the outbound limit also run in **fleet mode**
+//! ([`fleet`]): several replicas hold one rate, one concurrency, one shared cache and one
+//! fetch per key together on one Redis, falling back to their share while it is down.
+//!
 //! Stack them in that order, outermost first: a cache hit costs nothing, a miss is coalesced,
 //! the one call left is retried as a whole, and every attempt (retries included) passes the
 //! outbound limit, so the upstream never sees more than its configured rate.
