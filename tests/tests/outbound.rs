@@ -477,3 +477,53 @@ async fn three_gateways_on_one_redis_hold_one_outbound_rate_and_share_one_cache(
     }
     assert_eq!(up.calls(), 30, "served from the shared cache");
 }
+
+/// `fleet: {redis: state}` names the policy's Redis: without one the gateway refuses to
+/// start, naming the key, instead of holding the pool's limits per gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_block_naming_the_policys_redis_without_one_refuses_to_start() {
+    let _serial = SERIAL.lock().await;
+    let up = Limited::start(20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(
+        &path,
+        config(
+            &up,
+            "      rate: 10/s
+      fleet: {redis: state}",
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(fairgate_tests::fairgate_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + fairgate_tests::DEADLINE;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let status = status.expect("the gateway exits instead of serving");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains(
+            "upstreams.api.outbound.fleet.redis: `state` names the policy's `state.redis`, and \
+             the policy has no `state.backend: redis`"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(up.calls(), 0);
+}
