@@ -300,6 +300,7 @@ impl CacheLayer {
         self.shared = Some(shared::Shared {
             fleet,
             name: name.into(),
+            local: Arc::default(),
         });
         self
     }

@@ -1,6 +1,10 @@
 //! The shared cache (fleet mode): entries in Redis behind the local cache, and fleet-wide
 //! coalescing of misses by lease.
 //!
+//! Within one process, one request per key asks Redis at a time: the others of the same key
+//! wait for it (for its fetch, when it took the lease) and then ask together, so a burst
+//! costs Redis one call per key and replica, not one per request.
+//!
 //! A local miss asks Redis once ([`Fleet::cache_fetch`]): a hit is served (with `Age`) and
 //! kept locally for the rest of its TTL; a miss takes the key's lease unless another replica
 //! holds it. The holder fetches (renewing the lease every third of it while the call lasts)
@@ -17,12 +21,15 @@
 //! their TTL in Redis. An entry Redis holds that does not decode (written by something
 //! else) is not served: the request calls for itself.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Version};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{CacheConfig, Key};
@@ -39,6 +46,30 @@ const MAX_KEY: usize = 4096;
 pub(crate) struct Shared {
     pub(crate) fleet: OutboundFleet,
     pub(crate) name: String,
+    /// Keys a request of this process is asking Redis for (or fetching): the others wait.
+    pub(crate) local: Arc<Locals>,
+}
+
+/// The keys being asked for in this process, each with the channel its asker drops when done.
+pub(crate) type Locals = Mutex<HashMap<String, watch::Receiver<()>>>;
+
+/// The asker's hold on its key in [`Locals`]; dropping it wakes the others.
+struct LocalHold {
+    locals: Arc<Locals>,
+    key: String,
+    tx: watch::Sender<()>,
+}
+
+impl Drop for LocalHold {
+    fn drop(&mut self) {
+        let mut map = self.locals.lock().unwrap_or_else(|e| e.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl Shared {
@@ -77,6 +108,7 @@ impl Shared {
             fleet: self.fleet.clone(),
             key: k,
             observer: observer.clone(),
+            locals: Arc::clone(&self.local),
         })
     }
 }
@@ -86,6 +118,7 @@ pub(super) struct Lookup {
     fleet: OutboundFleet,
     key: String,
     observer: ObserverHandle,
+    locals: Arc<Locals>,
 }
 
 /// A follower's wait for another replica's fetch, reported like an in-process follower's
@@ -119,6 +152,35 @@ impl Lookup {
         let mut watch = inner.notifier.watch(inner.fleet.done_channel(&self.key));
         let owner = self.fleet.owner();
         let mut waiting = None;
+        // One asker per key in this process; the others wait for it once, then ask together.
+        let asking = {
+            let mut map = self.locals.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&self.key) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(());
+                    map.insert(self.key.clone(), rx);
+                    Ok(LocalHold {
+                        locals: Arc::clone(&self.locals),
+                        key: self.key.clone(),
+                        tx,
+                    })
+                }
+            }
+        };
+        let hold = match asking {
+            Ok(hold) => Some(hold),
+            Err(mut rx) => {
+                self.observer.event(OutboundEvent::CoalesceWaitStarted);
+                waiting = Some(Waiting(self.observer.clone()));
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Ends when the asker is done (its hold dropped: `changed` fails).
+                if tokio::time::timeout(left, rx.changed()).await.is_err() {
+                    return Found::Own;
+                }
+                None
+            }
+        };
         loop {
             match inner.fleet.cache_fetch(&self.key, &owner, lease_ms).await {
                 None | Some(Fetch::Pass) => return Found::Own,
@@ -129,6 +191,7 @@ impl Lookup {
                         owner,
                         lease: config.lease,
                         settled: false,
+                        _hold: hold,
                     })
                 }
                 Some(Fetch::Hit(bytes, pttl)) => {
@@ -177,6 +240,8 @@ pub(super) struct Lead {
     owner: String,
     lease: Duration,
     settled: bool,
+    /// Held until settled: this process's other requests of the key wait for the fetch.
+    _hold: Option<LocalHold>,
 }
 
 impl Lead {
