@@ -476,6 +476,16 @@ async fn three_gateways_on_one_redis_hold_one_outbound_rate_and_share_one_cache(
         );
     }
     assert_eq!(up.calls(), 30, "served from the shared cache");
+    // Each gateway sees the three registered, and Redis answering.
+    for gw in &gws {
+        let seen = eventually(fairgate_tests::DEADLINE, || async {
+            let m = metrics(gw).await;
+            metric(&m, r#"fairgate_outbound_fleet_replicas{upstream="api"}"#) == Some(3.0)
+                && metric(&m, r#"fairgate_outbound_fleet_degraded{upstream="api"}"#) == Some(0.0)
+        })
+        .await;
+        assert!(seen, "{}", metrics(gw).await);
+    }
 }
 
 /// `fleet: {redis: state}` names the policy's Redis: without one the gateway refuses to

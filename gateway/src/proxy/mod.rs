@@ -144,6 +144,23 @@ impl Proxy {
             let Some(config) = pool.outbound() else {
                 continue;
             };
+            if let (Some(f), Ok(rt)) = (
+                fleets.get(&**pool.name()),
+                tokio::runtime::Handle::try_current(),
+            ) {
+                // The pool's fleet gauges, refreshed every second while its stack lives.
+                let (replicas, degraded) = metrics.outbound_fleet(pool.name());
+                let weak = f.downgrade();
+                rt.spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        let Some(f) = weak.upgrade() else { return };
+                        replicas.set(i64::try_from(f.replicas()).unwrap_or(i64::MAX));
+                        degraded.set(i64::from(f.degraded()));
+                    }
+                });
+            }
             let fleet = fleets.get(&**pool.name()).map(|f| {
                 let name = config
                     .fleet

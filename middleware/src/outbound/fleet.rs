@@ -155,6 +155,11 @@ impl OutboundFleet {
         })
     }
 
+    /// A handle that does not keep the fleet's tasks running (for an observer's own task).
+    pub fn downgrade(&self) -> WeakOutboundFleet {
+        WeakOutboundFleet(Arc::downgrade(&self.inner))
+    }
+
     /// The replicas last seen registered in Redis (1 before the first answer).
     pub fn replicas(&self) -> u64 {
         self.inner.fleet.replicas()
@@ -182,6 +187,17 @@ impl OutboundFleet {
             self.inner.fleet.member_id(),
             self.inner.next_owner.fetch_add(1, Ordering::Relaxed)
         )
+    }
+}
+
+/// An [`OutboundFleet`] that does not keep it alive.
+#[derive(Clone, Debug)]
+pub struct WeakOutboundFleet(std::sync::Weak<Inner>);
+
+impl WeakOutboundFleet {
+    /// The fleet, while some layer still holds it.
+    pub fn upgrade(&self) -> Option<OutboundFleet> {
+        self.0.upgrade().map(|inner| OutboundFleet { inner })
     }
 }
 

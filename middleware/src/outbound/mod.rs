@@ -73,7 +73,7 @@ pub use body::{BufferedResponse, OutboundBody};
 pub use cache::{Cache, CacheConfig, CacheLayer};
 pub use coalesce::{Coalesce, CoalesceConfig, CoalesceLayer};
 #[cfg(feature = "redis")]
-pub use fleet::OutboundFleet;
+pub use fleet::{OutboundFleet, WeakOutboundFleet};
 pub use limit::{KeyBy, LimitBody, LimitConfig, OutboundLimit, OutboundLimitLayer};
 pub use retry::{AdaptiveThrottle, Retry, RetryBudget, RetryConfig, RetryLayer};
 
