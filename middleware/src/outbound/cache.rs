@@ -49,7 +49,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::body::{buffer, Buffered, BufferedResponse, OutboundBody};
 
 #[cfg(feature = "redis")]
-pub mod shared;
+mod shared;
 use super::{is_shareable, no_observer, BoxError, ObserverHandle, OutboundEvent, OutboundObserver};
 
 /// Configuration of [`CacheLayer`].
@@ -292,9 +292,10 @@ impl CacheLayer {
     }
 
     /// Fleet mode (feature `redis`): the shared cache in Redis behind the local one, and
-    /// fleet-wide coalescing of misses by lease (see [`super::fleet`] and
-    /// [`shared`](self::shared)). `name` keeps apart the caches of different upstreams in
-    /// one Redis (a pool's name).
+    /// fleet-wide coalescing of misses by lease (see [`super::fleet`]). `name` keeps apart
+    /// the caches of different upstreams in one Redis (a pool's name). Never shared:
+    /// `Cache-Control: private` or `no-store`, `Set-Cookie`, trailers, and answers to requests
+    /// with `Authorization` unless it is a [`vary`](CacheConfig::vary) header.
     #[cfg(feature = "redis")]
     pub fn shared(mut self, fleet: super::fleet::OutboundFleet, name: impl Into<String>) -> Self {
         self.shared = Some(shared::Shared {
