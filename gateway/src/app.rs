@@ -93,6 +93,10 @@ pub enum StartError {
     /// The engine cannot start what the policy asks for (e.g. the Redis backend).
     #[error("{0}")]
     Engine(#[from] fairgate_middleware::BuildError),
+    /// An `outbound.fleet` block cannot start (its Redis url, or `redis: state` without a
+    /// Redis backend in the policy).
+    #[error("{0}")]
+    OutboundFleet(String),
     /// Something else failed (echo upstream, decision log file).
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -350,7 +354,8 @@ pub async fn start_with(
             .layer(AdmissionLayer::new(engine.clone()))
             .service(proxy)
     };
-    let proxy = Proxy::new(&pools, &metrics);
+    let fleets = outbound_fleets(&config, &store)?;
+    let proxy = Proxy::with_fleets(&pools, &metrics, &fleets);
 
     // Listeners: load certificates and bind everything before serving anything. These
     // sockets resolve port 0; under thread_per_core they are the first thread's, and the
@@ -522,4 +527,50 @@ impl Running {
             );
         }
     }
+}
+
+/// One `OutboundFleet` per Redis the pools' `outbound.fleet` blocks name (pools naming the
+/// same settings share it: one connection, one registration), by pool name.
+fn outbound_fleets(
+    config: &crate::config::GatewayConfig,
+    store: &PolicyStore,
+) -> Result<
+    std::collections::HashMap<String, fairgate_middleware::outbound::OutboundFleet>,
+    StartError,
+> {
+    use crate::config::FleetRedis;
+    use fairgate_middleware::outbound::OutboundFleet;
+    let state = store.load().state.clone();
+    let mut made: Vec<(fairgate_policies::model::RedisState, OutboundFleet)> = Vec::new();
+    let mut by_pool = std::collections::HashMap::new();
+    for (name, u) in &config.upstreams {
+        let Some(f) = u.outbound.as_ref().and_then(|o| o.fleet.as_ref()) else {
+            continue;
+        };
+        let settings = match &f.redis {
+            FleetRedis::Own(s) => s.clone(),
+            FleetRedis::State => state
+                .redis
+                .clone()
+                .filter(|_| state.backend == fairgate_policies::model::Backend::Redis)
+                .ok_or_else(|| {
+                    StartError::OutboundFleet(format!(
+                        "upstreams.{name}.outbound.fleet.redis: `state` names the policy's \
+                         `state.redis`, and the policy has no `state.backend: redis`"
+                    ))
+                })?,
+        };
+        let fleet = match made.iter().find(|(s, _)| *s == settings) {
+            Some((_, f)) => f.clone(),
+            None => {
+                let f = OutboundFleet::connect(&settings).map_err(|e| {
+                    StartError::OutboundFleet(format!("upstreams.{name}.outbound.fleet: {e}"))
+                })?;
+                made.push((settings, f.clone()));
+                f
+            }
+        };
+        by_pool.insert(name.clone(), fleet);
+    }
+    Ok(by_pool)
 }

@@ -51,6 +51,8 @@ struct Upstream {
     cache_control: Mutex<Option<&'static str>>,
     /// Body size of each answer.
     body_len: AtomicUsize,
+    /// `Vary` to send, if any.
+    vary: Mutex<Option<&'static str>>,
 }
 
 impl Upstream {
@@ -67,6 +69,7 @@ impl Upstream {
             gate: watch::channel(true).0,
             cache_control: Mutex::new(None),
             body_len: AtomicUsize::new(2),
+            vary: Mutex::new(None),
         });
         let u = up.clone();
         tokio::spawn(async move {
@@ -137,6 +140,10 @@ async fn handle(
         if let Some(ra) = retry_after {
             r.headers_mut()
                 .insert(http::header::RETRY_AFTER, ra.parse().unwrap());
+        }
+        if let Some(v) = *u.vary.lock().unwrap() {
+            r.headers_mut()
+                .insert(http::header::VARY, v.parse().unwrap());
         }
         if let Some(cc) = *u.cache_control.lock().unwrap() {
             r.headers_mut()
@@ -493,6 +500,52 @@ async fn the_cache_serves_within_the_ttl_and_honours_cache_control() {
     let r = svc2.clone().oneshot(get(&limited, "/y")).await.unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(limited.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_local_hit_carries_its_age_and_the_leader_none() {
+    let up = Upstream::start(1000).await;
+    let svc = CacheLayer::new(CacheConfig::default().ttl(Duration::from_secs(30))).layer(client());
+    let age = |r: &Response<_>| {
+        r.headers()
+            .get(http::header::AGE)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let fresh = svc.clone().oneshot(get(&up, "/a")).await.unwrap();
+    assert_eq!(
+        age(&fresh),
+        None,
+        "a fresh answer has spent no time in a cache"
+    );
+    assert_eq!(
+        age(&svc.clone().oneshot(get(&up, "/a")).await.unwrap()).as_deref(),
+        Some("0")
+    );
+    tokio::time::advance(Duration::from_millis(3500)).await;
+    assert_eq!(
+        age(&svc.clone().oneshot(get(&up, "/a")).await.unwrap()).as_deref(),
+        Some("3")
+    );
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_varying_on_a_header_outside_the_key_is_not_cached() {
+    let up = Upstream::start(1000).await;
+    let svc = CacheLayer::new(CacheConfig::default().ttl(Duration::from_secs(30))).layer(client());
+    *up.cache_control.lock().unwrap() = Some("max-age=60");
+    up.vary.lock().unwrap().replace("accept-language");
+    svc.clone().oneshot(get(&up, "/v")).await.unwrap();
+    svc.clone().oneshot(get(&up, "/v")).await.unwrap();
+    assert_eq!(
+        up.calls(),
+        2,
+        "Vary names a header the key does not include"
+    );
+    up.vary.lock().unwrap().take();
+    svc.clone().oneshot(get(&up, "/w")).await.unwrap();
+    svc.clone().oneshot(get(&up, "/w")).await.unwrap();
+    assert_eq!(up.calls(), 3);
 }
 
 #[tokio::test(start_paused = true)]

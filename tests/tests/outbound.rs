@@ -427,3 +427,113 @@ log: {{decisions: off}}
         "upstream saw {after_heal} requests in the 2nd second after healing, offered {RATE}"
     );
 }
+
+/// Issue #18 through the real binary: three gateways whose pool's `outbound:` block is in
+/// fleet mode on one real `redis-server` hold one rate and one cache together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_on_one_redis_hold_one_outbound_rate_and_share_one_cache() {
+    let _serial = SERIAL.lock().await;
+    let redis = fairgate_tests::redis::RedisServer::start();
+    // The upstream takes 20 a second; each gateway alone would send 2 + 12 in a second,
+    // three of them 42: only the fleet's one bucket keeps them under 20.
+    let up = Limited::start(20).await;
+    let outbound = format!(
+        "      rate: {{rate: 12/s, burst: 2}}
+      queue: {{max: 1000, timeout: 10s}}
+      cache: {{ttl: 30s}}
+      fleet: {{redis: {{url: '{}'}}}}",
+        redis.url()
+    );
+    let gws: Vec<Gateway> = (0..3)
+        .map(|_| Gateway::start(&config(&up, &outbound)))
+        .collect();
+    let client = Client::new();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let (c, url) = (client.clone(), gws[i % 3].url(&format!("/item/{i}")));
+            tokio::spawn(async move { c.get(&url).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(
+        up.calls(),
+        30,
+        "no 429s: the fleet stayed under the upstream's limit"
+    );
+    assert!(up.max_per_window() <= 14, "{}", up.max_per_window());
+    // /item/0 was fetched through the first gateway; the others answer it from Redis, with
+    // its age.
+    for gw in &gws[1..] {
+        let r = client.get(&gw.url("/item/0")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(&r.body[..], b"quota");
+        assert!(
+            r.header("age").parse::<u64>().is_ok(),
+            "Age: {:?}",
+            r.header("age")
+        );
+    }
+    assert_eq!(up.calls(), 30, "served from the shared cache");
+    // Each gateway sees the three registered, and Redis answering.
+    for gw in &gws {
+        let seen = eventually(fairgate_tests::DEADLINE, || async {
+            let m = metrics(gw).await;
+            metric(&m, r#"fairgate_outbound_fleet_replicas{upstream="api"}"#) == Some(3.0)
+                && metric(&m, r#"fairgate_outbound_fleet_degraded{upstream="api"}"#) == Some(0.0)
+        })
+        .await;
+        assert!(seen, "{}", metrics(gw).await);
+    }
+}
+
+/// `fleet: {redis: state}` names the policy's Redis: without one the gateway refuses to
+/// start, naming the key, instead of holding the pool's limits per gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_block_naming_the_policys_redis_without_one_refuses_to_start() {
+    let _serial = SERIAL.lock().await;
+    let up = Limited::start(20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(
+        &path,
+        config(
+            &up,
+            "      rate: 10/s
+      fleet: {redis: state}",
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(fairgate_tests::fairgate_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + fairgate_tests::DEADLINE;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let status = status.expect("the gateway exits instead of serving");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains(
+            "upstreams.api.outbound.fleet.redis: `state` names the policy's `state.redis`, and \
+             the policy has no `state.backend: redis`"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(up.calls(), 0);
+}

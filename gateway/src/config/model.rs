@@ -451,11 +451,36 @@ pub struct OutboundConfig {
     pub retry: Option<RetrySettings>,
     /// Status of a request refused locally (default 503; 429 also accepted).
     pub throttle_status: StatusCode,
+    /// Fleet mode: `rate`, `concurrency` and `cache` held for every gateway on one Redis.
+    pub fleet: Option<FleetSettings>,
+}
+
+/// `fleet:` settings of an `outbound:` block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSettings {
+    /// Which Redis.
+    pub redis: FleetRedis,
+    /// The limits' and cache's name in Redis (default: the pool's name).
+    pub name: Option<String>,
+    /// How long the gateway fetching a key holds its lease (default 2s).
+    pub lease: Duration,
+    /// The longest a request waits for another gateway's fetch (default 5s).
+    pub max_wait: Duration,
+}
+
+/// Where a fleet-mode `outbound:` block keeps its state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FleetRedis {
+    /// `redis: state`: the policy's `state.redis` (url, timeout, key_prefix).
+    State,
+    /// `redis: {url, timeout, key_prefix}`.
+    Own(fairgate_policies::model::RedisState),
 }
 
 impl Default for OutboundConfig {
     fn default() -> Self {
         OutboundConfig {
+            fleet: None,
             coalesce: None,
             cache: None,
             rate: None,

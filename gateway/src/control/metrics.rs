@@ -231,6 +231,11 @@ impl Metrics {
         self.outbound.observer(name)
     }
 
+    /// The fleet-mode gauges of upstream pool `name`: (replicas, degraded).
+    pub fn outbound_fleet(&self, name: &Arc<str>) -> (Gauge, Gauge) {
+        self.outbound.fleet(name)
+    }
+
     /// Handles for one upstream pool (creates its series).
     pub fn upstream(&self, name: &Arc<str>) -> UpstreamMetrics {
         let err = |kind: UpstreamErrorKind| {
@@ -293,6 +298,8 @@ pub struct OutboundMetrics {
     retries: Family<OutboundLabels, Counter>,
     budget_exhausted: Family<OutboundLabels, Counter>,
     coalesce_waiting: Family<OutboundLabels, Gauge>,
+    fleet_replicas: Family<OutboundLabels, Gauge>,
+    fleet_degraded: Family<OutboundLabels, Gauge>,
 }
 
 impl OutboundMetrics {
@@ -306,6 +313,8 @@ impl OutboundMetrics {
             retries: Family::default(),
             budget_exhausted: Family::default(),
             coalesce_waiting: Family::default(),
+            fleet_replicas: Family::default(),
+            fleet_degraded: Family::default(),
         };
         registry.register(
             "outbound_coalesced",
@@ -342,7 +351,28 @@ impl OutboundMetrics {
             "Requests waiting right now for an identical concurrent call's response",
             m.coalesce_waiting.clone(),
         );
+        registry.register(
+            "outbound_fleet_replicas",
+            "Fleet mode: the replicas registered in the pool's Redis as last seen (the divisor of the share)",
+            m.fleet_replicas.clone(),
+        );
+        registry.register(
+            "outbound_fleet_degraded",
+            "Fleet mode: 1 while the pool's Redis does not answer (its limits fall back to the share)",
+            m.fleet_degraded.clone(),
+        );
         m
+    }
+
+    /// The fleet-mode gauges of upstream `name`: (replicas, degraded).
+    pub fn fleet(&self, name: &Arc<str>) -> (Gauge, Gauge) {
+        let l = OutboundLabels {
+            upstream: name.clone(),
+        };
+        (
+            self.fleet_replicas.get_or_create_owned(&l),
+            self.fleet_degraded.get_or_create_owned(&l),
+        )
     }
 
     /// The observer of upstream `name` (its series are created now, at zero).

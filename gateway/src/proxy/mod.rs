@@ -122,6 +122,16 @@ impl Proxy {
     /// Pools with an `outbound:` block get their stack here; a cache `warm_up` list is
     /// fetched in the background when a tokio runtime is running.
     pub fn new(pools: &[Arc<Pool>], metrics: &Metrics) -> Proxy {
+        Proxy::with_fleets(pools, metrics, &std::collections::HashMap::new())
+    }
+
+    /// [`Proxy::new`], with the `OutboundFleet` of each pool whose `outbound:` block has
+    /// `fleet:` (by pool name; see [`crate::app`]).
+    pub fn with_fleets(
+        pools: &[Arc<Pool>],
+        metrics: &Metrics,
+        fleets: &std::collections::HashMap<String, fairgate_middleware::outbound::OutboundFleet>,
+    ) -> Proxy {
         let direct = Proxy {
             upstreams: pools
                 .iter()
@@ -135,9 +145,35 @@ impl Proxy {
             let Some(config) = pool.outbound() else {
                 continue;
             };
+            if let (Some(f), Ok(rt)) = (
+                fleets.get(&**pool.name()),
+                tokio::runtime::Handle::try_current(),
+            ) {
+                // The pool's fleet gauges, refreshed every second while its stack lives.
+                let (replicas, degraded) = metrics.outbound_fleet(pool.name());
+                let weak = f.downgrade();
+                rt.spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        let Some(f) = weak.upgrade() else { return };
+                        replicas.set(i64::try_from(f.replicas()).unwrap_or(i64::MAX));
+                        degraded.set(i64::from(f.degraded()));
+                    }
+                });
+            }
+            let fleet = fleets.get(&**pool.name()).map(|f| {
+                let name = config
+                    .fleet
+                    .as_ref()
+                    .and_then(|s| s.name.as_deref())
+                    .unwrap_or(pool.name());
+                (f, name)
+            });
             let stack = crate::proxy::outbound::build_stack(
                 config,
                 metrics.outbound(pool.name()),
+                fleet,
                 Direct(direct.clone()),
             );
             let warm = config.cache.as_ref().is_some_and(|c| !c.warm_up.is_empty());

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use fairgate_middleware::outbound::{
     throttled, AdaptiveThrottle, CacheConfig, CacheLayer, CoalesceConfig, CoalesceLayer,
-    LimitConfig, OutboundLimitLayer, OutboundObserver, RetryConfig, RetryLayer,
+    LimitConfig, OutboundFleet, OutboundLimitLayer, OutboundObserver, RetryConfig, RetryLayer,
 };
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -66,10 +66,12 @@ static CREDENTIALS: [HeaderName; 3] = [
     HeaderName::from_static("x-api-key"),
 ];
 
-/// Builds the stack of `config` over `inner` (the proxy's own forwarding).
+/// Builds the stack of `config` over `inner` (the proxy's own forwarding). `fleet`: the
+/// pool's `OutboundFleet` and name in Redis when its block has `fleet:`.
 pub fn build_stack<S>(
     config: &OutboundConfig,
     observer: Arc<dyn OutboundObserver>,
+    fleet: Option<(&OutboundFleet, &str)>,
     inner: S,
 ) -> Stack
 where
@@ -94,7 +96,11 @@ where
         if let Some(c) = config.concurrency {
             l = l.concurrency(c as usize);
         }
-        OutboundLimitLayer::new(l).observer(observer.clone())
+        let layer = OutboundLimitLayer::new(l).observer(observer.clone());
+        match fleet {
+            Some((f, name)) => layer.fleet(f.clone(), name),
+            None => layer,
+        }
     });
     let retry = config.retry.as_ref().map(|r| {
         let c = RetryConfig::default()
@@ -134,7 +140,14 @@ where
         for h in CREDENTIALS.iter().chain(&c.vary) {
             cc = cc.vary(h.clone());
         }
-        CacheLayer::new(cc).observer(observer.clone())
+        if let Some(f) = &config.fleet {
+            cc = cc.lease(f.lease).max_wait(f.max_wait);
+        }
+        let layer = CacheLayer::new(cc).observer(observer.clone());
+        match fleet {
+            Some((f, name)) => layer.shared(f.clone(), name),
+            None => layer,
+        }
     });
     // Each optional layer boxes the body again so that the stack has one type whatever is
     // on; the cost is one allocation per layer per request, next to an upstream call.
@@ -260,7 +273,7 @@ mod tests {
         });
         let mut reg = Registry::default();
         let metrics = OutboundMetrics::register(&mut reg);
-        let stack = build_stack(&config, metrics.observer(&Arc::from("u")), inner);
+        let stack = build_stack(&config, metrics.observer(&Arc::from("u")), None, inner);
         let ok = stack.clone().oneshot(Request::new(body::empty())).await;
         assert_eq!(ok.unwrap().status(), StatusCode::OK);
         let err = stack

@@ -47,6 +47,9 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use super::body::{buffer, Buffered, BufferedResponse, OutboundBody};
+
+#[cfg(feature = "redis")]
+mod shared;
 use super::{is_shareable, no_observer, BoxError, ObserverHandle, OutboundEvent, OutboundObserver};
 
 /// Configuration of [`CacheLayer`].
@@ -59,10 +62,13 @@ pub struct CacheConfig {
     max_entry_bytes: usize,
     honour_cache_control: bool,
     vary: Vec<HeaderName>,
+    lease: Duration,
+    max_wait: Duration,
 }
 
 impl Default for CacheConfig {
-    /// TTL 1 s, 10 000 entries, 64 MiB, entries up to 1 MiB, `Cache-Control` ignored.
+    /// TTL 1 s, 10 000 entries, 64 MiB, entries up to 1 MiB, `Cache-Control` ignored; shared
+    /// (fleet mode): a 2 s lease, waits of at most 5 s.
     fn default() -> Self {
         CacheConfig {
             ttl: Duration::from_secs(1),
@@ -72,6 +78,8 @@ impl Default for CacheConfig {
             max_entry_bytes: 1 << 20,
             honour_cache_control: false,
             vary: Vec::new(),
+            lease: Duration::from_secs(2),
+            max_wait: Duration::from_secs(5),
         }
     }
 }
@@ -114,9 +122,25 @@ impl CacheConfig {
         self
     }
 
-    /// Adds a request header whose value is part of the key.
+    /// Adds a request header whose value is part of the key. A response whose `Vary` names
+    /// a header not added here (or `*`) is not stored.
     pub fn vary(mut self, name: HeaderName) -> Self {
         self.vary.push(name);
+        self
+    }
+
+    /// Shared cache (fleet mode): how long a replica fetching a key holds its lease before
+    /// another may take over (default 2 s; renewed every third of it while the fetch lasts,
+    /// so a slow answer keeps it and a dead replica's lapses).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Shared cache (fleet mode): the longest a request waits for another replica's fetch
+    /// before calling for itself (default 5 s).
+    pub fn max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = wait;
         self
     }
 
@@ -139,8 +163,44 @@ struct Key {
 struct Entry {
     response: Arc<BufferedResponse>,
     expires: Instant,
+    /// When it was stored here, and its age then (its `Age` from upstream or the shared
+    /// cache): its `Age` on a hit is their sum with the time since.
+    stored: Instant,
+    age: Duration,
     weight: usize,
     seq: u64,
+}
+
+impl Entry {
+    fn new(response: BufferedResponse, ttl: Duration, age: Duration, seq: u64) -> Entry {
+        let now = Instant::now();
+        Entry {
+            weight: response.weight(),
+            response: Arc::new(response),
+            // From when the response arrived, not when it was asked for.
+            expires: now + ttl,
+            stored: now,
+            age,
+            seq,
+        }
+    }
+}
+
+/// A stored response as served: its `Age` is what it has spent in caches (RFC 9111 §5.1).
+fn serve<B>(response: &BufferedResponse, age: Duration) -> Response<OutboundBody<B>> {
+    let mut res = response.to_response();
+    res.headers_mut()
+        .insert(header::AGE, HeaderValue::from(age.as_secs()));
+    res
+}
+
+/// The `Age` a response arrived with (0 when absent or not a number).
+fn upstream_age(headers: &HeaderMap) -> Duration {
+    headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs)
 }
 
 #[derive(Default)]
@@ -153,10 +213,14 @@ struct Store {
 }
 
 impl Store {
-    fn get(&mut self, key: &Key, now: Instant) -> Option<Arc<BufferedResponse>> {
+    /// The response stored for `key` and its age now.
+    fn get(&mut self, key: &Key, now: Instant) -> Option<(Arc<BufferedResponse>, Duration)> {
         let e = self.map.get(key)?;
         if e.expires > now {
-            return Some(e.response.clone());
+            return Some((
+                e.response.clone(),
+                e.age + now.saturating_duration_since(e.stored),
+            ));
         }
         if let Some(e) = self.map.remove(key) {
             self.bytes -= e.weight;
@@ -203,6 +267,8 @@ pub struct CacheLayer {
     config: Arc<CacheConfig>,
     store: Arc<Mutex<Store>>,
     observer: ObserverHandle,
+    #[cfg(feature = "redis")]
+    shared: Option<shared::Shared>,
 }
 
 impl fmt::Debug for CacheLayer {
@@ -220,7 +286,24 @@ impl CacheLayer {
             config: Arc::new(config),
             store: Arc::default(),
             observer: no_observer(),
+            #[cfg(feature = "redis")]
+            shared: None,
         }
+    }
+
+    /// Fleet mode (feature `redis`): the shared cache in Redis behind the local one, and
+    /// fleet-wide coalescing of misses by lease (see [`super::fleet`]). `name` keeps apart
+    /// the caches of different upstreams in one Redis (a pool's name). Never shared:
+    /// `Cache-Control: private` or `no-store`, `Set-Cookie`, trailers, and answers to requests
+    /// with `Authorization` unless it is a [`vary`](CacheConfig::vary) header.
+    #[cfg(feature = "redis")]
+    pub fn shared(mut self, fleet: super::fleet::OutboundFleet, name: impl Into<String>) -> Self {
+        self.shared = Some(shared::Shared {
+            fleet,
+            name: name.into(),
+            local: Arc::default(),
+        });
+        self
     }
 
     /// Reports cache hits and misses to `observer`.
@@ -380,45 +463,106 @@ where
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key, now);
-        if let Some(r) = hit {
+        if let Some((r, age)) = hit {
             observer.event(OutboundEvent::CacheHit);
-            let res = r.to_response();
+            let res = serve(&r, age);
             return Box::pin(std::future::ready(Ok(res)));
         }
-        observer.event(OutboundEvent::CacheMiss);
+        #[cfg(feature = "redis")]
+        let lookup = self
+            .layer
+            .shared
+            .clone()
+            .and_then(|sh| sh.lookup_for(&key, &config, req.headers(), &observer));
         Box::pin(async move {
-            let res = inner.oneshot(req).await.map_err(Into::into)?;
+            #[cfg(feature = "redis")]
+            let mut lead = None;
+            #[cfg(feature = "redis")]
+            if let Some(lookup) = lookup {
+                match lookup.run(&config).await {
+                    shared::Found::Hit(r, age, left) => {
+                        observer.event(OutboundEvent::CacheHit);
+                        let res = serve(&r, age);
+                        let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
+                        let seq = s.next_seq();
+                        let entry = Entry::new(r, left, age, seq);
+                        s.insert(key, entry, config.max_entries, config.max_bytes);
+                        return Ok(res);
+                    }
+                    shared::Found::Lead(l) => lead = Some(l),
+                    shared::Found::Own => {}
+                }
+            }
+            observer.event(OutboundEvent::CacheMiss);
+            #[cfg(feature = "redis")]
+            let res = match &lead {
+                Some(l) => {
+                    let call = async { inner.oneshot(req).await.map_err(Into::into) };
+                    l.fetch(call).await
+                }
+                None => inner.oneshot(req).await.map_err(Into::into),
+            };
+            #[cfg(not(feature = "redis"))]
+            let res: Result<_, BoxError> = inner.oneshot(req).await.map_err(Into::into);
+            let res = res?;
             let ttl = if config.honour_cache_control {
                 allowed_ttl(res.headers(), ttl)
             } else {
                 ttl
             };
-            if !cacheable_status(res.status()) || ttl.is_zero() {
+            if !cacheable_status(res.status())
+                || ttl.is_zero()
+                || !vary_allowed(res.headers(), &config.vary)
+            {
+                #[cfg(feature = "redis")]
+                if let Some(l) = lead {
+                    l.settle_pass().await;
+                }
                 return Ok(res.map(OutboundBody::stream));
             }
             let max = config.max_entry_bytes.min(config.max_bytes);
             match buffer(res, max).await? {
                 Buffered::Complete(r) => {
                     let res = r.to_response();
-                    let weight = r.weight();
-                    if weight <= config.max_bytes && config.max_entries > 0 {
+                    #[cfg(feature = "redis")]
+                    if let Some(l) = lead {
+                        l.settle_response(&r, ttl).await;
+                    }
+                    let age = upstream_age(&r.headers);
+                    if r.weight() <= config.max_bytes && config.max_entries > 0 {
                         let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
                         let seq = s.next_seq();
-                        let entry = Entry {
-                            response: Arc::new(r),
-                            // From when the response arrived, not when it was asked for.
-                            expires: Instant::now() + ttl,
-                            weight,
-                            seq,
-                        };
-                        s.insert(key, entry, config.max_entries, config.max_bytes);
+                        s.insert(
+                            key,
+                            Entry::new(r, ttl, age, seq),
+                            config.max_entries,
+                            config.max_bytes,
+                        );
                     }
                     Ok(res)
                 }
-                Buffered::TooLarge(res) => Ok(res),
+                Buffered::TooLarge(res) => {
+                    #[cfg(feature = "redis")]
+                    if let Some(l) = lead {
+                        l.settle_pass().await;
+                    }
+                    Ok(res)
+                }
             }
         })
     }
+}
+
+/// Whether a response's `Vary` names only request headers that are part of the key
+/// (`vary`); `Vary: *` never is.
+fn vary_allowed(headers: &HeaderMap, vary: &[HeaderName]) -> bool {
+    headers.get_all(header::VARY).iter().all(|v| {
+        let Ok(v) = v.to_str() else { return false };
+        v.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .all(|n| n != "*" && vary.iter().any(|h| h.as_str().eq_ignore_ascii_case(n)))
+    })
 }
 
 #[cfg(test)]
@@ -471,14 +615,8 @@ mod tests {
                 vary: vec![],
             };
             let r = resp(100 + i as usize);
-            let weight = r.weight();
             let seq = s.next_seq();
-            let e = Entry {
-                response: Arc::new(r),
-                expires: now + Duration::from_secs(5),
-                weight,
-                seq,
-            };
+            let e = Entry::new(r, Duration::from_secs(5), Duration::ZERO, seq);
             s.insert(key, e, 10, 1500);
             assert!(s.map.len() <= 10);
             assert!(s.bytes <= 1500, "{}", s.bytes);
@@ -489,7 +627,10 @@ mod tests {
         // Expiry.
         let key = s.map.keys().next().unwrap().clone();
         assert!(s.get(&key, now).is_some());
-        assert!(s.get(&key, now + Duration::from_secs(5)).is_none());
+        // Entries were stored after `now`: five seconds after the last one, all are gone.
+        assert!(s
+            .get(&key, Instant::now() + Duration::from_secs(5))
+            .is_none());
         assert!(!s.map.contains_key(&key));
     }
 }

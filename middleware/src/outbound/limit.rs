@@ -135,19 +135,84 @@ struct KeyState {
     /// Theoretical arrival time, ns since the layer's origin (0: a full bucket).
     tat: AtomicU64,
     permits: Option<Arc<Semaphore>>,
+    /// Fleet mode: the limit's name in Redis (the layer's name, `/<header value>` per key).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    name: String,
+    /// Fleet mode while Redis does not answer: the share's bucket and in-flight count.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    share_tat: AtomicU64,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    share_in_flight: Arc<AtomicUsize>,
 }
 
 impl KeyState {
-    fn new(config: &LimitConfig) -> KeyState {
+    fn new(config: &LimitConfig, name: String) -> KeyState {
         KeyState {
             tat: AtomicU64::new(0),
             permits: config.concurrency.map(|n| Arc::new(Semaphore::new(n))),
+            name,
+            share_tat: AtomicU64::new(0),
+            share_in_flight: Arc::default(),
         }
+    }
+}
+
+/// What an admitted request holds until its response ends: its local permit and, in fleet
+/// mode, its fleet-wide lease or its place in the share.
+#[derive(Default)]
+pub(crate) struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    lease: Option<Box<dyn Send + Sync>>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    share: Option<ShareSlot>,
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held")
+            .field("permit", &self.permit.is_some())
+            .field("lease", &self.lease.is_some())
+            .field("share", &self.share.is_some())
+            .finish()
+    }
+}
+
+/// One request in flight within the share (fleet mode, Redis unreachable).
+#[derive(Debug)]
+pub(crate) struct ShareSlot(Arc<AtomicUsize>);
+
+impl Drop for ShareSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The fleet mode of one layer: the fleet and the limit's name there.
+#[cfg(feature = "redis")]
+#[derive(Clone)]
+struct FleetLimit {
+    fleet: super::fleet::OutboundFleet,
+    name: String,
+}
+
+/// A replica's share of `p` in a fleet of `n`: the rate and burst divided by `n` (the burst
+/// at least 1).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+fn share(p: Params, n: u64) -> Params {
+    let n = n.max(1);
+    let t = p.t.saturating_mul(n);
+    let burst = (p.burst() / n).max(1);
+    Params {
+        t,
+        c: t.saturating_mul(burst),
     }
 }
 
 struct Shared {
     config: LimitConfig,
+    #[cfg(feature = "redis")]
+    fleet: Option<FleetLimit>,
     origin: Instant,
     global: Arc<KeyState>,
     keyed: Mutex<HashMap<HeaderValue, Arc<KeyState>>>,
@@ -183,7 +248,12 @@ impl Shared {
         if map.len() >= self.config.max_keys {
             return self.global.clone();
         }
-        let s = Arc::new(KeyState::new(&self.config));
+        let name = format!(
+            "{}/{}",
+            self.global.name,
+            String::from_utf8_lossy(v.as_bytes())
+        );
+        let s = Arc::new(KeyState::new(&self.config, name));
         map.insert(v.clone(), s.clone());
         s
     }
@@ -197,55 +267,175 @@ impl Shared {
         Ok(w)
     }
 
-    /// Waits for a rate slot and a permit, or refuses.
-    async fn acquire(&self, state: &KeyState) -> Result<Option<OwnedSemaphorePermit>, Throttled> {
-        let deadline = Instant::now() + self.config.queue_timeout;
+    /// Reserves a slot of the local bucket `tat` with `p`: the wait, and the queue place
+    /// taken when there is one; refuses a wait past the queue timeout (nothing reserved).
+    fn reserve_local(
+        &self,
+        tat_cell: &AtomicU64,
+        p: Params,
+    ) -> Result<(u64, Option<Waiter<'_>>), Throttled> {
         let timeout_ns = duration_to_nanos(self.config.queue_timeout);
+        let now = self.now();
+        let mut waiter = None;
+        let mut tat = tat_cell.load(Ordering::Acquire);
+        loop {
+            let next = tat.max(now).saturating_add(p.t);
+            let wait = next.saturating_sub(p.c).saturating_sub(now);
+            if wait > timeout_ns {
+                return Err(Throttled::new(
+                    ThrottleReason::Rate,
+                    Some(Duration::from_nanos(wait)),
+                ));
+            }
+            if wait > 0 && waiter.is_none() {
+                waiter = Some(self.enqueue()?);
+            }
+            match tat_cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok((wait, waiter)),
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Waits for a rate slot and a permit (in fleet mode: the fleet's slot and lease, or the
+    /// share while Redis does not answer), or refuses.
+    async fn acquire(&self, state: &KeyState) -> Result<Held, Throttled> {
+        let deadline = Instant::now() + self.config.queue_timeout;
         let mut waiter = None;
         if let Some(p) = self.config.rate {
-            let now = self.now();
-            let mut tat = state.tat.load(Ordering::Acquire);
-            let wait = loop {
-                let next = tat.max(now).saturating_add(p.t);
-                let wait = next.saturating_sub(p.c).saturating_sub(now);
-                if wait > timeout_ns {
-                    return Err(Throttled::new(
-                        ThrottleReason::Rate,
-                        Some(Duration::from_nanos(wait)),
-                    ));
-                }
-                if wait > 0 && waiter.is_none() {
-                    waiter = Some(self.enqueue()?);
-                }
-                match state.tat.compare_exchange_weak(
-                    tat,
-                    next,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => break wait,
-                    Err(actual) => tat = actual,
+            #[cfg(feature = "redis")]
+            let fleet_wait = match &self.fleet {
+                Some(f) => Some(self.reserve_fleet(f, state, p, &mut waiter).await?),
+                None => None,
+            };
+            #[cfg(not(feature = "redis"))]
+            let fleet_wait: Option<u64> = None;
+            let wait = match fleet_wait {
+                Some(wait) => wait,
+                None => {
+                    let (wait, w) = self.reserve_local(&state.tat, p)?;
+                    waiter = w;
+                    wait
                 }
             };
             if wait > 0 {
                 tokio::time::sleep(Duration::from_nanos(wait)).await;
             }
         }
+        let mut held = Held::default();
         let Some(sem) = &state.permits else {
-            return Ok(None);
+            return Ok(held);
         };
-        if let Ok(p) = sem.clone().try_acquire_owned() {
-            return Ok(Some(p));
+        held.permit = match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                if waiter.is_none() {
+                    waiter = Some(self.enqueue()?);
+                }
+                match tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => Some(p),
+                    // The semaphore is never closed; a closed one is as good as no slot.
+                    _ => return Err(Throttled::new(ThrottleReason::QueueTimeout, None)),
+                }
+            }
+        };
+        #[cfg(feature = "redis")]
+        if let Some(f) = &self.fleet {
+            self.lease_fleet(f, state, deadline, &mut held, &mut waiter)
+                .await?;
         }
-        if waiter.is_none() {
-            waiter = Some(self.enqueue()?);
-        }
-        let permit = tokio::time::timeout_at(deadline, sem.clone().acquire_owned()).await;
         drop(waiter);
-        match permit {
-            Ok(Ok(p)) => Ok(Some(p)),
-            // The semaphore is never closed; a closed one is as good as no slot.
-            _ => Err(Throttled::new(ThrottleReason::QueueTimeout, None)),
+        Ok(held)
+    }
+
+    /// Fleet mode: reserves the fleet's next slot in Redis, or the share's while Redis does
+    /// not answer. Returns the wait.
+    #[cfg(feature = "redis")]
+    async fn reserve_fleet<'a>(
+        &'a self,
+        f: &FleetLimit,
+        state: &KeyState,
+        p: Params,
+        waiter: &mut Option<Waiter<'a>>,
+    ) -> Result<u64, Throttled> {
+        use crate::backend::redis::Reserve;
+        let timeout_ns = duration_to_nanos(self.config.queue_timeout);
+        match f
+            .fleet
+            .inner
+            .fleet
+            .reserve(&state.name, p.t, p.c, timeout_ns)
+            .await
+        {
+            Some(Reserve::Reserved(wait)) => {
+                if wait > 0 {
+                    *waiter = Some(self.enqueue()?);
+                }
+                Ok(wait)
+            }
+            Some(Reserve::Refused(wait)) => Err(Throttled::new(
+                ThrottleReason::Rate,
+                Some(Duration::from_nanos(wait)),
+            )),
+            None => {
+                let n = f.fleet.replicas();
+                let (wait, w) = self.reserve_local(&state.share_tat, share(p, n))?;
+                *waiter = w;
+                Ok(wait)
+            }
+        }
+    }
+
+    /// Fleet mode: takes one of the fleet's concurrency leases (waiting until one is given
+    /// back, up to the deadline), or a place in the share while Redis does not answer.
+    #[cfg(feature = "redis")]
+    async fn lease_fleet<'a>(
+        &'a self,
+        f: &FleetLimit,
+        state: &KeyState,
+        deadline: Instant,
+        held: &mut Held,
+        waiter: &mut Option<Waiter<'a>>,
+    ) -> Result<(), Throttled> {
+        let Some(limit) = self.config.concurrency else {
+            return Ok(());
+        };
+        let limit32 = u32::try_from(limit).unwrap_or(u32::MAX);
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match f
+                .fleet
+                .inner
+                .fleet
+                .outbound_lease(&state.name, limit32)
+                .await
+            {
+                Some(Ok(lease)) => {
+                    held.lease = Some(lease);
+                    return Ok(());
+                }
+                Some(Err(())) => {}
+                None => {
+                    let n = usize::try_from(f.fleet.replicas()).unwrap_or(usize::MAX);
+                    let share = (limit / n.max(1)).max(1);
+                    let cell = &state.share_in_flight;
+                    if cell.fetch_add(1, Ordering::AcqRel) < share {
+                        held.share = Some(ShareSlot(Arc::clone(cell)));
+                        return Ok(());
+                    }
+                    cell.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            // A lease is given back by another replica: ask again, 5 ms doubling to 50 ms,
+            // in the queue meanwhile.
+            if waiter.is_none() {
+                *waiter = Some(self.enqueue()?);
+            }
+            if Instant::now() + pause > deadline {
+                return Err(Throttled::new(ThrottleReason::QueueTimeout, None));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 }
@@ -273,8 +463,10 @@ impl OutboundLimitLayer {
     fn build(config: LimitConfig, observer: ObserverHandle) -> Self {
         OutboundLimitLayer {
             shared: Arc::new(Shared {
-                global: Arc::new(KeyState::new(&config)),
+                global: Arc::new(KeyState::new(&config, String::new())),
                 config,
+                #[cfg(feature = "redis")]
+                fleet: None,
                 origin: Instant::now(),
                 keyed: Mutex::default(),
                 waiting: AtomicUsize::new(0),
@@ -285,7 +477,33 @@ impl OutboundLimitLayer {
 
     /// Reports [`OutboundEvent::Throttled`] to `observer`. Call before building services.
     pub fn observer(self, observer: Arc<dyn OutboundObserver>) -> Self {
-        Self::build(self.shared.config.clone(), observer)
+        let layer = Self::build(self.shared.config.clone(), observer);
+        #[cfg(feature = "redis")]
+        if let Some(f) = self.shared.fleet.clone() {
+            return layer.fleet(f.fleet, f.name);
+        }
+        layer
+    }
+
+    /// Fleet mode (feature `redis`): the rate and concurrency hold for every replica using
+    /// `fleet` with this `name` together (see [`super::fleet`]); while Redis does not answer,
+    /// each keeps its share (the limits ÷ the replicas registered). Call before building
+    /// services.
+    #[cfg(feature = "redis")]
+    pub fn fleet(self, fleet: super::fleet::OutboundFleet, name: impl Into<String>) -> Self {
+        let name = name.into();
+        let shared = &self.shared;
+        OutboundLimitLayer {
+            shared: Arc::new(Shared {
+                global: Arc::new(KeyState::new(&shared.config, name.clone())),
+                config: shared.config.clone(),
+                fleet: Some(FleetLimit { fleet, name }),
+                origin: Instant::now(),
+                keyed: Mutex::default(),
+                waiting: AtomicUsize::new(0),
+                observer: shared.observer.clone(),
+            }),
+        }
     }
 
     /// Requests waiting now.
@@ -343,7 +561,7 @@ where
         let shared = self.shared.clone();
         let state = shared.state_for(&req);
         Box::pin(async move {
-            let permit = match shared.acquire(&state).await {
+            let held = match shared.acquire(&state).await {
                 Ok(p) => p,
                 Err(t) => {
                     shared.observer.event(OutboundEvent::Throttled(t.reason()));
@@ -353,26 +571,24 @@ where
             let res = inner.oneshot(req).await.map_err(Into::into)?;
             Ok(res.map(|inner| LimitBody {
                 inner,
-                _permit: permit,
+                held: Some(held),
             }))
         })
     }
 }
 
-/// A response body holding its concurrency permit until it ends or is dropped.
+/// A response body holding its concurrency permit (and fleet lease) until it ends or is
+/// dropped.
 #[derive(Debug)]
 pub struct LimitBody<B> {
     inner: B,
-    _permit: Option<OwnedSemaphorePermit>,
+    held: Option<Held>,
 }
 
 impl<B> LimitBody<B> {
     /// The body without a permit.
     pub fn new(inner: B) -> Self {
-        LimitBody {
-            inner,
-            _permit: None,
-        }
+        LimitBody { inner, held: None }
     }
 }
 
@@ -391,7 +607,7 @@ where
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             // The body is over: give the slot back now, not when the caller drops it.
-            this._permit = None;
+            this.held = None;
         }
         polled
     }
@@ -410,10 +626,12 @@ mod tests {
     use super::*;
 
     fn state(c: &LimitConfig) -> (Shared, Arc<KeyState>) {
-        let global = Arc::new(KeyState::new(c));
+        let global = Arc::new(KeyState::new(c, String::new()));
         (
             Shared {
                 config: c.clone(),
+                #[cfg(feature = "redis")]
+                fleet: None,
                 origin: Instant::now(),
                 global: global.clone(),
                 keyed: Mutex::default(),
@@ -473,6 +691,6 @@ mod tests {
         assert_eq!(timed_out.reason(), ThrottleReason::QueueTimeout);
         assert_eq!(s.waiting.load(Ordering::Acquire), 0);
         drop(held);
-        assert!(s.acquire(&st).await.unwrap().is_some());
+        assert!(s.acquire(&st).await.unwrap().permit.is_some());
     }
 }

@@ -13,6 +13,10 @@
 //! | [`RetryLayer`] | retries 429/503/connect failures with full-jitter exponential backoff, honouring `Retry-After`, under a retry budget; optional client-side adaptive throttling | [`retry`] |
 //! | [`OutboundLimitLayer`] | outbound rate (GCRA) and concurrency per upstream or per key, a bounded queue with a deadline, then [`Throttled`] | [`limit`] |
 //!
+//! With the `redis` feature too, the cache and the outbound limit also run in **fleet mode**
+//! ([`fleet`]): several replicas hold one rate, one concurrency, one shared cache and one
+//! fetch per key together on one Redis, falling back to their share while it is down.
+//!
 //! Stack them in that order, outermost first: a cache hit costs nothing, a miss is coalesced,
 //! the one call left is retried as a whole, and every attempt (retries included) passes the
 //! outbound limit, so the upstream never sees more than its configured rate.
@@ -53,6 +57,8 @@
 pub mod body;
 pub mod cache;
 pub mod coalesce;
+#[cfg(feature = "redis")]
+pub mod fleet;
 pub mod limit;
 pub mod retry;
 
@@ -66,6 +72,8 @@ use http::Method;
 pub use body::{BufferedResponse, OutboundBody};
 pub use cache::{Cache, CacheConfig, CacheLayer};
 pub use coalesce::{Coalesce, CoalesceConfig, CoalesceLayer};
+#[cfg(feature = "redis")]
+pub use fleet::{OutboundFleet, WeakOutboundFleet};
 pub use limit::{KeyBy, LimitBody, LimitConfig, OutboundLimit, OutboundLimitLayer};
 pub use retry::{AdaptiveThrottle, Retry, RetryBudget, RetryConfig, RetryLayer};
 

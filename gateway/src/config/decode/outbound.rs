@@ -16,8 +16,8 @@ use http::StatusCode;
 
 use super::{duration, positive_duration};
 use crate::config::{
-    AdaptiveSettings, CacheSettings, CoalesceSettings, OutboundConfig, QueueSettings, RateSettings,
-    RetrySettings,
+    AdaptiveSettings, CacheSettings, CoalesceSettings, FleetRedis, FleetSettings, OutboundConfig,
+    QueueSettings, RateSettings, RetrySettings,
 };
 
 /// The `outbound:` map.
@@ -47,8 +47,20 @@ pub(super) fn outbound(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Ou
             }
         }
     });
+    let fleet_at = m.entry("fleet").map(|e| e.key_node.mark);
+    let fleet = m.optional_with(ctx, "fleet", fleet);
+    if let Some(at) = fleet_at {
+        if rate.is_none() && concurrency.is_none() && cache.is_none() {
+            ctx.error_at(
+                at,
+                &path.key("fleet"),
+                "`fleet` holds `rate`, `concurrency` and `cache` for the fleet: set at least one of them",
+            );
+        }
+    }
     m.finish(ctx);
     Some(OutboundConfig {
+        fleet,
         coalesce: coalesce.flatten(),
         cache,
         rate,
@@ -56,6 +68,92 @@ pub(super) fn outbound(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Ou
         queue: queue.unwrap_or(d.queue),
         retry,
         throttle_status: throttle_status.unwrap_or(d.throttle_status),
+    })
+}
+
+/// A value as an error shows it: passwords hidden, at most 60 characters.
+fn shown(s: &str) -> String {
+    let s = fairgate_policies::model::redact_url(s);
+    if s.chars().count() <= 60 {
+        return s;
+    }
+    let mut out: String = s.chars().take(57).collect();
+    out.push('…');
+    out
+}
+
+/// A key prefix or a name in Redis: non-empty, no braces (hash tags) or spaces.
+fn redis_word(ctx: &mut Ctx, node: &Node, path: &Path<'_>, what: &str) -> Option<String> {
+    let s = scalar(ctx, node, path, what)?;
+    if s.is_empty() || s.contains(['{', '}']) || s.chars().any(char::is_whitespace) {
+        ctx.error(
+            node,
+            path,
+            format!("{what} must be non-empty, without braces or spaces"),
+        );
+        return None;
+    }
+    Some(s.to_owned())
+}
+
+/// `fleet: {redis: state | {url, timeout, key_prefix}, name, lease, max_wait}`.
+fn fleet(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<FleetSettings> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let redis = m.required_with(ctx, "redis", |c, n, p| {
+        if !matches!(n.kind, NodeKind::Map(_)) {
+            let s = scalar(c, n, p, "`state` or a map {url, timeout, key_prefix}")?;
+            if s == "state" {
+                return Some(FleetRedis::State);
+            }
+            c.error(
+                n,
+                p,
+                format!(
+                    "`{}` must be `state` (the policy's `state.redis`) or a map {{url, timeout, key_prefix}}",
+                    shown(s)
+                ),
+            );
+            return None;
+        }
+        let mut r = MapReader::new(c, n, p)?;
+        let url = r.required_with(c, "url", |c, n, p| {
+            let s = scalar(c, n, p, "a redis url")?;
+            if !s.starts_with("redis://") {
+                c.error(
+                    n,
+                    p,
+                    format!(
+                        "`{}` is not a redis url (expected `redis://host:port`)",
+                        shown(s)
+                    ),
+                );
+                return None;
+            }
+            Some(s.to_owned())
+        });
+        let timeout = r.optional_with(c, "timeout", positive_duration);
+        let key_prefix =
+            r.optional_with(c, "key_prefix", |c, n, p| redis_word(c, n, p, "a key prefix"));
+        r.finish(c);
+        Some(FleetRedis::Own(fairgate_policies::model::RedisState {
+            url: Some(url?),
+            cluster: Vec::new(),
+            mode: fairgate_policies::model::FleetMode::default(),
+            sync_interval: fairgate_policies::model::default_sync_interval(),
+            timeout: timeout.map_or_else(fairgate_policies::model::default_redis_timeout, HumanDuration),
+            on_failure: fairgate_policies::model::OnFailure::default(),
+            key_prefix: key_prefix.unwrap_or_else(fairgate_policies::model::default_key_prefix),
+        }))
+    });
+    let name = m.optional_with(ctx, "name", |c, n, p| redis_word(c, n, p, "a name"));
+    let lease = m.optional_with(ctx, "lease", positive_duration);
+    let max_wait = m.optional_with(ctx, "max_wait", positive_duration);
+    m.finish(ctx);
+    Some(FleetSettings {
+        redis: redis?,
+        name,
+        lease: lease.unwrap_or(Duration::from_secs(2)),
+        max_wait: max_wait.unwrap_or(Duration::from_secs(5)),
     })
 }
 

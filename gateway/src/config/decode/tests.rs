@@ -1,6 +1,7 @@
 use std::path::Path as FsPath;
 
 use super::*;
+use crate::config::FleetRedis;
 
 fn parse_ok(src: &str) -> LoadedConfig {
     match parse(src, "gw.yaml", FsPath::new("/etc/fairgate/gw.yaml")) {
@@ -547,6 +548,81 @@ fn a_hash_balance_factor_bounds_consistent_hash_only() {
     let errors = parse_err(&cfg("p2c_ewma", "125%"));
     assert!(
         errors.contains("upstreams.u.hash_balance_factor: `hash_balance_factor` bounds `balance: consistent_hash`; this pool does not hash"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn an_outbound_fleet_block_decodes_and_every_bad_value_is_located() {
+    let c = parse_ok(
+        "\
+listen: 127.0.0.1:0
+routes: [{upstream: api}]
+upstreams:
+  api:
+    targets: [127.0.0.1:9]
+    outbound:
+      rate: 10/s
+      cache: {ttl: 30s}
+      fleet: {redis: {url: 'redis://127.0.0.1:6379', timeout: 50ms, key_prefix: fg}, name: quotas, lease: 3s}
+  other:
+    targets: [127.0.0.1:9]
+    outbound: {concurrency: 4, fleet: {redis: state}}
+",
+    );
+    let fleet = |pool: &str| {
+        c.config.upstreams[pool]
+            .outbound
+            .as_ref()
+            .and_then(|o| o.fleet.clone())
+            .unwrap()
+    };
+    let f = fleet("api");
+    let FleetRedis::Own(r) = &f.redis else {
+        panic!("{:?}", f.redis)
+    };
+    assert_eq!(r.url.as_deref(), Some("redis://127.0.0.1:6379"));
+    assert_eq!(
+        (r.timeout.0, r.key_prefix.as_str()),
+        (Duration::from_millis(50), "fg")
+    );
+    assert_eq!(f.name.as_deref(), Some("quotas"));
+    assert_eq!(
+        (f.lease, f.max_wait),
+        (Duration::from_secs(3), Duration::from_secs(5))
+    );
+    assert_eq!(fleet("other").redis, FleetRedis::State);
+
+    let errors = parse_err(
+        "\
+listen: 127.0.0.1:0
+routes: [{upstream: api}]
+upstreams:
+  api:
+    targets: [127.0.0.1:9]
+    outbound:
+      retry: {}
+      fleet: {redis: states, name: 'a b', lease: 0s}
+  b:
+    targets: [127.0.0.1:9]
+    outbound: {rate: 1/s, fleet: {redis: {url: 'http://x:1', mode: exact}}}
+  c:
+    targets: [127.0.0.1:9]
+    outbound: {rate: 1/s, fleet: {name: x}}
+",
+    );
+    let lines: Vec<&str> = errors.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "gw.yaml:8:7: upstreams.api.outbound.fleet: `fleet` holds `rate`, `concurrency` and `cache` for the fleet: set at least one of them",
+            "gw.yaml:8:22: upstreams.api.outbound.fleet.redis: `states` must be `state` (the policy's `state.redis`) or a map {url, timeout, key_prefix}",
+            "gw.yaml:8:36: upstreams.api.outbound.fleet.name: a name must be non-empty, without braces or spaces",
+            "gw.yaml:8:50: upstreams.api.outbound.fleet.lease: must be greater than zero",
+            "gw.yaml:11:48: upstreams.b.outbound.fleet.redis.url: `http://x:1` is not a redis url (expected `redis://host:port`)",
+            "gw.yaml:11:62: upstreams.b.outbound.fleet.redis.mode: unknown field `mode` (expected one of `url`, `timeout`, `key_prefix`)",
+            "gw.yaml:14:34: upstreams.c.outbound.fleet: missing field `redis`",
+        ],
         "{errors}"
     );
 }

@@ -35,6 +35,10 @@ mod exchange;
 mod growth;
 mod keys;
 mod lease;
+#[cfg(feature = "outbound")]
+mod outbound;
+#[cfg(feature = "outbound")]
+pub(crate) use outbound::{Fetch, Reserve, Settle};
 mod registry;
 mod scripts;
 

@@ -48,3 +48,28 @@ pub(super) const GROWTH_LUA: &str = include_str!("lua/growth.lua");
 /// Registers this gateway until now + ttl and counts the registered ones.
 /// KEYS: the registry zset (`<prefix>:{gateways}`: its own hash tag). ARGV: gateway id, ttl ms.
 pub(super) const HEARTBEAT_LUA: &str = include_str!("lua/heartbeat.lua");
+
+/// Outbound rate held for the fleet: reserves the next slot of a GCRA bucket (`TAT ←
+/// max(TAT, now) + T`, the same arithmetic as the local outbound limit) unless the wait for
+/// it, `TAT − C − now`, would pass the limit; answers `{1, wait µs}` (reserved) or `{0, wait
+/// µs}` (not reserved). KEYS: the TAT key. ARGV: T, C, the longest wait (integer ns).
+#[cfg(feature = "outbound")]
+pub(super) const RESERVE_LUA: &str = include_str!("lua/reserve.lua");
+
+/// The shared cache's lookup and lease in one call: `{1, entry, pttl}` (a hit), `{2}` (the
+/// key answers uncacheably now: call for yourself), `{3}` (this caller took the lease: it
+/// fetches) or `{0, lease pttl}` (another holds the lease: wait for its notification).
+/// KEYS: entry, lease, pass marker. ARGV: lease owner, lease ms.
+#[cfg(feature = "outbound")]
+pub(super) const CACHE_FETCH_LUA: &str = include_str!("lua/cache_fetch.lua");
+
+/// The lease holder's outcome: `stored` writes the entry, `pass` the pass marker, `retry`
+/// nothing; then the lease is released if still the caller's and the outcome published.
+/// KEYS: entry, lease, pass marker. ARGV: owner, outcome, entry, ttl ms, channel.
+#[cfg(feature = "outbound")]
+pub(super) const CACHE_SETTLE_LUA: &str = include_str!("lua/cache_settle.lua");
+
+/// Extends the shared cache's lease while its holder still fetches. KEYS: the lease.
+/// ARGV: owner, lease ms.
+#[cfg(feature = "outbound")]
+pub(super) const CACHE_RENEW_LUA: &str = include_str!("lua/cache_renew.lua");
