@@ -184,7 +184,7 @@ impl Ticket {
         };
         // A calendar period's debt counts in the period holding now (charged at its end).
         let wall = self.shared.wall.offset();
-        let at = |bw: &CompiledBandwidth| crate::quota::bucket_now(bw, now, wall);
+        let at = |bw: &CompiledBandwidth| crate::bucket::bucket_now(bw, now, wall);
         // A full table cannot take new debt; the client is then at worst as it was.
         let Ok(map) = state.with_client(key, now, &ph.bandwidths, |e, map| {
             for (bw, &s) in ph.bandwidths.iter().zip(map) {

@@ -794,8 +794,8 @@ impl Engine {
                     })
                     .unwrap_or(0);
                 let wall = sh.wall.offset();
-                let at = quota::bucket_now(bw, now, wall);
-                let fill_fraction = gcra::fill_fraction(tat, at, quota::limit(bw));
+                let at = crate::bucket::bucket_now(bw, now, wall);
+                let fill_fraction = gcra::fill_fraction(tat, at, crate::bucket::limit(bw));
                 used = used.max(1.0 - fill_fraction);
                 bandwidths.push(BandwidthUsage {
                     id: Arc::clone(&bw.id),
@@ -1556,7 +1556,7 @@ impl RemoteCheck {
         let mut charges = Charges::new(store, now, &mut ledger);
         // The rules' buckets first, as the rules stage would have.
         for (i, r) in self.rules.iter().enumerate() {
-            let p = quota::params(&r.bandwidth);
+            let p = crate::bucket::params(&r.bandwidth);
             let got = store.with_entry(&r.bandwidth.id, &r.key, now, r.bandwidth.c_ns, |e| {
                 (e.consume(now, p, 1), e.tat())
             });
@@ -1651,7 +1651,7 @@ impl RemoteCheck {
             self.shared.stagger.wait(
                 &bw.id,
                 self.client_key.as_str(),
-                quota::params(bw),
+                crate::bucket::params(bw),
                 self.cost,
                 tat,
                 now,
@@ -2050,7 +2050,7 @@ impl<'d> Deciding<'d> {
                         engine.shared.stagger.wait(
                             &bandwidth.id,
                             self.key,
-                            quota::params(bandwidth),
+                            crate::bucket::params(bandwidth),
                             self.cost,
                             tat,
                             now,
@@ -2267,7 +2267,7 @@ impl<'d> Deciding<'d> {
                     Some(tat) => self.engine.shared.stagger.wait(
                         &bandwidth.id,
                         key,
-                        quota::params(bandwidth),
+                        crate::bucket::params(bandwidth),
                         1,
                         tat,
                         self.now,

@@ -175,9 +175,9 @@ impl<'a> QuotaUsage<'a> {
                 .or_else(|| store.with_existing(&bw.id, key, |e| e.peek(now, bw.c_ns)))?;
             let at = match bw.period {
                 None => now,
-                Some(_) => crate::quota::bucket_now(bw, now, anchor.offset()),
+                Some(_) => crate::bucket::bucket_now(bw, now, anchor.offset()),
             };
-            let remaining = gcra::remaining(tat, at, crate::quota::limit(bw)).min(bw.burst);
+            let remaining = gcra::remaining(tat, at, crate::bucket::limit(bw)).min(bw.burst);
             Some(BandwidthUse {
                 bandwidth: bw,
                 remaining,

@@ -582,7 +582,7 @@ mod tests {
         assert_eq!(g.burst, 1500);
         assert_eq!((g.t_ns, g.c_ns, &g.period), (b.t_ns, b.c_ns, &b.period));
         // Its pace for usage: 1000 per nominal month.
-        assert_eq!(t_max(&[b.clone()]), b.rate.period_ns() / 1000);
+        assert_eq!(t_max(std::slice::from_ref(&b)), b.rate.period_ns() / 1000);
     }
 
     #[test]

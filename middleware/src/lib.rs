@@ -30,6 +30,7 @@
 pub mod admin;
 pub mod admission;
 pub mod backend;
+mod bucket;
 pub mod builder;
 mod caps;
 pub mod clock;

@@ -21,6 +21,7 @@ use fairgate_policies::compiled::{
 };
 use fairgate_policies::units::Rate;
 
+use crate::bucket::{bucket_now, limit, params};
 use crate::clock::{Nanos, WallAnchor};
 use crate::decision::RateLimitInfo;
 use crate::gcra::{self, Params, Verdict};
@@ -68,39 +69,6 @@ pub(crate) fn resolve<'p>(
             .and_then(|o| o.growth.as_ref())
             .or(plan.and_then(|p| p.growth.as_ref()))
             .filter(|_| !fixed),
-    }
-}
-
-/// GCRA parameters of a compiled bandwidth: what its state is kept with (for a calendar
-/// period `T` = 1 ns and the capacity every period shares, see [`limit`]).
-pub(crate) fn params(bw: &CompiledBandwidth) -> Params {
-    Params {
-        t: bw.t_ns,
-        c: bw.c_ns,
-    }
-}
-
-/// The parameters a bandwidth admits by: [`params`], or for a calendar period `T` = 1 ns
-/// and `C` = its quota.
-#[inline]
-pub(crate) fn limit(bw: &CompiledBandwidth) -> Params {
-    match bw.period {
-        None => params(bw),
-        Some(_) => Params { t: 1, c: bw.burst },
-    }
-}
-
-/// The time a bandwidth's state is read at: `now` for a GCRA bucket; for a calendar period
-/// the end of the period holding `now`, on the engine's clock (`wall` is the clock's
-/// offset to Unix time, [`crate::clock::WallAnchor`]). A period's count `n` is kept as
-/// `TAT = end + n`, so at this time GCRA admits iff `n + cost ≤ quota` and leaves
-/// `quota − n`; a TAT of an earlier period (at most its end + quota, and a quota is at most
-/// 10¹² ns, less than any period) reads as 0. Two compares while the period lasts.
-#[inline]
-pub(crate) fn bucket_now(bw: &CompiledBandwidth, now: Nanos, wall: u64) -> Nanos {
-    match &bw.period {
-        None => now,
-        Some(p) => p.current(now.saturating_add(wall)).1.saturating_sub(wall),
     }
 }
 

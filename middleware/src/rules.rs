@@ -32,11 +32,11 @@ use fairgate_policies::compiled::{
 use fairgate_policies::model::{Estimator as EstimatorKind, LimitKey, Mode, Priority};
 
 use crate::backend::{LazyRoute, Route, RuleBucket};
+use crate::bucket::params;
 use crate::clock::Nanos;
 use crate::gcra::Verdict;
 use crate::identify::{HeaderValues, LazyIpKey};
 use crate::ledger::{Charge, Charges};
-use crate::quota::params;
 use crate::sketch::Sketch;
 use crate::state::{Full, Store};
 

@@ -115,7 +115,7 @@ impl<'a> Bucket<'a> {
     }
 
     /// A calendar period's check-and-consume of `cost` against `quota` (see
-    /// [`crate::quota::bucket_now`]): GCRA with `T = 1 ns`, `C = quota` at `end`, the
+    /// [`crate::bucket::bucket_now`]): GCRA with `T = 1 ns`, `C = quota` at `end`, the
     /// period's end. The bucket keeps capacity `shape_c` (the same for every quota, so a
     /// quota change keeps the count). A rejection waits until `end`, the period's reset.
     pub(crate) fn consume_period(

@@ -70,7 +70,7 @@ impl Fleet {
                 // A period answers its count: its TAT is the period's end plus the count.
                 let tat_ahead = match period {
                     Some(bw) => {
-                        let end = crate::quota::bucket_now(bw, now, self.wall.offset());
+                        let end = crate::bucket::bucket_now(bw, now, self.wall.offset());
                         let count = reply.get(3).map_or(0, |&v| u64::try_from(v).unwrap_or(0));
                         end.saturating_sub(now).saturating_add(count)
                     }

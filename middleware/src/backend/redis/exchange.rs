@@ -284,7 +284,7 @@ async fn exchange_batch_one_call_per_chunk(
 
 /// Raises bandwidth `i` of `key`'s entry `p` to what the fleet answered, `value(i)`: a
 /// bucket to `TAT ≥ now + value(i)` µs, a calendar period to a count of at least `value(i)`
-/// (`TAT ≥ end + value(i)`, see [`crate::quota::bucket_now`]; `wall` places `now`).
+/// (`TAT ≥ end + value(i)`, see [`crate::bucket::bucket_now`]; `wall` places `now`).
 fn raise(
     store: &Store,
     key: &str,
@@ -295,7 +295,7 @@ fn raise(
     let bandwidths = &*p.bandwidths;
     // The units bandwidth `i` lacks, and the time its debt is charged at.
     let missing = |i: usize, bw: &CompiledBandwidth, tat: Nanos| {
-        let at = crate::quota::bucket_now(bw, now, wall);
+        let at = crate::bucket::bucket_now(bw, now, wall);
         let ahead = match bw.period {
             None => value(i).saturating_mul(1000),
             Some(_) => value(i),
@@ -351,7 +351,7 @@ fn params(bw: &CompiledBandwidth) -> Params {
 }
 
 /// Charges `units(i)` of debt to bandwidth `i` of `key`'s entry `p` (a calendar period's
-/// at its end, so that it counts in the period, see [`crate::quota::bucket_now`]).
+/// at its end, so that it counts in the period, see [`crate::bucket::bucket_now`]).
 fn charge(
     store: &Store,
     key: &str,
@@ -360,7 +360,7 @@ fn charge(
     units: impl Fn(usize) -> u64,
 ) {
     let bandwidths = &*p.bandwidths;
-    let at = |bw: &CompiledBandwidth| crate::quota::bucket_now(bw, now, wall);
+    let at = |bw: &CompiledBandwidth| crate::bucket::bucket_now(bw, now, wall);
     if p.rule {
         for (i, bw) in bandwidths.iter().enumerate() {
             let u = units(i);
