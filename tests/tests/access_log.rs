@@ -2,7 +2,7 @@
 //! rejected by admission, answered by the router — with the fields operators expect, in JSON
 //! and in the Combined Log Format; SIGUSR1 reopens the file (rotation).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fairgate_tests::{Client, Gateway, Upstream};
 
@@ -22,22 +22,20 @@ policy:
     )
 }
 
-/// The file's lines once it has `n` of them (a deadline, not a sleep).
-fn lines(path: &std::path::Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} lines: {text}",
-            lines.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The file's lines once it has `n` of them (within a deadline).
+async fn lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let read = || {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<String>>()
+    };
+    let got =
+        fairgate_tests::eventually(Duration::from_secs(10), || async { read().len() >= n }).await;
+    let lines = read();
+    assert!(got, "{} of {n} lines: {lines:?}", lines.len());
+    lines
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,6 +53,7 @@ async fn every_request_has_a_line_and_sigusr1_reopens_the_file() {
     assert_eq!(statuses, [200, 200, 429, 404]);
     let path = gw.dir().join("access.log");
     let got: Vec<serde_json::Value> = lines(&path, 4)
+        .await
         .iter()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
@@ -90,14 +89,14 @@ async fn every_request_has_a_line_and_sigusr1_reopens_the_file() {
         .status()
         .unwrap();
     assert!(kill.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.stderr().contains("access log reopened") {
-        assert!(Instant::now() < deadline, "{}", gw.stderr());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let reopened = fairgate_tests::eventually(Duration::from_secs(10), || async {
+        gw.stderr().contains("access log reopened")
+    })
+    .await;
+    assert!(reopened, "{}", gw.stderr());
     assert_eq!(c.get_with(&gw.url("/nope"), &key).await.status, 404);
-    assert_eq!(lines(&path, 1).len(), 1);
-    assert_eq!(lines(&gw.dir().join("access.log.1"), 4).len(), 4);
+    assert_eq!(lines(&path, 1).await.len(), 1);
+    assert_eq!(lines(&gw.dir().join("access.log.1"), 4).await.len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +110,7 @@ async fn the_combined_format_is_nginxs() {
         )
         .await;
     assert_eq!(r.status, 200);
-    let line = lines(&gw.dir().join("access.log"), 1).remove(0);
+    let line = lines(&gw.dir().join("access.log"), 1).await.remove(0);
     let (head, rest) = line.split_once(" [").expect("a CLF line");
     assert_eq!(head, "127.0.0.1 - -");
     let (_time, rest) = rest.split_once("] ").expect("the time");

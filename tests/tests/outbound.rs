@@ -505,28 +505,21 @@ async fn a_fleet_block_naming_the_policys_redis_without_one_refuses_to_start() {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(fairgate_tests::fairgate_bin())
+    // Waits for the process's exit itself (killed by PID on drop if it never exits).
+    let child = tokio::process::Command::new(fairgate_tests::fairgate_bin())
         .args(["run", "--config"])
         .arg(&path)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + fairgate_tests::DEADLINE;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let status = status.expect("the gateway exits instead of serving");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let out = tokio::time::timeout(fairgate_tests::DEADLINE, child.wait_with_output())
+        .await
+        .expect("the gateway exits instead of serving")
+        .unwrap();
+    let status = out.status;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!status.success());
     assert!(
         stderr.contains(
