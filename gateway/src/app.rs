@@ -2,13 +2,15 @@
 //! pools, the data-plane tower stack, listeners, the admin API, reload triggers and
 //! graceful shutdown.
 //!
-//! The data-plane stack, outermost first (tower-http layers where they exist):
+//! The data-plane stack, outermost first (tower-http layers where they exist), under the
+//! server's per-connection service (which marks credentials sensitive, tags the connection and
+//! paces request bodies; see [`crate::server::serve`]):
 //!
-//! 1. `SetSensitiveRequestHeaders` (`Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key`
-//!    are never logged),
-//! 2. [`RequestIdLayer`] (`X-Request-Id`, kept when the client sent one, copied onto the
+//! 1. [`RequestIdLayer`] (`X-Request-Id`, kept when the client sent one, copied onto the
 //!    response),
-//! 3. `Trace` (one span per request, at `debug`),
+//! 2. `Trace` (one span per request, at `debug`; only when the process log's level shows
+//!    `tower_http` at `debug`),
+//! 3. [`AccessLayer`] (the access log, when `log.access` is on),
 //! 4. [`RoutingLayer`] (404 / 405 here, before admission; tags route and operation),
 //! 5. [`BodyLimit`](crate::server::body_limit::BodyLimit) (413 over `limits.max_body`, also for streamed
 //!    bodies),
@@ -29,12 +31,9 @@ use fairgate_middleware::dashboard::Dashboard;
 use fairgate_middleware::observe::{AlertWebhook, DecisionLog};
 use fairgate_middleware::{AdmissionLayer, Engine, EngineBuilder};
 use fairgate_policies::{PolicyErrors, PolicyStore};
-use http::header::{self, HeaderName};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::config::{LoadedConfig, PolicySource, RuntimeModel, TargetSpec};
 use crate::control::access_log::AccessLog;
@@ -45,6 +44,7 @@ use crate::proxy::upstream::Pool;
 use crate::proxy::Proxy;
 use crate::server::body_limit::BodyLimitLayer;
 use crate::server::conn_limits::ConnLimits;
+use crate::server::debug_trace::DebugTraceLayer;
 use crate::server::request_id::RequestIdLayer;
 use crate::server::runtime::{self, ListenSpec, Workers};
 use crate::server::{self, Sharing};
@@ -338,16 +338,12 @@ pub async fn start_with(
     // state (request-id counter, routes, engine) is shared by every stack.
     let max_body = usize::try_from(config.limits.max_body).unwrap_or(usize::MAX);
     let request_ids = RequestIdLayer::new(fastrand::u32(..));
+    // tower-http's per-request span, only when the process log shows it (read once, here).
+    let trace = DebugTraceLayer::new();
     let stack = |proxy: Proxy| {
         ServiceBuilder::new()
-            .layer(SetSensitiveRequestHeadersLayer::new([
-                header::AUTHORIZATION,
-                header::PROXY_AUTHORIZATION,
-                header::COOKIE,
-                HeaderName::from_static("x-api-key"),
-            ]))
             .layer(request_ids.clone())
-            .layer(TraceLayer::new_for_http())
+            .layer(trace.clone())
             .layer(AccessLayer::new(access_log.clone(), table.clone()))
             .layer(RoutingLayer::new(table.clone()))
             .layer(BodyLimitLayer::new(max_body))

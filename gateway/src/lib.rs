@@ -1,7 +1,7 @@
 //! fairgate's reverse-proxy gateway: the `fairgate` binary.
 //!
-//! A request runs through one tower stack — tower-http layers (trace, body limit, sensitive
-//! headers), the request id, routing, `fairgate_middleware::AdmissionLayer`, then the
+//! A request runs through one tower stack — the request id, tower-http's trace (at `debug`
+//! only), the access log, routing, the body limit, `fairgate_middleware::AdmissionLayer`, then the
 //! [`proxy`] service — served by hyper 1 over HTTP/1.1 and h2c on one port, or HTTP/1.1 and
 //! HTTP/2 (ALPN) over TLS when a listener has a certificate. The engine is
 //! the same one an axum app embeds, so the edge and the embedded forms share one code path.

@@ -23,6 +23,7 @@
 
 pub mod body_limit;
 pub mod conn_limits;
+pub mod debug_trace;
 pub mod framing;
 pub mod request_id;
 pub mod runtime;
@@ -294,8 +295,9 @@ pub struct ConnInfo {
     pub scheme: &'static str,
 }
 
-/// Inserts the connection's [`ConnInfo`] (and the engine's peer address) into each request
-/// and puts its body under the minimum rate; while the server drains, marks HTTP/1.1
+/// Inserts the connection's [`ConnInfo`] (and the engine's peer address) into each request,
+/// marks its credentials sensitive ([`mark_sensitive`]) and puts its body under the minimum
+/// rate; while the server drains, marks HTTP/1.1
 /// responses `Connection: close`.
 #[derive(Clone, Debug)]
 struct WithConn<S> {
@@ -322,6 +324,7 @@ where
         if req.version() < Version::HTTP_2 {
             decline_h2c(req.headers_mut());
         }
+        mark_sensitive(req.headers_mut());
         req.extensions_mut()
             .insert(fairgate_middleware::PeerAddr(self.info.peer));
         req.extensions_mut().insert(self.info);
@@ -329,6 +332,24 @@ where
         Closing {
             inner: self.inner.call(req),
             close,
+        }
+    }
+}
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Marks the credentials a request carries (`Authorization`, `Proxy-Authorization`, `Cookie`,
+/// `X-Api-Key`) sensitive: `Debug` (spans, logs) never prints them, and HPACK never indexes
+/// them on an HTTP/2 connection. One pass over the request's headers, comparing names (what
+/// tower-http's `SetSensitiveRequestHeaders` does with a hashed lookup per name).
+fn mark_sensitive(headers: &mut HeaderMap) {
+    for (name, value) in headers.iter_mut() {
+        if name == header::AUTHORIZATION
+            || name == header::COOKIE
+            || name == header::PROXY_AUTHORIZATION
+            || name == X_API_KEY
+        {
+            value.set_sensitive(true);
         }
     }
 }
@@ -510,6 +531,36 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn credentials_are_marked_sensitive_and_nothing_else() {
+        let mut h = headers(&[
+            ("authorization", "Bearer secret"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("proxy-authorization", "Basic eA=="),
+            ("x-api-key", "key-1"),
+            ("x-api-key-hint", "public"),
+            ("accept", "*/*"),
+        ]);
+        mark_sensitive(&mut h);
+        let sensitive: Vec<&str> = h
+            .iter()
+            .filter(|(_, v)| v.is_sensitive())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(
+            sensitive,
+            [
+                "authorization",
+                "cookie",
+                "cookie",
+                "proxy-authorization",
+                "x-api-key"
+            ]
+        );
+        assert!(!format!("{h:?}").contains("secret"), "{h:?}");
     }
 
     #[test]
