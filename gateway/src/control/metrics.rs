@@ -68,6 +68,9 @@ pub enum UpstreamErrorKind {
     /// The response body broke off after its head was forwarded (the client's connection
     /// is closed, never presented as a complete response).
     Body,
+    /// The TLS handshake with the target failed: unknown CA, expired or wrong-name
+    /// certificate, client certificate refused, no `h2` by ALPN (502).
+    Tls,
 }
 
 impl UpstreamErrorKind {
@@ -77,6 +80,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::Body => "body",
+            UpstreamErrorKind::Tls => "tls",
         }
     }
 }
@@ -90,6 +94,7 @@ pub struct UpstreamMetrics {
     timeout: Counter,
     protocol: Counter,
     body: Counter,
+    tls: Counter,
 }
 
 impl UpstreamMetrics {
@@ -110,6 +115,7 @@ impl UpstreamMetrics {
             UpstreamErrorKind::Timeout => self.timeout.inc(),
             UpstreamErrorKind::Protocol => self.protocol.inc(),
             UpstreamErrorKind::Body => self.body.inc(),
+            UpstreamErrorKind::Tls => self.tls.inc(),
         };
     }
 
@@ -258,6 +264,7 @@ impl Metrics {
             timeout: err(UpstreamErrorKind::Timeout),
             protocol: err(UpstreamErrorKind::Protocol),
             body: err(UpstreamErrorKind::Body),
+            tls: err(UpstreamErrorKind::Tls),
         }
     }
 

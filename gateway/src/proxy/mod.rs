@@ -29,6 +29,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod connector;
 pub mod echo;
 pub mod outbound;
 pub mod routing;
@@ -303,9 +304,28 @@ impl Proxy {
         let conn = req.extensions().get::<ConnInfo>().copied();
         let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
 
+        let h2 = pool.protocol().is_h2();
+        if !h2 && is_grpc(&req) {
+            tracing::debug!(upstream = %pool.name(), "a gRPC call to an HTTP/1.1 pool: refused");
+            return (
+                problem::response(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "the route's upstream pool speaks HTTP/1.1; gRPC needs `protocol: h2c` or `h2`",
+                ),
+                None,
+            );
+        }
         let hash_key = hash_key(pool, &req, conn);
+        // gRPC (and any h2 peer reading trailers) needs `te: trailers`, the one `TE` value
+        // HTTP/2 allows; it is hop-by-hop otherwise.
+        let te_trailers = h2 && te_has_trailers(req.headers());
         let (mut parts, body) = req.into_parts();
         prepare_request_headers(&mut parts, conn, client_upgrade.is_some());
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
 
         let deadline = Instant::now() + route.timeout;
         let retryable = pool.targets().len() > 1;
@@ -335,7 +355,11 @@ impl Proxy {
             let mut up = Request::new(send_body);
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
-            *up.version_mut() = Version::HTTP_11;
+            *up.version_mut() = if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
             *up.headers_mut() = if reclaim.is_some() {
                 parts.headers.clone()
             } else {
@@ -352,10 +376,24 @@ impl Proxy {
                     return finish_response(res, in_flight, client_upgrade, metrics.as_ref());
                 }
                 Ok(Err(e)) if e.is_connect() => {
+                    // A failed TLS handshake (unknown CA, expired, wrong name, refused client
+                    // certificate) is a connect failure of its own kind, with its reason.
+                    let tls = crate::proxy::connector::tls_failure(&e);
                     if let Some(m) = &metrics {
-                        m.error(UpstreamErrorKind::Connect);
+                        m.error(if tls.is_some() {
+                            UpstreamErrorKind::Tls
+                        } else {
+                            UpstreamErrorKind::Connect
+                        });
                     }
-                    tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream connect failed");
+                    match tls {
+                        Some(reason) => {
+                            tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %reason, "upstream tls handshake failed");
+                        }
+                        None => {
+                            tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream connect failed");
+                        }
+                    }
                     if let Some(b) = reclaim.and_then(|mut rx| rx.try_recv().ok()) {
                         body = Some(b);
                         exclude = Some(in_flight.target().clone());
@@ -386,10 +424,22 @@ impl Proxy {
                     return (crate::server::body_limit::too_large(), None);
                 }
                 Ok(Err(e)) => {
+                    let tls = crate::proxy::connector::tls_failure(&e);
                     if let Some(m) = &metrics {
-                        m.error(UpstreamErrorKind::Protocol);
+                        m.error(if tls.is_some() {
+                            UpstreamErrorKind::Tls
+                        } else {
+                            UpstreamErrorKind::Protocol
+                        });
                     }
-                    tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream request failed");
+                    match tls {
+                        Some(reason) => {
+                            tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %reason, "upstream tls handshake failed");
+                        }
+                        None => {
+                            tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream request failed");
+                        }
+                    }
                     return (
                         problem::response(StatusCode::BAD_GATEWAY, "upstream request failed"),
                         None,
@@ -432,7 +482,11 @@ where
         let this = self.clone();
         // Admission has decided; a sampled admit's log line waits for the response.
         let pending = crate::proxy::admission::take_pending(&req);
-        Box::pin(async move { Ok(this.forward(req, pending).await) })
+        let grpc = is_grpc(&req);
+        Box::pin(async move {
+            let res = this.forward(req, pending).await;
+            Ok(if grpc { problem::grpc_form(res) } else { res })
+        })
     }
 }
 
@@ -519,6 +573,27 @@ impl Drop for LogOnEnd {
             p.finish(Some(status));
         }
     }
+}
+
+/// Whether a request is a gRPC call (`content-type: application/grpc…`).
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    fairgate_middleware::admission::grpc::is_grpc(req.headers())
+}
+
+/// Whether `TE` lists `trailers`.
+fn te_has_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        })
 }
 
 /// True for an HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
@@ -761,6 +836,8 @@ mod tests {
             idle_timeout: std::time::Duration::from_secs(90),
             max_idle: 16,
             outbound: None,
+            protocol: crate::config::UpstreamProtocol::Http1,
+            tls: None,
         };
         let pool = Arc::new(Pool::new("p", &cfg, vec![addr]).with_per_core_clients(2));
         let route = Arc::new(crate::proxy::routing::Route::new(
