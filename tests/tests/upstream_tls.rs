@@ -91,7 +91,8 @@ struct Seen {
 }
 
 /// An HTTPS upstream on 127.0.0.1 with `(cert, key)`; with `client_ca`, it requires a client
-/// certificate issued by it. Answers 200 `secure` with the request's `x-forwarded-proto`.
+/// certificate issued by it. Answers 200 `secure PROTO VERSION`: the request's
+/// `x-forwarded-proto` and HTTP version.
 struct TlsUpstream {
     addr: SocketAddr,
     seen: Arc<Seen>,
@@ -106,6 +107,15 @@ impl Drop for TlsUpstream {
 
 impl TlsUpstream {
     async fn start(leaf: &(String, String), client_ca: Option<&Ca>) -> TlsUpstream {
+        Self::start_with_alpn(leaf, client_ca, &[b"h2", b"http/1.1"]).await
+    }
+
+    /// [`start`](Self::start), selecting from `alpn` only (empty: no ALPN at all).
+    async fn start_with_alpn(
+        leaf: &(String, String),
+        client_ca: Option<&Ca>,
+        alpn: &[&[u8]],
+    ) -> TlsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -125,7 +135,7 @@ impl TlsUpstream {
         let mut config = builder
             .with_single_cert(der_chain(&leaf.0), der_key(&leaf.1))
             .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -148,13 +158,14 @@ impl TlsUpstream {
                             let seen = seen.clone();
                             async move {
                                 seen.paths.lock().unwrap().push(req.uri().path().to_owned());
+                                let version = req.version();
                                 let proto = req
                                     .headers()
                                     .get("x-forwarded-proto")
                                     .map(|v| v.to_str().unwrap().to_owned())
                                     .unwrap_or_default();
                                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
-                                    "secure {proto}"
+                                    "secure {proto} {version:?}"
                                 )))))
                             }
                         });
@@ -208,7 +219,7 @@ log: {{decisions: off}}
     let r = c.get(&gw.url("/named")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // X-Forwarded-Proto is the client's scheme, not the upstream's.
-    assert_eq!(r.text(), "secure http");
+    assert_eq!(r.text(), "secure http HTTP/1.1");
     let r = c.get(&gw.url("/plain")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let sni = up.seen.sni.lock().unwrap().clone();
@@ -322,7 +333,7 @@ log: {{decisions: off}}
     let c = Client::new();
     let r = c.get(&gw.url("/with-cert")).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.text(), "secure http");
+    assert_eq!(r.text(), "secure http HTTP/1.1");
     let r = c.get(&gw.url("/anonymous")).await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(tls_errors(&c, &gw, "anonymous").await, 1.0);
@@ -336,6 +347,50 @@ log: {{decisions: off}}
     })
     .await;
     assert!(logged, "{}", gw.stderr());
+}
+
+/// `protocol: h2` does not fall back to HTTP/1.1: an upstream that selects no ALPN protocol
+/// fails the handshake; one that offers `h2` is spoken to in HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_pool_refuses_an_upstream_without_h2() {
+    let ca = Ca::new("test CA");
+    let leaf = ca.leaf(&["api.internal"], false, false);
+    let no_alpn = TlsUpstream::start_with_alpn(&leaf, None, &[]).await;
+    let h2 = TlsUpstream::start(&leaf, None).await;
+    let dir = Gateway::tempdir();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0}}
+routes:
+  - {{path_prefix: /old, upstream: old}}
+  - {{upstream: new}}
+upstreams:
+  old: {{targets: ['{}'], protocol: h2, tls: {{ca: ca.pem}}}}
+  new: {{targets: ['{}'], protocol: h2, tls: {{ca: ca.pem}}}}
+log: {{decisions: off}}
+",
+            no_alpn.addr, h2.addr
+        ),
+    );
+    let c = Client::new();
+    let r = c.get(&gw.url("/old")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(tls_errors(&c, &gw, "old").await, 1.0);
+    let logged = eventually(DEADLINE, || async {
+        gw.stderr().lines().any(|l| {
+            l.contains("upstream tls handshake failed")
+                && l.contains("upstream=old")
+                && l.contains("the upstream did not agree to h2 by ALPN")
+        })
+    })
+    .await;
+    assert!(logged, "{}", gw.stderr());
+    let r = c.get(&gw.url("/new")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "secure http HTTP/2.0");
 }
 
 #[test]
