@@ -425,6 +425,11 @@ async fn a_cancelled_stream_leaves_nothing_in_flight() {
         assert_eq!(first.text, "endless 0");
         let m = metrics(&http, &gw).await;
         assert_eq!(metric(&m, "fairgate_in_flight"), Some(1.0), "round {round}");
+        assert_eq!(
+            metric(&m, r#"fairgate_upstream_in_flight{upstream="g"}"#),
+            Some(1.0),
+            "round {round}"
+        );
         // Cancel: the stream (and with it the HTTP/2 stream) is dropped mid-way.
         drop(stream);
         drop(c);
@@ -437,7 +442,9 @@ async fn a_cancelled_stream_leaves_nothing_in_flight() {
             "the cancel of round {round} did not reach the upstream"
         );
         let idle = eventually(DEADLINE, || async {
-            metric(&metrics(&http, &gw).await, "fairgate_in_flight") == Some(0.0)
+            let m = metrics(&http, &gw).await;
+            metric(&m, "fairgate_in_flight") == Some(0.0)
+                && metric(&m, r#"fairgate_upstream_in_flight{upstream="g"}"#) == Some(0.0)
         })
         .await;
         assert!(idle, "a request stayed in flight after round {round}");

@@ -133,6 +133,15 @@ impl Proxy {
         metrics: &Metrics,
         fleets: &std::collections::HashMap<String, fairgate_middleware::outbound::OutboundFleet>,
     ) -> Proxy {
+        for pool in pools {
+            // The gauge reads the targets' own counters (a weak handle: no pool is kept
+            // alive by the metrics).
+            let weak = Arc::downgrade(pool);
+            metrics.upstream_in_flight(pool.name(), move || {
+                weak.upgrade()
+                    .map_or(0, |p| p.targets().iter().map(|t| t.in_flight()).sum())
+            });
+        }
         let direct = Proxy {
             upstreams: pools
                 .iter()
