@@ -111,7 +111,8 @@ impl Service<Request<ProxyBody>> for Direct {
         if let Some(&OnCore(core)) = req.extensions().get::<OnCore>() {
             this.core = Some(core);
         }
-        Box::pin(async move { Ok(this.forward(req, None).await) })
+        let grpc = is_grpc(&req);
+        Box::pin(async move { Ok(this.forward(req, None, grpc).await) })
     }
 }
 
@@ -249,10 +250,12 @@ impl Proxy {
             .map(|(_, m)| m)
     }
 
+    /// Forwards `req` (`grpc`: it is a gRPC call, looked up once by the caller).
     async fn forward<B>(
         self,
         mut req: Request<B>,
         pending: Option<PendingAdmit>,
+        grpc: bool,
     ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -274,7 +277,7 @@ impl Proxy {
                 None => res,
             };
         }
-        let (res, in_flight) = self.forward_inner(req).await;
+        let (res, in_flight) = self.forward_inner(req, grpc).await;
         match (pending, in_flight) {
             (Some(p), Some(in_flight)) => {
                 let status = res.status().as_u16();
@@ -294,6 +297,7 @@ impl Proxy {
     async fn forward_inner<B>(
         self,
         mut req: Request<B>,
+        grpc: bool,
     ) -> (
         Response<ProxyBody>,
         Option<crate::proxy::upstream::InFlight>,
@@ -314,7 +318,7 @@ impl Proxy {
         let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
 
         let h2 = pool.protocol().is_h2();
-        if !h2 && is_grpc(&req) {
+        if !h2 && grpc {
             tracing::debug!(upstream = %pool.name(), "a gRPC call to an HTTP/1.1 pool: refused");
             return (
                 problem::response(
@@ -493,7 +497,7 @@ where
         let pending = crate::proxy::admission::take_pending(&req);
         let grpc = is_grpc(&req);
         Box::pin(async move {
-            let res = this.forward(req, pending).await;
+            let res = this.forward(req, pending, grpc).await;
             Ok(if grpc { problem::grpc_form(res) } else { res })
         })
     }
@@ -863,7 +867,7 @@ mod tests {
             let mut req = Request::new(body::empty());
             *req.uri_mut() = "/".parse().unwrap();
             req.extensions_mut().insert(RouteMatch(route.clone()));
-            let res = p.forward(req, None).await;
+            let res = p.forward(req, None, false).await;
             assert_eq!(res.status(), StatusCode::OK);
             res.into_body().collect().await.unwrap();
         }
