@@ -373,6 +373,36 @@ async fn rejections_are_grpc_statuses_with_the_retry_delay() {
     assert_eq!(up.seen.calls.load(Ordering::SeqCst), 2);
 }
 
+/// Shedding is `UNAVAILABLE` with the retry delay: with a static limit of one request in
+/// flight, a call made while a stream is open is shed; once the stream is cancelled, calls
+/// pass again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shedding_is_unavailable() {
+    let up = GrpcServer::start(None).await;
+    let gw = Gateway::start(&config(up.addr, "h2c", "", "  shedding: {limit: 1}\n"));
+    let mut c = client(&gw);
+    let mut open = server_stream(&mut c, "open", 0)
+        .await
+        .expect("stream")
+        .into_inner();
+    assert_eq!(open.message().await.unwrap().unwrap().text, "open 0");
+    let shed = unary(&mut c, "shed", &[]).await.expect_err("shed");
+    assert_eq!(shed.code(), Code::Unavailable, "{shed:?}");
+    assert_eq!(shed.message(), "the service is shedding load");
+    assert_eq!(shed.metadata().get("retry-after").unwrap(), "1");
+    assert_eq!(
+        shed.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "1000"
+    );
+    drop(open);
+    let passed = eventually(DEADLINE, || {
+        let mut c = c.clone();
+        async move { unary(&mut c, "again", &[]).await.is_ok() }
+    })
+    .await;
+    assert!(passed, "calls stay shed after the stream was cancelled");
+}
+
 /// The gateway's own failures are gRPC statuses too: an upstream that is gone is
 /// `UNAVAILABLE`; a gRPC call to an HTTP/1.1 pool is `UNIMPLEMENTED`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
