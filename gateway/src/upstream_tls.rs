@@ -48,7 +48,7 @@ impl UpstreamProtocol {
 
 /// Why a pool's `tls:` block cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamTlsError {
+pub(crate) enum UpstreamTlsError {
     /// A file of the block is unusable (read, PEM, no certificate, no key).
     #[error(transparent)]
     File(#[from] TlsError),
@@ -68,7 +68,7 @@ pub enum UpstreamTlsError {
 /// Builds a pool's rustls client config: `ring` provider, safe default protocol versions,
 /// the roots of `ca` (or the system's), the client certificate when `cert`/`key` are given,
 /// ALPN for `protocol`.
-pub fn client_config(
+pub(crate) fn client_config(
     ca: Option<&Path>,
     client_cert: Option<(&Path, &Path)>,
     protocol: UpstreamProtocol,
@@ -117,7 +117,7 @@ pub fn client_config(
 }
 
 /// Parses a configured `server_name` (a DNS name or an IP address).
-pub fn parse_server_name(name: &str) -> Option<ServerName<'static>> {
+pub(crate) fn parse_server_name(name: &str) -> Option<ServerName<'static>> {
     ServerName::try_from(name.to_owned()).ok()
 }
 

@@ -33,13 +33,13 @@ use crate::body::BoxError;
 /// connect error's source chain by [`tls_failure`].
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct TlsFailed(String);
+pub(crate) struct TlsFailed(String);
 
 /// Why TLS failed, if it did somewhere in `e`'s source chain: a [`TlsFailed`] handshake, or
 /// an alert the upstream sent after the client's side of the handshake was done (in TLS 1.3
 /// a server refuses a client certificate, or its absence, only then: the first request
 /// fails with `received fatal alert: CertificateRequired`).
-pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+pub(crate) fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut next = Some(e);
     while let Some(err) = next {
         if let Some(t) = err.downcast_ref::<TlsFailed>() {

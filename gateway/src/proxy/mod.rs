@@ -29,7 +29,7 @@
 
 pub mod access;
 pub mod admission;
-pub mod connector;
+pub(crate) mod connector;
 pub mod echo;
 pub mod outbound;
 pub mod routing;

@@ -16,7 +16,7 @@
 //!
 //! A pool speaks HTTP/1.1 by default, or HTTP/2 (`protocol: h2c`, prior knowledge; `h2`,
 //! over TLS by ALPN: one connection per target carries many streams); with `tls:` its
-//! connections are TLS ([`crate::proxy::connector`]), health checks included.
+//! connections are TLS (`proxy::connector`), health checks included.
 //!
 //! Targets that fail `unhealthy_after` consecutive health checks are skipped. When no target
 //! is healthy, all are used again (a panic threshold, as Envoy does): a broken health check
