@@ -51,6 +51,8 @@ struct Seen {
     calls: AtomicUsize,
     /// Server streams dropped before their end (the client's cancel reached the server).
     cancelled: AtomicUsize,
+    /// Connections accepted.
+    connections: AtomicUsize,
 }
 
 /// `test.Echo/Unary`: echoes `text`, and the `x-meta` request metadata as response metadata.
@@ -176,6 +178,7 @@ impl GrpcServer {
                     return;
                 };
                 let seen = shared.clone();
+                seen.connections.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| route(seen.clone(), req));
@@ -298,8 +301,10 @@ async fn unary_and_server_streaming_calls_pass_with_metadata_and_trailers_over_h
     let trailers = stream.trailers().await.expect("trailers").expect("some");
     assert_eq!(trailers.get("x-trailer").unwrap(), "done");
     assert_eq!(up.seen.calls.load(Ordering::SeqCst), 2);
+    // One HTTP/2 connection to the upstream carried both calls (one client connection: one
+    // gateway core, one pooled upstream connection of that core's client).
+    assert_eq!(up.seen.connections.load(Ordering::SeqCst), 1);
 
-    // One HTTP/2 connection to the upstream carried both calls.
     let c2 = Client::new();
     let m = metrics(&c2, &gw).await;
     assert_eq!(
