@@ -21,7 +21,7 @@
 //!   `fairgate audit` ([`control::audit`]); the admin API and the decision log are
 //!   `fairgate_middleware`'s, the same an app that embeds the layer serves;
 //! - [`config`] (the `gateway.yaml` model and decoder), [`tls`] (certificates and ALPN),
-//!   [`body`] and [`problem`] (shared body types, problem+json), [`app`] (wiring) and
+//!   [`upstream_tls`] (a pool's TLS client config and server name), [`body`] and [`problem`] (shared body types, problem+json), [`app`] (wiring) and
 //!   [`cli`].
 //!
 //! It must not hold admission logic of its own: every admit/reject decision is the engine's
@@ -45,3 +45,4 @@ pub mod problem;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod upstream_tls;

@@ -205,3 +205,62 @@ async fn a_body_dropped_after_its_last_frame_completes_the_ticket() {
     assert_eq!(seen.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(engine.in_flight(), 0);
 }
+
+/// One engine, two forms: the same rejection of the layer is a problem+json 429 for an
+/// HTTP request and a Trailers-Only gRPC answer for a gRPC call (RESOURCE_EXHAUSTED, the
+/// same `retry-after`, no body), and a deny rule is PERMISSION_DENIED.
+#[tokio::test]
+async fn a_grpc_call_is_rejected_in_grpcs_terms() {
+    let (mut svc, mut handle, _engine) = service(
+        "version: 1
+plans:
+  p:
+    concurrency: 1
+default_plan: p
+rules:
+  - {name: no-bots, when: {headers: [{name: x-bot, present: true}]}, action: deny}
+",
+    );
+    let grpc = |peer: &str| {
+        let mut req = request(peer);
+        req.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        req
+    };
+    // Hold the client's one slot.
+    assert!(svc.poll_ready().is_ready());
+    let fut = svc.call(request("192.0.2.1"));
+    let (_req, send) = handle.next_request().await.unwrap();
+    send.send_response(Response::new("held".to_string()));
+    let held = fut.await.unwrap();
+
+    assert!(svc.poll_ready().is_ready());
+    let http = svc.call(request("192.0.2.1")).await.unwrap();
+    assert_eq!(http.status(), 429);
+    assert_eq!(http.headers()["content-type"], "application/problem+json");
+    assert!(svc.poll_ready().is_ready());
+    let g = svc.call(grpc("192.0.2.1")).await.unwrap();
+    assert_eq!(g.status(), 200);
+    assert_eq!(g.headers()["content-type"], "application/grpc");
+    assert_eq!(g.headers()["grpc-status"], "8");
+    assert_eq!(
+        g.headers()["grpc-message"],
+        "too many requests in flight for this client"
+    );
+    assert_eq!(g.headers()["retry-after"], http.headers()["retry-after"]);
+    assert_eq!(g.headers()["grpc-retry-pushback-ms"], "1000");
+    assert!(g.into_body().collect().await.unwrap().to_bytes().is_empty());
+    drop(held);
+
+    let mut bot = grpc("192.0.2.2");
+    bot.headers_mut().insert("x-bot", "1".parse().unwrap());
+    assert!(svc.poll_ready().is_ready());
+    let denied = svc.call(bot).await.unwrap();
+    assert_eq!(denied.status(), 200);
+    assert_eq!(denied.headers()["grpc-status"], "7");
+    assert_eq!(
+        denied.headers()["grpc-message"],
+        "rule no-bots denied the request"
+    );
+    assert!(denied.headers().get("retry-after").is_none());
+}

@@ -21,11 +21,13 @@ use http::Method;
 use fairgate_middleware::observe::AlertConfig;
 
 use crate::tls::TlsError;
+use crate::upstream_tls::UpstreamTlsError;
 
 use super::model::{
     AccessFormat, AccessLogConfig, AccessTarget, AdminConfig, Balance, DecisionTarget,
     GatewayConfig, HashKey, HealthCheck, Limits, ListenerConfig, LogConfig, LogFormat,
     PolicySource, RouteConfig, RuntimeModel, TargetSpec, TlsConfig, UpstreamConfig,
+    UpstreamProtocol, UpstreamTls,
 };
 
 /// A decoded gateway config, with its inline policy (if it has one) already decoded.
@@ -156,7 +158,7 @@ fn config(
         Some(e) => {
             let p = Path::Root;
             let p = p.key("upstreams");
-            upstream_map(ctx, e.value, &p)
+            upstream_map(ctx, e.value, &p, base)
         }
         None => {
             ctx.error(root, &Path::Root, "missing field `upstreams`");
@@ -542,6 +544,7 @@ fn upstream_map(
     ctx: &mut Ctx,
     node: &Node,
     path: &Path<'_>,
+    base: &FsPath,
 ) -> Option<BTreeMap<String, UpstreamConfig>> {
     let entries = fairgate_policies::decode::map_entries(ctx, node, path)?;
     if entries.is_empty() {
@@ -552,7 +555,7 @@ fn upstream_map(
     let mut ok = true;
     for e in entries {
         let p = path.key(e.key);
-        match upstream(ctx, e.value, &p) {
+        match upstream(ctx, e.value, &p, base) {
             Some(u) => {
                 out.insert(e.key.to_owned(), u);
             }
@@ -585,7 +588,7 @@ fn target(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<TargetSpec> {
     }
 }
 
-fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfig> {
+fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<UpstreamConfig> {
     let mut m = MapReader::new(ctx, node, path)?;
     let targets = m.required_with(ctx, "targets", |c, n, p| one_or_many(c, n, p, target));
     let targets_node = m.entry("targets").map(|e| e.value);
@@ -622,7 +625,46 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
         .optional_with(ctx, "max_idle", |c, n, p| uint(c, n, p, 65_536))
         .map_or(DEFAULT_MAX_IDLE, |v| v as usize);
     let outbound = m.optional_with(ctx, "outbound", outbound::outbound);
+    let protocol_at = m.entry("protocol").map(|e| e.value);
+    let protocol = m
+        .optional_with(ctx, "protocol", |c, n, p| {
+            choice(
+                c,
+                n,
+                p,
+                &[
+                    ("http1", UpstreamProtocol::Http1),
+                    ("h2c", UpstreamProtocol::H2c),
+                    ("h2", UpstreamProtocol::H2),
+                ],
+            )
+        })
+        .unwrap_or_default();
+    let tls_at = m.entry("tls").map(|e| e.value);
+    let tls = m.optional_with(ctx, "tls", |c, n, p| upstream_tls(c, n, p, base, protocol));
     m.finish(ctx);
+    match (protocol, tls_at, protocol_at) {
+        (UpstreamProtocol::H2, None, Some(at)) => ctx.error(
+            at,
+            &path.key("protocol"),
+            "`h2` is HTTP/2 over TLS (ALPN): add a `tls` block, or write `h2c` for HTTP/2 without TLS",
+        ),
+        (UpstreamProtocol::H2c, Some(_), Some(at)) => ctx.error(
+            at,
+            &path.key("protocol"),
+            "`h2c` is HTTP/2 without TLS: with a `tls` block, write `h2`",
+        ),
+        _ => {}
+    }
+    if let (Some(_), Some(targets)) = (tls_at, &targets) {
+        if targets.contains(&TargetSpec::Echo) {
+            ctx.error(
+                targets_node.unwrap_or(node),
+                &path.key("targets"),
+                "`builtin:echo` speaks plain HTTP: it cannot be a target of a pool with `tls`",
+            );
+        }
+    }
     if let (Some(at), true) = (factor_at, balance != Balance::ConsistentHash) {
         ctx.error(
             at,
@@ -650,6 +692,110 @@ fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<UpstreamConfi
         idle_timeout,
         max_idle,
         outbound,
+        protocol,
+        tls,
+    })
+}
+
+/// A pool's `tls` map: `ca`, `server_name`, `cert` + `key`, all optional. The files are
+/// loaded here (the client config is built), so a missing or invalid file is reported at its
+/// place in the file, as a listener's are.
+fn upstream_tls(
+    ctx: &mut Ctx,
+    node: &Node,
+    path: &Path<'_>,
+    base: &FsPath,
+    protocol: UpstreamProtocol,
+) -> Option<UpstreamTls> {
+    let mut m = MapReader::new(ctx, node, path)?;
+    let file = |c: &mut Ctx, n: &Node, p: &Path<'_>| {
+        let s = scalar(c, n, p, "a PEM file path")?;
+        if s.is_empty() {
+            c.error(n, p, "must not be empty");
+            return None;
+        }
+        Some(base.join(s))
+    };
+    let ca = m.optional_with(ctx, "ca", file);
+    let server_name = m.optional_with(ctx, "server_name", |c, n, p| {
+        let s = scalar(c, n, p, "a DNS name or an IP address")?;
+        match crate::upstream_tls::parse_server_name(s) {
+            Some(name) => Some(name),
+            None => {
+                c.error(n, p, format!("`{s}` is not a DNS name or an IP address"));
+                None
+            }
+        }
+    });
+    let cert = m.optional_with(ctx, "cert", file);
+    let key = m.optional_with(ctx, "key", file);
+    // The present (non-null) values, to place errors and to know what was written.
+    let mut present = |k: &'static str| m.entry(k).map(|e| e.value).filter(|n| !n.is_null());
+    let (ca_node, name_node, cert_node, key_node) = (
+        present("ca"),
+        present("server_name"),
+        present("cert"),
+        present("key"),
+    );
+    m.finish(ctx);
+    match (cert_node, key_node) {
+        (Some(n), None) => {
+            ctx.error(n, &path.key("cert"), "a client `cert` needs its `key`");
+            return None;
+        }
+        (None, Some(n)) => {
+            ctx.error(n, &path.key("key"), "a client `key` needs its `cert`");
+            return None;
+        }
+        _ => {}
+    }
+    // Every present key decoded: a failed one was reported.
+    if (ca_node.is_some() && ca.is_none())
+        || (name_node.is_some() && server_name.is_none())
+        || (cert_node.is_some() && cert.is_none())
+        || (key_node.is_some() && key.is_none())
+    {
+        return None;
+    }
+    let client_cert = cert.zip(key);
+    let built = crate::upstream_tls::client_config(
+        ca.as_deref(),
+        client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+        protocol,
+    );
+    let config = match built {
+        Ok(config) => config,
+        Err(e) => {
+            // The file the error is about, else the block.
+            let about = match &e {
+                UpstreamTlsError::File(f) => f.path().map(FsPath::to_path_buf),
+                UpstreamTlsError::BadRoot { path, .. } => Some(path.clone()),
+                UpstreamTlsError::NoSystemRoots(_) => None,
+            };
+            let is = |p: &Option<std::path::PathBuf>| p.is_some() && p.as_ref() == about.as_ref();
+            let cert_file = client_cert.as_ref().map(|(c, _)| c.clone());
+            let key_file = client_cert.as_ref().map(|(_, k)| k.clone());
+            // `ca` is read first, then the certificate, then the key: a file named twice is
+            // reported where it was read.
+            let (at, at_path) = match &e {
+                UpstreamTlsError::File(TlsError::NoKey(_)) => (key_node, path.key("key")),
+                UpstreamTlsError::File(TlsError::Config(_)) => (key_node, path.key("key")),
+                _ if is(&ca) => (ca_node, path.key("ca")),
+                _ if is(&cert_file) => (cert_node, path.key("cert")),
+                _ if is(&key_file) => (key_node, path.key("key")),
+                _ => (None, *path),
+            };
+            ctx.error(at.unwrap_or(node), &at_path, e.to_string());
+            return None;
+        }
+    };
+    Some(UpstreamTls {
+        ca,
+        server_name,
+        client_cert,
+        config,
     })
 }
 

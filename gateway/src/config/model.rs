@@ -8,12 +8,17 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fairgate_middleware::outbound::KeyBy;
 use fairgate_policies::units::Rate;
 use http::header::HeaderName;
 use http::{Method, StatusCode};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::ClientConfig;
+
+pub use crate::upstream_tls::UpstreamProtocol;
 
 /// The whole gateway config file.
 #[derive(Debug, Clone)]
@@ -146,6 +151,35 @@ pub struct UpstreamConfig {
     /// Outbound layers towards the pool (coalesce, cache, rate/concurrency, retry); see
     /// [`crate::proxy::outbound`]. Absent: requests go straight to the pool.
     pub outbound: Option<OutboundConfig>,
+    /// How the pool's connections speak HTTP: `http1` (default), `h2c` (HTTP/2 with prior
+    /// knowledge, no TLS) or `h2` (HTTP/2 over TLS, agreed by ALPN).
+    pub protocol: UpstreamProtocol,
+    /// TLS to the targets. Absent: plain TCP.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// A pool's `tls:` block, with its rustls client config built when the file was decoded.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// The roots' PEM file (`ca`). Absent: the system trust store.
+    pub ca: Option<PathBuf>,
+    /// The name every target's certificate is checked against, and the SNI (`server_name`).
+    /// Absent: the target's host (see [`crate::upstream_tls::server_name`]).
+    pub server_name: Option<ServerName<'static>>,
+    /// The client certificate chain and its key (`cert`, `key`), for upstreams that ask.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The rustls client config of these settings and the pool's protocol (its ALPN).
+    pub config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("ca", &self.ca)
+            .field("server_name", &self.server_name)
+            .field("client_cert", &self.client_cert)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An upstream target.

@@ -68,6 +68,9 @@ pub enum UpstreamErrorKind {
     /// The response body broke off after its head was forwarded (the client's connection
     /// is closed, never presented as a complete response).
     Body,
+    /// The TLS handshake with the target failed: unknown CA, expired or wrong-name
+    /// certificate, client certificate refused, no `h2` by ALPN (502).
+    Tls,
 }
 
 impl UpstreamErrorKind {
@@ -77,6 +80,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::Body => "body",
+            UpstreamErrorKind::Tls => "tls",
         }
     }
 }
@@ -90,6 +94,7 @@ pub struct UpstreamMetrics {
     timeout: Counter,
     protocol: Counter,
     body: Counter,
+    tls: Counter,
 }
 
 impl UpstreamMetrics {
@@ -110,6 +115,7 @@ impl UpstreamMetrics {
             UpstreamErrorKind::Timeout => self.timeout.inc(),
             UpstreamErrorKind::Protocol => self.protocol.inc(),
             UpstreamErrorKind::Body => self.body.inc(),
+            UpstreamErrorKind::Tls => self.tls.inc(),
         };
     }
 
@@ -128,9 +134,37 @@ pub struct Metrics {
     upstream_duration: Family<UpstreamLabels, Histogram>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     upstream_hash_moves: Family<UpstreamLabels, Counter>,
+    upstream_in_flight: Family<UpstreamLabels, Gauge>,
+    in_flight_readers: InFlightReaders,
     access_log_dropped: Counter,
     outbound: OutboundMetrics,
     clients: ClientCounters,
+}
+
+/// What reads each pool's requests in flight when the metrics are encoded (the pools' own
+/// per-target counters: the request path does nothing more for the gauge).
+#[derive(Default)]
+struct InFlightReaders(std::sync::Mutex<Vec<(Gauge, InFlightReader)>>);
+
+type InFlightReader = Box<dyn Fn() -> u64 + Send + Sync>;
+
+impl std::fmt::Debug for InFlightReaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |v| v.len());
+        f.debug_struct("InFlightReaders")
+            .field("pools", &n)
+            .finish()
+    }
+}
+
+impl InFlightReaders {
+    fn refresh(&self) {
+        if let Ok(readers) = self.0.lock() {
+            for (gauge, read) in readers.iter() {
+                gauge.set(i64::try_from(read()).unwrap_or(i64::MAX));
+            }
+        }
+    }
 }
 
 fn duration_histogram() -> Histogram {
@@ -158,7 +192,7 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         gateway.register(
             "upstream_errors",
-            "Upstream failures by pool and kind (connect, timeout, protocol, body)",
+            "Upstream failures by pool and kind (connect, timeout, protocol, tls, body)",
             upstream_errors.clone(),
         );
         let upstream_hash_moves = Family::<UpstreamLabels, Counter>::default();
@@ -166,6 +200,12 @@ impl Metrics {
             "upstream_hash_moves",
             "Requests consistent_hash's load bound (hash_balance_factor) sent off their key's target",
             upstream_hash_moves.clone(),
+        );
+        let upstream_in_flight = Family::<UpstreamLabels, Gauge>::default();
+        gateway.register(
+            "upstream_in_flight",
+            "Requests sent to a pool's targets whose response has not ended",
+            upstream_in_flight.clone(),
         );
         let access_log_dropped = Counter::default();
         gateway.register(
@@ -200,6 +240,8 @@ impl Metrics {
             upstream_duration,
             upstream_errors,
             upstream_hash_moves,
+            upstream_in_flight,
+            in_flight_readers: InFlightReaders::default(),
             access_log_dropped,
             outbound,
             clients,
@@ -258,11 +300,30 @@ impl Metrics {
             timeout: err(UpstreamErrorKind::Timeout),
             protocol: err(UpstreamErrorKind::Protocol),
             body: err(UpstreamErrorKind::Body),
+            tls: err(UpstreamErrorKind::Tls),
+        }
+    }
+
+    /// `fairgate_upstream_in_flight{upstream=name}`, read from `read` whenever the metrics
+    /// are encoded.
+    pub fn upstream_in_flight(
+        &self,
+        name: &Arc<str>,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        let gauge = self
+            .upstream_in_flight
+            .get_or_create_owned(&UpstreamLabels {
+                upstream: name.clone(),
+            });
+        if let Ok(mut readers) = self.in_flight_readers.0.lock() {
+            readers.push((gauge, Box::new(read)));
         }
     }
 
     /// Refreshes what mirrors `engine` and `log`, then encodes everything in `format`.
     pub fn encode_as(&self, format: Format, engine: &Engine, log: &DecisionLog) -> String {
+        self.in_flight_readers.refresh();
         self.engine.refresh(engine);
         self.engine
             .refresh_decision_log_dropped(log.dropped_total());
@@ -271,6 +332,7 @@ impl Metrics {
 
     /// Encodes everything as it is now, in OpenMetrics 1.0.0 text.
     pub fn encode(&self) -> String {
+        self.in_flight_readers.refresh();
         encode(&self.registry, Format::OpenMetrics)
     }
 }

@@ -29,6 +29,7 @@
 
 pub mod access;
 pub mod admission;
+pub(crate) mod connector;
 pub mod echo;
 pub mod outbound;
 pub mod routing;
@@ -110,7 +111,8 @@ impl Service<Request<ProxyBody>> for Direct {
         if let Some(&OnCore(core)) = req.extensions().get::<OnCore>() {
             this.core = Some(core);
         }
-        Box::pin(async move { Ok(this.forward(req, None).await) })
+        let grpc = is_grpc(&req);
+        Box::pin(async move { Ok(this.forward(req, None, grpc).await) })
     }
 }
 
@@ -132,6 +134,15 @@ impl Proxy {
         metrics: &Metrics,
         fleets: &std::collections::HashMap<String, fairgate_middleware::outbound::OutboundFleet>,
     ) -> Proxy {
+        for pool in pools {
+            // The gauge reads the targets' own counters (a weak handle: no pool is kept
+            // alive by the metrics).
+            let weak = Arc::downgrade(pool);
+            metrics.upstream_in_flight(pool.name(), move || {
+                weak.upgrade()
+                    .map_or(0, |p| p.targets().iter().map(|t| t.in_flight()).sum())
+            });
+        }
         let direct = Proxy {
             upstreams: pools
                 .iter()
@@ -239,10 +250,12 @@ impl Proxy {
             .map(|(_, m)| m)
     }
 
+    /// Forwards `req` (`grpc`: it is a gRPC call, looked up once by the caller).
     async fn forward<B>(
         self,
         mut req: Request<B>,
         pending: Option<PendingAdmit>,
+        grpc: bool,
     ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -264,7 +277,7 @@ impl Proxy {
                 None => res,
             };
         }
-        let (res, in_flight) = self.forward_inner(req).await;
+        let (res, in_flight) = self.forward_inner(req, grpc).await;
         match (pending, in_flight) {
             (Some(p), Some(in_flight)) => {
                 let status = res.status().as_u16();
@@ -284,6 +297,7 @@ impl Proxy {
     async fn forward_inner<B>(
         self,
         mut req: Request<B>,
+        grpc: bool,
     ) -> (
         Response<ProxyBody>,
         Option<crate::proxy::upstream::InFlight>,
@@ -303,9 +317,28 @@ impl Proxy {
         let conn = req.extensions().get::<ConnInfo>().copied();
         let client_upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
 
+        let h2 = pool.protocol().is_h2();
+        if !h2 && grpc {
+            tracing::debug!(upstream = %pool.name(), "a gRPC call to an HTTP/1.1 pool: refused");
+            return (
+                problem::response(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "the route's upstream pool speaks HTTP/1.1; gRPC needs `protocol: h2c` or `h2`",
+                ),
+                None,
+            );
+        }
         let hash_key = hash_key(pool, &req, conn);
+        // gRPC (and any h2 peer reading trailers) needs `te: trailers`, the one `TE` value
+        // HTTP/2 allows; it is hop-by-hop otherwise.
+        let te_trailers = h2 && te_has_trailers(req.headers());
         let (mut parts, body) = req.into_parts();
         prepare_request_headers(&mut parts, conn, client_upgrade.is_some());
+        if te_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
 
         let deadline = Instant::now() + route.timeout;
         let retryable = pool.targets().len() > 1;
@@ -335,7 +368,11 @@ impl Proxy {
             let mut up = Request::new(send_body);
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri;
-            *up.version_mut() = Version::HTTP_11;
+            *up.version_mut() = if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
             *up.headers_mut() = if reclaim.is_some() {
                 parts.headers.clone()
             } else {
@@ -352,10 +389,24 @@ impl Proxy {
                     return finish_response(res, in_flight, client_upgrade, metrics.as_ref());
                 }
                 Ok(Err(e)) if e.is_connect() => {
+                    // A failed TLS handshake (unknown CA, expired, wrong name, refused client
+                    // certificate) is a connect failure of its own kind, with its reason.
+                    let tls = crate::proxy::connector::tls_failure(&e);
                     if let Some(m) = &metrics {
-                        m.error(UpstreamErrorKind::Connect);
+                        m.error(if tls.is_some() {
+                            UpstreamErrorKind::Tls
+                        } else {
+                            UpstreamErrorKind::Connect
+                        });
                     }
-                    tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream connect failed");
+                    match tls {
+                        Some(reason) => {
+                            tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %reason, "upstream tls handshake failed");
+                        }
+                        None => {
+                            tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream connect failed");
+                        }
+                    }
                     if let Some(b) = reclaim.and_then(|mut rx| rx.try_recv().ok()) {
                         body = Some(b);
                         exclude = Some(in_flight.target().clone());
@@ -386,10 +437,22 @@ impl Proxy {
                     return (crate::server::body_limit::too_large(), None);
                 }
                 Ok(Err(e)) => {
+                    let tls = crate::proxy::connector::tls_failure(&e);
                     if let Some(m) = &metrics {
-                        m.error(UpstreamErrorKind::Protocol);
+                        m.error(if tls.is_some() {
+                            UpstreamErrorKind::Tls
+                        } else {
+                            UpstreamErrorKind::Protocol
+                        });
                     }
-                    tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream request failed");
+                    match tls {
+                        Some(reason) => {
+                            tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %reason, "upstream tls handshake failed");
+                        }
+                        None => {
+                            tracing::warn!(upstream = %pool.name(), target = %in_flight.target().addr(), error = %e, "upstream request failed");
+                        }
+                    }
                     return (
                         problem::response(StatusCode::BAD_GATEWAY, "upstream request failed"),
                         None,
@@ -432,7 +495,11 @@ where
         let this = self.clone();
         // Admission has decided; a sampled admit's log line waits for the response.
         let pending = crate::proxy::admission::take_pending(&req);
-        Box::pin(async move { Ok(this.forward(req, pending).await) })
+        let grpc = is_grpc(&req);
+        Box::pin(async move {
+            let res = this.forward(req, pending, grpc).await;
+            Ok(if grpc { problem::grpc_form(res) } else { res })
+        })
     }
 }
 
@@ -519,6 +586,27 @@ impl Drop for LogOnEnd {
             p.finish(Some(status));
         }
     }
+}
+
+/// Whether a request is a gRPC call (`content-type: application/grpc…`).
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    fairgate_middleware::admission::grpc::is_grpc(req.headers())
+}
+
+/// Whether `TE` lists `trailers`.
+fn te_has_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        })
 }
 
 /// True for an HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
@@ -761,6 +849,8 @@ mod tests {
             idle_timeout: std::time::Duration::from_secs(90),
             max_idle: 16,
             outbound: None,
+            protocol: crate::config::UpstreamProtocol::Http1,
+            tls: None,
         };
         let pool = Arc::new(Pool::new("p", &cfg, vec![addr]).with_per_core_clients(2));
         let route = Arc::new(crate::proxy::routing::Route::new(
@@ -777,7 +867,7 @@ mod tests {
             let mut req = Request::new(body::empty());
             *req.uri_mut() = "/".parse().unwrap();
             req.extensions_mut().insert(RouteMatch(route.clone()));
-            let res = p.forward(req, None).await;
+            let res = p.forward(req, None, false).await;
             assert_eq!(res.status(), StatusCode::OK);
             res.into_body().collect().await.unwrap();
         }

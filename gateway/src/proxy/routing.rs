@@ -266,6 +266,8 @@ mod tests {
             idle_timeout: Duration::from_secs(90),
             max_idle: 1024,
             outbound: None,
+            protocol: crate::config::UpstreamProtocol::Http1,
+            tls: None,
         };
         Arc::new(Pool::new(
             "p",

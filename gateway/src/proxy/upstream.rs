@@ -14,6 +14,10 @@
 //! - `consistent_hash`: a ketama ring (`pingora-ketama`) over the targets, keyed by the client
 //!   IP or a header; unhealthy targets are skipped by walking the ring.
 //!
+//! A pool speaks HTTP/1.1 by default, or HTTP/2 (`protocol: h2c`, prior knowledge; `h2`,
+//! over TLS by ALPN: one connection per target carries many streams); with `tls:` its
+//! connections are TLS (`proxy::connector`), health checks included.
+//!
 //! Targets that fail `unhealthy_after` consecutive health checks are skipped. When no target
 //! is healthy, all are used again (a panic threshold, as Envoy does): a broken health check
 //! must not take the whole pool down.
@@ -28,9 +32,15 @@ use http::{Request, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 
 use crate::body::{self, ProxyBody};
-use crate::config::{Balance, HashKey, HealthCheck, UpstreamConfig};
+use crate::config::{Balance, HashKey, HealthCheck, UpstreamConfig, UpstreamProtocol, UpstreamTls};
+use crate::proxy::connector::{Connector, TlsSettings};
+
+/// A pool's pooled client.
+pub(crate) type PoolClient = Client<Connector, ProxyBody>;
 
 /// Weight of a new latency sample in the EWMA (peaks are taken at once).
 const EWMA_ALPHA: f64 = 0.3;
@@ -42,6 +52,7 @@ const INITIAL_EWMA_NS: u64 = 1_000_000;
 pub struct Target {
     addr: SocketAddr,
     authority: Authority,
+    scheme: Scheme,
     in_flight: AtomicU64,
     ewma_ns: AtomicU64,
     healthy: AtomicBool,
@@ -52,12 +63,13 @@ pub struct Target {
 // === impl Target ===
 
 impl Target {
-    fn new(addr: SocketAddr) -> Target {
+    fn new(addr: SocketAddr, scheme: Scheme) -> Target {
         let authority = Authority::try_from(addr.to_string().as_str())
             .expect("a socket address is a valid authority");
         Target {
             addr,
             authority,
+            scheme,
             in_flight: AtomicU64::new(0),
             ewma_ns: AtomicU64::new(INITIAL_EWMA_NS),
             healthy: AtomicBool::new(true),
@@ -99,10 +111,10 @@ impl Target {
         self.ewma_ns.store(new.max(1), Ordering::Relaxed);
     }
 
-    /// Builds the URI of `path_and_query` on this target.
+    /// Builds the URI of `path_and_query` on this target (`https` for a pool with TLS).
     pub fn uri(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> Uri {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(
             path_and_query
@@ -170,10 +182,11 @@ pub struct Pool {
     ring: Option<pingora_ketama::Continuum>,
     next: AtomicUsize,
     /// Used by every thread except per-core threads (and by health checks).
-    client: Client<HttpConnector, ProxyBody>,
+    client: PoolClient,
     /// One per per-core thread: `per_core[i]` for thread `i`.
-    per_core: Box<[Client<HttpConnector, ProxyBody>]>,
+    per_core: Box<[PoolClient]>,
     client_settings: ClientSettings,
+    protocol: UpstreamProtocol,
     request_timeout: Duration,
     health_check: Option<HealthCheck>,
     outbound: Option<crate::config::OutboundConfig>,
@@ -195,7 +208,15 @@ impl Pool {
     /// Builds a pool over resolved target addresses (`builtin:echo` already replaced by the
     /// echo server's address).
     pub fn new(name: &str, config: &UpstreamConfig, addrs: Vec<SocketAddr>) -> Pool {
-        let targets: Box<[Arc<Target>]> = addrs.iter().map(|a| Arc::new(Target::new(*a))).collect();
+        let scheme = if config.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let targets: Box<[Arc<Target>]> = addrs
+            .iter()
+            .map(|a| Arc::new(Target::new(*a, scheme.clone())))
+            .collect();
         let ring = (config.balance == Balance::ConsistentHash).then(|| {
             let buckets: Vec<_> = addrs
                 .iter()
@@ -203,8 +224,8 @@ impl Pool {
                 .collect();
             pingora_ketama::Continuum::new(&buckets)
         });
-        let client_settings = ClientSettings::from(config);
-        let client = new_client(client_settings);
+        let client_settings = ClientSettings::new(config, &targets);
+        let client = new_client(&client_settings);
         Pool {
             name: Arc::from(name),
             targets,
@@ -216,6 +237,7 @@ impl Pool {
             client,
             per_core: Box::new([]),
             client_settings,
+            protocol: config.protocol,
             request_timeout: config.request_timeout,
             health_check: config.health_check.clone(),
             outbound: config.outbound.clone(),
@@ -246,16 +268,21 @@ impl Pool {
     /// (`thread_per_core`); see the module docs.
     pub fn with_per_core_clients(mut self, threads: usize) -> Pool {
         self.per_core = (0..threads)
-            .map(|_| new_client(self.client_settings))
+            .map(|_| new_client(&self.client_settings))
             .collect();
         self
     }
 
     /// The pooled client of per-core thread `core` (its own), or the shared one (`None`: not
     /// a per-core thread, or a core the pool has no client for).
-    pub fn client(&self, core: Option<usize>) -> &Client<HttpConnector, ProxyBody> {
+    pub(crate) fn client(&self, core: Option<usize>) -> &PoolClient {
         core.and_then(|i| self.per_core.get(i))
             .unwrap_or(&self.client)
+    }
+
+    /// How the pool's connections speak HTTP.
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
     }
 
     /// The header `consistent_hash` uses, if any.
@@ -398,33 +425,59 @@ impl Pool {
     }
 }
 
+/// The name `target`'s certificate is checked against (and the SNI, for a DNS name): the
+/// pool's `server_name`, else the target's host — today its IP address, checked against the
+/// certificate's IP SANs (no SNI is sent for an IP). The one place that chooses it.
+pub(crate) fn server_name(tls: &UpstreamTls, target: &Target) -> ServerName<'static> {
+    match &tls.server_name {
+        Some(name) => name.clone(),
+        None => ServerName::IpAddress(target.addr.ip().into()),
+    }
+}
+
 /// How a pool's clients connect and keep connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 struct ClientSettings {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
+    protocol: UpstreamProtocol,
+    tls: Option<TlsSettings>,
 }
 
-impl From<&UpstreamConfig> for ClientSettings {
-    fn from(c: &UpstreamConfig) -> Self {
+impl ClientSettings {
+    fn new(c: &UpstreamConfig, targets: &[Arc<Target>]) -> Self {
+        let tls = c.tls.as_ref().map(|tls| TlsSettings {
+            connector: TlsConnector::from(tls.config.clone()),
+            names: targets
+                .iter()
+                .map(|t| (t.authority.clone(), server_name(tls, t)))
+                .collect(),
+            require_h2: c.protocol == UpstreamProtocol::H2,
+        });
         ClientSettings {
             connect_timeout: c.connect_timeout,
             idle_timeout: c.idle_timeout,
             max_idle: c.max_idle,
+            protocol: c.protocol,
+            tls,
         }
     }
 }
 
 /// A pooled keep-alive client; its connection tasks run on the runtime that opens them.
-fn new_client(s: ClientSettings) -> Client<HttpConnector, ProxyBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(s.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
+/// HTTP/2 pools (`h2c`, `h2`) speak only HTTP/2: a connection per target carries every
+/// stream (up to the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`).
+fn new_client(s: &ClientSettings) -> PoolClient {
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(s.connect_timeout));
+    tcp.set_keepalive(Some(Duration::from_secs(60)));
+    let connector = Connector::new(tcp, s.tls.clone(), s.connect_timeout);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(s.idle_timeout)
         .pool_max_idle_per_host(s.max_idle)
+        .http2_only(s.protocol.is_h2())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .build(connector)
@@ -446,6 +499,8 @@ mod tests {
             idle_timeout: Duration::from_secs(90),
             max_idle: 1024,
             outbound: None,
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
         }
     }
 
@@ -570,9 +625,7 @@ mod tests {
     #[test]
     fn per_core_threads_use_their_own_client() {
         let pool = Pool::new("p", &config(Balance::RoundRobin), addrs(1)).with_per_core_clients(2);
-        let is = |a: &Client<HttpConnector, ProxyBody>, b: &Client<HttpConnector, ProxyBody>| {
-            std::ptr::eq(a, b)
-        };
+        let is = |a: &PoolClient, b: &PoolClient| std::ptr::eq(a, b);
         // Not a per-core thread (multi_thread workers, the control runtime).
         assert!(is(pool.client(None), &pool.client));
         assert!(is(pool.client(Some(0)), &pool.per_core[0]));
@@ -583,7 +636,7 @@ mod tests {
 
     #[test]
     fn ewma_takes_peaks_and_decays() {
-        let t = Target::new(addrs(1)[0]);
+        let t = Target::new(addrs(1)[0], Scheme::HTTP);
         t.observe(Duration::from_millis(100));
         assert_eq!(t.ewma_ns.load(Ordering::Relaxed), 100_000_000);
         t.observe(Duration::from_millis(10));

@@ -50,6 +50,7 @@ pin_project! {
             check: Check,
             call: Option<Call<F>>,
             start: tokio::time::Instant,
+            grpc: bool,
         },
         /// The usage endpoint writing a cap; then its answer.
         Usage {
@@ -67,11 +68,18 @@ impl<F, B> ResponseFuture<F, B> {
         }
     }
 
-    pub(crate) fn remote(check: Check, call: Call<F>, start: tokio::time::Instant) -> Self {
+    /// `grpc`: the request is a gRPC call (a rejection is answered in gRPC's form).
+    pub(crate) fn remote(
+        check: Check,
+        call: Call<F>,
+        start: tokio::time::Instant,
+        grpc: bool,
+    ) -> Self {
         ResponseFuture::Remote {
             check,
             call: Some(call),
             start,
+            grpc,
         }
     }
 
@@ -143,13 +151,22 @@ where
                     guard.take();
                     return Poll::Ready(Ok(take(response)));
                 }
-                Proj::Remote { check, call, start } => match ready!(check.as_mut().poll(cx)) {
+                Proj::Remote {
+                    check,
+                    call,
+                    start,
+                    grpc,
+                } => match ready!(check.as_mut().poll(cx)) {
                     Decision::Admit(admitted) => match call.take() {
                         Some(call) => ResponseFuture::admitted(call(), admitted, *start),
                         None => return Poll::Ready(Ok(internal_error())),
                     },
                     Decision::Reject(mut rejection) => {
-                        let response = rejection_response(&rejection);
+                        let response = if *grpc {
+                            super::grpc::grpc_rejection_response(&rejection)
+                        } else {
+                            rejection_response(&rejection)
+                        };
                         match (rejection.delay, rejection.delay_guard.take()) {
                             (Some(delay), Some(guard)) => {
                                 ResponseFuture::delayed(response, delay, guard)

@@ -30,9 +30,13 @@
 //! With `usage_endpoint` in the policy, the layer answers that one path itself (module
 //! `usage`): the calling client's own quota and usage, and its self-set caps; see
 //! `docs/clients.md`. Without it, a request pays one relaxed load of a flag for it.
+//!
+//! A rejected gRPC call (`content-type: application/grpc…`) is answered in gRPC's terms
+//! ([`grpc`]): HTTP 200 with `grpc-status`, the same headers as metadata, no body.
 
 mod body;
 mod future;
+pub mod grpc;
 mod headers;
 mod layer;
 mod response;

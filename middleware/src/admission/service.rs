@@ -159,10 +159,12 @@ where
             Begun::Remote(check) => {
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
+                let grpc = super::grpc::is_grpc(req.headers());
                 return ResponseFuture::remote(
                     Box::pin(check.resolve()),
                     Box::new(move || inner.call(req)),
                     start,
+                    grpc,
                 );
             }
         };
@@ -175,7 +177,13 @@ where
                 ResponseFuture::admitted(inner.call(req), admitted, start)
             }
             Decision::Reject(mut rejection) => {
-                let response = rejection_response(&rejection);
+                // The rejection's form: gRPC's for a gRPC call (one header lookup, on
+                // rejections only).
+                let response = if super::grpc::is_grpc(req.headers()) {
+                    super::grpc::grpc_rejection_response(&rejection)
+                } else {
+                    rejection_response(&rejection)
+                };
                 match (rejection.delay, rejection.delay_guard.take()) {
                     (Some(delay), Some(guard)) => ResponseFuture::delayed(response, delay, guard),
                     _ => ResponseFuture::ready(response),
