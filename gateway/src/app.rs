@@ -48,7 +48,7 @@ use crate::server::debug_trace::DebugTraceLayer;
 use crate::server::request_id::RequestIdLayer;
 use crate::server::runtime::{self, ListenSpec, Workers};
 use crate::server::{self, Sharing};
-use crate::tls::{Tls, TlsError};
+use crate::tls::{CertificateError, Tls};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +85,7 @@ pub enum StartError {
         /// The listener's configured address.
         addr: SocketAddr,
         /// Why.
-        source: TlsError,
+        source: CertificateError,
     },
     /// The `thread_per_core` threads could not be started (runtime, socket or thread).
     #[error("cannot start the per-core threads: {0}")]
@@ -362,12 +362,12 @@ pub async fn start_with(
         let tls = match &l.tls {
             None => None,
             Some(t) => Some(
-                Tls::from_pem_files(&t.cert, &t.key, config.limits.handshake_timeout).map_err(
-                    |source| StartError::Tls {
+                Tls::load(t.certs.clone(), config.limits.handshake_timeout).map_err(|source| {
+                    StartError::Tls {
                         addr: l.address,
                         source,
-                    },
-                )?,
+                    }
+                })?,
             ),
         };
         let bind_error = |source| StartError::Bind {
@@ -382,6 +382,22 @@ pub async fn start_with(
         specs.push(ListenSpec { addr, tls });
     }
     let data_addrs: Vec<SocketAddr> = specs.iter().map(|s| s.addr).collect();
+    // Certificate reloads: the files are watched, and SIGHUP reloads them with the policy.
+    let tls_listeners: Vec<(SocketAddr, Tls)> = specs
+        .iter()
+        .filter_map(|s| Some((s.addr, s.tls.clone()?)))
+        .collect();
+    if !tls_listeners.is_empty() {
+        let certs = crate::control::certs::CertReload::new(tls_listeners, &metrics);
+        certs.watch()?;
+        server::on_sighup(move || {
+            let certs = certs.clone();
+            async move {
+                tracing::info!("SIGHUP: reloading the listeners' certificates");
+                let _ = tokio::task::spawn_blocking(move || certs.reload_all()).await;
+            }
+        });
+    }
     let draining = Arc::new(AtomicBool::new(false));
     let admin_addr = match &config.admin {
         None => None,

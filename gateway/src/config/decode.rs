@@ -20,7 +20,7 @@ use http::Method;
 
 use fairgate_middleware::observe::AlertConfig;
 
-use crate::tls::TlsError;
+use crate::tls::{CertificateFiles, TlsError};
 use crate::upstream_tls::UpstreamTlsError;
 
 use super::model::{
@@ -275,7 +275,7 @@ fn listener(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Optio
             ctx,
             node,
             path,
-            "an address like `127.0.0.1:8080` or a map `{address: ADDR, tls: {cert: PATH, key: PATH}}`",
+            "an address like `127.0.0.1:8080` or a map `{address: ADDR, tls: {cert: PATH, key: PATH}}` (or `tls: {certs: [{cert, key}, …]}`)",
         )?;
         return match text.parse::<SocketAddr>() {
             Ok(a) => Some(ListenerConfig::plain(a)),
@@ -299,10 +299,87 @@ fn listener(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Optio
     })
 }
 
-/// A listener's `tls` map. The files are loaded here too, so that a missing or invalid
-/// certificate or key is reported at its place in the file (and by `fairgate check`).
+/// A listener's `tls` map: `{cert, key}` (one certificate) or `{certs: [{cert, key}, …]}`.
+/// The files are loaded here too, so that a missing or invalid certificate or key (or an
+/// expired one, or a name two certificates share) is reported at its place in the file (and
+/// by `fairgate check`).
 fn tls(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<TlsConfig> {
     let mut m = MapReader::new(ctx, node, path)?;
+    let list = m.entry("certs");
+    // Each certificate with where it is written: (files, map node, cert node, key node).
+    let certs: Vec<(CertificateFiles, &Node, &Node, &Node)> = match list {
+        Some(list) => {
+            for key in ["cert", "key"] {
+                if let Some(e) = m.entry(key) {
+                    ctx.error(
+                        e.key_node,
+                        &path.key(key),
+                        format!(
+                            "`{key}` and `certs` cannot be used together: list every \
+                             certificate under `certs`"
+                        ),
+                    );
+                }
+            }
+            m.finish(ctx);
+            let certs_path = path.key("certs");
+            let certs =
+                fairgate_policies::decode::list(ctx, list.value, &certs_path, |c, n, p| {
+                    let mut m = MapReader::new(c, n, p)?;
+                    let pair = certificate(c, &mut m, n, base);
+                    m.finish(c);
+                    pair.map(|(files, cert, key)| (files, n, cert, key))
+                })?;
+            if certs.is_empty() {
+                ctx.error(
+                    list.value,
+                    &certs_path,
+                    "must list at least one certificate (the first is the default)",
+                );
+                return None;
+            }
+            certs
+        }
+        None => {
+            let pair = certificate(ctx, &mut m, node, base);
+            m.finish(ctx);
+            let (files, cert, key) = pair?;
+            vec![(files, node, cert, key)]
+        }
+    };
+    let files: Vec<CertificateFiles> = certs.iter().map(|c| c.0.clone()).collect();
+    if let Err(e) = crate::tls::Certificates::load(&files, std::time::SystemTime::now()) {
+        let (f, at_map, cert_node, key_node) = &certs[e.index];
+        let certs_path = path.key("certs");
+        let map_path = if list.is_some() {
+            certs_path.index(e.index)
+        } else {
+            *path
+        };
+        let cert_path = map_path.key("cert");
+        let key_path = map_path.key("key");
+        // The certificate is read first, so a read or PEM error on its path is about it
+        // even when one file holds both.
+        let (at, at_path) = match (&e.source, e.source.path()) {
+            (TlsError::NoKey(_), _) => (*key_node, &key_path),
+            (TlsError::NoCertificate(_), _) => (*cert_node, &cert_path),
+            (_, Some(p)) if p == f.cert => (*cert_node, &cert_path),
+            (_, Some(p)) if p == f.key => (*key_node, &key_path),
+            _ => (*at_map, &map_path),
+        };
+        ctx.error(at, at_path, e.source.to_string());
+        return None;
+    }
+    Some(TlsConfig { certs: files })
+}
+
+/// The `cert` and `key` of a certificate's map, with their value nodes.
+fn certificate<'n>(
+    ctx: &mut Ctx,
+    m: &mut MapReader<'n, '_>,
+    node: &'n Node,
+    base: &FsPath,
+) -> Option<(CertificateFiles, &'n Node, &'n Node)> {
     let file = |c: &mut Ctx, n: &Node, p: &Path<'_>| {
         let s = scalar(c, n, p, "a PEM file path")?;
         if s.is_empty() {
@@ -315,24 +392,14 @@ fn tls(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<Tls
     let key = m.required_with(ctx, "key", file);
     let cert_node = m.entry("cert").map_or(node, |e| e.value);
     let key_node = m.entry("key").map_or(node, |e| e.value);
-    m.finish(ctx);
-    let (cert, key) = (cert?, key?);
-    if let Err(e) = crate::tls::server_config(&cert, &key) {
-        let cert_path = path.key("cert");
-        let key_path = path.key("key");
-        // The certificate is read first, so a read or PEM error on its path is about it
-        // even when one file holds both.
-        let (at, at_path) = match (&e, e.path()) {
-            (TlsError::NoKey(_), _) => (key_node, &key_path),
-            (TlsError::NoCertificate(_), _) => (cert_node, &cert_path),
-            (_, Some(f)) if f == cert => (cert_node, &cert_path),
-            (_, Some(f)) if f == key => (key_node, &key_path),
-            _ => (node, path),
-        };
-        ctx.error(at, at_path, e.to_string());
-        return None;
-    }
-    Some(TlsConfig { cert, key })
+    Some((
+        CertificateFiles {
+            cert: cert?,
+            key: key?,
+        },
+        cert_node,
+        key_node,
+    ))
 }
 
 fn duration(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<Duration> {

@@ -65,14 +65,14 @@ impl ListenerConfig {
     }
 }
 
-/// A listener's certificate and key, both PEM files (relative paths are relative to the
-/// gateway config file).
+/// A listener's certificates (`tls: {cert, key}` for one, `tls: {certs: [{cert, key}, …]}`
+/// for several), PEM files whose relative paths are relative to the gateway config file.
+/// The certificate for a handshake is chosen by the client's SNI; the first is the default
+/// (see [`crate::tls`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
-    /// The certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// The private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
+    /// At least one certificate, in the configured order.
+    pub certs: Vec<crate::tls::CertificateFiles>,
 }
 
 /// How the data plane uses threads. The default, `thread_per_core`, was measured to use less

@@ -34,6 +34,17 @@ struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerResultLabels {
+    listener: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -54,6 +65,17 @@ pub struct ClientCounters {
     pub slow_body: Counter,
     /// Connections closed because the client read nothing for `write_timeout`.
     pub slow_read: Counter,
+}
+
+/// The certificate-reload series of one TLS listener (see [`crate::control::certs`]).
+#[derive(Debug, Clone)]
+pub struct CertificateMetrics {
+    /// `fairgate_certificate_reloads_total{listener, result="ok"}`.
+    pub ok: Counter,
+    /// `fairgate_certificate_reloads_total{listener, result="error"}`.
+    pub error: Counter,
+    /// `fairgate_certificate_last_reload_success{listener}`.
+    pub last_success: Gauge,
 }
 
 /// What kind of upstream failure happened.
@@ -139,6 +161,8 @@ pub struct Metrics {
     access_log_dropped: Counter,
     outbound: OutboundMetrics,
     clients: ClientCounters,
+    certificate_reloads: Family<ListenerResultLabels, Counter>,
+    certificate_last_reload_success: Family<ListenerLabels, Gauge>,
 }
 
 /// What reads each pool's requests in flight when the metrics are encoded (the pools' own
@@ -226,6 +250,18 @@ impl Metrics {
             "Slow clients cut off, by kind (body: request body under body_min_rate; read: nothing read for write_timeout)",
             slow.clone(),
         );
+        let certificate_reloads = Family::<ListenerResultLabels, Counter>::default();
+        gateway.register(
+            "certificate_reloads",
+            "Reloads of a TLS listener's certificates by result (ok, error: the current ones were kept)",
+            certificate_reloads.clone(),
+        );
+        let certificate_last_reload_success = Family::<ListenerLabels, Gauge>::default();
+        gateway.register(
+            "certificate_last_reload_success",
+            "1 when the last reload of a TLS listener's certificates succeeded (or none was tried), 0 when it failed",
+            certificate_last_reload_success.clone(),
+        );
         let clients = ClientCounters {
             refused_per_source: refused.get_or_create_owned(&ReasonLabels {
                 reason: "per_source",
@@ -245,6 +281,31 @@ impl Metrics {
             access_log_dropped,
             outbound,
             clients,
+            certificate_reloads,
+            certificate_last_reload_success,
+        }
+    }
+
+    /// The certificate-reload series of the TLS listener bound at `listener` (creates them:
+    /// both results at 0, last success 1).
+    pub fn certificates(&self, listener: &str) -> CertificateMetrics {
+        let result = |result| {
+            self.certificate_reloads
+                .get_or_create_owned(&ListenerResultLabels {
+                    listener: listener.to_owned(),
+                    result,
+                })
+        };
+        let last_success =
+            self.certificate_last_reload_success
+                .get_or_create_owned(&ListenerLabels {
+                    listener: listener.to_owned(),
+                });
+        last_success.set(1);
+        CertificateMetrics {
+            ok: result("ok"),
+            error: result("error"),
+            last_success,
         }
     }
 

@@ -301,8 +301,13 @@ fn listeners_mix_plain_addresses_and_tls_maps() {
     );
     let tls = c.listen[1].tls.as_ref().unwrap();
     assert_eq!(c.listen[1].address.port(), 8443);
-    assert_eq!(tls.cert, d.0.path().join("cert.pem"));
-    assert_eq!(tls.key, d.0.path().join("key.pem"));
+    assert_eq!(
+        tls.certs,
+        [crate::tls::CertificateFiles {
+            cert: d.0.path().join("cert.pem"),
+            key: d.0.path().join("key.pem"),
+        }]
+    );
     assert_eq!(
         c.listen[2],
         ListenerConfig::plain("[::1]:8081".parse().unwrap())
@@ -370,6 +375,90 @@ fn tls_map_shape_errors_are_reported_at_once() {
         ],
         "{e}"
     );
+}
+
+impl TlsDir {
+    /// Writes `NAME.pem` / `NAME-key.pem`: a self-signed certificate for `names`, valid
+    /// until `until` (year).
+    fn add(&self, file: &str, names: &[&str], until: i32) {
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(self.0.path().join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(
+            self.0.path().join(format!("{file}-key.pem")),
+            key.serialize_pem(),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_listener_takes_a_list_of_certificates() {
+    let d = TlsDir::new();
+    d.add("a", &["a.test"], 2100);
+    d.add("b", &["b.test", "*.b.test"], 2100);
+    let c = d
+        .parse("  - address: 127.0.0.1:0\n    tls:\n      certs:\n        - {cert: a.pem, key: a-key.pem}\n        - {cert: b.pem, key: b-key.pem}")
+        .unwrap()
+        .config;
+    let certs = &c.listen[0].tls.as_ref().unwrap().certs;
+    let names: Vec<_> = certs
+        .iter()
+        .map(|c| (c.cert.file_name().unwrap(), c.key.file_name().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("a.pem".as_ref(), "a-key.pem".as_ref()),
+            ("b.pem".as_ref(), "b-key.pem".as_ref())
+        ]
+    );
+}
+
+#[test]
+fn certificate_lists_are_checked_with_positions() {
+    let d = TlsDir::new();
+    d.add("a", &["a.test"], 2100);
+    d.add("dup", &["x.test", "a.test"], 2100);
+    d.add("old", &["old.test"], 2021);
+    let errors = |listen: &str| d.parse(listen).unwrap_err().to_string();
+    let dir = d.0.path().display().to_string();
+    let cases = [
+        (
+            "  - {address: 127.0.0.1:0, tls: {certs: []}}",
+            "gw.yaml:2:41: listen[0].tls.certs: must list at least one certificate (the first is the default)".to_owned(),
+        ),
+        (
+            "  - {address: 127.0.0.1:0, tls: {certs: [{cert: a.pem}]}}",
+            "gw.yaml:2:42: listen[0].tls.certs[0]: missing field `key`".to_owned(),
+        ),
+        (
+            "  - {address: 127.0.0.1:0, tls: {cert: a.pem, key: a-key.pem, certs: [{cert: a.pem, key: a-key.pem}]}}",
+            "gw.yaml:2:34: listen[0].tls.cert: `cert` and `certs` cannot be used together: list every certificate under `certs`\n\
+             gw.yaml:2:47: listen[0].tls.key: `key` and `certs` cannot be used together: list every certificate under `certs`".to_owned(),
+        ),
+        (
+            "  - {address: 127.0.0.1:0, tls: {certs: [{cert: a.pem, key: a-key.pem}, {cert: dup.pem, key: dup-key.pem}]}}",
+            format!("gw.yaml:2:80: listen[0].tls.certs[1].cert: `{dir}/dup.pem` names `a.test`, which is already a name of certs[0]"),
+        ),
+        (
+            "  - {address: 127.0.0.1:0, tls: {cert: old.pem, key: old-key.pem}}",
+            format!("gw.yaml:2:40: listen[0].tls.cert: `{dir}/old.pem` expired at 2021-01-01T00:00:00Z"),
+        ),
+        (
+            "  - {address: 127.0.0.1:0, tls: {certs: [{cert: a.pem, key: a-key.pem}, {cert: a.pem, key: dup-key.pem}]}}",
+            "gw.yaml:2:73: listen[0].tls.certs[1]: the certificate and key cannot be used together: keys may not be consistent: KeyMismatch".to_owned(),
+        ),
+    ];
+    for (listen, want) in cases {
+        assert_eq!(errors(listen), want, "{listen}");
+    }
 }
 
 #[test]
