@@ -39,6 +39,7 @@ use crate::config::{LoadedConfig, PolicySource, RuntimeModel, TargetSpec};
 use crate::control::access_log::AccessLog;
 use crate::control::metrics::Metrics;
 use crate::proxy::access::AccessLayer;
+use crate::proxy::resolve::{Hickory, Lookup, Resolution, Written};
 use crate::proxy::routing::{Route, RouteTable, RoutingLayer};
 use crate::proxy::upstream::Pool;
 use crate::proxy::Proxy;
@@ -300,16 +301,55 @@ pub async fn start_with(
     };
     let mut pools = Vec::new();
     let mut by_name = std::collections::HashMap::new();
+    // Target names: resolved once here, before anything listens, then as their TTLs say.
+    let any_name = config.upstreams.values().any(|u| {
+        u.targets
+            .iter()
+            .any(|t| matches!(t, TargetSpec::Name { .. }))
+    });
+    let lookup: Option<Arc<dyn Lookup>> = if any_name {
+        Some(Arc::new(Hickory::new(&config.resolver)?))
+    } else {
+        None
+    };
     for (name, u) in &config.upstreams {
-        let addrs = u
+        let written: Vec<Written> = u
             .targets
             .iter()
             .filter_map(|t| match t {
-                TargetSpec::Addr(a) => Some(*a),
-                TargetSpec::Echo => echo_addr,
+                TargetSpec::Addr(a) => Some(Written::Addr(*a)),
+                TargetSpec::Echo => echo_addr.map(Written::Addr),
+                TargetSpec::Name { host, port } => Some(Written::Name {
+                    host: Arc::from(host.as_str()),
+                    port: *port,
+                }),
+            })
+            .collect();
+        let addrs = written
+            .iter()
+            .filter_map(|w| match w {
+                Written::Addr(a) => Some(*a),
+                Written::Name { .. } => None,
             })
             .collect();
         let pool = Arc::new(Pool::new(name, u, addrs).with_per_core_clients(per_core));
+        let (failures, targets) = metrics.upstream_resolution(pool.name());
+        targets.set(i64::try_from(pool.targets().len()).unwrap_or(i64::MAX));
+        if let Some(lookup) = lookup
+            .as_ref()
+            .filter(|_| written.iter().any(|w| matches!(w, Written::Name { .. })))
+        {
+            let mut resolution = Resolution::new(
+                pool.clone(),
+                written,
+                lookup.clone(),
+                &config.resolver,
+                failures,
+                targets,
+            );
+            resolution.resolve_due().await;
+            tokio::spawn(resolution.run());
+        }
         if u.health_check.is_some() {
             tokio::spawn(pool.clone().run_health_checks());
         }

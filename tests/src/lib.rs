@@ -572,6 +572,16 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
+        Self::start_with(listener)
+    }
+
+    /// Starts an upstream on `addr` (e.g. `127.0.0.3:PORT`, several loopback addresses on one
+    /// port, as the addresses of one DNS name are); fails when it cannot be bound.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Upstream> {
+        Ok(Self::start_with(TcpListener::bind(addr).await?))
+    }
+
+    fn start_with(listener: TcpListener) -> Upstream {
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(UpstreamState::default());
         let up = Upstream {

@@ -26,7 +26,7 @@ use crate::upstream_tls::UpstreamTlsError;
 use super::model::{
     AccessFormat, AccessLogConfig, AccessTarget, AdminConfig, Balance, DecisionTarget,
     GatewayConfig, HashKey, HealthCheck, Limits, ListenerConfig, LogConfig, LogFormat,
-    PolicySource, RouteConfig, RuntimeModel, TargetSpec, TlsConfig, UpstreamConfig,
+    PolicySource, ResolverConfig, RouteConfig, RuntimeModel, TargetSpec, TlsConfig, UpstreamConfig,
     UpstreamProtocol, UpstreamTls,
 };
 
@@ -213,6 +213,9 @@ fn config(
         .optional_with(ctx, "log", |c, n, p| log(c, n, p, base))
         .unwrap_or_default();
     let alerts = m.optional_with(ctx, "alerts", alerts).unwrap_or_default();
+    let resolver = m
+        .optional_with(ctx, "resolver", resolver)
+        .unwrap_or_default();
     m.finish(ctx);
 
     let listen = listen?;
@@ -248,6 +251,7 @@ fn config(
             policy,
             log,
             alerts,
+            resolver,
         },
         inline_policy,
     })
@@ -633,26 +637,117 @@ fn upstream_map(
 }
 
 fn target(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<TargetSpec> {
-    let text = scalar(
-        ctx,
-        node,
-        path,
-        "a target like `127.0.0.1:8081` or `builtin:echo`",
-    )?;
+    const LIKE: &str = "a target like `127.0.0.1:8081`, `api.internal:8080` or `builtin:echo`";
+    let text = scalar(ctx, node, path, LIKE)?;
     if text == "builtin:echo" {
         return Some(TargetSpec::Echo);
     }
-    match text.parse::<SocketAddr>() {
-        Ok(a) => Some(TargetSpec::Addr(a)),
-        Err(_) => {
-            ctx.error(
-                node,
-                path,
-                format!("`{text}` is not a target like `127.0.0.1:8081` or `builtin:echo`"),
-            );
-            None
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Some(TargetSpec::Addr(a));
+    }
+    let mut error = |message: String| {
+        ctx.error(node, path, message);
+        None
+    };
+    // An address without a port.
+    let bracketed = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+    match (bracketed, text.parse::<std::net::IpAddr>()) {
+        (Some(v6), _) if v6.parse::<std::net::Ipv6Addr>().is_ok() => {
+            return error(format!("`{text}` has no port: write it as `{text}:PORT`"))
+        }
+        (_, Ok(std::net::IpAddr::V6(_))) => {
+            return error(format!("`{text}` has no port: write it as `[{text}]:PORT`"))
+        }
+        (_, Ok(std::net::IpAddr::V4(_))) => {
+            return error(format!("`{text}` has no port: write it as `{text}:PORT`"))
+        }
+        _ if text.starts_with('[') => return error(format!("`{text}` is not {LIKE}")),
+        _ => {}
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return error(if host_name(text).is_ok() {
+            format!("`{text}` has no port: write it as `{text}:PORT`")
+        } else {
+            format!("`{text}` is not {LIKE}")
+        });
+    };
+    let port = match port.parse::<u16>() {
+        Ok(p) if p > 0 => p,
+        _ => return error(format!("`{text}`: `{port}` is not a port (1-65535)")),
+    };
+    match host_name(host) {
+        Ok(host) => Some(TargetSpec::Name { host, port }),
+        Err(why) => error(format!("`{text}`: `{host}` is not a host name: {why}")),
+    }
+}
+
+/// A DNS host name (RFC 1123: letters, digits and hyphens, labels of 1-63 characters not
+/// starting or ending with a hyphen, 253 characters at most; a trailing dot is dropped),
+/// lowercase. A name made of digits and dots only is refused (it reads as a bad address).
+fn host_name(text: &str) -> Result<String, &'static str> {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if name.is_empty() {
+        return Err("it is empty");
+    }
+    if name.len() > 253 {
+        return Err("it is longer than 253 characters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("a label is empty or longer than 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err("only letters, digits, hyphens and dots may be used");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label may not start or end with a hyphen");
         }
     }
+    if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err("it is all digits (an IPv4 address needs four numbers up to 255)");
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+/// The `resolver` map.
+fn resolver(ctx: &mut Ctx, node: &Node, path: &Path<'_>) -> Option<ResolverConfig> {
+    let d = ResolverConfig::default();
+    let mut m = MapReader::new(ctx, node, path)?;
+    let nameservers = m.optional_with(ctx, "nameservers", |c, n, p| {
+        let list = one_or_many(c, n, p, socket_addr)?;
+        if list.is_empty() {
+            c.error(
+                n,
+                p,
+                "must list at least one server (or leave `nameservers` out for /etc/resolv.conf)",
+            );
+            return None;
+        }
+        Some(list)
+    });
+    let min_ttl = m.optional_with(ctx, "min_ttl", positive_duration);
+    let max_ttl = m.optional_with(ctx, "max_ttl", positive_duration);
+    let max_node = m.entry("max_ttl").map_or(node, |e| e.value);
+    let timeout = m.optional_with(ctx, "timeout", positive_duration);
+    m.finish(ctx);
+    let config = ResolverConfig {
+        nameservers,
+        min_ttl: min_ttl.unwrap_or(d.min_ttl),
+        max_ttl: max_ttl.unwrap_or(d.max_ttl),
+        timeout: timeout.unwrap_or(d.timeout),
+    };
+    if config.max_ttl < config.min_ttl {
+        ctx.error(
+            max_node,
+            &path.key("max_ttl"),
+            format!("must be at least `min_ttl` ({:?})", config.min_ttl),
+        );
+        return None;
+    }
+    Some(config)
 }
 
 fn upstream(ctx: &mut Ctx, node: &Node, path: &Path<'_>, base: &FsPath) -> Option<UpstreamConfig> {

@@ -47,6 +47,35 @@ pub struct GatewayConfig {
     pub log: LogConfig,
     /// The usage-alert sender's limits (`alerts:`; the alerts themselves are the policy's).
     pub alerts: fairgate_middleware::observe::AlertConfig,
+    /// How upstream target names are resolved (`resolver:`).
+    pub resolver: ResolverConfig,
+}
+
+/// How upstream target names are resolved (`resolver:`; used only when a target is a name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolverConfig {
+    /// DNS servers to ask (UDP, then TCP for truncated answers). Absent: those of
+    /// `/etc/resolv.conf` (with its search domains and options).
+    pub nameservers: Option<Vec<SocketAddr>>,
+    /// A name is not re-resolved sooner than this after an answer, whatever its TTL
+    /// (default 1s); also the wait before retrying a name that did not resolve.
+    pub min_ttl: Duration,
+    /// A name is re-resolved at the latest this long after an answer, whatever its TTL
+    /// (default 5m).
+    pub max_ttl: Duration,
+    /// Time for one resolution, every server and retry included (default 2s).
+    pub timeout: Duration,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig {
+            nameservers: None,
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(300),
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 /// One data-plane listener.
@@ -128,7 +157,7 @@ pub struct RouteConfig {
 /// One upstream pool.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Targets: `ip:port` or `builtin:echo`.
+    /// Targets: `ip:port`, `name:port` or `builtin:echo`.
     pub targets: Vec<TargetSpec>,
     /// How a target is picked per request (default `p2c_ewma`).
     pub balance: Balance,
@@ -182,11 +211,19 @@ impl std::fmt::Debug for UpstreamTls {
     }
 }
 
-/// An upstream target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An upstream target as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetSpec {
-    /// A plain-HTTP target.
+    /// A plain-HTTP target at an IP address.
     Addr(SocketAddr),
+    /// A host name and port (`api.internal:8080`): every address the name resolves to is a
+    /// target, re-resolved as its answer's TTL says (see [`crate::proxy::resolve`]).
+    Name {
+        /// The host name, lowercase, without a trailing dot.
+        host: String,
+        /// The port.
+        port: u16,
+    },
     /// The in-process demo upstream (see [`crate::proxy::echo`]).
     Echo,
 }

@@ -163,6 +163,8 @@ pub struct Metrics {
     clients: ClientCounters,
     certificate_reloads: Family<ListenerResultLabels, Counter>,
     certificate_last_reload_success: Family<ListenerLabels, Gauge>,
+    upstream_targets: Family<UpstreamLabels, Gauge>,
+    upstream_resolve_failures: Family<UpstreamLabels, Counter>,
 }
 
 /// What reads each pool's requests in flight when the metrics are encoded (the pools' own
@@ -250,6 +252,18 @@ impl Metrics {
             "Slow clients cut off, by kind (body: request body under body_min_rate; read: nothing read for write_timeout)",
             slow.clone(),
         );
+        let upstream_targets = Family::<UpstreamLabels, Gauge>::default();
+        gateway.register(
+            "upstream_targets",
+            "Targets of an upstream pool now (every address of its target names counts)",
+            upstream_targets.clone(),
+        );
+        let upstream_resolve_failures = Family::<UpstreamLabels, Counter>::default();
+        gateway.register(
+            "upstream_resolve_failures",
+            "Resolutions of a pool's target names that failed (the name's last addresses were kept)",
+            upstream_resolve_failures.clone(),
+        );
         let certificate_reloads = Family::<ListenerResultLabels, Counter>::default();
         gateway.register(
             "certificate_reloads",
@@ -283,7 +297,21 @@ impl Metrics {
             clients,
             certificate_reloads,
             certificate_last_reload_success,
+            upstream_targets,
+            upstream_resolve_failures,
         }
+    }
+
+    /// `fairgate_upstream_resolve_failures_total` and `fairgate_upstream_targets` of upstream
+    /// pool `name` (creates them).
+    pub fn upstream_resolution(&self, name: &Arc<str>) -> (Counter, Gauge) {
+        let labels = UpstreamLabels {
+            upstream: name.clone(),
+        };
+        (
+            self.upstream_resolve_failures.get_or_create_owned(&labels),
+            self.upstream_targets.get_or_create_owned(&labels),
+        )
     }
 
     /// The certificate-reload series of the TLS listener bound at `listener` (creates them:

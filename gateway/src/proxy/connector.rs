@@ -64,8 +64,8 @@ pub(crate) fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<Strin
 pub(crate) struct TlsSettings {
     pub(crate) connector: TlsConnector,
     /// The name each target's certificate is checked against, by the target's authority
-    /// (the URI the client connects for).
-    pub(crate) names: Arc<[(Authority, ServerName<'static>)]>,
+    /// (the URI the client connects for); replaced when the pool's target set changes.
+    pub(crate) names: Arc<arc_swap::ArcSwap<Vec<(Authority, ServerName<'static>)>>>,
     /// Whether ALPN must have chosen `h2` (`protocol: h2`).
     pub(crate) require_h2: bool,
 }
@@ -109,6 +109,7 @@ impl Service<Uri> for Connector {
         let name = tls.as_ref().and_then(|t| {
             let authority = uri.authority()?;
             t.names
+                .load()
                 .iter()
                 .find(|(a, _)| a == authority)
                 .map(|(_, n)| n.clone())

@@ -21,12 +21,21 @@
 //! Targets that fail `unhealthy_after` consecutive health checks are skipped. When no target
 //! is healthy, all are used again (a panic threshold, as Envoy does): a broken health check
 //! must not take the whole pool down.
+//!
+//! The target set can change at run time (a target name re-resolved, see
+//! [`crate::proxy::resolve`]): it is one [`TargetSet`] (the targets and their ring) behind an
+//! `ArcSwap`, so a pick takes one `load` and no lock, and a change swaps the whole set (and,
+//! with `tls`, the connector's server name per target). A target whose address stays keeps
+//! its `Arc<Target>` (in-flight count, EWMA, health); a removed target lives on in the
+//! [`InFlight`]s of the requests still using it.
 
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::{ArcSwap, Guard};
 use http::uri::{Authority, Scheme};
 use http::{Request, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -51,6 +60,7 @@ const INITIAL_EWMA_NS: u64 = 1_000_000;
 /// One upstream target and its live statistics.
 #[derive(Debug)]
 pub struct Target {
+    host: Arc<str>,
     addr: SocketAddr,
     authority: Authority,
     scheme: Scheme,
@@ -64,10 +74,11 @@ pub struct Target {
 // === impl Target ===
 
 impl Target {
-    fn new(addr: SocketAddr, scheme: Scheme) -> Target {
+    fn new(host: Arc<str>, addr: SocketAddr, scheme: Scheme) -> Target {
         let authority = Authority::try_from(addr.to_string().as_str())
             .expect("a socket address is a valid authority");
         Target {
+            host,
             addr,
             authority,
             scheme,
@@ -82,6 +93,12 @@ impl Target {
     /// The target's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The host the target was configured with: the name it was resolved from
+    /// (`api.internal`), or the IP address as written.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// Whether the last health checks passed.
@@ -146,6 +163,12 @@ impl InFlight {
         }
     }
 
+    /// A request on `target` (for tests of the target set).
+    #[cfg(test)]
+    pub(crate) fn holding(target: Arc<Target>) -> InFlight {
+        InFlight::new(target, false)
+    }
+
     /// Whether `consistent_hash`'s load bound moved this request off its key's target.
     pub fn moved(&self) -> bool {
         self.moved
@@ -173,14 +196,47 @@ impl Drop for InFlight {
     }
 }
 
+/// A pool's targets at one time, and their ketama ring under `consistent_hash`. Derefs to
+/// the targets.
+pub struct TargetSet {
+    targets: Box<[Arc<Target>]>,
+    ring: Option<pingora_ketama::Continuum>,
+}
+
+impl TargetSet {
+    fn new(targets: Box<[Arc<Target>]>, balance: Balance) -> TargetSet {
+        let ring = (balance == Balance::ConsistentHash).then(|| {
+            let buckets: Vec<_> = targets
+                .iter()
+                .map(|t| pingora_ketama::Bucket::new(t.addr, 1))
+                .collect();
+            pingora_ketama::Continuum::new(&buckets)
+        });
+        TargetSet { targets, ring }
+    }
+}
+
+impl Deref for TargetSet {
+    type Target = [Arc<Target>];
+
+    fn deref(&self) -> &[Arc<Target>] {
+        &self.targets
+    }
+}
+
+impl std::fmt::Debug for TargetSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.targets.iter()).finish()
+    }
+}
+
 /// An upstream pool.
 pub struct Pool {
     name: Arc<str>,
-    targets: Box<[Arc<Target>]>,
+    set: ArcSwap<TargetSet>,
     balance: Balance,
     hash_key: HashKey,
     hash_balance_factor: Option<f64>,
-    ring: Option<pingora_ketama::Continuum>,
     next: AtomicUsize,
     /// Used by every thread except per-core threads (and by health checks).
     client: PoolClient,
@@ -197,7 +253,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("name", &self.name)
-            .field("targets", &self.targets)
+            .field("targets", &self.set.load())
             .field("balance", &self.balance)
             .finish_non_exhaustive()
     }
@@ -206,8 +262,8 @@ impl std::fmt::Debug for Pool {
 // === impl Pool ===
 
 impl Pool {
-    /// Builds a pool over resolved target addresses (`builtin:echo` already replaced by the
-    /// echo server's address).
+    /// Builds a pool over target addresses (`builtin:echo` already replaced by the echo
+    /// server's address), each its own host; names are added by [`Pool::set_targets`].
     pub fn new(name: &str, config: &UpstreamConfig, addrs: Vec<SocketAddr>) -> Pool {
         let scheme = if config.tls.is_some() {
             Scheme::HTTPS
@@ -216,24 +272,22 @@ impl Pool {
         };
         let targets: Box<[Arc<Target>]> = addrs
             .iter()
-            .map(|a| Arc::new(Target::new(*a, scheme.clone())))
+            .map(|a| {
+                Arc::new(Target::new(
+                    Arc::from(a.ip().to_string()),
+                    *a,
+                    scheme.clone(),
+                ))
+            })
             .collect();
-        let ring = (config.balance == Balance::ConsistentHash).then(|| {
-            let buckets: Vec<_> = addrs
-                .iter()
-                .map(|a| pingora_ketama::Bucket::new(*a, 1))
-                .collect();
-            pingora_ketama::Continuum::new(&buckets)
-        });
         let client_settings = ClientSettings::new(config, &targets);
         let client = new_client(&client_settings);
         Pool {
             name: Arc::from(name),
-            targets,
+            set: ArcSwap::from_pointee(TargetSet::new(targets, config.balance)),
             balance: config.balance,
             hash_key: config.hash_key.clone(),
             hash_balance_factor: config.hash_balance_factor,
-            ring,
             next: AtomicUsize::new(0),
             client,
             per_core: Box::new([]),
@@ -250,9 +304,42 @@ impl Pool {
         &self.name
     }
 
-    /// The targets.
-    pub fn targets(&self) -> &[Arc<Target>] {
-        &self.targets
+    /// The current targets (a snapshot: a re-resolution may replace them while it is held;
+    /// do not hold it across an `.await`).
+    pub fn targets(&self) -> Guard<Arc<TargetSet>> {
+        self.set.load()
+    }
+
+    /// Replaces the target set with `targets` (host, address), in that order; an address
+    /// listed twice is one target (the first host). A target whose address was already in
+    /// the set is kept as it is (in flight, EWMA, health); the ring is rebuilt, and with
+    /// `tls` the connector learns the new targets' server names. Answers whether the set
+    /// changed.
+    pub fn set_targets(&self, targets: &[(Arc<str>, SocketAddr)]) -> bool {
+        let old = self.set.load_full();
+        let scheme = old
+            .first()
+            .map(|t| t.scheme.clone())
+            .unwrap_or_else(|| self.client_settings.scheme());
+        let mut new: Vec<Arc<Target>> = Vec::with_capacity(targets.len());
+        for (host, addr) in targets {
+            if new.iter().any(|t| t.addr == *addr) {
+                continue;
+            }
+            let kept = old.iter().find(|t| t.addr == *addr).cloned();
+            new.push(
+                kept.unwrap_or_else(|| Arc::new(Target::new(host.clone(), *addr, scheme.clone()))),
+            );
+        }
+        let same =
+            new.len() == old.len() && new.iter().zip(old.iter()).all(|(a, b)| Arc::ptr_eq(a, b));
+        if !same {
+            // Names first: a request may pick a new target as soon as the set is stored.
+            self.client_settings.learn_names(&new, &old);
+            self.set
+                .store(Arc::new(TargetSet::new(new.into(), self.balance)));
+        }
+        !same
     }
 
     /// The default time to the response head.
@@ -297,40 +384,42 @@ impl Pool {
     /// Picks a target for a request, skipping `exclude` (the target a retry is moving away
     /// from). `hash` is the consistent-hash key (ignored by the other strategies).
     pub fn pick(&self, hash: &[u8], exclude: Option<&Arc<Target>>) -> Option<InFlight> {
+        let set = self.set.load();
+        let targets = &set.targets;
         let excluded = |t: &Arc<Target>| exclude.is_some_and(|e| Arc::ptr_eq(e, t));
-        let any_healthy = self.targets.iter().any(|t| t.is_healthy() && !excluded(t));
+        let any_healthy = targets.iter().any(|t| t.is_healthy() && !excluded(t));
         // Panic threshold: with no healthy target left, consider them all.
         let usable = |t: &Arc<Target>| !excluded(t) && (!any_healthy || t.is_healthy());
-        let n = self.targets.len();
+        let n = targets.len();
         let mut moved = false;
         let chosen = match self.balance {
             Balance::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 (0..n)
-                    .map(|i| &self.targets[(start + i) % n])
+                    .map(|i| &targets[(start + i) % n])
                     .find(|t| usable(t))
             }
             Balance::ConsistentHash => {
-                let ring = self
+                let ring = set
                     .ring
                     .as_ref()
                     .expect("consistent_hash pools have a ring");
                 let on_ring = || {
                     ring.node_iter(hash)
                         .take(n * 8)
-                        .filter_map(|addr| self.targets.iter().find(|t| t.addr == *addr))
+                        .filter_map(|addr| targets.iter().find(|t| t.addr == *addr))
                         .filter(|t| usable(t))
                 };
                 let home = on_ring()
                     .next()
-                    .or_else(|| self.targets.iter().find(|t| usable(t)));
+                    .or_else(|| targets.iter().find(|t| usable(t)));
                 match (self.hash_balance_factor, home) {
                     (Some(factor), Some(h)) => {
                         // Bounded load (Mirrokni et al.; HAProxy's `hash-balance-factor`):
                         // a target takes the request while its in-flight count stays within
                         // `factor` × the average, counting this request.
-                        let usable_n = self.targets.iter().filter(|t| usable(t)).count().max(1);
-                        let total: u64 = self.targets.iter().map(|t| t.in_flight()).sum();
+                        let usable_n = targets.iter().filter(|t| usable(t)).count().max(1);
+                        let total: u64 = targets.iter().map(|t| t.in_flight()).sum();
                         let bound = (factor * (total + 1) as f64 / usable_n as f64).ceil() as u64;
                         let fits = |t: &&Arc<Target>| t.in_flight() < bound;
                         if fits(&h) {
@@ -338,7 +427,7 @@ impl Pool {
                         } else {
                             moved = true;
                             on_ring().find(fits).or_else(|| {
-                                self.targets
+                                targets
                                     .iter()
                                     .filter(|t| usable(t))
                                     .min_by_key(|t| t.in_flight())
@@ -349,17 +438,17 @@ impl Pool {
                 }
             }
             Balance::P2cEwma => {
-                let candidates = self.targets.iter().filter(|t| usable(t)).count();
+                let candidates = targets.iter().filter(|t| usable(t)).count();
                 match candidates {
                     0 => None,
-                    1 => self.targets.iter().find(|t| usable(t)),
+                    1 => targets.iter().find(|t| usable(t)),
                     c => {
                         let a = fastrand::usize(..c);
                         let mut b = fastrand::usize(..c - 1);
                         if b >= a {
                             b += 1;
                         }
-                        let mut usable_targets = self.targets.iter().filter(|t| usable(t));
+                        let mut usable_targets = targets.iter().filter(|t| usable(t));
                         let (first, second) = if a < b { (a, b) } else { (b, a) };
                         let x = usable_targets.nth(first);
                         let y = usable_targets.nth(second - first - 1);
@@ -383,7 +472,9 @@ impl Pool {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            for target in self.targets.iter() {
+            // The set of this round: targets added meanwhile are probed from the next one.
+            let set = self.set.load_full();
+            for target in set.iter() {
                 let ok = self.probe(target, &check).await;
                 self.record_probe(target, ok, &check);
             }
@@ -427,12 +518,17 @@ impl Pool {
 }
 
 /// The name `target`'s certificate is checked against (and the SNI, for a DNS name): the
-/// pool's `server_name`, else the target's host — today its IP address, checked against the
-/// certificate's IP SANs (no SNI is sent for an IP). The one place that chooses it.
+/// pool's `server_name`, else the target's host — the name it was resolved from (sent as
+/// SNI), or its IP address, checked against the certificate's IP SANs (no SNI is sent for an
+/// IP). The one place that chooses it.
 pub(crate) fn server_name(tls: &UpstreamTls, target: &Target) -> ServerName<'static> {
     match &tls.server_name {
         Some(name) => name.clone(),
-        None => ServerName::IpAddress(target.addr.ip().into()),
+        None => match target.host.parse::<std::net::IpAddr>() {
+            Ok(_) => ServerName::IpAddress(target.addr.ip().into()),
+            Err(_) => ServerName::try_from(target.host.to_string())
+                .unwrap_or_else(|_| ServerName::IpAddress(target.addr.ip().into())),
+        },
     }
 }
 
@@ -444,16 +540,20 @@ struct ClientSettings {
     max_idle: usize,
     protocol: UpstreamProtocol,
     tls: Option<TlsSettings>,
+    /// The pool's `tls` block (to name new targets).
+    upstream_tls: Option<UpstreamTls>,
 }
 
 impl ClientSettings {
     fn new(c: &UpstreamConfig, targets: &[Arc<Target>]) -> Self {
         let tls = c.tls.as_ref().map(|tls| TlsSettings {
             connector: TlsConnector::from(tls.config.clone()),
-            names: targets
-                .iter()
-                .map(|t| (t.authority.clone(), server_name(tls, t)))
-                .collect(),
+            names: Arc::new(ArcSwap::from_pointee(
+                targets
+                    .iter()
+                    .map(|t| (t.authority.clone(), server_name(tls, t)))
+                    .collect(),
+            )),
             require_h2: c.protocol == UpstreamProtocol::H2,
         });
         ClientSettings {
@@ -462,6 +562,31 @@ impl ClientSettings {
             max_idle: c.max_idle,
             protocol: c.protocol,
             tls,
+            upstream_tls: c.tls.clone(),
+        }
+    }
+
+    /// The scheme of the pool's target URIs.
+    fn scheme(&self) -> Scheme {
+        if self.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        }
+    }
+
+    /// Tells the connector (every client's: they share the table) the server name of each
+    /// of `targets`, and keeps those of the `previous` set's (a request that picked one of
+    /// them just before the change may still connect), so the table holds two sets at most.
+    fn learn_names(&self, targets: &[Arc<Target>], previous: &[Arc<Target>]) {
+        if let (Some(settings), Some(tls)) = (&self.tls, &self.upstream_tls) {
+            let mut names: Vec<(Authority, ServerName<'static>)> = Vec::new();
+            for t in targets.iter().chain(previous) {
+                if !names.iter().any(|(a, _)| *a == t.authority) {
+                    names.push((t.authority.clone(), server_name(tls, t)));
+                }
+            }
+            settings.names.store(Arc::new(names));
         }
     }
 }
@@ -523,7 +648,7 @@ mod tests {
             .map(|_| pool.pick(b"", None).unwrap().target().addr().port())
             .collect();
         assert_eq!(picks, [10_000, 10_001, 10_002, 10_000, 10_001, 10_002]);
-        pool.targets[1].healthy.store(false, Ordering::Relaxed);
+        pool.targets()[1].healthy.store(false, Ordering::Relaxed);
         let picks: Vec<u16> = (0..4)
             .map(|_| pool.pick(b"", None).unwrap().target().addr().port())
             .collect();
@@ -533,7 +658,7 @@ mod tests {
     #[tokio::test]
     async fn no_healthy_target_falls_back_to_all() {
         let pool = Pool::new("p", &config(Balance::P2cEwma), addrs(2));
-        for t in pool.targets.iter() {
+        for t in pool.targets().iter() {
             t.healthy.store(false, Ordering::Relaxed);
         }
         assert!(pool.pick(b"", None).is_some());
@@ -562,13 +687,13 @@ mod tests {
         let pool = Pool::new("p", &config(Balance::P2cEwma), addrs(2));
         // Hold many requests on the first target: with two targets p2c always compares both.
         let held: Vec<_> = (0..50)
-            .map(|_| InFlight::new(pool.targets[0].clone(), false))
+            .map(|_| InFlight::new(pool.targets()[0].clone(), false))
             .collect();
         for _ in 0..20 {
             assert_eq!(pool.pick(b"", None).unwrap().target().addr().port(), 10_001);
         }
         drop(held);
-        assert_eq!(pool.targets[0].in_flight(), 0);
+        assert_eq!(pool.targets()[0].in_flight(), 0);
     }
 
     /// A hot key stays on its target while the target has room (in flight below 125 % of
@@ -593,7 +718,7 @@ mod tests {
             "the first request goes to the key's own target"
         );
         let per_target = |addr| held.iter().filter(|f| f.target().addr() == addr).count();
-        for t in bounded.targets() {
+        for t in bounded.targets().iter() {
             // The bound for the 40th request: ⌈1.25 × 40 / 4⌉ = 13.
             assert!(
                 per_target(t.addr()) <= 13,
@@ -628,6 +753,33 @@ mod tests {
         }
     }
 
+    /// A new set keeps the targets that stay (same `Arc`, same state), drops duplicates,
+    /// and `consistent_hash` picks from the new ring only.
+    #[tokio::test]
+    async fn a_new_target_set_keeps_what_stays_and_rebuilds_the_ring() {
+        let pool = Pool::new("p", &config(Balance::ConsistentHash), addrs(3));
+        let stays = pool.targets()[1].clone();
+        stays.healthy.store(false, Ordering::Relaxed);
+        let gone = pool.pick(b"k", None).unwrap();
+        let host: Arc<str> = Arc::from("api.internal");
+        let new = |port: u16| (host.clone(), SocketAddr::from(([127, 0, 0, 1], port)));
+        assert!(pool.set_targets(&[new(10_001), new(10_005), new(10_001)]));
+        let set = pool.targets();
+        let ports: Vec<u16> = set.iter().map(|t| t.addr().port()).collect();
+        assert_eq!(ports, [10_001, 10_005]);
+        assert!(Arc::ptr_eq(&set[0], &stays) && !set[0].is_healthy());
+        assert_eq!(set[0].host(), "127.0.0.1", "a kept target keeps its host");
+        assert_eq!(set[1].host(), "api.internal");
+        for key in 0..50u32 {
+            let t = pool.pick(&key.to_be_bytes(), None).unwrap();
+            assert!(matches!(t.target().addr().port(), 10_001 | 10_005));
+        }
+        // The same set again is no change.
+        assert!(!pool.set_targets(&[new(10_001), new(10_005)]));
+        // A request on a removed target ends normally.
+        drop(gone);
+    }
+
     #[test]
     fn per_core_threads_use_their_own_client() {
         let pool = Pool::new("p", &config(Balance::RoundRobin), addrs(1)).with_per_core_clients(2);
@@ -642,7 +794,7 @@ mod tests {
 
     #[test]
     fn ewma_takes_peaks_and_decays() {
-        let t = Target::new(addrs(1)[0], Scheme::HTTP);
+        let t = Target::new(Arc::from("127.0.0.1"), addrs(1)[0], Scheme::HTTP);
         t.observe(Duration::from_millis(100));
         assert_eq!(t.ewma_ns.load(Ordering::Relaxed), 100_000_000);
         t.observe(Duration::from_millis(10));
@@ -660,7 +812,8 @@ mod tests {
         });
         let pool = Pool::new("p", &c, addrs(1));
         let check = c.health_check.unwrap();
-        let t = &pool.targets[0];
+        let set = pool.targets();
+        let t = &set[0];
         pool.record_probe(t, false, &check);
         assert!(t.is_healthy());
         pool.record_probe(t, false, &check);

@@ -175,7 +175,7 @@ log: {sample_admits: 2}
             "gw.yaml:2:1: workerz: unknown field `workerz` (did you mean `workers`?)",
             "gw.yaml:4:15: routes[0].upstream: no upstream named `apii` (did you mean `api`?)",
             "gw.yaml:5:18: routes[0].path_prefix: `v1` must start with `/`",
-            "gw.yaml:8:15: upstreams.api.targets[0]: `nohost` is not a target like `127.0.0.1:8081` or `builtin:echo`",
+            "gw.yaml:8:15: upstreams.api.targets[0]: `nohost` has no port: write it as `nohost:PORT`",
             "gw.yaml:9:14: upstreams.api.balance: unknown value `random` (expected one of `p2c_ewma`, `round_robin`, `consistent_hash`)",
             "gw.yaml:10:28: limits.max_header_bytes: must be between 8KiB and 16MiB",
             "gw.yaml:11:22: log.sample_admits: `2` must be between 0 and 1",
@@ -713,5 +713,78 @@ upstreams:
             "gw.yaml:14:34: upstreams.c.outbound.fleet: missing field `redis`",
         ],
         "{errors}"
+    );
+}
+
+#[test]
+fn targets_may_be_names_with_ports() {
+    let src = "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [API.Internal.:8080, 127.0.0.1:8081, '[::1]:8082', web-1.svc:80]}}\n";
+    let c = parse_ok(src).config;
+    assert_eq!(
+        c.upstreams["u"].targets,
+        [
+            TargetSpec::Name {
+                host: "api.internal".into(),
+                port: 8080
+            },
+            TargetSpec::Addr("127.0.0.1:8081".parse().unwrap()),
+            TargetSpec::Addr("[::1]:8082".parse().unwrap()),
+            TargetSpec::Name {
+                host: "web-1.svc".into(),
+                port: 80
+            },
+        ]
+    );
+    assert_eq!(c.resolver, crate::config::ResolverConfig::default());
+}
+
+#[test]
+fn bad_target_names_and_resolver_settings_have_positions() {
+    let src = "listen: 127.0.0.1:0
+routes: [{upstream: u}]
+upstreams:
+  u:
+    targets:
+      - api.internal
+      - api.internal:0
+      - api.internal:http
+      - bad_name:80
+      - -api.internal:80
+      - 10.0.0.300:80
+      - '[::1]'
+      - 10.0.0.1
+      - '[nope]:80'
+resolver: {nameservers: [127.0.0.1], timeout: 0s}
+";
+    let e = parse_err(src);
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "gw.yaml:6:9: upstreams.u.targets[0]: `api.internal` has no port: write it as `api.internal:PORT`",
+            "gw.yaml:7:9: upstreams.u.targets[1]: `api.internal:0`: `0` is not a port (1-65535)",
+            "gw.yaml:8:9: upstreams.u.targets[2]: `api.internal:http`: `http` is not a port (1-65535)",
+            "gw.yaml:9:9: upstreams.u.targets[3]: `bad_name:80`: `bad_name` is not a host name: only letters, digits, hyphens and dots may be used",
+            "gw.yaml:10:9: upstreams.u.targets[4]: `-api.internal:80`: `-api.internal` is not a host name: a label may not start or end with a hyphen",
+            "gw.yaml:11:9: upstreams.u.targets[5]: `10.0.0.300:80`: `10.0.0.300` is not a host name: it is all digits (an IPv4 address needs four numbers up to 255)",
+            "gw.yaml:12:9: upstreams.u.targets[6]: `[::1]` has no port: write it as `[::1]:PORT`",
+            "gw.yaml:13:9: upstreams.u.targets[7]: `10.0.0.1` has no port: write it as `10.0.0.1:PORT`",
+            "gw.yaml:14:9: upstreams.u.targets[8]: `[nope]:80` is not a target like `127.0.0.1:8081`, `api.internal:8080` or `builtin:echo`",
+            "gw.yaml:15:26: resolver.nameservers[0]: `127.0.0.1` is not an address like `127.0.0.1:8080` or `[::1]:8080`",
+            "gw.yaml:15:47: resolver.timeout: must be greater than zero",
+        ],
+        "{e}"
+    );
+    let e = parse_err(
+        "listen: 127.0.0.1:0\nroutes: [{upstream: u}]\nupstreams: {u: {targets: [a.b:1]}}\nresolver: {min_ttl: 10s, max_ttl: 5s, nameservers: []}\n",
+    );
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "gw.yaml:4:35: resolver.max_ttl: must be at least `min_ttl` (10s)",
+            "gw.yaml:4:52: resolver.nameservers: must list at least one server (or leave `nameservers` out for /etc/resolv.conf)",
+        ],
+        "{e}"
     );
 }
