@@ -318,3 +318,32 @@ fn bad_target_names_are_config_errors_with_positions() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(!err.contains("fairgate listening"), "{err}");
 }
+
+/// Health checks probe the targets of the current set: a new address from a changed
+/// answer is probed, a removed one no longer is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_follow_the_current_targets() {
+    let dns = Dns::start().await;
+    let (port, ups) = upstreams().await;
+    dns.set(NAME, &[ip(2), ip(3)]);
+    let config = config(&dns, port).replace(
+        "balance: round_robin}",
+        "balance: round_robin, health_check: {interval: 100ms, path: /hc, timeout: 1s}}",
+    );
+    assert!(config.contains("path: /hc"), "{config}");
+    let gw = Gateway::start(&config);
+    let probes = |up: &Upstream| up.requests().iter().filter(|r| r.uri == "/hc").count();
+
+    let probed = eventually(WAIT, || async { probes(&ups[1]) > 0 }).await;
+    assert!(probed, "127.0.0.3 was never probed:\n{}", gw.stderr());
+    dns.set(NAME, &[ip(2), ip(4)]);
+    let probed = eventually(WAIT, || async { probes(&ups[2]) > 0 }).await;
+    assert!(probed, "the new address was never probed:\n{}", gw.stderr());
+    // The round that probed 127.0.0.4 first already had the new set, and rounds run one
+    // after the other: 127.0.0.3 is probed no more.
+    let removed = probes(&ups[1]);
+    let seen = probes(&ups[2]);
+    let more = eventually(WAIT, || async { probes(&ups[2]) >= seen + 3 }).await;
+    assert!(more, "{}", gw.stderr());
+    assert_eq!(probes(&ups[1]), removed, "a removed target is still probed");
+}

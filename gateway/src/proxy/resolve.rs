@@ -330,15 +330,6 @@ mod tests {
         }
     }
 
-    /// A request held on a target (as the proxy's `InFlight` does).
-    struct InFlightOf;
-
-    impl InFlightOf {
-        fn hold(target: &Arc<crate::proxy::upstream::Target>) -> crate::proxy::upstream::InFlight {
-            crate::proxy::upstream::InFlight::holding(target.clone())
-        }
-    }
-
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, last])
     }
@@ -421,7 +412,8 @@ mod tests {
         assert_eq!(targets.get(), 3);
         let kept = pool.targets()[2].clone();
         let gone = pool.targets()[1].clone();
-        let held = InFlightOf::hold(&gone);
+        // A request in flight on the target that the next answer removes.
+        let held = crate::proxy::upstream::InFlight::holding(gone.clone());
         script.asked(2).await;
         assert_eq!(now(), [lit, sa(2), sa(3)]);
         assert!(
