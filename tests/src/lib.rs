@@ -10,6 +10,7 @@
 //!   (so a test can be "another client") or speaking h2c with prior knowledge;
 //! - [`eventually`] polls a condition with a deadline: tests never sleep to synchronise.
 
+pub mod dns;
 pub mod load;
 pub mod proc;
 pub mod raw;

@@ -1,118 +1,16 @@
-//! Upstream targets by name through the real binary, against a DNS server the test controls:
-//! a small UDP responder on 127.0.0.1 (hickory's message types), whose answers the test
+//! Upstream targets by name through the real binary, against a DNS server the test controls
+//! ([`fairgate_tests::dns`]: a small UDP responder on 127.0.0.1), whose answers the test
 //! changes, withholds (no answer: a timeout) or refuses (NXDOMAIN). The name's addresses are
 //! loopback addresses (127.0.0.2, .3, .4) with one upstream on each, all on one port.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fairgate_tests::dns::Dns;
 use fairgate_tests::{eventually, metric, run_fairgate, Client, Gateway, Upstream};
-use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
-use tokio::net::UdpSocket;
 
 const WAIT: Duration = Duration::from_secs(15);
 const NAME: &str = "api.test";
-
-/// A DNS server for the test: A records by name, TTL 1 s.
-struct Dns {
-    addr: SocketAddr,
-    zone: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>,
-    answering: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Dns {
-    async fn start() -> Dns {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
-        let addr = socket.local_addr().unwrap();
-        let zone: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>> = Arc::default();
-        let answering = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn({
-            let (zone, answering) = (zone.clone(), answering.clone());
-            async move {
-                let mut buf = vec![0u8; 4096];
-                loop {
-                    let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
-                        continue;
-                    };
-                    if !answering.load(Ordering::SeqCst) {
-                        continue; // a server that does not answer: the client times out
-                    }
-                    let Ok(query) = Message::from_vec(&buf[..n]) else {
-                        continue;
-                    };
-                    let reply = answer(&query, &zone.lock().unwrap());
-                    let _ = socket.send_to(&reply.to_vec().unwrap(), peer).await;
-                }
-            }
-        });
-        Dns {
-            addr,
-            zone,
-            answering,
-            task,
-        }
-    }
-
-    fn set(&self, name: &str, ips: &[Ipv4Addr]) {
-        self.zone
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), ips.to_vec());
-    }
-
-    fn remove(&self, name: &str) {
-        self.zone.lock().unwrap().remove(name);
-    }
-
-    fn set_answering(&self, on: bool) {
-        self.answering.store(on, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The reply to `query`: its A records (TTL 1 s), an empty answer for other types of a known
-/// name, NXDOMAIN for an unknown name.
-fn answer(query: &Message, zone: &HashMap<String, Vec<Ipv4Addr>>) -> Message {
-    let mut reply = Message::new();
-    reply
-        .set_id(query.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(query.op_code())
-        .set_recursion_desired(query.recursion_desired())
-        .set_recursion_available(true)
-        .set_authoritative(true);
-    for q in query.queries() {
-        reply.add_query(q.clone());
-        let name = q
-            .name()
-            .to_ascii()
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        match zone.get(&name) {
-            None => {
-                reply.set_response_code(ResponseCode::NXDomain);
-            }
-            Some(ips) if q.query_type() == RecordType::A => {
-                for ip in ips {
-                    reply.add_answer(Record::from_rdata(q.name().clone(), 1, RData::A(A(*ip))));
-                }
-            }
-            Some(_) => {}
-        }
-    }
-    reply
-}
 
 fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, last)

@@ -455,3 +455,44 @@ fn bad_tls_blocks_stop_the_start_with_their_position() {
         assert!(err.contains(&expected), "{expected}\n{err}");
     }
 }
+
+/// A target written as a name (resolved by a DNS server the test controls) is checked
+/// against that name, which is sent as SNI: no `server_name` needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_name_is_the_server_name_and_the_sni() {
+    let ca = Ca::new("test CA");
+    let up = TlsUpstream::start(&ca.leaf(&["api.test"], false, false), None).await;
+    let dns = fairgate_tests::dns::Dns::start().await;
+    dns.set("api.test", &[std::net::Ipv4Addr::LOCALHOST]);
+    let dir = Gateway::tempdir();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    let gw = Gateway::start_in(
+        dir,
+        &format!(
+            "listen: 127.0.0.1:0
+routes: [{{upstream: named}}]
+upstreams:
+  named: {{targets: ['api.test:{}'], tls: {{ca: ca.pem}}}}
+resolver: {{nameservers: ['{}']}}
+log: {{decisions: off}}
+",
+            up.addr.port(),
+            dns.addr
+        ),
+    );
+    let r = Client::new().get(&gw.url("/by-name")).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.stderr());
+    assert_eq!(r.text(), "secure http HTTP/1.1");
+    assert_eq!(
+        up.seen
+            .sni
+            .lock()
+            .unwrap()
+            .first()
+            .cloned()
+            .flatten()
+            .as_deref(),
+        Some("api.test")
+    );
+    assert_eq!(*up.seen.paths.lock().unwrap(), ["/by-name"]);
+}
