@@ -123,6 +123,9 @@ pub enum TlsError {
         /// The index of the earlier certificate.
         first: usize,
     },
+    /// The listener's list of certificates is empty.
+    #[error("a TLS listener needs at least one certificate")]
+    Empty,
     /// rustls refused the pair (the key does not match the certificate, or is unsupported).
     #[error("the certificate and key cannot be used together: {0}")]
     Config(rustls::Error),
@@ -140,7 +143,7 @@ impl TlsError {
             TlsError::NoCertificate(path) | TlsError::NoKey(path) | TlsError::NoName(path) => {
                 Some(path)
             }
-            TlsError::Config(_) => None,
+            TlsError::Config(_) | TlsError::Empty => None,
         }
     }
 }
@@ -255,13 +258,15 @@ impl std::fmt::Debug for Certificates {
 }
 
 impl Certificates {
-    /// Loads every certificate of `files` (a non-empty list; the first is the default) as of
-    /// `now`, and indexes their names.
+    /// Loads every certificate of `files` (the first is the default; an empty list is an
+    /// error) as of `now`, and indexes their names.
     pub fn load(files: &[CertificateFiles], now: SystemTime) -> Result<Self, CertificateError> {
-        assert!(
-            !files.is_empty(),
-            "a TLS listener has at least one certificate"
-        );
+        if files.is_empty() {
+            return Err(CertificateError {
+                index: 0,
+                source: TlsError::Empty,
+            });
+        }
         let mut set = Certificates {
             keys: Vec::with_capacity(files.len()),
             exact: HashMap::new(),
@@ -617,6 +622,8 @@ mod tests {
         let f = Files::new();
         let good = f.add("good", &["a.test"]);
         let err = |files: &[CertificateFiles]| load(files).unwrap_err();
+
+        assert!(matches!(err(&[]).source, TlsError::Empty));
 
         let e = err(&[good.clone(), f.add_until("old", &["b.test"], (2021, 1, 1))]);
         assert_eq!(e.index, 1);

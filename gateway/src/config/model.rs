@@ -217,7 +217,7 @@ pub enum TargetSpec {
     /// A plain-HTTP target at an IP address.
     Addr(SocketAddr),
     /// A host name and port (`api.internal:8080`): every address the name resolves to is a
-    /// target, re-resolved as its answer's TTL says (see [`crate::proxy::resolve`]).
+    /// target, re-resolved as its answer's TTL says (see `proxy/resolve.rs`).
     Name {
         /// The host name, lowercase, without a trailing dot.
         host: String,

@@ -33,7 +33,7 @@ pub(crate) mod client;
 pub(crate) mod connector;
 pub mod echo;
 pub mod outbound;
-pub mod resolve;
+pub(crate) mod resolve;
 pub mod routing;
 pub mod upstream;
 

@@ -40,17 +40,17 @@ use crate::config::ResolverConfig;
 use crate::proxy::upstream::Pool;
 
 /// What one resolution answers: the addresses and how long they are valid (the TTL).
-pub type Answer = Result<(Vec<IpAddr>, Duration), String>;
+pub(crate) type Answer = Result<(Vec<IpAddr>, Duration), String>;
 
 /// Resolves a host name (hickory in the gateway; a script in unit tests).
-pub trait Lookup: Send + Sync + 'static {
+pub(crate) trait Lookup: Send + Sync + 'static {
     /// Resolves `host` (a name, not an address).
     fn lookup(&self, host: &str) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>>;
 }
 
 /// The gateway's [`Lookup`]: hickory-resolver on Tokio.
 #[derive(Clone)]
-pub struct Hickory {
+pub(crate) struct Hickory {
     resolver: TokioResolver,
 }
 
@@ -63,7 +63,7 @@ impl std::fmt::Debug for Hickory {
 impl Hickory {
     /// A resolver asking `config.nameservers` (UDP, and TCP for truncated answers), or those
     /// of `/etc/resolv.conf`, with `config.timeout` for a whole resolution.
-    pub fn new(config: &ResolverConfig) -> std::io::Result<Hickory> {
+    pub(crate) fn new(config: &ResolverConfig) -> std::io::Result<Hickory> {
         let provider = TokioConnectionProvider::default();
         let mut builder = match &config.nameservers {
             Some(servers) => {
@@ -113,7 +113,7 @@ impl Lookup for Hickory {
 
 /// A pool's targets as written: addresses and names, in order.
 #[derive(Debug, Clone)]
-pub enum Written {
+pub(crate) enum Written {
     /// An address (or `builtin:echo`'s), its own host.
     Addr(SocketAddr),
     /// A name and port.
@@ -139,7 +139,7 @@ struct Name {
 }
 
 /// Keeps one pool's named targets resolved.
-pub struct Resolution {
+pub(crate) struct Resolution {
     pool: Arc<Pool>,
     written: Vec<Written>,
     names: Vec<Name>,
@@ -162,7 +162,7 @@ impl std::fmt::Debug for Resolution {
 impl Resolution {
     /// The resolution of `pool`'s targets `written`; `failures` and `targets` are its
     /// `fairgate_upstream_resolve_failures_total` and `fairgate_upstream_targets`.
-    pub fn new(
+    pub(crate) fn new(
         pool: Arc<Pool>,
         written: Vec<Written>,
         lookup: Arc<dyn Lookup>,
@@ -197,7 +197,7 @@ impl Resolution {
     }
 
     /// Resolves every name that is due, then installs the pool's target set.
-    pub async fn resolve_due(&mut self) {
+    pub(crate) async fn resolve_due(&mut self) {
         let now = Instant::now();
         for name in self.names.iter_mut().filter(|n| n.due <= now) {
             let answer = self.lookup.lookup(&name.host).await;
@@ -273,7 +273,7 @@ impl Resolution {
     }
 
     /// Re-resolves the names as they fall due, forever.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         while let Some(due) = self.next_due() {
             tokio::time::sleep_until(due).await;
             self.resolve_due().await;

@@ -23,7 +23,7 @@
 //! must not take the whole pool down.
 //!
 //! The target set can change at run time (a target name re-resolved, see
-//! [`crate::proxy::resolve`]): it is one [`TargetSet`] (the targets and their ring) behind an
+//! `proxy/resolve.rs`): it is one [`TargetSet`] (the targets and their ring) behind an
 //! `ArcSwap`, so a pick takes one `load` and no lock, and a change swaps the whole set (and,
 //! with `tls`, the connector's server name per target). A target whose address stays keeps
 //! its `Arc<Target>` (in-flight count, EWMA, health); a removed target lives on in the
@@ -263,7 +263,7 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// Builds a pool over target addresses (`builtin:echo` already replaced by the echo
-    /// server's address), each its own host; names are added by [`Pool::set_targets`].
+    /// server's address), each its own host; names are added later (`set_targets`).
     pub fn new(name: &str, config: &UpstreamConfig, addrs: Vec<SocketAddr>) -> Pool {
         let scheme = if config.tls.is_some() {
             Scheme::HTTPS
@@ -315,7 +315,7 @@ impl Pool {
     /// the set is kept as it is (in flight, EWMA, health); the ring is rebuilt, and with
     /// `tls` the connector learns the new targets' server names. Answers whether the set
     /// changed.
-    pub fn set_targets(&self, targets: &[(Arc<str>, SocketAddr)]) -> bool {
+    pub(crate) fn set_targets(&self, targets: &[(Arc<str>, SocketAddr)]) -> bool {
         let old = self.set.load_full();
         let scheme = old
             .first()
