@@ -435,13 +435,16 @@ async fn three_gateways_on_one_redis_hold_one_outbound_rate_and_share_one_cache(
     let _serial = SERIAL.lock().await;
     let redis = fairgate_tests::redis::RedisServer::start();
     // The upstream takes 20 a second; each gateway alone would send 2 + 12 in a second,
-    // three of them 42: only the fleet's one bucket keeps them under 20.
+    // three of them 42: only the fleet's one bucket keeps them under 20. Redis gets 1 s to
+    // answer (the default is 25 ms): this test is about sharing, and on a loaded machine a
+    // late answer would send a gateway to the upstream on its own (the timeout path is
+    // `redis_failures`' to test).
     let up = Limited::start(20).await;
     let outbound = format!(
         "      rate: {{rate: 12/s, burst: 2}}
       queue: {{max: 1000, timeout: 10s}}
       cache: {{ttl: 30s}}
-      fleet: {{redis: {{url: '{}'}}}}",
+      fleet: {{redis: {{url: '{}', timeout: 1s}}}}",
         redis.url()
     );
     let gws: Vec<Gateway> = (0..3)
