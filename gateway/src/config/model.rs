@@ -187,6 +187,29 @@ pub struct UpstreamConfig {
     pub tls: Option<UpstreamTls>,
 }
 
+#[cfg(test)]
+impl UpstreamConfig {
+    /// The tests' pool: no targets, `balance`, keyed by peer, HTTP/1.1, 1 s to connect, 5 s
+    /// to the response head, 90 s idle, 1,024 idle connections; no health check, outbound
+    /// layers or TLS.
+    pub(crate) fn for_tests(balance: Balance) -> UpstreamConfig {
+        UpstreamConfig {
+            targets: Vec::new(),
+            balance,
+            hash_key: HashKey::Peer,
+            hash_balance_factor: None,
+            health_check: None,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 1024,
+            outbound: None,
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
+        }
+    }
+}
+
 /// A pool's `tls:` block, with its rustls client config built when the file was decoded.
 #[derive(Clone)]
 pub struct UpstreamTls {

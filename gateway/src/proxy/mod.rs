@@ -846,18 +846,8 @@ mod tests {
             }
         });
         let cfg = crate::config::UpstreamConfig {
-            targets: Vec::new(),
-            balance: crate::config::Balance::RoundRobin,
-            hash_key: crate::config::HashKey::Peer,
-            hash_balance_factor: None,
-            health_check: None,
-            connect_timeout: std::time::Duration::from_secs(1),
-            request_timeout: std::time::Duration::from_secs(5),
-            idle_timeout: std::time::Duration::from_secs(90),
             max_idle: 16,
-            outbound: None,
-            protocol: crate::config::UpstreamProtocol::Http1,
-            tls: None,
+            ..crate::config::UpstreamConfig::for_tests(crate::config::Balance::RoundRobin)
         };
         let pool = Arc::new(Pool::new("p", &cfg, vec![addr]).with_per_core_clients(2));
         let route = Arc::new(crate::proxy::routing::Route::new(

@@ -284,7 +284,7 @@ impl Resolution {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Balance, HashKey, UpstreamConfig};
+    use crate::config::{Balance, UpstreamConfig};
     use std::sync::Mutex;
 
     /// Answers from a script, and records when it was asked.
@@ -336,18 +336,8 @@ mod tests {
 
     fn pool(balance: Balance) -> Arc<Pool> {
         let config = UpstreamConfig {
-            targets: Vec::new(),
-            balance,
-            hash_key: HashKey::Peer,
-            hash_balance_factor: None,
-            health_check: None,
-            connect_timeout: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(90),
             max_idle: 1,
-            outbound: None,
-            protocol: crate::config::UpstreamProtocol::Http1,
-            tls: None,
+            ..UpstreamConfig::for_tests(balance)
         };
         Arc::new(Pool::new("p", &config, Vec::new()))
     }

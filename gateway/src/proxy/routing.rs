@@ -252,22 +252,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Balance, HashKey, UpstreamConfig};
+    use crate::config::{Balance, UpstreamConfig};
 
     fn pool() -> Arc<Pool> {
         let cfg = UpstreamConfig {
-            targets: Vec::new(),
-            balance: Balance::RoundRobin,
-            hash_key: HashKey::Peer,
-            hash_balance_factor: None,
-            health_check: None,
-            connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(7),
-            idle_timeout: Duration::from_secs(90),
-            max_idle: 1024,
-            outbound: None,
-            protocol: crate::config::UpstreamProtocol::Http1,
-            tls: None,
+            ..UpstreamConfig::for_tests(Balance::RoundRobin)
         };
         Arc::new(Pool::new(
             "p",

@@ -620,18 +620,8 @@ mod tests {
 
     fn config(balance: Balance) -> UpstreamConfig {
         UpstreamConfig {
-            targets: Vec::new(),
-            balance,
-            hash_key: HashKey::Peer,
-            hash_balance_factor: None,
-            health_check: None,
-            connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(90),
-            max_idle: 1024,
-            outbound: None,
-            protocol: UpstreamProtocol::Http1,
-            tls: None,
+            ..UpstreamConfig::for_tests(balance)
         }
     }
 
