@@ -22,8 +22,6 @@
 //! - at most `max_idle` idle connections per target, closed after `idle_timeout` idle (a sweep
 //!   every `idle_timeout ÷ 2`, at least 1 s).
 
-use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -32,7 +30,6 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
@@ -116,23 +113,10 @@ struct Idle {
     since: Instant,
 }
 
-/// The idle connections of one target, and the requests waiting for one.
+/// The idle connections of one target.
 struct TargetIdle {
     authority: Authority,
     conns: Vec<Idle>,
-    /// Requests that found nothing idle, oldest first: a connection checked in goes to the
-    /// first still waiting before the idle list.
-    waiters: VecDeque<oneshot::Sender<SendRequest<ProxyBody>>>,
-}
-
-impl TargetIdle {
-    fn new(authority: Authority) -> TargetIdle {
-        TargetIdle {
-            authority,
-            conns: Vec::new(),
-            waiters: VecDeque::new(),
-        }
-    }
 }
 
 /// Idle connections by target, shared by a pool and its sweeper.
@@ -181,9 +165,9 @@ impl H1Pool {
         }
         let mut sender = match self.checkout(&authority) {
             Some(s) => s,
-            // Boxed: waiting and connecting are rare; inline, their futures would be moved
-            // with every request's future.
-            None => Box::pin(self.wait_or_connect(&authority, &target)).await?,
+            // Boxed: the connect future is large and rare; inline, it would be moved with
+            // every request's future.
+            None => Box::pin(self.connect(&target)).await?,
         };
         let mut fresh = false;
         loop {
@@ -256,92 +240,24 @@ impl H1Pool {
         }
     }
 
-    /// Nothing idle: connects, and meanwhile waits for a connection another request checks
-    /// in; takes whichever comes first (as hyper-util's pool does). A connection made after
-    /// the request was served is checked in; one checked in after it connected goes to the
-    /// next waiter or the idle list. Without the race, a stall of the machine that piles
-    /// requests up turns into a storm of new connections the upstream must accept, each
-    /// request waiting for its own, while the connections of those before come free.
-    async fn wait_or_connect(
-        &self,
-        authority: &Authority,
-        target: &Uri,
-    ) -> Result<SendRequest<ProxyBody>, UpstreamError> {
-        let (tx, mut rx) = oneshot::channel();
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let t = match idle.targets.iter().position(|t| t.authority == *authority) {
-                Some(i) => &mut idle.targets[i],
-                None => {
-                    idle.targets.push(TargetIdle::new(authority.clone()));
-                    idle.targets.last_mut().expect("just pushed")
-                }
-            };
-            t.waiters.retain(|w| !w.is_closed());
-            t.waiters.push_back(tx);
-        }
-        let mut connect = Box::pin(self.connect(target));
-        tokio::select! {
-            biased;
-            checked_in = &mut rx => match checked_in {
-                Ok(sender) => {
-                    // The connect goes on: its connection is checked in when made.
-                    let back = Back {
-                        sender: None,
-                        authority: authority.clone(),
-                        pool: Arc::downgrade(&self.idle),
-                        max_idle: self.max_idle,
-                    };
-                    tokio::spawn(async move {
-                        let mut back = back;
-                        if let Ok(s) = connect.await {
-                            back.sender = Some(s);
-                            back.check_in();
-                        }
-                    });
-                    Ok(sender)
-                }
-                // The pool is gone: only the connect is left.
-                Err(_) => connect.await,
-            },
-            connected = &mut connect => {
-                rx.close();
-                // Checked in between the connect's end and `close`: handed on.
-                if let Ok(sender) = rx.try_recv() {
-                    let mut back = Back {
-                        sender: Some(sender),
-                        authority: authority.clone(),
-                        pool: Arc::downgrade(&self.idle),
-                        max_idle: self.max_idle,
-                    };
-                    back.check_in();
-                }
-                connected
+    async fn connect(&self, target: &Uri) -> Result<SendRequest<ProxyBody>, UpstreamError> {
+        let io = self
+            .connector
+            .clone()
+            .oneshot(target.clone())
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
             }
-        }
-    }
-
-    /// A new connection to `target` (the future owns what it needs: it may finish in a task
-    /// of its own, see [`H1Pool::wait_or_connect`]).
-    fn connect(
-        &self,
-        target: &Uri,
-    ) -> impl Future<Output = Result<SendRequest<ProxyBody>, UpstreamError>> + Send + 'static {
+        });
         self.start_sweeper();
-        let connecting = self.connector.clone().oneshot(target.clone());
-        async move {
-            let io = connecting.await.map_err(UpstreamError::Connect)?;
-            let (sender, conn) = hyper::client::conn::http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(|e| UpstreamError::Connect(e.into()))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            });
-            Ok(sender)
-        }
+        Ok(sender)
     }
 
     /// Starts the task closing idle connections past `idle_timeout`, once, on the runtime of
@@ -376,12 +292,9 @@ impl H1Pool {
                             .count();
                         closing.extend(t.conns.drain(..stale));
                         t.conns.retain(|c| !c.sender.is_closed());
-                        t.waiters.retain(|w| !w.is_closed());
                     }
-                    // Targets with nothing idle and no one waiting go (a re-resolved name's
-                    // old addresses).
-                    idle.targets
-                        .retain(|t| !t.conns.is_empty() || !t.waiters.is_empty());
+                    // Targets with nothing idle go (a re-resolved name's old addresses).
+                    idle.targets.retain(|t| !t.conns.is_empty());
                 }
                 drop(closing);
             }
@@ -398,12 +311,8 @@ struct Back {
 }
 
 impl Back {
-    /// Gives the connection to the first request waiting for one of its target, else to the
-    /// idle list (at most `max_idle`). A waiter gets only a connection ready for a request:
-    /// one that is not yet (its task has not seen the last response's end) is checked in
-    /// again once it is, from a task.
     fn check_in(&mut self) {
-        let Some(mut sender) = self.sender.take() else {
+        let Some(sender) = self.sender.take() else {
             return;
         };
         let Some(pool) = self.pool.upgrade() else {
@@ -421,39 +330,13 @@ impl Back {
         {
             Some(i) => &mut idle.targets[i],
             None => {
-                idle.targets.push(TargetIdle::new(self.authority.clone()));
+                idle.targets.push(TargetIdle {
+                    authority: self.authority.clone(),
+                    conns: Vec::new(),
+                });
                 idle.targets.last_mut().expect("just pushed")
             }
         };
-        target.waiters.retain(|w| !w.is_closed());
-        if !target.waiters.is_empty() {
-            if !sender.is_ready() {
-                drop(idle);
-                // A body dropped outside a runtime (at exit): nothing to wait on.
-                let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                    return;
-                };
-                let mut back = Back {
-                    sender: None,
-                    authority: self.authority.clone(),
-                    pool: self.pool.clone(),
-                    max_idle: self.max_idle,
-                };
-                rt.spawn(async move {
-                    if sender.ready().await.is_ok() {
-                        back.sender = Some(sender);
-                        back.check_in();
-                    }
-                });
-                return;
-            }
-            while let Some(w) = target.waiters.pop_front() {
-                match w.send(sender) {
-                    Ok(()) => return,
-                    Err(s) => sender = s,
-                }
-            }
-        }
         if target.conns.len() < self.max_idle {
             target.conns.push(Idle { sender, since });
         }
@@ -631,94 +514,6 @@ mod tests {
         // A later request opens a new connection.
         get(&pool, up.addr, "/").await;
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
-    }
-
-    /// A request that finds nothing idle takes the connection another request checks in
-    /// while its own connect is still pending, as hyper-util's pool does.
-    #[tokio::test]
-    async fn a_waiting_request_takes_a_connection_checked_in_before_its_connect_completes() {
-        // An upstream that accepts one connection and no more, with an accept queue of one:
-        // once a second connection fills the queue, a third connect stays pending (its SYN
-        // is dropped).
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = socket.local_addr().unwrap();
-        let listener = socket.listen(0).unwrap();
-        let release = Arc::new(tokio::sync::Notify::new());
-        let held = release.clone();
-        let (accepted_tx, accepted) = oneshot::channel();
-        let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            accepted_tx.send(()).unwrap();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let held = held.clone();
-                async move {
-                    if req.uri().path() == "/hold" {
-                        held.notified().await;
-                    }
-                    let body = bytes::Bytes::from(req.uri().path().to_owned());
-                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                        body,
-                    )))
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-            // The listener stays open (nothing more accepted) until the test ends.
-            std::future::pending::<()>().await;
-            drop(listener);
-        });
-        let mut tcp = HttpConnector::new();
-        tcp.set_connect_timeout(Some(Duration::from_secs(60)));
-        let pool = Arc::new(H1Pool::new(
-            Connector::new(tcp, None, Duration::from_secs(60)),
-            Duration::from_secs(90),
-            16,
-        ));
-        let first = tokio::spawn({
-            let pool = pool.clone();
-            async move { get(&pool, addr, "/hold").await }
-        });
-        let waiting = |n: usize| {
-            let pool = pool.clone();
-            async move {
-                // Bounded: a pool that never waits gets here too, then fails below.
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                while tokio::time::Instant::now() < deadline {
-                    let open = pool
-                        .idle
-                        .lock()
-                        .unwrap()
-                        .targets
-                        .iter()
-                        .flat_map(|t| &t.waiters)
-                        .filter(|w| !w.is_closed())
-                        .count();
-                    let busy = open == n;
-                    if busy {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        };
-        // The first request's connection is the one accepted; then the queue is filled.
-        accepted.await.unwrap();
-        let _filler = std::net::TcpStream::connect(addr).unwrap();
-        let second = tokio::spawn({
-            let pool = pool.clone();
-            async move { get(&pool, addr, "/second").await }
-        });
-        waiting(1).await;
-        release.notify_one();
-        assert_eq!(first.await.unwrap(), "/hold");
-        let second = tokio::time::timeout(Duration::from_secs(20), second)
-            .await
-            .expect("the second request waited for its own connect instead of the one freed")
-            .unwrap();
-        assert_eq!(second, "/second");
-        server.abort();
     }
 
     #[tokio::test]
