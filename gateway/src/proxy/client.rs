@@ -163,7 +163,7 @@ impl H1Pool {
                 req.headers_mut().insert(header::HOST, v);
             }
         }
-        let mut sender = match self.checkout(&authority) {
+        let mut sender = match self.checkout(&authority).await {
             Some(s) => s,
             // Boxed: the connect future is large and rare; inline, it would be moved with
             // every request's future.
@@ -201,7 +201,7 @@ impl H1Pool {
     }
 
     /// An idle connection to `authority` ready for a request, if there is one.
-    fn checkout(&self, authority: &Authority) -> Option<SendRequest<ProxyBody>> {
+    async fn checkout(&self, authority: &Authority) -> Option<SendRequest<ProxyBody>> {
         loop {
             let popped = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,28 +214,9 @@ impl H1Pool {
             if sender.is_closed() || since.elapsed() >= self.idle_timeout {
                 continue;
             }
-            // Checked in when its last response body ended: normally ready. One that is not
-            // (still sending a request body its upstream answered early) is never waited for
-            // here: it goes back to the idle list once ready, as hyper-util's pool does, and
-            // this request takes another connection.
-            match futures_util::FutureExt::now_or_never(sender.ready()) {
-                Some(Ok(())) => return Some(sender),
-                Some(Err(_)) => continue,
-                None => {
-                    let back = Back {
-                        sender: None,
-                        authority: authority.clone(),
-                        pool: Arc::downgrade(&self.idle),
-                        max_idle: self.max_idle,
-                    };
-                    tokio::spawn(async move {
-                        let mut back = back;
-                        if sender.ready().await.is_ok() {
-                            back.sender = Some(sender);
-                            back.check_in();
-                        }
-                    });
-                }
+            // Checked in when its last response body ended: ready, or about to be.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
             }
         }
     }
