@@ -274,8 +274,6 @@ impl H1Pool {
                         closing.extend(t.conns.drain(..stale));
                         t.conns.retain(|c| !c.sender.is_closed());
                     }
-                    // Targets with nothing idle go (a re-resolved name's old addresses).
-                    idle.targets.retain(|t| !t.conns.is_empty());
                 }
                 drop(closing);
             }
