@@ -165,9 +165,7 @@ impl H1Pool {
         }
         let mut sender = match self.checkout(&authority).await {
             Some(s) => s,
-            // Boxed: the connect future is large and rare; inline, it would be moved with
-            // every request's future.
-            None => Box::pin(self.connect(&target)).await?,
+            None => self.connect(&target).await?,
         };
         let mut fresh = false;
         loop {
@@ -191,7 +189,7 @@ impl H1Pool {
                     // Not sent: the pooled connection was closing. Once more, on a new one.
                     Some(unsent) if !fresh => {
                         req = unsent;
-                        sender = Box::pin(self.connect(&target)).await?;
+                        sender = self.connect(&target).await?;
                         fresh = true;
                     }
                     _ => return Err(UpstreamError::Request(e.into_error())),

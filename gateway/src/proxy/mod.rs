@@ -267,12 +267,7 @@ impl Proxy {
             if let Some(core) = self.core {
                 req.extensions_mut().insert(OnCore(core));
             }
-            // Boxed: only pools with outbound layers pay for the stack's future in theirs.
-            let sent = Box::pin(crate::proxy::outbound::call(
-                &mut stack,
-                req.map(body::boxed),
-            ));
-            let res = match sent.await {
+            let res = match crate::proxy::outbound::call(&mut stack, req.map(body::boxed)).await {
                 Ok(res) => res,
                 Err(e) => crate::proxy::outbound::error_response(&e, throttle_status),
             };
