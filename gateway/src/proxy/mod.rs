@@ -29,7 +29,6 @@
 
 pub mod access;
 pub mod admission;
-pub(crate) mod client;
 pub(crate) mod connector;
 pub mod echo;
 pub mod outbound;
@@ -521,7 +520,7 @@ fn hash_key<B>(pool: &Pool, req: &Request<B>, conn: Option<ConnInfo>) -> String 
 }
 
 fn finish_response(
-    mut res: Response<crate::proxy::client::UpstreamBody>,
+    mut res: Response<hyper::body::Incoming>,
     in_flight: crate::proxy::upstream::InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     metrics: Option<&UpstreamMetrics>,
