@@ -672,13 +672,31 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// `name`'s index in [`HOP_BY_HOP`]: one `match` on the name's text (a switch on its length,
+/// then one comparison) instead of nine `HeaderName` comparisons per header (≈ 800
+/// instructions a proxied request in the profile).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-authenticate" => Some(2),
+        "proxy-authorization" => Some(3),
+        "proxy-connection" => Some(4),
+        "te" => Some(5),
+        "trailer" => Some(6),
+        "transfer-encoding" => Some(7),
+        "upgrade" => Some(8),
+        _ => None,
+    }
+}
+
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` and `Connection: upgrade` stay.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names finds which are there: most messages carry none or one
     // (`Connection: keep-alive`), and a removal is a hash lookup each.
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present[i] = true;
         }
     }
@@ -845,6 +863,35 @@ impl Drop for Reclaim {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    /// The `match` finds every name of the list at its index, and no other name.
+    #[test]
+    fn hop_by_hop_index_matches_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        for other in [
+            "host",
+            "x-api-key",
+            "content-length",
+            "tee",
+            "upgrades",
+            "keep-alive2",
+        ] {
+            assert_eq!(
+                hop_by_hop_index(&HeaderName::from_static(other)),
+                None,
+                "{other}"
+            );
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("x-api-key", HeaderValue::from_static("k"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-api-key"));
+    }
 
     /// A per-core proxy sends through its core's client of the pool, whatever thread runs
     /// it: three proxies on one thread (cores 0 and 1, and the shared one) open three
