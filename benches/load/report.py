@@ -218,8 +218,15 @@ def targets(mode, s):
         if not full:
             continue
         if hyper:
-            out.append(check(f"{label} ÷ minimal hyper, req/s", full["rps"] / hyper["rps"], ">=", 0.95))
-            out.append(check("  (same in CPU: hyper CPU ÷ fairgate CPU per request)", hyper["cpu_us"] / full["cpu_us"], ">=", 0.95))
+            # Issue #15: full policy >= 1.0x the minimal hyper proxy, empty policy >= 1.05x.
+            out.append(check(f"{label} ÷ minimal hyper, req/s", full["rps"] / hyper["rps"], ">=", 1.0))
+            out.append(check("  (same in CPU: hyper CPU ÷ fairgate CPU per request)", hyper["cpu_us"] / full["cpu_us"], ">=", 1.0))
+            empty = g("fairgate-empty")
+            if name == "fairgate-full" and empty:
+                out.append(check("fairgate empty ÷ minimal hyper, req/s", empty["rps"] / hyper["rps"], ">=", 1.05))
+                out.append(
+                    check("  (same in CPU: hyper CPU ÷ fairgate empty CPU per request)", hyper["cpu_us"] / empty["cpu_us"], ">=", 1.05)
+                )
         if ping:
             out.append(check(f"{label} ÷ bare pingora, req/s", full["rps"] / ping["rps"], ">=", 1.8))
             out.append(check("  (same in CPU: pingora CPU ÷ fairgate CPU per request)", ping["cpu_us"] / full["cpu_us"], ">=", 1.8))
@@ -258,8 +265,9 @@ def targets(mode, s):
         out.append(
             f"- rejected share {f:.1%}; CPU per request {rej['cpu_us']:.1f} µs vs {full['cpu_us']:.1f} µs all admitted;"
             f" implied CPU per rejection ≈ {reject_cpu:.1f} µs vs {full['cpu_us']:.1f} µs per admit"
-            f" — {'cheaper' if reject_cpu < full['cpu_us'] else 'NOT cheaper'}"
         )
+        # Issue #15: a rejection costs less than half an admit.
+        out.append(check("  rejection CPU ÷ admit CPU", reject_cpu / full["cpu_us"], "<=", 0.5))
     ax, axf, axr, axg = g("axum"), g("axum-fairgate"), g("axum-fairgate-reject30"), g("axum-governor")
     if ax and axf:
         out.append(
