@@ -13,7 +13,9 @@
 #
 # Contenders: fairgate-empty, fairgate-full (release gateway, 1 worker, thread_per_core, decision
 # log off, as in run.sh), hyper (benches' minimal proxy on hyper-util's legacy Client),
-# hyper-conn (the same on its own hyper::client::conn::http1 pool).
+# hyper-conn (the same on its own hyper::client::conn::http1 pool), fairgate-reject (the full
+# policy with every request from the 1,000 `throttled-*` keys: after an 8 s warm-up has spent
+# their bursts, each is a 429; the instructions of a rejection beside those of an admit).
 #
 # usage: benches/load/callgrind.sh [--seconds S] [--connections C] [--no-build] [CONTENDER...]
 #        FAIRGATE_BIN=/path/to/fairgate benches/load/callgrind.sh fairgate-full   # an A/B
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
         --seconds) SECONDS_LOAD="$2"; shift 2 ;;
         --connections) CONNECTIONS="$2"; shift 2 ;;
         --no-build) BUILD=0; shift ;;
-        -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,22p "$0"; exit 0 ;;
         *) CONTENDERS+=("$1"); shift ;;
     esac
 done
@@ -113,10 +115,12 @@ printf '| contender | requests | instructions per request | of which the serving
 for name in "${CONTENDERS[@]}"; do
     port=$(free_port)
     out="$RUN/callgrind.$name.out"
+    reject=0 warm=2
     vg=(valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes --callgrind-out-file="$out")
     case "$name" in
         fairgate-empty) cmd=("$FAIRGATE" run --config "$(gateway_conf "$port" empty)") ;;
         fairgate-full) cmd=("$FAIRGATE" run --config "$(gateway_conf "$port" full)") ;;
+        fairgate-reject) cmd=("$FAIRGATE" run --config "$(gateway_conf "$port" full)"); reject=100; warm=8 ;;
         hyper) export HYPER_PROXY_POOL=legacy; cmd=("$HYPER" "127.0.0.1:$port" "127.0.0.1:$ORIGIN_PORT" 1) ;;
         hyper-conn) export HYPER_PROXY_POOL=conn; cmd=("$HYPER" "127.0.0.1:$port" "127.0.0.1:$ORIGIN_PORT" 1) ;;
         *) echo "callgrind.sh: unknown contender $name" >&2; exit 2 ;;
@@ -125,11 +129,15 @@ for name in "${CONTENDERS[@]}"; do
     pid=$!
     PIDS+=("$pid")
     wait_port "$port" "$pid"
-    wrk -t 1 -c "$CONNECTIONS" -d 2s -s "$HERE/keys.lua" "http://127.0.0.1:$port/" -- 0 1000 >/dev/null
+    wrk -t 1 -c "$CONNECTIONS" -d "${warm}s" -s "$HERE/keys.lua" "http://127.0.0.1:$port/" -- "$reject" 1000 >/dev/null
     callgrind_control -i on "$pid" >/dev/null 2>&1
-    requests=$(wrk -t 1 -c "$CONNECTIONS" -d "${SECONDS_LOAD}s" -s "$HERE/keys.lua" "http://127.0.0.1:$port/" -- 0 1000 |
-        awk '/requests in/ {print $1}')
+    wrk -t 1 -c "$CONNECTIONS" -d "${SECONDS_LOAD}s" -s "$HERE/keys.lua" "http://127.0.0.1:$port/" -- "$reject" 1000 >"$RUN/$name.wrk"
     callgrind_control -i off "$pid" >/dev/null 2>&1
+    requests=$(awk '/requests in/ {print $1}' "$RUN/$name.wrk")
+    rejected=$(awk '/Non-2xx/ {print $NF}' "$RUN/$name.wrk")
+    if [ "$reject" = 100 ] && [ "${rejected:-0}" != "$requests" ]; then
+        echo "callgrind.sh: $name: ${rejected:-0} of $requests requests rejected; the warm-up did not spend every key's burst" >&2
+    fi
     kill -TERM "$pid"
     wait "$pid" 2>/dev/null || true
     # One file per thread: all of them (the process's cost), and the busiest one (the thread
