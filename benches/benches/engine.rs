@@ -10,7 +10,8 @@
 //! pingora-limits' `Rate` (a count-min sketch of events per 1 s window, `observe` then a
 //! compare against the limit: fixed memory, approximate, no per-key state), and
 //! `fairgate-no-rules`, the same quotas and shedding without the rules (the engine's own
-//! share, without the policy matcher). With two threads the time is wall time per decision
+//! share, without the policy matcher), and `fairgate-one-bandwidth`, one plan with one
+//! bandwidth and nothing else (the engine at its smallest). With two threads the time is wall time per decision
 //! over both threads (throughput), not per-thread latency.
 //!
 //! Run: `cargo bench -p fairgate-benches --bench engine`. For stable instruction counts of
@@ -22,7 +23,7 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fairgate_benches::{core_policy, decide, keys, POLICY};
+use fairgate_benches::{core_policy, decide, keys, ONE_BANDWIDTH_POLICY, POLICY};
 use fairgate_middleware::Engine;
 use fairgate_policies::PolicyStore;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -123,12 +124,17 @@ fn bench(c: &mut Criterion) {
         let core = Engine::new(
             PolicyStore::from_yaml_str(&core_policy, "core.yaml").expect("core policy"),
         );
+        // One plan with one bandwidth, no rules: the engine at its smallest, beside governor.
+        let one = Engine::new(
+            PolicyStore::from_yaml_str(ONE_BANDWIDTH_POLICY, "one.yaml").expect("one policy"),
+        );
         let gov = governor();
         let rate = Rate::new(Duration::from_secs(1));
         // Insert every key once so the timed loop is the steady state.
         for k in &set.keys {
             decide(&engine, k);
             decide(&core, k);
+            decide(&one, k);
             let _ = gov.check_key(k);
             let _ = rate.observe(k, 1);
         }
@@ -139,6 +145,9 @@ fn bench(c: &mut Criterion) {
             });
             group.bench_function(BenchmarkId::new("fairgate-no-rules", &label), |b| {
                 b.iter_custom(|iters| threaded(iters, threads, |i| decide(&core, set.key(i))))
+            });
+            group.bench_function(BenchmarkId::new("fairgate-one-bandwidth", &label), |b| {
+                b.iter_custom(|iters| threaded(iters, threads, |i| decide(&one, set.key(i))))
             });
             group.bench_function(BenchmarkId::new("governor", &label), |b| {
                 b.iter_custom(|iters| {

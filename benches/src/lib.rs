@@ -115,6 +115,19 @@ pub fn core_policy() -> String {
     format!("{}{}", &POLICY[..start], &POLICY[end..])
 }
 
+/// The smallest policy of the engine's kind, for issue #15's "one bandwidth, no rules" target
+/// beside governor's keyed limiter: clients by API key, one plan with one bandwidth, nothing
+/// else (no rules, trusted proxies, concurrency, operations or shedding).
+pub const ONE_BANDWIDTH_POLICY: &str = "version: 1
+identify:
+  client_key: [{header: x-api-key}]
+plans:
+  free:
+    bandwidths: ['1000000000/s burst 1000000000']
+default_plan: free
+state: {max_keys: 4000000}
+";
+
 /// `n` distinct API keys.
 pub fn keys(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("api-key-{i:012}")).collect()

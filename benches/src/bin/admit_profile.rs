@@ -2,10 +2,10 @@
 //! `valgrind --tool=callgrind --toggle-collect='*admit_loop*' target/release/admit_profile full 1000 20000`.
 //!
 //! Runs the engine bench policy ([`fairgate_benches::POLICY`]; `full`, or `core` without its
-//! rules) over `keys` API keys round-robin, first inserting every key, then `iters`
+//! rules, or `one`: [`fairgate_benches::ONE_BANDWIDTH_POLICY`]) over `keys` API keys round-robin, first inserting every key, then `iters`
 //! decisions inside `admit_loop`, so that callgrind can count only the steady state.
 
-use fairgate_benches::{core_policy, decide, keys, POLICY};
+use fairgate_benches::{core_policy, decide, keys, ONE_BANDWIDTH_POLICY, POLICY};
 use fairgate_middleware::Engine;
 use fairgate_policies::PolicyStore;
 
@@ -21,10 +21,10 @@ fn main() {
     let mode = args.next().unwrap_or_else(|| "full".into());
     let n_keys: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
     let iters: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
-    let yaml = if mode == "core" {
-        core_policy()
-    } else {
-        POLICY.to_owned()
+    let yaml = match mode.as_str() {
+        "core" => core_policy(),
+        "one" => ONE_BANDWIDTH_POLICY.to_owned(),
+        _ => POLICY.to_owned(),
     };
     let engine = Engine::new(PolicyStore::from_yaml_str(&yaml, "profile.yaml").expect("policy"));
     let keys = keys(n_keys.max(1));
