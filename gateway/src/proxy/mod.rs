@@ -292,25 +292,34 @@ impl Proxy {
             });
             return Either::Left(sent);
         }
-        Either::Right(self.forward_inner(req, grpc).map(move |(res, answered)| {
-            match (pending, answered) {
-                // A sampled admit's line waits for the upstream's body to end.
-                (Some(p), true) => {
+        Either::Right(self.forward_inner(req, grpc).map(move |(res, in_flight)| {
+            match (pending, in_flight) {
+                (Some(p), Some(in_flight)) => {
                     let status = res.status().as_u16();
-                    res.map(|b| body::boxed(Guarded::new(b, LogOnEnd(Some((p, status))))))
+                    res.map(|b| {
+                        body::boxed(Guarded::new(b, (in_flight, LogOnEnd(Some((p, status))))))
+                    })
                 }
-                (Some(p), false) => {
+                (Some(p), None) => {
                     p.finish(Some(res.status().as_u16()));
                     res
                 }
-                (None, _) => res,
+                (None, Some(in_flight)) => res.map(|b| body::boxed(Guarded::new(b, in_flight))),
+                (None, None) => res,
             }
         }))
     }
 
-    /// Forwards; returns the response and whether an upstream answered (its body then holds
-    /// the target's in-flight count until it ends, see [`UpstreamResponseBody`]).
-    async fn forward_inner<B>(self, mut req: Request<B>, grpc: bool) -> (Response<ProxyBody>, bool)
+    /// Forwards; returns the response and, when an upstream answered, its in-flight guard
+    /// (to be held until the response body ends).
+    async fn forward_inner<B>(
+        self,
+        mut req: Request<B>,
+        grpc: bool,
+    ) -> (
+        Response<ProxyBody>,
+        Option<crate::proxy::upstream::InFlight>,
+    )
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -318,7 +327,7 @@ impl Proxy {
         let Some(RouteMatch(route)) = req.extensions_mut().remove::<RouteMatch>() else {
             return (
                 problem::response(StatusCode::NOT_FOUND, "no route matches this request"),
-                false,
+                None,
             );
         };
         let pool = &route.pool;
@@ -334,7 +343,7 @@ impl Proxy {
                     StatusCode::NOT_IMPLEMENTED,
                     "the route's upstream pool speaks HTTP/1.1; gRPC needs `protocol: h2c` or `h2`",
                 ),
-                false,
+                None,
             );
         }
         let hash_key = hash_key(pool, &req, conn);
@@ -357,7 +366,7 @@ impl Proxy {
             let Some(mut in_flight) = pool.pick(hash_key.as_bytes(), exclude.as_ref()) else {
                 return (
                     problem::response(StatusCode::BAD_GATEWAY, "no upstream target available"),
-                    false,
+                    None,
                 );
             };
             if in_flight.moved() {
@@ -425,7 +434,7 @@ impl Proxy {
                         problem::response(StatusCode::BAD_GATEWAY, "upstream connection failed");
                     res.extensions_mut()
                         .insert(fairgate_middleware::outbound::ConnectFailed);
-                    return (res, false);
+                    return (res, None);
                 }
                 // The client's body was too slow (see `crate::server::conn_limits`): the upstream
                 // request is aborted, the client is at fault.
@@ -436,14 +445,14 @@ impl Proxy {
                             StatusCode::REQUEST_TIMEOUT,
                             "the request body arrived too slowly",
                         ),
-                        false,
+                        None,
                     );
                 }
                 // The client's body outgrew `limits.max_body` on the way (a streamed body:
                 // one with a length over the limit never gets here): the client is at fault.
                 Ok(Err(e)) if crate::server::body_limit::is_too_large(&e) => {
                     tracing::debug!(upstream = %pool.name(), error = %e, "request body too large");
-                    return (crate::server::body_limit::too_large(), false);
+                    return (crate::server::body_limit::too_large(), None);
                 }
                 Ok(Err(e)) => {
                     let tls = crate::proxy::connector::tls_failure(&e);
@@ -464,7 +473,7 @@ impl Proxy {
                     }
                     return (
                         problem::response(StatusCode::BAD_GATEWAY, "upstream request failed"),
-                        false,
+                        None,
                     );
                 }
                 Err(_elapsed) => {
@@ -477,7 +486,7 @@ impl Proxy {
                             StatusCode::GATEWAY_TIMEOUT,
                             "upstream did not answer in time",
                         ),
-                        false,
+                        None,
                     );
                 }
             }
@@ -543,15 +552,15 @@ fn hash_key<B>(pool: &Pool, req: &Request<B>, conn: Option<ConnInfo>) -> String 
     conn.map(|c| c.peer.ip().to_string()).unwrap_or_default()
 }
 
-/// The upstream's response as the client gets it: hop-by-hop headers stripped, `Via` added,
-/// the body in one [`UpstreamResponseBody`] box. Returns whether an upstream answered (false
-/// for a `101` nobody asked for).
 fn finish_response(
     mut res: Response<crate::proxy::client::UpstreamBody>,
     in_flight: crate::proxy::upstream::InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     metrics: Option<&UpstreamMetrics>,
-) -> (Response<ProxyBody>, bool) {
+) -> (
+    Response<ProxyBody>,
+    Option<crate::proxy::upstream::InFlight>,
+) {
     let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     if upgraded {
         let Some(client_upgrade) = client_upgrade else {
@@ -563,7 +572,7 @@ fn finish_response(
                     StatusCode::BAD_GATEWAY,
                     "upstream switched protocols unasked",
                 ),
-                false,
+                None,
             );
         };
         let upstream_upgrade = hyper::upgrade::on(&mut res);
@@ -584,53 +593,21 @@ fn finish_response(
     }
     strip_hop_by_hop(res.headers_mut(), upgraded);
     res.headers_mut().append(header::VIA, VIA.clone());
-    let errors = metrics.map(UpstreamMetrics::body_errors);
-    let res = res.map(|inner| {
-        UpstreamResponseBody {
-            inner,
-            errors,
-            _in_flight: in_flight,
+    let res = match metrics {
+        // A body that breaks off after the head was sent (upstream reset mid-body) is an
+        // upstream failure too; the client's connection is then closed by hyper.
+        Some(m) => {
+            let errors = m.body_errors();
+            res.map(|b| {
+                body::boxed(b.map_err(move |e| {
+                    errors.inc();
+                    e
+                }))
+            })
         }
-        .boxed_unsync()
-    });
-    (res, true)
-}
-
-/// An upstream's response body on its way to the client, in one box: it counts a body that
-/// breaks off after the head was sent (an upstream reset mid-body is an upstream failure too;
-/// hyper then closes the client's connection) and holds the target's in-flight count until
-/// it is dropped (at its end, or when the client goes away). Was two boxes, an error mapping
-/// and a guard.
-struct UpstreamResponseBody {
-    inner: crate::proxy::client::UpstreamBody,
-    errors: Option<prometheus_client::metrics::counter::Counter>,
-    _in_flight: crate::proxy::upstream::InFlight,
-}
-
-impl Body for UpstreamResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let out = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &out {
-            if let Some(errors) = &self.errors {
-                errors.inc();
-            }
-        }
-        out
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
+        None => res.map(body::boxed),
+    };
+    (res, Some(in_flight))
 }
 
 /// Writes a sampled admit's decision-log line when the response body ends (or the client
