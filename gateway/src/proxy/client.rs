@@ -135,14 +135,6 @@ impl TargetIdle {
     }
 }
 
-/// Whether two authorities name the same target: their bytes compared, not `Authority`'s
-/// case-insensitive `==` (a byte at a time, ≈ 390 instructions a request in the profile).
-/// Every request to a target carries the URI built from that target, so equal targets have
-/// equal bytes.
-fn same_target(a: &Authority, b: &Authority) -> bool {
-    a.as_str().as_bytes() == b.as_str().as_bytes()
-}
-
 /// Idle connections by target, shared by a pool and its sweeper.
 #[derive(Default)]
 struct IdleSet {
@@ -231,7 +223,7 @@ impl H1Pool {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                 idle.targets
                     .iter_mut()
-                    .find(|t| same_target(&t.authority, authority))
+                    .find(|t| t.authority == *authority)
                     .and_then(|t| t.conns.pop())
             };
             let Idle { mut sender, since } = popped?;
@@ -278,11 +270,7 @@ impl H1Pool {
         let (tx, mut rx) = oneshot::channel();
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let t = match idle
-                .targets
-                .iter()
-                .position(|t| same_target(&t.authority, authority))
-            {
+            let t = match idle.targets.iter().position(|t| t.authority == *authority) {
                 Some(i) => &mut idle.targets[i],
                 None => {
                     idle.targets.push(TargetIdle::new(authority.clone()));
@@ -429,7 +417,7 @@ impl Back {
         let target = match idle
             .targets
             .iter()
-            .position(|t| same_target(&t.authority, &self.authority))
+            .position(|t| t.authority == self.authority)
         {
             Some(i) => &mut idle.targets[i],
             None => {
