@@ -216,7 +216,7 @@ pub struct UpstreamTls {
     /// The roots' PEM file (`ca`). Absent: the system trust store.
     pub ca: Option<PathBuf>,
     /// The name every target's certificate is checked against, and the SNI (`server_name`).
-    /// Absent: the target's host (a name, or its IP address; `proxy::upstream::server_name`).
+    /// Absent: the target's host (see [`crate::upstream_tls::server_name`]).
     pub server_name: Option<ServerName<'static>>,
     /// The client certificate chain and its key (`cert`, `key`), for upstreams that ask.
     pub client_cert: Option<(PathBuf, PathBuf)>,

@@ -29,7 +29,6 @@
 
 pub mod access;
 pub mod admission;
-pub(crate) mod client;
 pub(crate) mod connector;
 pub mod echo;
 pub mod outbound;
@@ -55,13 +54,10 @@ use tower::Service;
 use crate::body::{self, BoxError, Guarded, ProxyBody};
 use crate::control::metrics::{Metrics, UpstreamErrorKind, UpstreamMetrics};
 use crate::problem;
-use crate::proxy::client::{PoolClient, UpstreamBody, UpstreamError};
 use crate::proxy::routing::RouteMatch;
 use crate::proxy::upstream::Pool;
 use crate::server::ConnInfo;
 use fairgate_middleware::observe::PendingAdmit;
-use futures_util::future::Either;
-use futures_util::FutureExt as _;
 use http_body_util::BodyExt as _;
 
 static VIA: HeaderValue = HeaderValue::from_static("1.1 fairgate");
@@ -117,7 +113,7 @@ impl Service<Request<ProxyBody>> for Direct {
             this.core = Some(core);
         }
         let grpc = is_grpc(&req);
-        Box::pin(this.forward(req, None, grpc).map(Ok))
+        Box::pin(async move { Ok(this.forward(req, None, grpc).await) })
     }
 }
 
@@ -256,17 +252,12 @@ impl Proxy {
     }
 
     /// Forwards `req` (`grpc`: it is a gRPC call, looked up once by the caller).
-    ///
-    /// A plain function composing futures, not an `async fn` awaiting
-    /// [`Proxy::forward_inner`]: each `async` level that awaits another lays the inner state
-    /// out again (rust-lang/rust#62958), and the whole was copied on every request (the boxed
-    /// response future of [`Proxy::call`] measured 9.6 KB, `forward_inner` 1.5 KB).
-    fn forward<B>(
+    async fn forward<B>(
         self,
         mut req: Request<B>,
         pending: Option<PendingAdmit>,
         grpc: bool,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send
+    ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -275,39 +266,31 @@ impl Proxy {
             if let Some(core) = self.core {
                 req.extensions_mut().insert(OnCore(core));
             }
-            // Boxed: only pools with outbound layers pay for the stack's future in theirs.
-            let sent = Box::pin(async move {
-                let res = match crate::proxy::outbound::call(&mut stack, req.map(body::boxed)).await
-                {
-                    Ok(res) => res,
-                    Err(e) => crate::proxy::outbound::error_response(&e, throttle_status),
-                };
-                match pending {
-                    Some(p) => {
-                        let status = res.status().as_u16();
-                        res.map(|b| body::boxed(Guarded::new(b, LogOnEnd(Some((p, status))))))
-                    }
-                    None => res,
-                }
-            });
-            return Either::Left(sent);
-        }
-        Either::Right(self.forward_inner(req, grpc).map(move |(res, in_flight)| {
-            match (pending, in_flight) {
-                (Some(p), Some(in_flight)) => {
+            let res = match crate::proxy::outbound::call(&mut stack, req.map(body::boxed)).await {
+                Ok(res) => res,
+                Err(e) => crate::proxy::outbound::error_response(&e, throttle_status),
+            };
+            return match pending {
+                Some(p) => {
                     let status = res.status().as_u16();
-                    res.map(|b| {
-                        body::boxed(Guarded::new(b, (in_flight, LogOnEnd(Some((p, status))))))
-                    })
+                    res.map(|b| body::boxed(Guarded::new(b, LogOnEnd(Some((p, status))))))
                 }
-                (Some(p), None) => {
-                    p.finish(Some(res.status().as_u16()));
-                    res
-                }
-                (None, Some(in_flight)) => res.map(|b| body::boxed(Guarded::new(b, in_flight))),
-                (None, None) => res,
+                None => res,
+            };
+        }
+        let (res, in_flight) = self.forward_inner(req, grpc).await;
+        match (pending, in_flight) {
+            (Some(p), Some(in_flight)) => {
+                let status = res.status().as_u16();
+                res.map(|b| body::boxed(Guarded::new(b, (in_flight, LogOnEnd(Some((p, status)))))))
             }
-        }))
+            (Some(p), None) => {
+                p.finish(Some(res.status().as_u16()));
+                res
+            }
+            (None, Some(in_flight)) => res.map(|b| body::boxed(Guarded::new(b, in_flight))),
+            (None, None) => res,
+        }
     }
 
     /// Forwards; returns the response and, when an upstream answered, its in-flight guard
@@ -397,7 +380,7 @@ impl Proxy {
                 std::mem::take(&mut parts.headers)
             };
 
-            let sent = send(pool.client(self.core), up, deadline).await;
+            let sent = tokio::time::timeout_at(deadline, pool.client(self.core).request(up)).await;
             match sent {
                 Ok(Ok(res)) => {
                     let latency = in_flight.head_received();
@@ -494,22 +477,6 @@ impl Proxy {
     }
 }
 
-/// What an upstream call under the route's deadline gives: the response head, the client's
-/// error, or the deadline passed.
-type Sent = Result<Result<Response<UpstreamBody>, UpstreamError>, tokio::time::error::Elapsed>;
-
-/// The upstream call under the route's deadline, in a box of its own: awaited inline, its
-/// ≈ 1.7 KB state was laid out more than once in each enclosing future (rust-lang/rust#62958),
-/// and those were copied whole on every request (callgrind: `memcpy` of ≈ 3.5 KB at a time,
-/// nine times a request in the proxy's future). One allocation costs less.
-fn send(
-    client: &PoolClient,
-    up: Request<ProxyBody>,
-    deadline: Instant,
-) -> Pin<Box<impl Future<Output = Sent> + Send + '_>> {
-    Box::pin(tokio::time::timeout_at(deadline, client.request(up)))
-}
-
 impl<B> Service<Request<B>> for Proxy
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -530,10 +497,10 @@ where
         // Admission has decided; a sampled admit's log line waits for the response.
         let pending = crate::proxy::admission::take_pending(&req);
         let grpc = is_grpc(&req);
-        Box::pin(
-            this.forward(req, pending, grpc)
-                .map(move |res| Ok(if grpc { problem::grpc_form(res) } else { res })),
-        )
+        Box::pin(async move {
+            let res = this.forward(req, pending, grpc).await;
+            Ok(if grpc { problem::grpc_form(res) } else { res })
+        })
     }
 }
 
@@ -553,7 +520,7 @@ fn hash_key<B>(pool: &Pool, req: &Request<B>, conn: Option<ConnInfo>) -> String 
 }
 
 fn finish_response(
-    mut res: Response<crate::proxy::client::UpstreamBody>,
+    mut res: Response<hyper::body::Incoming>,
     in_flight: crate::proxy::upstream::InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     metrics: Option<&UpstreamMetrics>,

@@ -1,9 +1,9 @@
 //! Upstream pools: targets, load balancing, connection pooling and active health checks.
 //!
-//! Each pool owns one client (keep-alive connections per target; [`crate::proxy::client`]) —
-//! plus one per per-core thread under the `thread_per_core` runtime, so that a thread only
-//! reuses connections its own runtime drives (see [`crate::server::runtime`]) — and picks a
-//! target per request:
+//! Each pool owns one pooled hyper-util client (keep-alive connections per target) — plus one
+//! per per-core thread under the `thread_per_core` runtime, so that a thread only reuses
+//! connections its own runtime drives (see [`crate::server::runtime`]) — and picks a target per
+//! request:
 //!
 //! - `p2c_ewma` (default): power of two choices over `(in_flight + 1) × peak-EWMA latency`.
 //!   We keep our own small p2c instead of `tower::balance::p2c`: that one wants a `Discover`
@@ -44,13 +44,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use crate::body;
+use crate::body::{self, ProxyBody};
 use crate::config::{Balance, HashKey, HealthCheck, UpstreamConfig, UpstreamProtocol, UpstreamTls};
-use crate::proxy::client::H1Pool;
 use crate::proxy::connector::{Connector, TlsSettings};
 
 /// A pool's pooled client.
-pub(crate) use crate::proxy::client::PoolClient;
+pub(crate) type PoolClient = Client<Connector, ProxyBody>;
 
 /// Weight of a new latency sample in the EWMA (peaks are taken at once).
 const EWMA_ALPHA: f64 = 0.3;
@@ -600,18 +599,13 @@ fn new_client(s: &ClientSettings) -> PoolClient {
     tcp.set_connect_timeout(Some(s.connect_timeout));
     tcp.set_keepalive(Some(Duration::from_secs(60)));
     let connector = Connector::new(tcp, s.tls.clone(), s.connect_timeout);
-    if !s.protocol.is_h2() {
-        return PoolClient::H1(H1Pool::new(connector, s.idle_timeout, s.max_idle));
-    }
-    PoolClient::H2(Box::new(
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(s.idle_timeout)
-            .pool_max_idle_per_host(s.max_idle)
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .build(connector),
-    ))
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(s.idle_timeout)
+        .pool_max_idle_per_host(s.max_idle)
+        .http2_only(s.protocol.is_h2())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .build(connector)
 }
 
 #[cfg(test)]
