@@ -456,13 +456,12 @@ fn framing_of(
     req: &httparse::Request<'_, '_>,
 ) -> Result<Framing, Ambiguity> {
     let head = &buf[..len];
-    // Bare LF: every LF must follow a CR.
-    let mut prev = 0u8;
-    for &b in head {
-        if b == b'\n' && prev != b'\r' {
+    // Bare LF: every LF must follow a CR. memchr finds the few LFs of a head a word (or a
+    // vector) at a time; a loop over every byte was ≈ 5 instructions a byte of each head.
+    for i in memchr::memchr_iter(b'\n', head) {
+        if i == 0 || head[i - 1] != b'\r' {
             return Err(Ambiguity::BareLf);
         }
-        prev = b;
     }
     let mut length: Option<u64> = None;
     let mut chunked = false;
