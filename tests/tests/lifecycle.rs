@@ -315,3 +315,23 @@ async fn the_example_config_serves_with_nothing_else_running() {
     );
     assert_eq!(c.get(&gw.admin_url("/health")).await.status, 200);
 }
+
+/// The gateway opts out of transparent huge pages (its allocator marks its memory
+/// `MADV_HUGEPAGE`, and `khugepaged` collapsing those pages paused the whole process for
+/// 100–230 ms in the overload scenarios): the kernel reports THP off for the running process.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_runs_without_transparent_huge_pages() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        "listen: 127.0.0.1:0\nroutes: [{{upstream: u}}]\nupstreams: {{u: {{targets: ['{}']}}}}\nlog: {{decisions: off}}\n",
+        up.addr
+    ));
+    assert_eq!(Client::new().get(&gw.url("/")).await.status, 200);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).expect("/proc");
+    let thp = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("THP_enabled in /proc/PID/status (Linux ≥ 5.0)");
+    assert_eq!(thp.split_whitespace().nth(1), Some("0"), "{thp}");
+}
