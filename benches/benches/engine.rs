@@ -11,8 +11,8 @@
 //! compare against the limit: fixed memory, approximate, no per-key state), and
 //! `fairgate-no-rules`, the same quotas and shedding without the rules (the engine's own
 //! share, without the policy matcher), and `fairgate-one-bandwidth`, one plan with one
-//! bandwidth and nothing else (the engine at its smallest). With two threads the time is wall time per decision
-//! over both threads (throughput), not per-thread latency.
+//! bandwidth and nothing else (the engine at its smallest). With two threads the time is wall
+//! time per decision over both threads (throughput), not per-thread latency.
 //!
 //! Run: `cargo bench -p fairgate-benches --bench engine`. For stable instruction counts of
 //! the same decisions (wall time on a shared VM is noisy), profile

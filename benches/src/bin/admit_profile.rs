@@ -2,8 +2,9 @@
 //! `valgrind --tool=callgrind --toggle-collect='*admit_loop*' target/release/admit_profile full 1000 20000`.
 //!
 //! Runs the engine bench policy ([`fairgate_benches::POLICY`]; `full`, or `core` without its
-//! rules, or `one`: [`fairgate_benches::ONE_BANDWIDTH_POLICY`]) over `keys` API keys round-robin, first inserting every key, then `iters`
-//! decisions inside `admit_loop`, so that callgrind can count only the steady state.
+//! rules, or `one`: [`fairgate_benches::ONE_BANDWIDTH_POLICY`]) over `keys` API keys
+//! round-robin, first inserting every key, then `iters` decisions inside `admit_loop`, so that
+//! callgrind can count only the steady state.
 
 use fairgate_benches::{core_policy, decide, keys, ONE_BANDWIDTH_POLICY, POLICY};
 use fairgate_middleware::Engine;
